@@ -1,0 +1,223 @@
+//! Administration: what the `secta` CLI does on the box's database, and the
+//! Synapse-compatible shared-secret registration endpoint used by admin tools.
+//!
+//! The CLI functions here touch only rows without stream positions (users,
+//! tokens, invite codes), so they are safe while the server runs.
+
+use std::{sync::Arc, time::{Duration, Instant}};
+
+use axum::extract::State;
+use hmac::{Hmac, Mac};
+use ruma::UserId;
+use rusqlite::{params, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::{
+    account::{hash_password, insert_user, new_session, valid_localpart},
+    error::{MxError, MxResult},
+    extract::{ClientAddr, Json},
+    now_ms, random_string, Hs,
+};
+
+/// An invite (registration) token as the admin sees it.
+#[derive(Debug, Serialize)]
+pub struct Invite {
+    pub token: String,
+    pub uses_allowed: Option<i64>,
+    pub completed: i64,
+    pub expiry_ts: Option<i64>,
+    pub revoked: bool,
+}
+
+/// A user as the admin sees it.
+#[derive(Debug, Serialize)]
+pub struct UserInfo {
+    pub user_id: String,
+    pub displayname: Option<String>,
+    pub admin: bool,
+    pub deactivated: bool,
+    pub created_ts: i64,
+}
+
+impl Hs {
+    /// Creates a user with a password. Returns the full user id.
+    pub fn admin_create_user(&self, localpart: &str, password: &str, admin: bool) -> MxResult<String> {
+        let l = localpart.to_lowercase();
+        if !valid_localpart(&l) {
+            return Err(MxError::invalid_username("Username may contain only a-z, 0-9, and . _ = - / +"));
+        }
+        let user_id = UserId::parse_with_server_name(l.as_str(), &self.server_name)
+            .map_err(|_| MxError::invalid_username("Invalid username"))?;
+        let hash = hash_password(password)?;
+        self.db.write(|w| insert_user(w, &user_id, Some(&hash), admin, None))?;
+        Ok(user_id.to_string())
+    }
+
+    /// Issues an invite token valid for `uses` registrations (None: unlimited) until `expires_in`.
+    pub fn admin_create_invite(&self, uses: Option<u32>, expires_in: Option<Duration>) -> MxResult<String> {
+        let token = random_string(16);
+        let expiry = expires_in.map(|d| now_ms() as i64 + d.as_millis() as i64);
+        self.db.write(|w| {
+            w.tx.execute(
+                "INSERT INTO registration_tokens(token, uses_allowed, expiry_ts, created_ts) VALUES(?1,?2,?3,?4)",
+                params![token, uses.map(i64::from), expiry, now_ms() as i64],
+            )
+        })?;
+        Ok(token)
+    }
+
+    pub fn admin_list_invites(&self) -> MxResult<Vec<Invite>> {
+        Ok(self.db.read(|c| {
+            let mut st = c.prepare(
+                "SELECT token, uses_allowed, completed, expiry_ts, revoked FROM registration_tokens ORDER BY created_ts",
+            )?;
+            let r = st
+                .query_map([], |r| {
+                    Ok(Invite {
+                        token: r.get(0)?,
+                        uses_allowed: r.get(1)?,
+                        completed: r.get(2)?,
+                        expiry_ts: r.get(3)?,
+                        revoked: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>();
+            r
+        })?)
+    }
+
+    /// Revokes a token; false if there was no such token.
+    pub fn admin_revoke_invite(&self, token: &str) -> MxResult<bool> {
+        Ok(self.db.write(|w| w.tx.execute("UPDATE registration_tokens SET revoked=1 WHERE token=?1", [token]))? > 0)
+    }
+
+    pub fn admin_list_users(&self) -> MxResult<Vec<UserInfo>> {
+        Ok(self.db.read(|c| {
+            let mut st = c.prepare(
+                "SELECT user_id, displayname, is_admin, deactivated, created_ts FROM users ORDER BY created_ts",
+            )?;
+            let r = st
+                .query_map([], |r| {
+                    Ok(UserInfo {
+                        user_id: r.get(0)?,
+                        displayname: r.get(1)?,
+                        admin: r.get(2)?,
+                        deactivated: r.get(3)?,
+                        created_ts: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>();
+            r
+        })?)
+    }
+
+    /// Sets a new password and logs the user out everywhere. False if no such user.
+    pub fn admin_reset_password(&self, user: &str, password: &str) -> MxResult<bool> {
+        let user_id = if user.starts_with('@') {
+            user.to_owned()
+        } else {
+            format!("@{}:{}", user.to_lowercase(), self.server_name)
+        };
+        let hash = hash_password(password)?;
+        Ok(self.db.write(|w| -> rusqlite::Result<usize> {
+            let n = w.tx.execute("UPDATE users SET password_hash=?1 WHERE user_id=?2", params![hash, user_id])?;
+            w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1", [&user_id])?;
+            Ok(n)
+        })? > 0)
+    }
+
+    /// Whether any admin exists yet.
+    pub fn has_admin(&self) -> MxResult<bool> {
+        Ok(self
+            .db
+            .read(|c| c.query_row("SELECT 1 FROM users WHERE is_admin=1 LIMIT 1", [], |_| Ok(())).optional())?
+            .is_some())
+    }
+}
+
+/// Deactivates a user: leaves every room, removes every device and token.
+pub fn deactivate_user(hs: &Hs, user_id: &UserId) -> MxResult<()> {
+    let rooms: Vec<String> = hs.db.read(|c| {
+        let mut st = c.prepare(
+            "SELECT room_id FROM room_state WHERE type='m.room.member' AND state_key=?1 AND membership IN ('join','invite','knock')",
+        )?;
+        let r = st.query_map([user_id.as_str()], |r| r.get(0))?.collect::<Result<Vec<String>, _>>();
+        r
+    })?;
+    for room in rooms {
+        let room_id = ruma::RoomId::parse(&room).map_err(|e| MxError::unknown(e.to_string()))?;
+        if let Err(e) = hs.set_membership(&room_id, user_id, user_id, "leave", None, None) {
+            tracing::warn!(room = %room, errcode = e.errcode, "could not leave room while deactivating");
+        }
+    }
+    hs.db.write(|w| {
+        w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1", [user_id.as_str()])?;
+        w.tx.execute("DELETE FROM devices WHERE user_id=?1", [user_id.as_str()])?;
+        w.tx.execute("UPDATE users SET deactivated=1, password_hash=NULL WHERE user_id=?1", [user_id.as_str()])
+    })?;
+    tracing::info!(user = %user_id, "user deactivated");
+    Ok(())
+}
+
+pub async fn register_nonce(State(hs): State<Arc<Hs>>) -> axum::Json<Value> {
+    let nonce = random_string(32);
+    let mut map = hs.admin_nonces.lock().unwrap_or_else(|p| p.into_inner());
+    map.retain(|_, t| t.elapsed() < Duration::from_secs(60));
+    map.insert(nonce.clone(), Instant::now());
+    axum::Json(json!({ "nonce": nonce }))
+}
+
+#[derive(Deserialize)]
+pub struct SharedSecretRegister {
+    nonce: String,
+    username: String,
+    password: String,
+    #[serde(default)]
+    admin: bool,
+    displayname: Option<String>,
+    mac: String,
+}
+
+/// `POST /_synapse/admin/v1/register`: HMAC-SHA1 over `nonce\0username\0password\0admin|notadmin`.
+pub async fn register_with_secret(
+    State(hs): State<Arc<Hs>>,
+    ClientAddr(addr): ClientAddr,
+    Json(body): Json<SharedSecretRegister>,
+) -> MxResult<axum::Json<Value>> {
+    let fresh = hs.admin_nonces.lock().unwrap_or_else(|p| p.into_inner()).remove(&body.nonce);
+    if fresh.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+        hs.check_rate(&format!("admin-register:{addr}"))?;
+        return Err(MxError::invalid_param("Unrecognised nonce"));
+    }
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(hs.shared_secret.as_bytes()).map_err(|e| MxError::unknown(e.to_string()))?;
+    mac.update(body.nonce.as_bytes());
+    mac.update(b"\0");
+    mac.update(body.username.as_bytes());
+    mac.update(b"\0");
+    mac.update(body.password.as_bytes());
+    mac.update(b"\0");
+    mac.update(if body.admin { b"admin" as &[u8] } else { b"notadmin" });
+    let want = hex::decode(body.mac.trim()).map_err(|_| MxError::forbidden("HMAC incorrect"))?;
+    if mac.verify_slice(&want).is_err() {
+        hs.check_rate(&format!("admin-register:{addr}"))?;
+        return Err(MxError::forbidden("HMAC incorrect"));
+    }
+    let l = body.username.to_lowercase();
+    if !valid_localpart(&l) {
+        return Err(MxError::invalid_username("Invalid username"));
+    }
+    let user_id = UserId::parse_with_server_name(l.as_str(), &hs.server_name).map_err(|_| MxError::invalid_username("Invalid username"))?;
+    let password = body.password.clone();
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password)).await.map_err(|e| MxError::unknown(e.to_string()))??;
+    let (device, token) = hs.db.write(|w| -> MxResult<_> {
+        insert_user(w, &user_id, Some(&hash), body.admin, body.displayname.as_deref())?;
+        new_session(w, user_id.as_str(), None, None)
+    })?;
+    Ok(axum::Json(json!({
+        "user_id": user_id,
+        "access_token": token,
+        "device_id": device,
+        "home_server": hs.server_name,
+    })))
+}

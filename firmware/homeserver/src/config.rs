@@ -1,0 +1,78 @@
+//! The `[homeserver]` section of the box config.
+
+use serde::Deserialize;
+
+/// Settings of the homeserver. Every field has a safe default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HomeserverConfig {
+    /// The Matrix server name (the part after `:` in user ids).
+    pub server_name: String,
+    /// Address the client API listens on.
+    pub listen: String,
+    /// Base URL that clients should use, published in `/.well-known/matrix/client`.
+    /// Defaults to `http://{listen}`.
+    pub public_base_url: Option<String>,
+    /// Allow registration without an invite token (`m.login.dummy`).
+    pub open_registration: bool,
+    /// Shared secret for `/_synapse/admin/v1/register`. When unset, one is generated
+    /// in `DATA/registration_shared_secret` on first start.
+    pub registration_shared_secret: Option<String>,
+    /// Room version for new rooms.
+    pub default_room_version: String,
+    /// Largest accepted request body in bytes (JSON endpoints).
+    pub max_request_bytes: usize,
+    /// Presence tracking. Off costs nothing: no writes, no wake-ups.
+    pub presence: bool,
+    /// `full` makes SQLite fsync on every commit (survives power loss, slower on SD
+    /// cards); `normal` survives a crashed or killed process but not power loss.
+    pub durability: Durability,
+    /// Login and registration attempts per client address: burst size.
+    pub auth_rate_burst: u32,
+    /// Login and registration attempts per client address: refill per second.
+    pub auth_rate_per_second: f64,
+    /// Longest `/sync` long-poll in milliseconds.
+    pub max_sync_timeout_ms: u64,
+}
+
+/// SQLite durability mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=NORMAL` in WAL mode.
+    Normal,
+    /// `synchronous=FULL`.
+    Full,
+}
+
+impl Default for HomeserverConfig {
+    fn default() -> Self {
+        Self {
+            server_name: "secta.box".to_owned(),
+            listen: "0.0.0.0:8008".to_owned(),
+            public_base_url: None,
+            open_registration: false,
+            registration_shared_secret: None,
+            default_room_version: "12".to_owned(),
+            max_request_bytes: 1024 * 1024,
+            presence: false,
+            durability: Durability::Normal,
+            auth_rate_burst: 10,
+            auth_rate_per_second: 0.5,
+            max_sync_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl HomeserverConfig {
+    /// The URL clients should use.
+    pub fn base_url(&self) -> String {
+        match &self.public_base_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => {
+                let listen = self.listen.replace("0.0.0.0", "127.0.0.1");
+                format!("http://{listen}")
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! SQLite storage: one writer connection, a few readers, WAL mode.
+//!
+//! Every row that `/sync` cares about carries a `stream` position taken from one
+//! counter while the writer lock is held, so positions are committed in order and
+//! a reader that saw position N has seen every row at or below N.
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Mutex,
+    },
+};
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::config::Durability;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    localpart TEXT NOT NULL UNIQUE,
+    password_hash TEXT,
+    displayname TEXT,
+    avatar_url TEXT,
+    is_admin INTEGER NOT NULL DEFAULT 0,
+    deactivated INTEGER NOT NULL DEFAULT 0,
+    created_ts INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    display_name TEXT,
+    last_seen_ts INTEGER,
+    last_seen_ip TEXT,
+    PRIMARY KEY (user_id, device_id)
+);
+-- Only the SHA-256 of each access token is stored.
+CREATE TABLE IF NOT EXISTS access_tokens (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS access_tokens_device ON access_tokens(user_id, device_id);
+CREATE TABLE IF NOT EXISTS registration_tokens (
+    token TEXT PRIMARY KEY,
+    uses_allowed INTEGER,
+    completed INTEGER NOT NULL DEFAULT 0,
+    expiry_ts INTEGER,
+    created_ts INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS filters (
+    user_id TEXT NOT NULL,
+    filter_id INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (user_id, filter_id)
+);
+CREATE TABLE IF NOT EXISTS rooms (
+    room_id TEXT PRIMARY KEY,
+    room_version TEXT NOT NULL,
+    is_public INTEGER NOT NULL DEFAULT 0,
+    created_ts INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    stream INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    room_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    type TEXT NOT NULL,
+    state_key TEXT,
+    depth INTEGER NOT NULL,
+    origin_server_ts INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    rel_type TEXT,
+    relates_to TEXT,
+    thread_root TEXT,
+    redacted_by TEXT,
+    txn_id TEXT,
+    txn_device TEXT,
+    prev_state TEXT
+);
+CREATE INDEX IF NOT EXISTS events_room_stream ON events(room_id, stream);
+CREATE INDEX IF NOT EXISTS events_relates ON events(relates_to, stream) WHERE relates_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_thread ON events(room_id, thread_root, stream) WHERE thread_root IS NOT NULL;
+CREATE TABLE IF NOT EXISTS forward_extremities (
+    room_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, event_id)
+);
+CREATE TABLE IF NOT EXISTS room_state (
+    room_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    state_key TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    membership TEXT,
+    PRIMARY KEY (room_id, type, state_key)
+);
+CREATE INDEX IF NOT EXISTS room_state_members ON room_state(type, state_key, membership);
+CREATE TABLE IF NOT EXISTS txns (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    txn_id TEXT NOT NULL,
+    request TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, txn_id)
+);
+CREATE TABLE IF NOT EXISTS room_aliases (
+    alias TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    creator TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS room_aliases_room ON room_aliases(room_id);
+CREATE TABLE IF NOT EXISTS account_data (
+    user_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    content TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_id, type)
+);
+CREATE INDEX IF NOT EXISTS account_data_stream ON account_data(user_id, stream);
+CREATE TABLE IF NOT EXISTS receipts (
+    room_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    receipt_type TEXT NOT NULL,
+    thread_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    PRIMARY KEY (room_id, user_id, receipt_type, thread_id)
+);
+CREATE INDEX IF NOT EXISTS receipts_stream ON receipts(stream);
+CREATE TABLE IF NOT EXISTS forgotten_rooms (
+    user_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, room_id)
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
+    stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
+);
+"#;
+
+/// The database handle shared by all requests.
+pub struct Db {
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    path: std::path::PathBuf,
+    durability: Durability,
+    /// Highest committed stream position.
+    stream: AtomicI64,
+}
+
+fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Keep the page cache small: RAM is scarce on the box.
+    conn.pragma_update(None, "cache_size", -2000)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    Ok(())
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, durability: Durability) -> anyhow::Result<Self> {
+        let conn = Connection::open(path)?;
+        configure(&conn, durability)?;
+        conn.execute_batch(SCHEMA)?;
+        let stream: i64 = conn.query_row(
+            "SELECT MAX(m) FROM (
+                SELECT COALESCE(MAX(stream),0) AS m FROM events
+                UNION ALL SELECT COALESCE(MAX(stream),0) FROM account_data
+                UNION ALL SELECT COALESCE(MAX(stream),0) FROM receipts
+                UNION ALL SELECT COALESCE(CAST(value AS INTEGER),0) FROM meta WHERE key='stream')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Self {
+            writer: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
+            path: path.to_owned(),
+            durability,
+            stream: AtomicI64::new(stream),
+        })
+    }
+
+    /// Runs `f` in a write transaction. Stream positions taken with
+    /// [`WriteTxn::next_stream`] become visible only after commit.
+    pub fn write<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let start = self.stream.load(Ordering::Acquire);
+        let mut w = WriteTxn { tx, next: start };
+        let out = f(&mut w)?;
+        let next = w.next;
+        w.tx.commit()?;
+        self.stream.store(next, Ordering::Release);
+        Ok(out)
+    }
+
+    /// Runs `f` with a read connection (a snapshot per statement).
+    pub fn read<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let conn = {
+            let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            pool.pop()
+        };
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(std::time::Duration::from_secs(10))?;
+                c.pragma_update(None, "cache_size", -1000)?;
+                let _ = self.durability;
+                c
+            }
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < 4 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Highest committed stream position.
+    pub fn current_stream(&self) -> i64 {
+        self.stream.load(Ordering::Acquire)
+    }
+
+    /// Flushes the WAL into the main file (used on clean shutdown).
+    pub fn checkpoint(&self) {
+        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+}
+
+/// A write transaction with access to the stream counter.
+pub struct WriteTxn<'a> {
+    pub tx: rusqlite::Transaction<'a>,
+    next: i64,
+}
+
+impl WriteTxn<'_> {
+    /// Takes the next stream position.
+    pub fn next_stream(&mut self) -> i64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// Persists the stream counter so positions never go backwards after restart
+    /// even if the newest rows were rows that get deleted.
+    pub fn persist_stream(&self) -> rusqlite::Result<()> {
+        self.tx.execute(
+            "INSERT INTO meta(key,value) VALUES('stream',?1) ON CONFLICT(key) DO UPDATE SET value=?1",
+            [self.next.to_string()],
+        )?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTxn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.tx
+    }
+}

@@ -1,0 +1,535 @@
+//! Typing, receipts, read markers, account data, filters, push rules and presence.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::extract::State;
+use ruma::{push::Ruleset, RoomId, UserId};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    error::{MxError, MxResult},
+    extract::{Auth, Json, PathArgs},
+    now_ms, pdu,
+    rooms::parse_room,
+    Hs,
+};
+
+type J = axum::Json<Value>;
+
+/// Who is typing where. In memory only: typing notices do not survive restarts.
+#[derive(Default)]
+pub struct Typing {
+    inner: Mutex<TypingInner>,
+}
+
+#[derive(Default)]
+struct TypingInner {
+    version: u64,
+    rooms: HashMap<String, (u64, HashMap<String, Instant>)>,
+}
+
+impl Typing {
+    /// Sets or clears `user` typing in `room`. Returns whether anything changed.
+    fn set(&self, room: &str, user: &str, until: Option<Instant>) -> bool {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.version += 1;
+        let v = t.version;
+        let entry = t.rooms.entry(room.to_owned()).or_default();
+        let changed = match until {
+            Some(u) => entry.1.insert(user.to_owned(), u).is_none(),
+            None => entry.1.remove(user).is_some(),
+        };
+        if changed {
+            entry.0 = v;
+        }
+        changed
+    }
+
+    /// Current version of the typing stream.
+    pub fn version(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).version
+    }
+
+    /// Drops expired entries; returns the rooms that changed.
+    pub fn expire(&self) -> Vec<String> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        t.version += 1;
+        let v = t.version;
+        for (room, (ver, users)) in t.rooms.iter_mut() {
+            let before = users.len();
+            users.retain(|_, until| *until > now);
+            if users.len() != before {
+                *ver = v;
+                changed.push(room.clone());
+            }
+        }
+        t.rooms.retain(|_, (_, users)| !users.is_empty() || true);
+        changed
+    }
+
+    /// Users typing in `room` if it changed after `since` (or always when `since` is None).
+    pub fn users_if_changed(&self, room: &str, since: Option<u64>) -> Option<Vec<String>> {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (ver, users) = t.rooms.get(room)?;
+        if since.is_some_and(|s| *ver <= s) {
+            return None;
+        }
+        let list: Vec<String> = users.iter().filter(|(_, u)| **u > now).map(|(k, _)| k.clone()).collect();
+        if since.is_none() && list.is_empty() {
+            return None;
+        }
+        Some(list)
+    }
+}
+
+/// Expires typing notices in the background.
+pub async fn typing_reaper(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.clone().wait() => return,
+        }
+        for room in hs.typing.expire() {
+            hs.notify_room(&room);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct TypingBody {
+    typing: bool,
+    timeout: Option<u64>,
+}
+
+pub async fn typing(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, user)): PathArgs<(String, String)>,
+    Json(body): Json<TypingBody>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    if user != auth.user_id.as_str() {
+        return Err(MxError::forbidden("You may only set your own typing state"));
+    }
+    let joined = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
+    if joined.as_deref() != Some("join") {
+        return Err(MxError::forbidden("You are not in this room"));
+    }
+    let until = body.typing.then(|| Instant::now() + Duration::from_millis(body.timeout.unwrap_or(30_000).min(120_000)));
+    hs.typing.set(room_id.as_str(), auth.user_id.as_str(), until);
+    hs.notify_room(room_id.as_str());
+    Ok(axum::Json(json!({})))
+}
+
+/// Stores a receipt (`m.read`, `m.read.private`) or the fully-read marker.
+fn store_receipt(
+    hs: &Hs,
+    room_id: &RoomId,
+    user: &UserId,
+    kind: &str,
+    event_id: &str,
+    thread_id: Option<&str>,
+) -> MxResult<()> {
+    hs.db.write(|w| -> MxResult<()> {
+        let ev = pdu::get_event(w, event_id)?.filter(|e| e.room_id == room_id.as_str());
+        let Some(ev) = ev else { return Err(MxError::not_found("Event not found in this room")) };
+        if pdu::membership(w, room_id.as_str(), user.as_str())?.as_deref() != Some("join") {
+            return Err(MxError::forbidden("You are not in this room"));
+        }
+        if kind == "m.fully_read" {
+            set_account_data_row(w, user.as_str(), room_id.as_str(), "m.fully_read", &json!({ "event_id": event_id }))?;
+            return Ok(());
+        }
+        // Receipts only move forward.
+        let thread = thread_id.unwrap_or("");
+        let current: Option<i64> = w
+            .query_row(
+                "SELECT e.stream FROM receipts r JOIN events e ON e.event_id=r.event_id
+                 WHERE r.room_id=?1 AND r.user_id=?2 AND r.receipt_type=?3 AND r.thread_id=?4",
+                params![room_id.as_str(), user.as_str(), kind, thread],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if current.is_some_and(|c| c >= ev.stream) {
+            return Ok(());
+        }
+        let stream = w.next_stream();
+        w.tx.execute(
+            "INSERT INTO receipts(room_id, user_id, receipt_type, thread_id, event_id, ts, stream) VALUES(?1,?2,?3,?4,?5,?6,?7)
+             ON CONFLICT(room_id, user_id, receipt_type, thread_id) DO UPDATE SET event_id=?5, ts=?6, stream=?7",
+            params![room_id.as_str(), user.as_str(), kind, thread, event_id, now_ms() as i64, stream],
+        )?;
+        w.persist_stream()?;
+        Ok(())
+    })?;
+    if kind == "m.read.private" || kind == "m.fully_read" {
+        hs.notify_users([user.as_str()]);
+    } else {
+        hs.notify_room(room_id.as_str());
+    }
+    Ok(())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ReceiptBody {
+    thread_id: Option<String>,
+}
+
+pub async fn receipt(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, kind, event_id)): PathArgs<(String, String, String)>,
+    Json(body): Json<ReceiptBody>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    if !matches!(kind.as_str(), "m.read" | "m.read.private" | "m.fully_read") {
+        return Err(MxError::invalid_param("Unknown receipt type"));
+    }
+    if kind == "m.fully_read" && body.thread_id.is_some() {
+        return Err(MxError::invalid_param("m.fully_read takes no thread_id"));
+    }
+    store_receipt(&hs, &room_id, &auth.user_id, &kind, &event_id, body.thread_id.as_deref())?;
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct ReadMarkers {
+    #[serde(rename = "m.fully_read")]
+    fully_read: Option<String>,
+    #[serde(rename = "m.read")]
+    read: Option<String>,
+    #[serde(rename = "m.read.private")]
+    read_private: Option<String>,
+}
+
+pub async fn read_markers(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<ReadMarkers>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    for (kind, ev) in [("m.fully_read", &body.fully_read), ("m.read", &body.read), ("m.read.private", &body.read_private)] {
+        if let Some(ev) = ev {
+            store_receipt(&hs, &room_id, &auth.user_id, kind, ev, None)?;
+        }
+    }
+    Ok(axum::Json(json!({})))
+}
+
+pub fn set_account_data_row(conn: &mut crate::db::WriteTxn<'_>, user: &str, room: &str, kind: &str, content: &Value) -> rusqlite::Result<()> {
+    let stream = conn.next_stream();
+    conn.tx.execute(
+        "INSERT INTO account_data(user_id, room_id, type, content, stream) VALUES(?1,?2,?3,?4,?5)
+         ON CONFLICT(user_id, room_id, type) DO UPDATE SET content=?4, stream=?5",
+        params![user, room, kind, content.to_string(), stream],
+    )?;
+    conn.persist_stream()
+}
+
+pub fn get_account_data_row(conn: &Connection, user: &str, room: &str, kind: &str) -> rusqlite::Result<Option<Value>> {
+    let s: Option<String> = conn
+        .query_row(
+            "SELECT content FROM account_data WHERE user_id=?1 AND room_id=?2 AND type=?3",
+            params![user, room, kind],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(s.and_then(|s| serde_json::from_str(&s).ok()))
+}
+
+fn own(auth: &Auth, user: &str) -> MxResult<()> {
+    if UserId::parse(user).map_err(|_| MxError::invalid_param("Invalid user id"))? != auth.user_id {
+        return Err(MxError::forbidden("You may only access your own data"));
+    }
+    Ok(())
+}
+
+fn put_account_data(hs: &Hs, auth: &Auth, room: &str, kind: &str, content: Value) -> MxResult<J> {
+    if kind == "m.fully_read" || kind == "m.push_rules" {
+        return Err(MxError::new(
+            http::StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            format!("{kind} cannot be set through account data"),
+        ));
+    }
+    hs.db.write(|w| set_account_data_row(w, auth.user_id.as_str(), room, kind, &content))?;
+    hs.notify_users([auth.user_id.as_str()]);
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn set_account_data(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((user, kind)): PathArgs<(String, String)>,
+    Json(content): Json<Value>,
+) -> MxResult<J> {
+    own(&auth, &user)?;
+    put_account_data(&hs, &auth, "", &kind, content)
+}
+
+pub async fn get_account_data(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((user, kind)): PathArgs<(String, String)>,
+) -> MxResult<J> {
+    own(&auth, &user)?;
+    hs.db
+        .read(|c| get_account_data_row(c, auth.user_id.as_str(), "", &kind))?
+        .map(axum::Json)
+        .ok_or_else(|| MxError::not_found("Account data not found"))
+}
+
+pub async fn set_room_account_data(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((user, room, kind)): PathArgs<(String, String, String)>,
+    Json(content): Json<Value>,
+) -> MxResult<J> {
+    own(&auth, &user)?;
+    let room_id = parse_room(&room)?;
+    put_account_data(&hs, &auth, room_id.as_str(), &kind, content)
+}
+
+pub async fn get_room_account_data(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((user, room, kind)): PathArgs<(String, String, String)>,
+) -> MxResult<J> {
+    own(&auth, &user)?;
+    let room_id = parse_room(&room)?;
+    hs.db
+        .read(|c| get_account_data_row(c, auth.user_id.as_str(), room_id.as_str(), &kind))?
+        .map(axum::Json)
+        .ok_or_else(|| MxError::not_found("Account data not found"))
+}
+
+pub async fn create_filter(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(user): PathArgs<String>,
+    Json(filter): Json<Value>,
+) -> MxResult<J> {
+    own(&auth, &user)?;
+    serde_json::from_value::<crate::filter::Filter>(filter.clone()).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))?;
+    let id = hs.db.write(|w| -> rusqlite::Result<i64> {
+        let next: i64 = w.query_row(
+            "SELECT COALESCE(MAX(filter_id),-1)+1 FROM filters WHERE user_id=?1",
+            [auth.user_id.as_str()],
+            |r| r.get(0),
+        )?;
+        w.tx.execute(
+            "INSERT INTO filters(user_id, filter_id, json) VALUES(?1,?2,?3)",
+            params![auth.user_id.as_str(), next, filter.to_string()],
+        )?;
+        Ok(next)
+    })?;
+    Ok(axum::Json(json!({ "filter_id": id.to_string() })))
+}
+
+pub fn load_filter(conn: &Connection, user: &str, id: &str) -> MxResult<Option<Value>> {
+    let Ok(n) = id.parse::<i64>() else { return Ok(None) };
+    let s: Option<String> = conn
+        .query_row("SELECT json FROM filters WHERE user_id=?1 AND filter_id=?2", params![user, n], |r| r.get(0))
+        .optional()?;
+    Ok(s.and_then(|s| serde_json::from_str(&s).ok()))
+}
+
+pub async fn get_filter(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((user, id)): PathArgs<(String, String)>,
+) -> MxResult<J> {
+    own(&auth, &user)?;
+    hs.db
+        .read(|c| load_filter(c, auth.user_id.as_str(), &id))?
+        .map(axum::Json)
+        .ok_or_else(|| MxError::not_found("Filter not found"))
+}
+
+// ---- Push rules: stored as the user's `m.push_rules` account data. ----
+
+pub fn push_rules(conn: &Connection, user: &UserId) -> MxResult<Ruleset> {
+    match get_account_data_row(conn, user.as_str(), "", "m.push_rules")? {
+        Some(v) => serde_json::from_value(v["global"].clone()).map_err(|e| MxError::unknown(format!("stored push rules: {e}"))),
+        None => Ok(Ruleset::server_default(user)),
+    }
+}
+
+fn save_push_rules(hs: &Hs, user: &UserId, rules: &Ruleset) -> MxResult<()> {
+    let v = json!({ "global": rules });
+    hs.db.write(|w| set_account_data_row(w, user.as_str(), "", "m.push_rules", &v))?;
+    hs.notify_users([user.as_str()]);
+    Ok(())
+}
+
+pub async fn get_push_rules(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
+    let rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
+    Ok(axum::Json(json!({ "global": rules })))
+}
+
+pub async fn get_push_rules_global(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
+    let rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
+    Ok(axum::Json(json!(rules)))
+}
+
+fn rule_kind(kind: &str) -> MxResult<ruma::push::RuleKind> {
+    use ruma::push::RuleKind;
+    Ok(match kind {
+        "override" => RuleKind::Override,
+        "underride" => RuleKind::Underride,
+        "sender" => RuleKind::Sender,
+        "room" => RuleKind::Room,
+        "content" => RuleKind::Content,
+        _ => return Err(MxError::invalid_param("Unknown push rule kind")),
+    })
+}
+
+fn find_rule(rules: &Ruleset, kind: &str, rule_id: &str) -> MxResult<Value> {
+    let all = serde_json::to_value(rules)?;
+    all[kind]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["rule_id"] == rule_id).cloned())
+        .ok_or_else(|| MxError::not_found("Push rule not found"))
+}
+
+pub async fn get_push_rule(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((kind, rule_id)): PathArgs<(String, String)>,
+) -> MxResult<J> {
+    rule_kind(&kind)?;
+    let rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
+    Ok(axum::Json(find_rule(&rules, &kind, &rule_id)?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct RulePosition {
+    before: Option<String>,
+    after: Option<String>,
+}
+
+pub async fn put_push_rule(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((kind, rule_id)): PathArgs<(String, String)>,
+    crate::extract::QueryArgs(pos): crate::extract::QueryArgs<RulePosition>,
+    Json(mut body): Json<Value>,
+) -> MxResult<J> {
+    use ruma::push::NewPushRule;
+    rule_kind(&kind)?;
+    if rule_id.starts_with('.') {
+        return Err(MxError::invalid_param("Server-default rules cannot be replaced"));
+    }
+    body["rule_id"] = json!(rule_id);
+    let new_rule: NewPushRule = match kind.as_str() {
+        "override" => NewPushRule::Override(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
+        "underride" => NewPushRule::Underride(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
+        "sender" => NewPushRule::Sender(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
+        "room" => NewPushRule::Room(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
+        _ => NewPushRule::Content(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
+    };
+    let mut rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
+    rules
+        .insert(new_rule, pos.after.as_deref(), pos.before.as_deref())
+        .map_err(|e| MxError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", e.to_string()))?;
+    save_push_rules(&hs, &auth.user_id, &rules)?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn delete_push_rule(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((kind, rule_id)): PathArgs<(String, String)>,
+) -> MxResult<J> {
+    let k = rule_kind(&kind)?;
+    let mut rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
+    rules.remove(k, &rule_id).map_err(|e| match e {
+        ruma::push::RemovePushRuleError::NotFound => MxError::not_found("Push rule not found"),
+        other => MxError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", other.to_string()),
+    })?;
+    save_push_rules(&hs, &auth.user_id, &rules)?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn get_push_rule_attr(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((kind, rule_id, attr)): PathArgs<(String, String, String)>,
+) -> MxResult<J> {
+    rule_kind(&kind)?;
+    let rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
+    let rule = find_rule(&rules, &kind, &rule_id)?;
+    match attr.as_str() {
+        "enabled" => Ok(axum::Json(json!({ "enabled": rule["enabled"] }))),
+        "actions" => Ok(axum::Json(json!({ "actions": rule["actions"] }))),
+        _ => Err(MxError::unrecognized("Unknown push rule attribute")),
+    }
+}
+
+pub async fn put_push_rule_attr(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((kind, rule_id, attr)): PathArgs<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> MxResult<J> {
+    let k = rule_kind(&kind)?;
+    let mut rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
+    let not_found = |_| MxError::not_found("Push rule not found");
+    match attr.as_str() {
+        "enabled" => {
+            let enabled = body["enabled"].as_bool().ok_or_else(|| MxError::bad_json("enabled must be a boolean"))?;
+            rules.set_enabled(k, &rule_id, enabled).map_err(not_found)?;
+        }
+        "actions" => {
+            let actions = serde_json::from_value(body["actions"].clone()).map_err(|e| MxError::bad_json(e.to_string()))?;
+            rules.set_actions(k, &rule_id, actions).map_err(not_found)?;
+        }
+        _ => return Err(MxError::unrecognized("Unknown push rule attribute")),
+    }
+    save_push_rules(&hs, &auth.user_id, &rules)?;
+    Ok(axum::Json(json!({})))
+}
+
+// ---- Presence: when disabled in config, it is accepted and costs nothing. ----
+
+pub async fn get_presence(State(hs): State<Arc<Hs>>, _auth: Auth, PathArgs(user): PathArgs<String>) -> MxResult<J> {
+    let user = UserId::parse(&user).map_err(|_| MxError::invalid_param("Invalid user id"))?;
+    let exists = hs.db.read(|c| c.query_row("SELECT 1 FROM users WHERE user_id=?1", [user.as_str()], |_| Ok(())).optional())?;
+    if exists.is_none() {
+        return Err(MxError::not_found("Unknown user"));
+    }
+    Ok(axum::Json(json!({ "presence": "offline" })))
+}
+
+#[derive(Deserialize)]
+pub struct PresenceBody {
+    presence: String,
+    #[allow(dead_code)]
+    status_msg: Option<String>,
+}
+
+pub async fn set_presence(
+    State(_hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(user): PathArgs<String>,
+    Json(body): Json<PresenceBody>,
+) -> MxResult<J> {
+    own(&auth, &user)?;
+    if !matches!(body.presence.as_str(), "online" | "offline" | "unavailable") {
+        return Err(MxError::invalid_param("presence must be online, offline or unavailable"));
+    }
+    Ok(axum::Json(json!({})))
+}

@@ -1,0 +1,260 @@
+//! The Secta box's slim Matrix homeserver: ruma + axum + SQLite.
+//!
+//! Public surface: [`HomeserverConfig`], [`Hs::open`], [`Hs::router`], [`serve`] and
+//! the [`admin`] functions that the `secta` CLI uses on the same database.
+
+pub mod admin;
+pub mod config;
+mod account;
+mod db;
+mod ephemeral;
+mod error;
+mod extract;
+mod filter;
+pub mod pdu;
+mod rooms;
+mod routes;
+mod search;
+mod sync;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use ruma::{
+    signatures::Ed25519KeyPair, DeviceId, OwnedServerName, ServerName,
+};
+use rusqlite::OptionalExtension;
+use secta_runtime::Shutdown;
+use tokio::sync::watch;
+
+pub use config::{Durability, HomeserverConfig};
+pub use db::Db;
+pub use error::{MxError, MxResult};
+use extract::Auth;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The homeserver: config, database, signing key and in-memory ephemeral state.
+pub struct Hs {
+    pub config: HomeserverConfig,
+    pub server_name: OwnedServerName,
+    pub db: Db,
+    keypair: Ed25519KeyPair,
+    key_id: String,
+    notifier: Notifier,
+    pub(crate) typing: ephemeral::Typing,
+    rate: RateLimiter,
+    shared_secret: String,
+    pub(crate) uia: Mutex<HashMap<String, account::UiaSession>>,
+    pub(crate) admin_nonces: Mutex<HashMap<String, Instant>>,
+}
+
+impl Hs {
+    /// Opens the homeserver's storage under `data_dir` (creating keys and schema on first start).
+    pub fn open(config: HomeserverConfig, data_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        secta_runtime::ensure_data_dir(data_dir)?;
+        let server_name = ServerName::parse(&config.server_name)
+            .with_context(|| format!("invalid server_name {:?}", config.server_name))?;
+        ruma::RoomVersionId::try_from(config.default_room_version.as_str())
+            .ok()
+            .and_then(|v| v.rules())
+            .with_context(|| format!("unsupported default_room_version {:?}", config.default_room_version))?;
+        let db = Db::open(&data_dir.join("homeserver.db"), config.durability)?;
+        let (keypair, key_id) = load_or_create_signing_key(data_dir)?;
+        let shared_secret = match &config.registration_shared_secret {
+            Some(s) => s.clone(),
+            None => load_or_create_shared_secret(data_dir)?,
+        };
+        let rate = RateLimiter::new(config.auth_rate_burst, config.auth_rate_per_second);
+        Ok(Arc::new(Self {
+            config,
+            server_name,
+            db,
+            keypair,
+            key_id,
+            notifier: Notifier::default(),
+            typing: ephemeral::Typing::default(),
+            rate,
+            shared_secret,
+            uia: Mutex::new(HashMap::new()),
+            admin_nonces: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The public half of the signing key, as `(key id, unpadded base64)`.
+    pub fn verify_key(&self) -> (String, String) {
+        use base64::Engine;
+        (
+            self.key_id.clone(),
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(self.keypair.public_key()),
+        )
+    }
+
+    pub(crate) fn lookup_token(&self, token: &str) -> MxResult<Option<Auth>> {
+        let hash = extract::token_hash(token);
+        let row = self.db.read(|c| {
+            c.prepare_cached(
+                "SELECT t.user_id, t.device_id, u.is_admin FROM access_tokens t JOIN users u ON u.user_id=t.user_id
+                 WHERE t.token_hash=?1 AND u.deactivated=0",
+            )?
+            .query_row([hash], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?)))
+            .optional()
+        })?;
+        Ok(row.and_then(|(u, d, a)| {
+            Some(Auth { user_id: u.try_into().ok()?, device_id: <&DeviceId>::from(d.as_str()).to_owned(), is_admin: a })
+        }))
+    }
+
+    /// Wakes the long-polling syncs of these users.
+    pub(crate) fn notify_users<'a>(&self, users: impl IntoIterator<Item = &'a str>) {
+        let pos = self.db.current_stream();
+        self.notifier.notify(users, pos);
+    }
+
+    /// Wakes every local member (joined or invited) of the room.
+    pub(crate) fn notify_room(&self, room_id: &str) {
+        if let Ok(users) = self.db.read(|c| pdu::local_members(c, room_id, true)) {
+            self.notify_users(users.iter().map(String::as_str));
+        }
+    }
+
+    pub(crate) fn check_rate(&self, key: &str) -> MxResult<()> {
+        self.rate.check(key)
+    }
+
+    /// Builds the HTTP router of the Client-Server API (and the admin endpoints).
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        routes::router(self.clone())
+    }
+}
+
+fn load_or_create_signing_key(dir: &Path) -> anyhow::Result<(Ed25519KeyPair, String)> {
+    use base64::Engine;
+    let path = dir.join("signing.key");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let (version, der) = text.trim().split_once(' ').context("malformed signing.key")?;
+        let der = b64.decode(der).context("malformed signing.key")?;
+        let kp = Ed25519KeyPair::from_der(&der, version.to_owned()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        return Ok((kp, format!("ed25519:{version}")));
+    }
+    let der = Ed25519KeyPair::generate();
+    let version: String = {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        (0..6).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect()
+    };
+    secta_runtime::write_secret_file(&path, format!("{version} {}\n", b64.encode(&der)).as_bytes())?;
+    let kp = Ed25519KeyPair::from_der(&der, version.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((kp, format!("ed25519:{version}")))
+}
+
+fn load_or_create_shared_secret(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("registration_shared_secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_owned();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    let secret = random_string(48);
+    secta_runtime::write_secret_file(&path, format!("{secret}\n").as_bytes())?;
+    Ok(secret)
+}
+
+/// A random alphanumeric string from the OS-seeded CSPRNG.
+pub fn random_string(len: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..len).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect()
+}
+
+/// Per-user wake-up channels for long-polling `/sync`.
+#[derive(Default)]
+struct Notifier {
+    users: Mutex<HashMap<String, watch::Sender<i64>>>,
+}
+
+impl Notifier {
+    fn subscribe(&self, user: &str) -> watch::Receiver<i64> {
+        let mut map = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(user.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    fn notify<'a>(&self, users: impl IntoIterator<Item = &'a str>, pos: i64) {
+        let map = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        for u in users {
+            if let Some(tx) = map.get(u) {
+                tx.send_replace(pos);
+            }
+        }
+    }
+}
+
+/// A token bucket per client address for login and registration.
+struct RateLimiter {
+    burst: f64,
+    per_second: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    fn new(burst: u32, per_second: f64) -> Self {
+        Self { burst: f64::from(burst.max(1)), per_second: per_second.max(0.0), buckets: Mutex::new(HashMap::new()) }
+    }
+
+    fn check(&self, key: &str) -> MxResult<()> {
+        let now = Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            let (burst, rate) = (self.burst, self.per_second);
+            map.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let entry = map.entry(key.to_owned()).or_insert((self.burst, now));
+        let refill = now.duration_since(entry.1).as_secs_f64() * self.per_second;
+        entry.0 = (entry.0 + refill).min(self.burst);
+        entry.1 = now;
+        if entry.0 >= 1.0 {
+            entry.0 -= 1.0;
+            Ok(())
+        } else {
+            let wait = if self.per_second > 0.0 { (1.0 - entry.0) / self.per_second } else { 60.0 };
+            Err(MxError::limit_exceeded((wait * 1000.0).ceil() as u64))
+        }
+    }
+}
+
+/// Serves the homeserver on `addr` until `shutdown`; in-flight requests finish,
+/// then the database is checkpointed.
+pub async fn serve(hs: Arc<Hs>, addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    serve_on(hs, listener, shutdown).await
+}
+
+/// Like [`serve`], on a listener the caller bound.
+pub async fn serve_on(hs: Arc<Hs>, listener: tokio::net::TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let app = hs.router().into_make_service_with_connect_info::<SocketAddr>();
+    tracing::info!(addr = %listener.local_addr()?, server_name = %hs.server_name, "homeserver listening");
+    tokio::spawn(ephemeral::typing_reaper(hs.clone(), shutdown.clone()));
+    let wait = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(wait.wait());
+    // Long-polls hold connections open: give them a moment, then stop anyway.
+    tokio::select! {
+        r = server => r?,
+        _ = async { shutdown.wait().await; tokio::time::sleep(Duration::from_secs(5)).await } => {
+            tracing::info!("graceful shutdown took too long; closing remaining connections");
+        }
+    }
+    hs.db.checkpoint();
+    tracing::info!("homeserver stopped");
+    Ok(())
+}

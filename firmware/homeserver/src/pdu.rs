@@ -1,0 +1,702 @@
+//! Room events as federation sees them (PDUs): building, hashing, signing,
+//! authorising with ruma's auth rules, storing, and formatting for clients.
+
+use ruma::{
+    canonical_json::{redact, CanonicalJsonObject, CanonicalJsonValue, RedactedBecause},
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::RoomVersionRules,
+    signatures::{hash_and_sign_event, reference_hash},
+    state_res::{auth_types_for_event, check_state_dependent_auth_rules},
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{json, value::RawValue, Value};
+
+use crate::{
+    db::WriteTxn,
+    error::{MxError, MxResult},
+    now_ms, search, Hs,
+};
+
+/// Largest PDU the spec allows.
+pub const MAX_PDU_BYTES: usize = 65_536;
+
+/// A parsed PDU, enough for ruma's auth rules.
+#[derive(Debug, Clone)]
+pub struct Pdu {
+    pub event_id: OwnedEventId,
+    pub room_id: Option<OwnedRoomId>,
+    pub sender: OwnedUserId,
+    pub origin_server_ts: MilliSecondsSinceUnixEpoch,
+    pub kind: TimelineEventType,
+    pub content: Box<RawValue>,
+    pub state_key: Option<String>,
+    pub prev_events: Vec<OwnedEventId>,
+    pub auth_events: Vec<OwnedEventId>,
+    pub redacts: Option<OwnedEventId>,
+    pub depth: u64,
+}
+
+#[derive(Deserialize)]
+struct RawPdu {
+    room_id: Option<OwnedRoomId>,
+    sender: OwnedUserId,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
+    #[serde(rename = "type")]
+    kind: TimelineEventType,
+    content: Box<RawValue>,
+    state_key: Option<String>,
+    #[serde(default)]
+    prev_events: Vec<OwnedEventId>,
+    #[serde(default)]
+    auth_events: Vec<OwnedEventId>,
+    redacts: Option<OwnedEventId>,
+    #[serde(default)]
+    depth: u64,
+}
+
+impl Pdu {
+    pub fn parse(event_id: OwnedEventId, json: &str) -> serde_json::Result<Self> {
+        let raw: RawPdu = serde_json::from_str(json)?;
+        let redacts = raw.redacts.or_else(|| {
+            #[derive(Deserialize)]
+            struct C {
+                redacts: Option<OwnedEventId>,
+            }
+            if raw.kind == TimelineEventType::RoomRedaction {
+                serde_json::from_str::<C>(raw.content.get()).ok().and_then(|c| c.redacts)
+            } else {
+                None
+            }
+        });
+        Ok(Self {
+            event_id,
+            room_id: raw.room_id,
+            sender: raw.sender,
+            origin_server_ts: raw.origin_server_ts,
+            kind: raw.kind,
+            content: raw.content,
+            state_key: raw.state_key,
+            prev_events: raw.prev_events,
+            auth_events: raw.auth_events,
+            redacts,
+            depth: raw.depth,
+        })
+    }
+}
+
+impl ruma::state_res::Event for Pdu {
+    type Id = OwnedEventId;
+    fn event_id(&self) -> &Self::Id {
+        &self.event_id
+    }
+    fn room_id(&self) -> Option<&RoomId> {
+        self.room_id.as_deref()
+    }
+    fn sender(&self) -> &UserId {
+        &self.sender
+    }
+    fn origin_server_ts(&self) -> MilliSecondsSinceUnixEpoch {
+        self.origin_server_ts
+    }
+    fn event_type(&self) -> &TimelineEventType {
+        &self.kind
+    }
+    fn content(&self) -> &RawValue {
+        &self.content
+    }
+    fn state_key(&self) -> Option<&str> {
+        self.state_key.as_deref()
+    }
+    fn prev_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.prev_events.iter())
+    }
+    fn auth_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.auth_events.iter())
+    }
+    fn redacts(&self) -> Option<&Self::Id> {
+        self.redacts.as_ref()
+    }
+    fn rejected(&self) -> bool {
+        false
+    }
+}
+
+/// A stored event row.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub stream: i64,
+    pub event_id: String,
+    pub room_id: String,
+    pub json: String,
+    pub redacted_by: Option<String>,
+    pub txn_id: Option<String>,
+    pub txn_device: Option<String>,
+    pub prev_state: Option<String>,
+}
+
+pub const EVENT_COLS: &str = "stream, event_id, room_id, json, redacted_by, txn_id, txn_device, prev_state";
+
+pub fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        stream: r.get(0)?,
+        event_id: r.get(1)?,
+        room_id: r.get(2)?,
+        json: r.get(3)?,
+        redacted_by: r.get(4)?,
+        txn_id: r.get(5)?,
+        txn_device: r.get(6)?,
+        prev_state: r.get(7)?,
+    })
+}
+
+pub fn get_event(conn: &Connection, event_id: &str) -> rusqlite::Result<Option<StoredEvent>> {
+    conn.query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE event_id=?1"), [event_id], row_to_event)
+        .optional()
+}
+
+pub fn load_pdu(conn: &Connection, event_id: &str) -> Option<Pdu> {
+    let json: String =
+        conn.query_row("SELECT json FROM events WHERE event_id=?1", [event_id], |r| r.get(0)).ok()?;
+    Pdu::parse(EventId::parse(event_id).ok()?, &json).ok()
+}
+
+pub fn room_version(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<RoomVersionId>> {
+    let v: Option<String> =
+        conn.query_row("SELECT room_version FROM rooms WHERE room_id=?1", [room_id], |r| r.get(0)).optional()?;
+    Ok(v.and_then(|v| RoomVersionId::try_from(v.as_str()).ok()))
+}
+
+pub fn rules_for(version: &RoomVersionId) -> MxResult<RoomVersionRules> {
+    version.rules().ok_or_else(|| MxError::unsupported_room_version("Unsupported room version"))
+}
+
+pub fn state_event_id(conn: &Connection, room_id: &str, kind: &str, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT event_id FROM room_state WHERE room_id=?1 AND type=?2 AND state_key=?3",
+        params![room_id, kind, key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Content of a current state event.
+pub fn state_content(conn: &Connection, room_id: &str, kind: &str, key: &str) -> rusqlite::Result<Option<Value>> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
+             WHERE s.room_id=?1 AND s.type=?2 AND s.state_key=?3",
+            params![room_id, kind, key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(json.and_then(|j| serde_json::from_str::<Value>(&j).ok()).map(|mut v| v["content"].take()))
+}
+
+pub fn membership(conn: &Connection, room_id: &str, user_id: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT membership FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key=?2",
+        params![room_id, user_id],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Local users whose membership in the room is `join` (or also `invite`, when asked).
+pub fn local_members(conn: &Connection, room_id: &str, with_invites: bool) -> rusqlite::Result<Vec<String>> {
+    let sql = if with_invites {
+        "SELECT state_key FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership IN ('join','invite','knock')"
+    } else {
+        "SELECT state_key FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership='join'"
+    };
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = st.query_map([room_id], |r| r.get::<_, String>(0))?;
+    rows.collect()
+}
+
+/// What a new event should be.
+pub struct NewEvent<'a> {
+    pub kind: &'a str,
+    pub state_key: Option<&'a str>,
+    pub content: Value,
+    /// (device id, txn id) of the client request that sent it.
+    pub txn: Option<(&'a str, &'a str)>,
+}
+
+/// The outcome of appending an event.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub event_id: OwnedEventId,
+    pub room_id: OwnedRoomId,
+    pub stream: i64,
+}
+
+impl Hs {
+    fn sign(&self, obj: &mut CanonicalJsonObject, rules: &RoomVersionRules) -> MxResult<OwnedEventId> {
+        hash_and_sign_event(self.server_name.as_str(), &self.keypair, obj, &rules.redaction)
+            .map_err(|e| MxError::bad_json(format!("Cannot sign event: {e}")))?;
+        let hash = reference_hash(obj, rules).map_err(|e| match e {
+            ruma::signatures::JsonError::PduTooLarge => MxError::too_large("Event too large"),
+            other => MxError::bad_json(format!("Cannot hash event: {other}")),
+        })?;
+        EventId::parse(format!("${hash}")).map_err(|e| MxError::unknown(e.to_string()))
+    }
+
+    /// Builds, signs, authorises and stores the `m.room.create` event of a new room.
+    pub(crate) fn append_create(
+        &self,
+        w: &mut WriteTxn<'_>,
+        version: &RoomVersionId,
+        sender: &UserId,
+        content: Value,
+    ) -> MxResult<Appended> {
+        let rules = rules_for(version)?;
+        let ts = now_ms();
+        let mut obj = json!({
+            "type": "m.room.create",
+            "state_key": "",
+            "sender": sender,
+            "content": content,
+            "origin_server_ts": ts,
+            "depth": 1,
+            "prev_events": [],
+            "auth_events": [],
+        });
+        let room_id: OwnedRoomId = if rules.authorization.room_create_event_id_as_room_id {
+            // v12: the room id is derived from the create event's reference hash.
+            let mut probe = to_canonical(obj.clone())?;
+            let event_id = self.sign(&mut probe, &rules)?;
+            RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(|e| MxError::unknown(e.to_string()))?
+        } else {
+            let id = RoomId::new_v1(&self.server_name);
+            obj["room_id"] = json!(id);
+            id
+        };
+        let mut cobj = to_canonical(obj)?;
+        let event_id = self.sign(&mut cobj, &rules)?;
+        let pdu_json = serde_json::to_string(&cobj).map_err(|e| MxError::unknown(e.to_string()))?;
+        let pdu = Pdu::parse(event_id.clone(), &pdu_json).map_err(|e| MxError::bad_json(e.to_string()))?;
+        ruma::state_res::check_state_independent_auth_rules::<Pdu>(&rules.authorization, &pdu, |_| None)
+            .map_err(MxError::forbidden)?;
+        if room_version(w, room_id.as_str())?.is_some() {
+            return Err(MxError::room_in_use("Room already exists"));
+        }
+        w.tx.execute(
+            "INSERT INTO rooms(room_id, room_version, created_ts) VALUES(?1,?2,?3)",
+            params![room_id.as_str(), version.as_str(), ts as i64],
+        )?;
+        let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, None)?;
+        Ok(Appended { event_id, room_id, stream })
+    }
+
+    /// Builds, signs, authorises (ruma's auth rules against current state) and stores an event.
+    pub(crate) fn append_event(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &RoomId,
+        sender: &UserId,
+        ev: NewEvent<'_>,
+    ) -> MxResult<Appended> {
+        let version = room_version(w, room_id.as_str())?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+        let rules = rules_for(&version)?;
+        let kind = TimelineEventType::from(ev.kind);
+        let content_raw = serde_json::value::to_raw_value(&ev.content).map_err(|e| MxError::bad_json(e.to_string()))?;
+        let auth_types = auth_types_for_event(&kind, sender, ev.state_key, &content_raw, &rules.authorization)
+            .map_err(MxError::bad_json)?;
+        let mut auth_events = Vec::new();
+        for (ty, key) in &auth_types {
+            if let Some(id) = state_event_id(w, room_id.as_str(), &ty.to_string(), key)? {
+                if !auth_events.contains(&id) {
+                    auth_events.push(id);
+                }
+            }
+        }
+        let (prev_events, depth) = {
+            let mut st = w.prepare_cached(
+                "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id=f.event_id
+                 WHERE f.room_id=?1 ORDER BY e.depth DESC LIMIT 20",
+            )?;
+            let rows: Vec<(String, i64)> =
+                st.query_map([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let depth = rows.iter().map(|r| r.1).max().unwrap_or(0) + 1;
+            (rows.into_iter().map(|r| r.0).collect::<Vec<_>>(), depth)
+        };
+        let mut obj = json!({
+            "type": ev.kind,
+            "room_id": room_id,
+            "sender": sender,
+            "content": ev.content,
+            "origin_server_ts": now_ms(),
+            "depth": depth.min(i64::from(u32::MAX) * 1000),
+            "prev_events": prev_events,
+            "auth_events": auth_events,
+        });
+        if let Some(k) = ev.state_key {
+            obj["state_key"] = json!(k);
+        }
+        if ev.kind == "m.room.redaction" && !rules.redaction.content_field_redacts {
+            if let Some(r) = obj["content"]["redacts"].as_str().map(str::to_owned) {
+                obj["redacts"] = json!(r);
+            }
+        }
+        let mut cobj = to_canonical(obj)?;
+        let event_id = self.sign(&mut cobj, &rules)?;
+        let pdu_json = serde_json::to_string(&cobj).map_err(|e| MxError::unknown(e.to_string()))?;
+        if pdu_json.len() > MAX_PDU_BYTES {
+            return Err(MxError::too_large("Event is larger than 64 KiB"));
+        }
+        let pdu = Pdu::parse(event_id.clone(), &pdu_json).map_err(|e| MxError::bad_json(e.to_string()))?;
+        {
+            let conn: &Connection = w;
+            check_state_dependent_auth_rules(&rules.authorization, &pdu, |ty: &StateEventType, key: &str| {
+                state_event_id(conn, room_id.as_str(), &ty.to_string(), key)
+                    .ok()
+                    .flatten()
+                    .and_then(|id| load_pdu(conn, &id))
+            })
+            .map_err(|e| MxError::forbidden(format!("Event not allowed: {e}")))?;
+        }
+        let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, ev.txn)?;
+        if let Some(target) = &pdu.redacts {
+            apply_redaction(w, target.as_str(), &event_id, &pdu_json, &rules)?;
+        }
+        Ok(Appended { event_id, room_id: room_id.to_owned(), stream })
+    }
+
+    fn store_pdu(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &str,
+        pdu: &Pdu,
+        json: &str,
+        txn: Option<(&str, &str)>,
+    ) -> MxResult<i64> {
+        let stream = w.next_stream();
+        let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+        let rel = &content["m.relates_to"];
+        let rel_type = rel["rel_type"].as_str();
+        let relates_to = rel["event_id"].as_str().or_else(|| rel["m.in_reply_to"]["event_id"].as_str());
+        let rel_type = rel_type.or(if relates_to.is_some() { Some("m.in_reply_to") } else { None });
+        let thread_root = if rel_type == Some("m.thread") { relates_to } else { None };
+        let prev_state = match &pdu.state_key {
+            Some(k) => state_event_id(w, room_id, &pdu.kind.to_string(), k)?,
+            None => None,
+        };
+        w.tx.execute(
+            "INSERT INTO events(stream, event_id, room_id, sender, type, state_key, depth, origin_server_ts, json,
+                                rel_type, relates_to, thread_root, txn_id, txn_device, prev_state)
+             VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
+            params![
+                stream,
+                pdu.event_id.as_str(),
+                room_id,
+                pdu.sender.as_str(),
+                pdu.kind.to_string(),
+                pdu.state_key,
+                pdu.depth as i64,
+                u64::from(pdu.origin_server_ts.0) as i64,
+                json,
+                rel_type,
+                relates_to,
+                thread_root,
+                txn.map(|t| t.1),
+                txn.map(|t| t.0),
+                prev_state,
+            ],
+        )?;
+        for p in &pdu.prev_events {
+            w.tx.execute("DELETE FROM forward_extremities WHERE room_id=?1 AND event_id=?2", params![room_id, p.as_str()])?;
+        }
+        w.tx.execute(
+            "INSERT OR IGNORE INTO forward_extremities(room_id, event_id) VALUES(?1,?2)",
+            params![room_id, pdu.event_id.as_str()],
+        )?;
+        if let Some(key) = &pdu.state_key {
+            let membership = if pdu.kind == TimelineEventType::RoomMember {
+                content["membership"].as_str().map(str::to_owned)
+            } else {
+                None
+            };
+            w.tx.execute(
+                "INSERT INTO room_state(room_id, type, state_key, event_id, stream, membership) VALUES(?1,?2,?3,?4,?5,?6)
+                 ON CONFLICT(room_id, type, state_key) DO UPDATE SET event_id=?4, stream=?5, membership=?6",
+                params![room_id, pdu.kind.to_string(), key, pdu.event_id.as_str(), stream, membership],
+            )?;
+            if pdu.kind == TimelineEventType::RoomMember && membership.as_deref() == Some("join") {
+                w.tx.execute("DELETE FROM forgotten_rooms WHERE user_id=?1 AND room_id=?2", params![key, room_id])?;
+            }
+        }
+        search::index_event(w, stream, room_id, &pdu.kind, &content)?;
+        Ok(stream)
+    }
+}
+
+fn apply_redaction(
+    w: &mut WriteTxn<'_>,
+    target: &str,
+    redaction_id: &EventId,
+    redaction_json: &str,
+    rules: &RoomVersionRules,
+) -> MxResult<()> {
+    let Some(stored) = get_event(w, target)? else { return Ok(()) };
+    let obj: CanonicalJsonObject = serde_json::from_str(&stored.json).map_err(|e| MxError::unknown(e.to_string()))?;
+    let because: CanonicalJsonObject =
+        serde_json::from_str(redaction_json).map_err(|e| MxError::unknown(e.to_string()))?;
+    let redacted = redact(obj, &rules.redaction, Some(RedactedBecause::from_json(because)))
+        .map_err(|e| MxError::unknown(e.to_string()))?;
+    let json = serde_json::to_string(&redacted).map_err(|e| MxError::unknown(e.to_string()))?;
+    w.tx.execute(
+        "UPDATE events SET json=?1, redacted_by=?2 WHERE event_id=?3",
+        params![json, redaction_id.as_str(), target],
+    )?;
+    search::unindex_event(w, stored.stream)?;
+    Ok(())
+}
+
+pub fn to_canonical(v: Value) -> MxResult<CanonicalJsonObject> {
+    match CanonicalJsonValue::try_from(v) {
+        Ok(CanonicalJsonValue::Object(o)) => Ok(o),
+        Ok(_) => Err(MxError::bad_json("Event must be an object")),
+        Err(e) => Err(MxError::bad_json(format!("Event is not canonical JSON: {e}"))),
+    }
+}
+
+/// Who is looking at an event (for `unsigned.transaction_id` and bundled relations).
+pub struct Viewer<'a> {
+    pub user_id: &'a str,
+    pub device_id: Option<&'a str>,
+}
+
+/// Formats a stored event the way the Client-Server API shows it.
+pub fn client_event(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>, with_room_id: bool) -> Value {
+    let mut pdu: serde_json::Map<String, Value> = serde_json::from_str(&ev.json).unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for key in ["content", "origin_server_ts", "sender", "type", "state_key", "redacts"] {
+        if let Some(v) = pdu.remove(key) {
+            out.insert(key.to_owned(), v);
+        }
+    }
+    if out.get("type").and_then(Value::as_str) == Some("m.room.redaction") && !out.contains_key("redacts") {
+        if let Some(r) = out["content"].get("redacts").cloned() {
+            out.insert("redacts".into(), r);
+        }
+    }
+    out.insert("event_id".into(), json!(ev.event_id));
+    if with_room_id {
+        out.insert("room_id".into(), json!(ev.room_id));
+    }
+    let mut unsigned = serde_json::Map::new();
+    if let Some(ts) = out.get("origin_server_ts").and_then(Value::as_u64) {
+        unsigned.insert("age".into(), json!(now_ms().saturating_sub(ts)));
+    }
+    if let (Some(txn), Some(dev), Some(vdev)) = (&ev.txn_id, &ev.txn_device, viewer.device_id) {
+        if dev == vdev && out.get("sender").and_then(Value::as_str) == Some(viewer.user_id) {
+            unsigned.insert("transaction_id".into(), json!(txn));
+        }
+    }
+    if let Some(by) = &ev.redacted_by {
+        if let Ok(Some(r)) = get_event(conn, by) {
+            unsigned.insert("redacted_because".into(), client_event(conn, &r, viewer, with_room_id));
+        }
+    }
+    if let Some(prev) = &ev.prev_state {
+        unsigned.insert("replaces_state".into(), json!(prev));
+        if let Ok(Some(p)) = get_event(conn, prev) {
+            if let Ok(v) = serde_json::from_str::<Value>(&p.json) {
+                unsigned.insert("prev_content".into(), v["content"].clone());
+                unsigned.insert("prev_sender".into(), v["sender"].clone());
+            }
+        }
+    }
+    if ev.redacted_by.is_none() {
+        if let Some(rel) = bundled_relations(conn, ev, viewer) {
+            unsigned.insert("m.relations".into(), rel);
+        }
+    }
+    out.insert("unsigned".into(), Value::Object(unsigned));
+    Value::Object(out)
+}
+
+fn bundled_relations(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) -> Option<Value> {
+    let has: bool = conn
+        .query_row("SELECT 1 FROM events WHERE relates_to=?1 LIMIT 1", [&ev.event_id], |_| Ok(true))
+        .optional()
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if !has {
+        return None;
+    }
+    let mut rel = serde_json::Map::new();
+    let sender: Option<String> = serde_json::from_str::<Value>(&ev.json)
+        .ok()
+        .and_then(|v| v["sender"].as_str().map(str::to_owned));
+    // Latest edit by the original sender.
+    if let Ok(Some(edit)) = conn
+        .query_row(
+            &format!(
+                "SELECT {EVENT_COLS} FROM events WHERE relates_to=?1 AND rel_type='m.replace' AND sender=?2
+                 AND redacted_by IS NULL ORDER BY stream DESC LIMIT 1"
+            ),
+            params![ev.event_id, sender],
+            row_to_event,
+        )
+        .optional()
+    {
+        let formatted = client_event_plain(conn, &edit, viewer);
+        rel.insert("m.replace".into(), formatted);
+    }
+    // Thread summary.
+    let count: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE room_id=?1 AND thread_root=?2 AND redacted_by IS NULL",
+            params![ev.room_id, ev.event_id],
+            |r| r.get(0),
+        )
+        .unwrap_or(0);
+    if count > 0 {
+        let latest = conn
+            .query_row(
+                &format!(
+                    "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND thread_root=?2 AND redacted_by IS NULL
+                     ORDER BY stream DESC LIMIT 1"
+                ),
+                params![ev.room_id, ev.event_id],
+                row_to_event,
+            )
+            .ok();
+        let participated: bool = sender.as_deref() == Some(viewer.user_id)
+            || conn
+                .query_row(
+                    "SELECT 1 FROM events WHERE room_id=?1 AND thread_root=?2 AND sender=?3 LIMIT 1",
+                    params![ev.room_id, ev.event_id, viewer.user_id],
+                    |_| Ok(true),
+                )
+                .optional()
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        rel.insert(
+            "m.thread".into(),
+            json!({
+                "latest_event": latest.map(|l| client_event_plain(conn, &l, viewer)),
+                "count": count,
+                "current_user_participated": participated,
+            }),
+        );
+    }
+    if rel.is_empty() {
+        None
+    } else {
+        Some(Value::Object(rel))
+    }
+}
+
+/// A client event without bundled relations (used inside bundles to stop recursion).
+fn client_event_plain(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) -> Value {
+    let mut e = ev.clone();
+    e.redacted_by = None;
+    let mut v = client_event_no_bundle(conn, &e, viewer);
+    v["room_id"] = json!(ev.room_id);
+    v
+}
+
+fn client_event_no_bundle(_conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) -> Value {
+    let mut pdu: serde_json::Map<String, Value> = serde_json::from_str(&ev.json).unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for key in ["content", "origin_server_ts", "sender", "type", "state_key", "redacts"] {
+        if let Some(v) = pdu.remove(key) {
+            out.insert(key.to_owned(), v);
+        }
+    }
+    out.insert("event_id".into(), json!(ev.event_id));
+    let mut unsigned = serde_json::Map::new();
+    if let (Some(txn), Some(dev), Some(vdev)) = (&ev.txn_id, &ev.txn_device, viewer.device_id) {
+        if dev == vdev {
+            unsigned.insert("transaction_id".into(), json!(txn));
+        }
+    }
+    out.insert("unsigned".into(), Value::Object(unsigned));
+    Value::Object(out)
+}
+
+/// The stripped state shown with invites and knocks.
+pub fn stripped_state(conn: &Connection, room_id: &str) -> rusqlite::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for kind in [
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.encryption",
+        "m.room.topic",
+    ] {
+        if let Some(id) = state_event_id(conn, room_id, kind, "")? {
+            if let Some(ev) = get_event(conn, &id)? {
+                let v: Value = serde_json::from_str(&ev.json).unwrap_or_default();
+                out.push(json!({"type": v["type"], "state_key": v["state_key"], "sender": v["sender"], "content": v["content"]}));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Current state of a room as client events.
+pub fn current_state(conn: &Connection, room_id: &str, viewer: &Viewer<'_>) -> rusqlite::Result<Vec<Value>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id WHERE s.room_id=?1 ORDER BY e.stream",
+        EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+    ))?;
+    let rows = st.query_map([room_id], row_to_event)?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rows.iter().map(|e| client_event(conn, e, viewer, true)).collect())
+}
+
+/// Power levels of a room as a map, with the spec's defaults filled in.
+pub fn power_levels(conn: &Connection, room_id: &str) -> rusqlite::Result<PowerLevels> {
+    let content = state_content(conn, room_id, "m.room.power_levels", "")?;
+    let creators = room_creators(conn, room_id)?;
+    Ok(PowerLevels { content, creators })
+}
+
+/// Creators of the room (v12 gives them unlimited power).
+fn room_creators(conn: &Connection, room_id: &str) -> rusqlite::Result<Vec<String>> {
+    let Some(version) = room_version(conn, room_id)? else { return Ok(vec![]) };
+    let Some(rules) = version.rules() else { return Ok(vec![]) };
+    if !rules.authorization.explicitly_privilege_room_creators {
+        return Ok(vec![]);
+    }
+    let Some(id) = state_event_id(conn, room_id, "m.room.create", "")? else { return Ok(vec![]) };
+    let Some(ev) = get_event(conn, &id)? else { return Ok(vec![]) };
+    let v: Value = serde_json::from_str(&ev.json).unwrap_or_default();
+    let mut out = vec![v["sender"].as_str().unwrap_or_default().to_owned()];
+    if let Some(extra) = v["content"]["additional_creators"].as_array() {
+        out.extend(extra.iter().filter_map(|c| c.as_str().map(str::to_owned)));
+    }
+    Ok(out)
+}
+
+pub struct PowerLevels {
+    pub content: Option<Value>,
+    pub creators: Vec<String>,
+}
+
+impl PowerLevels {
+    pub fn user(&self, user_id: &str) -> i64 {
+        if self.creators.iter().any(|c| c == user_id) {
+            return i64::MAX;
+        }
+        match &self.content {
+            None => 0,
+            Some(c) => c["users"][user_id]
+                .as_i64()
+                .or_else(|| c["users_default"].as_i64())
+                .unwrap_or(0),
+        }
+    }
+    pub fn action(&self, name: &str, default: i64) -> i64 {
+        self.content.as_ref().and_then(|c| c[name].as_i64()).unwrap_or(default)
+    }
+}
+

@@ -1,0 +1,1244 @@
+//! Rooms: creation, membership, sending, state, history, relations, aliases, directory.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use ruma::{OwnedRoomId, RoomAliasId, RoomId, RoomVersionId, UserId};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    error::{MxError, MxResult},
+    extract::{Auth, Json, PathArgs, QueryArgs},
+    filter::EventFilter,
+    pdu::{self, client_event, row_to_event, NewEvent, StoredEvent, Viewer, EVENT_COLS},
+    Hs,
+};
+
+type J = axum::Json<Value>;
+
+pub fn parse_room(s: &str) -> MxResult<OwnedRoomId> {
+    RoomId::parse(s).map_err(|_| MxError::invalid_param(format!("Invalid room id: {s}")))
+}
+
+fn parse_user(s: &str) -> MxResult<ruma::OwnedUserId> {
+    UserId::parse(s).map_err(|_| MxError::invalid_param(format!("Invalid user id: {s}")))
+}
+
+fn viewer(auth: &Auth) -> Viewer<'_> {
+    Viewer { user_id: auth.user_id.as_str(), device_id: Some(auth.device_id.as_str()) }
+}
+
+/// The highest stream position `user` may see in `room`, or `M_FORBIDDEN`.
+/// Members see everything up to now; former members see up to when they left;
+/// anyone sees a `world_readable` room.
+pub fn visible_until(conn: &Connection, room_id: &str, user_id: &str) -> MxResult<i64> {
+    if pdu::room_version(conn, room_id)?.is_none() {
+        return Err(MxError::forbidden("You are not in this room"));
+    }
+    let row: Option<(Option<String>, i64)> = conn
+        .query_row(
+            "SELECT membership, stream FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key=?2",
+            params![room_id, user_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match row {
+        Some((Some(m), _)) if m == "join" => Ok(i64::MAX),
+        Some((Some(m), s)) if m == "leave" || m == "ban" => Ok(s),
+        _ => {
+            let hv = pdu::state_content(conn, room_id, "m.room.history_visibility", "")?;
+            if hv.as_ref().and_then(|c| c["history_visibility"].as_str()) == Some("world_readable") {
+                Ok(i64::MAX)
+            } else {
+                Err(MxError::forbidden("You are not in this room"))
+            }
+        }
+    }
+}
+
+fn require_joined(conn: &Connection, room_id: &str, user_id: &str) -> MxResult<()> {
+    match pdu::membership(conn, room_id, user_id)? {
+        Some(m) if m == "join" => Ok(()),
+        _ => Err(MxError::forbidden("You are not joined to this room")),
+    }
+}
+
+impl Hs {
+    /// Appends an event and wakes the room. Returns its id.
+    pub(crate) fn send(&self, room_id: &RoomId, sender: &UserId, ev: NewEvent<'_>) -> MxResult<String> {
+        let a = self.db.write(|w| self.append_event(w, room_id, sender, ev))?;
+        self.notify_room(room_id.as_str());
+        Ok(a.event_id.to_string())
+    }
+
+    /// Changes `target`'s membership in `room_id`, sent by `sender`.
+    pub(crate) fn set_membership(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        membership: &str,
+        reason: Option<&str>,
+        extra: Option<Value>,
+    ) -> MxResult<String> {
+        let mut content = if sender == target && (membership == "join" || membership == "knock") {
+            self.db.read(|c| self.member_content(c, target, membership))?
+        } else if membership == "invite" {
+            self.db.read(|c| self.member_content(c, target, membership))?
+        } else {
+            json!({ "membership": membership })
+        };
+        if let Some(r) = reason {
+            content["reason"] = json!(r);
+        }
+        if let Some(Value::Object(extra)) = extra {
+            for (k, v) in extra {
+                content[k] = v;
+            }
+        }
+        let event_id = self.send(room_id, sender, NewEvent {
+            kind: "m.room.member",
+            state_key: Some(target.as_str()),
+            content,
+            txn: None,
+        })?;
+        // The target may not be joined (invites, kicks): wake them too.
+        self.notify_users([target.as_str()]);
+        Ok(event_id)
+    }
+
+    fn resolve_alias(&self, alias: &str) -> MxResult<OwnedRoomId> {
+        let alias = RoomAliasId::parse(alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+        let room: Option<String> = self
+            .db
+            .read(|c| c.query_row("SELECT room_id FROM room_aliases WHERE alias=?1", [alias.as_str()], |r| r.get(0)).optional())?;
+        room.map(|r| parse_room(&r)).transpose()?.ok_or_else(|| MxError::not_found("Room alias not found"))
+    }
+
+    fn do_join(&self, room_id: &RoomId, user: &UserId, reason: Option<&str>) -> MxResult<()> {
+        let exists = self.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_some();
+        if !exists {
+            return Err(MxError::not_found("This box does not know that room"));
+        }
+        let current = self.db.read(|c| pdu::membership(c, room_id.as_str(), user.as_str()))?;
+        if current.as_deref() == Some("join") {
+            return Ok(());
+        }
+        // Restricted rooms: a member of an allowed room may join; a local user with
+        // invite power authorises it.
+        let mut extra = None;
+        if current.as_deref() != Some("invite") {
+            let jr = self.db.read(|c| pdu::state_content(c, room_id.as_str(), "m.room.join_rules", ""))?;
+            let rule = jr.as_ref().and_then(|c| c["join_rule"].as_str()).unwrap_or("invite");
+            if rule == "restricted" || rule == "knock_restricted" {
+                let allowed = jr.as_ref().and_then(|c| c["allow"].as_array().cloned()).unwrap_or_default();
+                let ok = self.db.read(|c| -> MxResult<bool> {
+                    for a in &allowed {
+                        if let Some(r) = a["room_id"].as_str() {
+                            if pdu::membership(c, r, user.as_str())?.as_deref() == Some("join") {
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    Ok(false)
+                })?;
+                if ok {
+                    let authoriser = self.db.read(|c| -> MxResult<Option<String>> {
+                        let pl = pdu::power_levels(c, room_id.as_str())?;
+                        let need = pl.action("invite", 0);
+                        Ok(pdu::local_members(c, room_id.as_str(), false)?
+                            .into_iter()
+                            .find(|m| pl.user(m) >= need))
+                    })?;
+                    if let Some(a) = authoriser {
+                        extra = Some(json!({ "join_authorised_via_users_server": a }));
+                    }
+                }
+            }
+        }
+        self.set_membership(room_id, user, user, "join", reason, extra)?;
+        Ok(())
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct CreateRoomBody {
+    visibility: Option<String>,
+    room_alias_name: Option<String>,
+    name: Option<String>,
+    topic: Option<String>,
+    invite: Vec<String>,
+    room_version: Option<String>,
+    creation_content: Option<Value>,
+    initial_state: Vec<Value>,
+    preset: Option<String>,
+    is_direct: bool,
+    power_level_content_override: Option<Value>,
+}
+
+pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<CreateRoomBody>) -> MxResult<J> {
+    let version_str = body.room_version.clone().unwrap_or_else(|| hs.config.default_room_version.clone());
+    let version = RoomVersionId::try_from(version_str.as_str())
+        .map_err(|_| MxError::unsupported_room_version("Unsupported room version"))?;
+    if !matches!(version, RoomVersionId::V10 | RoomVersionId::V11 | RoomVersionId::V12) {
+        return Err(MxError::unsupported_room_version("This box creates rooms of version 10, 11 or 12"));
+    }
+    let rules = pdu::rules_for(&version)?;
+    let mut invitees = Vec::new();
+    for i in &body.invite {
+        invitees.push(parse_user(i)?);
+    }
+    let alias = match &body.room_alias_name {
+        Some(l) => {
+            let a = RoomAliasId::parse(format!("#{l}:{}", hs.server_name))
+                .map_err(|_| MxError::invalid_param("Invalid room_alias_name"))?;
+            let taken = hs.db.read(|c| {
+                c.query_row("SELECT 1 FROM room_aliases WHERE alias=?1", [a.as_str()], |_| Ok(())).optional()
+            })?;
+            if taken.is_some() {
+                return Err(MxError::room_in_use("Room alias already taken"));
+            }
+            Some(a)
+        }
+        None => None,
+    };
+    let preset = body.preset.clone().unwrap_or_else(|| {
+        if body.visibility.as_deref() == Some("public") { "public_chat".into() } else { "private_chat".into() }
+    });
+    let (join_rule, history, guest) = match preset.as_str() {
+        "public_chat" => ("public", "shared", "forbidden"),
+        "private_chat" | "trusted_private_chat" => ("invite", "shared", "can_join"),
+        _ => return Err(MxError::bad_json("Unknown preset")),
+    };
+    let me = auth.user_id.clone();
+    let mut create_content = body.creation_content.clone().unwrap_or_else(|| json!({}));
+    if !create_content.is_object() {
+        return Err(MxError::bad_json("creation_content must be an object"));
+    }
+    create_content["room_version"] = json!(version.as_str());
+    if rules.authorization.use_room_create_sender {
+        if let Some(o) = create_content.as_object_mut() {
+            o.remove("creator");
+        }
+    } else {
+        create_content["creator"] = json!(me);
+    }
+    let mut users = serde_json::Map::new();
+    if !rules.authorization.explicitly_privilege_room_creators {
+        users.insert(me.to_string(), json!(100));
+    }
+    if preset == "trusted_private_chat" {
+        for i in &invitees {
+            users.insert(i.to_string(), json!(100));
+        }
+        if rules.authorization.explicitly_privilege_room_creators && !invitees.is_empty() {
+            create_content["additional_creators"] = json!(invitees);
+            for i in &invitees {
+                users.remove(i.as_str());
+            }
+        }
+    }
+    let mut power = json!({
+        "users": users,
+        "users_default": 0,
+        "events": {
+            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+            "m.room.server_acl": 100, "m.room.encryption": 100,
+        },
+        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        "notifications": { "room": 50 },
+    });
+    if let Some(Value::Object(o)) = &body.power_level_content_override {
+        for (k, v) in o {
+            power[k] = v.clone();
+        }
+    }
+    let visibility_public = body.visibility.as_deref() == Some("public");
+    let member = hs.db.read(|c| hs.member_content(c, &me, "join"))?;
+    let room_id = hs.db.write(|w| -> MxResult<OwnedRoomId> {
+        let created = hs.append_create(w, &version, &me, create_content)?;
+        let room_id = created.room_id;
+        let mut send = |kind: &str, key: Option<&str>, content: Value| -> MxResult<()> {
+            hs.append_event(w, &room_id, &me, NewEvent { kind, state_key: key, content, txn: None })?;
+            Ok(())
+        };
+        send("m.room.member", Some(me.as_str()), member)?;
+        send("m.room.power_levels", Some(""), power)?;
+        if let Some(a) = &alias {
+            send("m.room.canonical_alias", Some(""), json!({ "alias": a }))?;
+        }
+        send("m.room.join_rules", Some(""), json!({ "join_rule": join_rule }))?;
+        send("m.room.history_visibility", Some(""), json!({ "history_visibility": history }))?;
+        send("m.room.guest_access", Some(""), json!({ "guest_access": guest }))?;
+        for st in &body.initial_state {
+            let kind = st["type"].as_str().ok_or_else(|| MxError::bad_json("initial_state entry needs a type"))?;
+            let key = st["state_key"].as_str().unwrap_or("");
+            if kind == "m.room.member" || kind == "m.room.create" || kind == "m.room.power_levels" {
+                return Err(MxError::bad_json(format!("{kind} cannot be set in initial_state")));
+            }
+            send(kind, Some(key), st["content"].clone())?;
+        }
+        if let Some(n) = &body.name {
+            send("m.room.name", Some(""), json!({ "name": n }))?;
+        }
+        if let Some(t) = &body.topic {
+            send("m.room.topic", Some(""), json!({ "topic": t }))?;
+        }
+        let invite_contents = invitees
+            .iter()
+            .map(|i| hs.member_content(w, i, "invite"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut send = |kind: &str, key: Option<&str>, content: Value| -> MxResult<()> {
+            hs.append_event(w, &room_id, &me, NewEvent { kind, state_key: key, content, txn: None })?;
+            Ok(())
+        };
+        for (i, mut c) in invitees.iter().zip(invite_contents) {
+            if body.is_direct {
+                c["is_direct"] = json!(true);
+            }
+            send("m.room.member", Some(i.as_str()), c)?;
+        }
+        if let Some(a) = &alias {
+            w.tx.execute(
+                "INSERT INTO room_aliases(alias, room_id, creator) VALUES(?1,?2,?3)",
+                params![a.as_str(), room_id.as_str(), me.as_str()],
+            )?;
+        }
+        if visibility_public {
+            w.tx.execute("UPDATE rooms SET is_public=1 WHERE room_id=?1", [room_id.as_str()])?;
+        }
+        Ok(room_id)
+    })?;
+    hs.notify_room(room_id.as_str());
+    tracing::info!(room = %room_id, creator = %me, "room created");
+    Ok(axum::Json(json!({ "room_id": room_id })))
+}
+
+pub async fn joined_rooms(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
+    let rooms = hs.db.read(|c| joined_room_ids(c, auth.user_id.as_str()))?;
+    Ok(axum::Json(json!({ "joined_rooms": rooms })))
+}
+
+pub fn joined_room_ids(c: &Connection, user: &str) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT room_id FROM room_state WHERE type='m.room.member' AND state_key=?1 AND membership='join'",
+    )?;
+    let r = st.query_map([user], |r| r.get(0))?.collect();
+    r
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ReasonBody {
+    reason: Option<String>,
+}
+
+pub async fn join_by_id_or_alias(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<ReasonBody>,
+) -> MxResult<J> {
+    let room_id = if room.starts_with('#') { hs.resolve_alias(&room)? } else { parse_room(&room)? };
+    hs.do_join(&room_id, &auth.user_id, body.reason.as_deref())?;
+    Ok(axum::Json(json!({ "room_id": room_id })))
+}
+
+pub async fn join_room(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<ReasonBody>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    hs.do_join(&room_id, &auth.user_id, body.reason.as_deref())?;
+    Ok(axum::Json(json!({ "room_id": room_id })))
+}
+
+pub async fn knock(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<ReasonBody>,
+) -> MxResult<J> {
+    let room_id = if room.starts_with('#') { hs.resolve_alias(&room)? } else { parse_room(&room)? };
+    if hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_none() {
+        return Err(MxError::not_found("This box does not know that room"));
+    }
+    hs.set_membership(&room_id, &auth.user_id, &auth.user_id, "knock", body.reason.as_deref(), None)?;
+    Ok(axum::Json(json!({ "room_id": room_id })))
+}
+
+#[derive(Deserialize)]
+pub struct TargetBody {
+    user_id: String,
+    reason: Option<String>,
+}
+
+async fn membership_action(hs: Arc<Hs>, auth: Auth, room: String, body: TargetBody, membership: &str) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let target = parse_user(&body.user_id)?;
+    if hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_none() {
+        return Err(MxError::not_found("Unknown room"));
+    }
+    if membership == "leave" {
+        // Kick and unban need the target to be in the matching state.
+        let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+        match current.as_deref() {
+            Some("join") | Some("invite") | Some("knock") | Some("ban") => {}
+            _ => return Err(MxError::forbidden("The user is not in the room")),
+        }
+    }
+    hs.set_membership(&room_id, &auth.user_id, &target, membership, body.reason.as_deref(), None)?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn invite(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+    let target = parse_user(&body.user_id)?;
+    if target.server_name() == hs.server_name {
+        let exists = hs.db.read(|c| c.query_row("SELECT 1 FROM users WHERE user_id=?1 AND deactivated=0", [target.as_str()], |_| Ok(())).optional())?;
+        if exists.is_none() {
+            return Err(MxError::not_found("No such user on this box"));
+        }
+    }
+    let room_id = parse_room(&room)?;
+    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+    if matches!(current.as_deref(), Some("join") | Some("ban")) {
+        return Err(MxError::forbidden("The user is already in the room or banned"));
+    }
+    membership_action(hs, auth, room, body, "invite").await
+}
+
+pub async fn kick(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let target = parse_user(&body.user_id)?;
+    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+    if current.as_deref() == Some("ban") {
+        return Err(MxError::forbidden("The user is banned; unban instead"));
+    }
+    membership_action(hs, auth, room, body, "leave").await
+}
+
+pub async fn ban(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+    membership_action(hs, auth, room, body, "ban").await
+}
+
+pub async fn unban(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let target = parse_user(&body.user_id)?;
+    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+    if current.as_deref() != Some("ban") {
+        return Err(MxError::forbidden("The user is not banned"));
+    }
+    membership_action(hs, auth, room, body, "leave").await
+}
+
+pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<ReasonBody>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
+    match current.as_deref() {
+        Some("join") | Some("invite") | Some("knock") => {
+            hs.set_membership(&room_id, &auth.user_id, &auth.user_id, "leave", body.reason.as_deref(), None)?;
+        }
+        Some("leave") | Some("ban") => {}
+        _ => return Err(MxError::not_found("You are not in this room")),
+    }
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn forget(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
+    match current.as_deref() {
+        Some("leave") | Some("ban") => {}
+        Some(_) => return Err(MxError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Leave the room before forgetting it")),
+        None => return Err(MxError::not_found("You were never in this room")),
+    }
+    hs.db.write(|w| {
+        w.tx.execute(
+            "INSERT OR IGNORE INTO forgotten_rooms(user_id, room_id) VALUES(?1,?2)",
+            params![auth.user_id.as_str(), room_id.as_str()],
+        )
+    })?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn send_message(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, kind, txn_id)): PathArgs<(String, String, String)>,
+    Json(content): Json<Value>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    if kind.is_empty() || kind.len() > 255 {
+        return Err(MxError::invalid_param("Invalid event type"));
+    }
+    send_with_txn(&hs, &auth, &room_id, &format!("send:{room_id}:{kind}"), &txn_id, &kind, None, content)
+}
+
+/// Sends once per (device, transaction id): a replay of the same request gets the
+/// same event id; a different request under a used id is refused.
+#[allow(clippy::too_many_arguments)]
+fn send_with_txn(
+    hs: &Hs,
+    auth: &Auth,
+    room_id: &RoomId,
+    request: &str,
+    txn_id: &str,
+    kind: &str,
+    state_key: Option<&str>,
+    content: Value,
+) -> MxResult<J> {
+    let (event_id, fresh) = hs.db.write(|w| -> MxResult<(String, bool)> {
+        let prior: Option<(String, String)> = w
+            .query_row(
+                "SELECT request, event_id FROM txns WHERE user_id=?1 AND device_id=?2 AND txn_id=?3",
+                params![auth.user_id.as_str(), auth.device_id.as_str(), txn_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((req, ev)) = prior {
+            if req == request {
+                return Ok((ev, false));
+            }
+            return Err(MxError::invalid_param("Transaction id already used for a different request"));
+        }
+        let a = hs.append_event(w, room_id, &auth.user_id, NewEvent {
+            kind,
+            state_key,
+            content,
+            txn: Some((auth.device_id.as_str(), txn_id)),
+        })?;
+        w.tx.execute(
+            "INSERT INTO txns(user_id, device_id, txn_id, request, event_id) VALUES(?1,?2,?3,?4,?5)",
+            params![auth.user_id.as_str(), auth.device_id.as_str(), txn_id, request, a.event_id.as_str()],
+        )?;
+        Ok((a.event_id.to_string(), true))
+    })?;
+    if fresh {
+        hs.notify_room(room_id.as_str());
+    }
+    Ok(axum::Json(json!({ "event_id": event_id })))
+}
+
+pub async fn redact(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, event_id, txn_id)): PathArgs<(String, String, String)>,
+    Json(body): Json<ReasonBody>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let target = hs
+        .db
+        .read(|c| pdu::get_event(c, &event_id))?
+        .filter(|e| e.room_id == room_id.as_str())
+        .ok_or_else(|| MxError::not_found("Event not found"))?;
+    let original_sender = serde_json::from_str::<Value>(&target.json)?["sender"].as_str().unwrap_or_default().to_owned();
+    if original_sender != auth.user_id.as_str() {
+        let allowed = hs.db.read(|c| -> MxResult<bool> {
+            let pl = pdu::power_levels(c, room_id.as_str())?;
+            Ok(pl.user(auth.user_id.as_str()) >= pl.action("redact", 50))
+        })?;
+        if !allowed {
+            return Err(MxError::forbidden("You may not redact other users' events"));
+        }
+    }
+    let mut content = json!({ "redacts": event_id });
+    if let Some(r) = body.reason {
+        content["reason"] = json!(r);
+    }
+    send_with_txn(&hs, &auth, &room_id, &format!("redact:{room_id}:{event_id}"), &txn_id, "m.room.redaction", None, content)
+}
+
+impl From<serde_json::Error> for MxError {
+    fn from(e: serde_json::Error) -> Self {
+        MxError::unknown(format!("corrupt stored JSON: {e}"))
+    }
+}
+
+pub async fn get_state(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let v = hs.db.read(|c| -> MxResult<Vec<Value>> {
+        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        if until != i64::MAX {
+            return Err(MxError::forbidden("You are no longer in this room"));
+        }
+        Ok(pdu::current_state(c, room_id.as_str(), &viewer(&auth))?)
+    })?;
+    Ok(axum::Json(Value::Array(v)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct StateQuery {
+    format: Option<String>,
+}
+
+fn state_event_response(hs: &Hs, auth: &Auth, room: &str, kind: &str, key: &str, format: Option<&str>) -> MxResult<J> {
+    let room_id = parse_room(room)?;
+    hs.db.read(|c| {
+        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        if until != i64::MAX {
+            return Err(MxError::forbidden("You are no longer in this room"));
+        }
+        let id = pdu::state_event_id(c, room_id.as_str(), kind, key)?
+            .ok_or_else(|| MxError::not_found("State event not found"))?;
+        let ev = pdu::get_event(c, &id)?.ok_or_else(|| MxError::not_found("State event not found"))?;
+        let ce = client_event(c, &ev, &viewer(auth), true);
+        Ok(axum::Json(if format == Some("event") { ce } else { ce["content"].clone() }))
+    })
+}
+
+pub async fn get_state_event(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, kind, key)): PathArgs<(String, String, String)>,
+    QueryArgs(q): QueryArgs<StateQuery>,
+) -> MxResult<J> {
+    state_event_response(&hs, &auth, &room, &kind, &key, q.format.as_deref())
+}
+
+pub async fn get_state_event_empty_key(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, kind)): PathArgs<(String, String)>,
+    QueryArgs(q): QueryArgs<StateQuery>,
+) -> MxResult<J> {
+    state_event_response(&hs, &auth, &room, &kind, "", q.format.as_deref())
+}
+
+fn put_state_inner(hs: &Hs, auth: &Auth, room: &str, kind: &str, key: &str, content: Value) -> MxResult<J> {
+    let room_id = parse_room(room)?;
+    if kind == "m.room.create" {
+        return Err(MxError::forbidden("The create event cannot be replaced"));
+    }
+    if kind == "m.room.canonical_alias" {
+        for a in content["alias"].as_str().into_iter().chain(
+            content["alt_aliases"].as_array().into_iter().flatten().filter_map(Value::as_str),
+        ) {
+            let points: Option<String> = hs
+                .db
+                .read(|c| c.query_row("SELECT room_id FROM room_aliases WHERE alias=?1", [a], |r| r.get(0)).optional())?;
+            if points.as_deref() != Some(room_id.as_str()) {
+                return Err(MxError::new(http::StatusCode::BAD_REQUEST, "M_BAD_ALIAS", format!("{a} does not point to this room")));
+            }
+        }
+    }
+    let event_id = hs.send(&room_id, &auth.user_id, NewEvent { kind, state_key: Some(key), content, txn: None })?;
+    if kind == "m.room.member" {
+        hs.notify_users([key]);
+    }
+    Ok(axum::Json(json!({ "event_id": event_id })))
+}
+
+pub async fn put_state(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, kind, key)): PathArgs<(String, String, String)>,
+    Json(content): Json<Value>,
+) -> MxResult<J> {
+    put_state_inner(&hs, &auth, &room, &kind, &key, content)
+}
+
+pub async fn put_state_empty_key(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, kind)): PathArgs<(String, String)>,
+    Json(content): Json<Value>,
+) -> MxResult<J> {
+    put_state_inner(&hs, &auth, &room, &kind, "", content)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct MembersQuery {
+    membership: Option<String>,
+    not_membership: Option<String>,
+}
+
+pub async fn members(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    QueryArgs(q): QueryArgs<MembersQuery>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let chunk = hs.db.read(|c| -> MxResult<Vec<Value>> {
+        visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let mut st = c.prepare(&format!(
+            "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id
+             WHERE s.room_id=?1 AND s.type='m.room.member' ORDER BY e.stream",
+            EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+        ))?;
+        let evs = st.query_map([room_id.as_str()], row_to_event)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(evs
+            .iter()
+            .map(|e| client_event(c, e, &viewer(&auth), true))
+            .filter(|e| {
+                let m = e["content"]["membership"].as_str().unwrap_or_default();
+                q.membership.as_deref().is_none_or(|w| w == m) && q.not_membership.as_deref() != Some(m)
+            })
+            .collect())
+    })?;
+    Ok(axum::Json(json!({ "chunk": chunk })))
+}
+
+pub async fn joined_members(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let joined = hs.db.read(|c| -> MxResult<serde_json::Map<String, Value>> {
+        require_joined(c, room_id.as_str(), auth.user_id.as_str())?;
+        let mut st = c.prepare(
+            "SELECT s.state_key, e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
+             WHERE s.room_id=?1 AND s.type='m.room.member' AND s.membership='join'",
+        )?;
+        let rows = st.query_map([room_id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = serde_json::Map::new();
+        for row in rows {
+            let (user, json) = row?;
+            let v: Value = serde_json::from_str(&json)?;
+            out.insert(user, json!({ "display_name": v["content"]["displayname"], "avatar_url": v["content"]["avatar_url"] }));
+        }
+        Ok(out)
+    })?;
+    Ok(axum::Json(json!({ "joined": joined })))
+}
+
+/// Parses a pagination token: `s123_4` (sync tokens too) or a bare number.
+pub fn parse_token(t: &str) -> MxResult<i64> {
+    let t = t.strip_prefix('s').unwrap_or(t);
+    let n = t.split('_').next().unwrap_or_default();
+    n.parse::<i64>().map_err(|_| MxError::invalid_param("Invalid pagination token"))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct MessagesQuery {
+    from: Option<String>,
+    to: Option<String>,
+    dir: Option<String>,
+    limit: Option<String>,
+    filter: Option<String>,
+}
+
+fn parse_limit(s: Option<&str>, default: i64, max: i64) -> MxResult<i64> {
+    match s {
+        None => Ok(default),
+        Some(v) => v.parse::<i64>().map(|n| n.clamp(0, max)).map_err(|_| MxError::invalid_param("limit must be an integer")),
+    }
+}
+
+pub fn parse_event_filter(s: Option<&str>) -> MxResult<EventFilter> {
+    match s {
+        None => Ok(EventFilter::default()),
+        Some(f) => serde_json::from_str(f).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}"))),
+    }
+}
+
+/// Member events of the given senders (lazy-loaded members).
+pub fn member_events_for(conn: &Connection, room_id: &str, senders: &[String], v: &Viewer<'_>) -> rusqlite::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for s in senders {
+        if let Some(id) = pdu::state_event_id(conn, room_id, "m.room.member", s)? {
+            if let Some(e) = pdu::get_event(conn, &id)? {
+                out.push(client_event(conn, &e, v, true));
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub async fn messages(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    QueryArgs(q): QueryArgs<MessagesQuery>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let backward = match q.dir.as_deref() {
+        Some("b") => true,
+        Some("f") => false,
+        _ => return Err(MxError::invalid_param("dir must be 'b' or 'f'")),
+    };
+    let limit = parse_limit(q.limit.as_deref(), 10, 1000)?;
+    let filter = parse_event_filter(q.filter.as_deref())?;
+    let from = q.from.as_deref().map(parse_token).transpose()?;
+    let to = q.to.as_deref().map(parse_token).transpose()?;
+    let v = viewer(&auth);
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let now = hs.db.current_stream();
+        let from = from.unwrap_or(if backward { now } else { 0 });
+        let (lo, hi) = if backward {
+            (to.unwrap_or(0), from.min(until))
+        } else {
+            (from, to.unwrap_or(i64::MAX).min(until))
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream>?2 AND stream<=?3 ORDER BY stream {} LIMIT ?4",
+            if backward { "DESC" } else { "ASC" }
+        );
+        let mut st = c.prepare_cached(&sql)?;
+        let mut chunk = Vec::new();
+        let mut last = None;
+        let mut scanned = 0i64;
+        let mut pos_lo = lo;
+        let mut pos_hi = hi;
+        // Filtering may drop events: keep reading batches until the page is full.
+        while (chunk.len() as i64) < limit && scanned < 10_000 {
+            let batch: Vec<StoredEvent> =
+                st.query_map(params![room_id.as_str(), pos_lo, pos_hi, limit.max(1) * 2], row_to_event)?.collect::<Result<_, _>>()?;
+            if batch.is_empty() {
+                break;
+            }
+            scanned += batch.len() as i64;
+            for e in &batch {
+                last = Some(e.stream);
+                if backward { pos_hi = e.stream - 1 } else { pos_lo = e.stream }
+                let ce = client_event(c, e, &v, true);
+                if filter.allows(&ce) {
+                    chunk.push(ce);
+                    if chunk.len() as i64 >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let start = format!("s{from}");
+        let mut out = json!({ "start": start, "chunk": chunk });
+        if let Some(l) = last {
+            let end = if backward { l - 1 } else { l };
+            let exhausted = if backward { end <= lo } else { end >= hi.min(now) };
+            if !(exhausted && chunk_len(&out) < limit as usize) {
+                out["end"] = json!(format!("s{end}"));
+            }
+        }
+        if filter.lazy_load_members {
+            let mut senders: Vec<String> =
+                out["chunk"].as_array().into_iter().flatten().filter_map(|e| e["sender"].as_str().map(str::to_owned)).collect();
+            senders.sort();
+            senders.dedup();
+            out["state"] = json!(member_events_for(c, room_id.as_str(), &senders, &v)?);
+        }
+        Ok(out)
+    })?;
+    Ok(axum::Json(out))
+}
+
+fn chunk_len(v: &Value) -> usize {
+    v["chunk"].as_array().map_or(0, Vec::len)
+}
+
+pub async fn get_event(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    hs.db.read(|c| {
+        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let ev = pdu::get_event(c, &event_id)?
+            .filter(|e| e.room_id == room_id.as_str() && e.stream <= until)
+            .ok_or_else(|| MxError::not_found("Event not found"))?;
+        Ok(axum::Json(client_event(c, &ev, &viewer(&auth), true)))
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ContextQuery {
+    limit: Option<String>,
+    filter: Option<String>,
+}
+
+pub async fn context(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+    QueryArgs(q): QueryArgs<ContextQuery>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let limit = parse_limit(q.limit.as_deref(), 10, 100)?;
+    let filter = parse_event_filter(q.filter.as_deref())?;
+    let v = viewer(&auth);
+    hs.db.read(|c| {
+        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let ev = pdu::get_event(c, &event_id)?
+            .filter(|e| e.room_id == room_id.as_str() && e.stream <= until)
+            .ok_or_else(|| MxError::not_found("Event not found"))?;
+        let before_n = limit / 2;
+        let after_n = limit - before_n;
+        let fetch = |sql: &str, n: i64| -> MxResult<Vec<StoredEvent>> {
+            let mut st = c.prepare_cached(sql)?;
+            let rows = st.query_map(params![room_id.as_str(), ev.stream, until, n], row_to_event)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        };
+        let before = fetch(
+            &format!("SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream<?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"),
+            before_n,
+        )?;
+        let after = fetch(
+            &format!("SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream>?2 AND stream<=?3 ORDER BY stream ASC LIMIT ?4"),
+            after_n,
+        )?;
+        let start = before.last().map_or(ev.stream - 1, |e| e.stream - 1);
+        let end = after.last().map_or(ev.stream, |e| e.stream);
+        let fmt = |evs: &[StoredEvent]| -> Vec<Value> {
+            evs.iter().map(|e| client_event(c, e, &v, true)).filter(|e| filter.allows(e)).collect()
+        };
+        let state = pdu::current_state(c, room_id.as_str(), &v)?;
+        Ok(axum::Json(json!({
+            "event": client_event(c, &ev, &v, true),
+            "events_before": fmt(&before),
+            "events_after": fmt(&after),
+            "start": format!("s{start}"),
+            "end": format!("s{end}"),
+            "state": state,
+        })))
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct RelationsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+    dir: Option<String>,
+    recurse: Option<bool>,
+}
+
+fn relations_inner(
+    hs: &Hs,
+    auth: &Auth,
+    room: &str,
+    event_id: &str,
+    rel_type: Option<&str>,
+    event_type: Option<&str>,
+    q: RelationsQuery,
+) -> MxResult<J> {
+    let room_id = parse_room(room)?;
+    let limit = parse_limit(q.limit.as_deref(), 50, 1000)?;
+    let backward = q.dir.as_deref() != Some("f");
+    let from = q.from.as_deref().map(parse_token).transpose()?;
+    let to = q.to.as_deref().map(parse_token).transpose()?;
+    let v = viewer(auth);
+    let _ = q.recurse;
+    hs.db.read(|c| {
+        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        pdu::get_event(c, event_id)?
+            .filter(|e| e.room_id == room_id.as_str() && e.stream <= until)
+            .ok_or_else(|| MxError::not_found("Event not found"))?;
+        let (lo, hi) = if backward {
+            (to.unwrap_or(0), from.unwrap_or(i64::MAX).min(until))
+        } else {
+            (from.unwrap_or(0), to.unwrap_or(i64::MAX).min(until))
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLS} FROM events WHERE relates_to=?1 AND room_id=?2 AND stream>?3 AND stream<=?4
+             AND (?5 IS NULL OR rel_type=?5) AND (?6 IS NULL OR type=?6) ORDER BY stream {} LIMIT ?7",
+            if backward { "DESC" } else { "ASC" }
+        );
+        let mut st = c.prepare_cached(&sql)?;
+        let rows: Vec<StoredEvent> = st
+            .query_map(params![event_id, room_id.as_str(), lo, hi, rel_type, event_type, limit + 1], row_to_event)?
+            .collect::<Result<_, _>>()?;
+        let more = rows.len() as i64 > limit;
+        let rows = &rows[..rows.len().min(limit as usize)];
+        let mut out = json!({ "chunk": rows.iter().map(|e| client_event(c, e, &v, true)).collect::<Vec<_>>() });
+        if more {
+            if let Some(l) = rows.last() {
+                out["next_batch"] = json!(format!("s{}", if backward { l.stream - 1 } else { l.stream }));
+            }
+        }
+        Ok(axum::Json(out))
+    })
+}
+
+pub async fn relations(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+    QueryArgs(q): QueryArgs<RelationsQuery>,
+) -> MxResult<J> {
+    relations_inner(&hs, &auth, &room, &event_id, None, None, q)
+}
+
+pub async fn relations_typed(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, event_id, rel_type)): PathArgs<(String, String, String)>,
+    QueryArgs(q): QueryArgs<RelationsQuery>,
+) -> MxResult<J> {
+    relations_inner(&hs, &auth, &room, &event_id, Some(&rel_type), None, q)
+}
+
+pub async fn relations_typed2(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs((room, event_id, rel_type, event_type)): PathArgs<(String, String, String, String)>,
+    QueryArgs(q): QueryArgs<RelationsQuery>,
+) -> MxResult<J> {
+    relations_inner(&hs, &auth, &room, &event_id, Some(&rel_type), Some(&event_type), q)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ThreadsQuery {
+    include: Option<String>,
+    from: Option<String>,
+    limit: Option<String>,
+}
+
+pub async fn threads(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    QueryArgs(q): QueryArgs<ThreadsQuery>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let limit = parse_limit(q.limit.as_deref(), 50, 500)?;
+    let from = q.from.as_deref().map(parse_token).transpose()?.unwrap_or(i64::MAX);
+    let participated = match q.include.as_deref() {
+        None | Some("all") => false,
+        Some("participated") => true,
+        _ => return Err(MxError::invalid_param("include must be 'all' or 'participated'")),
+    };
+    let v = viewer(&auth);
+    hs.db.read(|c| {
+        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let mut st = c.prepare_cached(
+            "SELECT thread_root, MAX(stream) AS latest FROM events WHERE room_id=?1 AND thread_root IS NOT NULL
+             AND stream<=?2 GROUP BY thread_root HAVING latest<=?3 ORDER BY latest DESC",
+        )?;
+        let roots: Vec<(String, i64)> = st
+            .query_map(params![room_id.as_str(), until, from], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut chunk = Vec::new();
+        let mut next = None;
+        for (root, latest) in roots {
+            if chunk.len() as i64 >= limit {
+                next = Some(latest);
+                break;
+            }
+            let Some(ev) = pdu::get_event(c, &root)? else { continue };
+            let ce = client_event(c, &ev, &v, true);
+            if participated && !ce["unsigned"]["m.relations"]["m.thread"]["current_user_participated"].as_bool().unwrap_or(false) {
+                continue;
+            }
+            chunk.push(ce);
+        }
+        let mut out = json!({ "chunk": chunk });
+        if let Some(n) = next {
+            out["next_batch"] = json!(format!("s{n}"));
+        }
+        Ok(axum::Json(out))
+    })
+}
+
+pub async fn room_aliases(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let aliases = hs.db.read(|c| -> MxResult<Vec<String>> {
+        visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let mut st = c.prepare("SELECT alias FROM room_aliases WHERE room_id=?1 ORDER BY alias")?;
+        let r = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(r)
+    })?;
+    Ok(axum::Json(json!({ "aliases": aliases })))
+}
+
+pub async fn get_alias(State(hs): State<Arc<Hs>>, PathArgs(alias): PathArgs<String>) -> MxResult<J> {
+    let room_id = hs.resolve_alias(&alias)?;
+    Ok(axum::Json(json!({ "room_id": room_id, "servers": [hs.server_name] })))
+}
+
+#[derive(Deserialize)]
+pub struct AliasBody {
+    room_id: String,
+}
+
+pub async fn put_alias(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(alias): PathArgs<String>,
+    Json(body): Json<AliasBody>,
+) -> MxResult<J> {
+    let alias = RoomAliasId::parse(&alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+    if alias.server_name() != hs.server_name {
+        return Err(MxError::invalid_param("Alias must be on this server"));
+    }
+    let room_id = parse_room(&body.room_id)?;
+    hs.db.write(|w| -> MxResult<()> {
+        if pdu::room_version(w, room_id.as_str())?.is_none() {
+            return Err(MxError::not_found("Unknown room"));
+        }
+        require_joined(w, room_id.as_str(), auth.user_id.as_str())?;
+        let n = w.tx.execute(
+            "INSERT OR IGNORE INTO room_aliases(alias, room_id, creator) VALUES(?1,?2,?3)",
+            params![alias.as_str(), room_id.as_str(), auth.user_id.as_str()],
+        )?;
+        if n == 0 {
+            return Err(MxError::new(http::StatusCode::CONFLICT, "M_UNKNOWN", "Room alias already exists"));
+        }
+        Ok(())
+    })?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn delete_alias(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(alias): PathArgs<String>) -> MxResult<J> {
+    let alias = RoomAliasId::parse(&alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+    hs.db.write(|w| -> MxResult<()> {
+        let row: Option<(String, String)> = w
+            .query_row("SELECT room_id, creator FROM room_aliases WHERE alias=?1", [alias.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((room_id, creator)) = row else { return Err(MxError::not_found("Room alias not found")) };
+        let pl = pdu::power_levels(w, &room_id)?;
+        let may = creator == auth.user_id.as_str() || auth.is_admin || pl.user(auth.user_id.as_str()) >= pl.action("state_default", 50);
+        if !may {
+            return Err(MxError::forbidden("You may not remove this alias"));
+        }
+        w.tx.execute("DELETE FROM room_aliases WHERE alias=?1", [alias.as_str()])?;
+        Ok(())
+    })?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn get_visibility(State(hs): State<Arc<Hs>>, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let public: Option<bool> = hs
+        .db
+        .read(|c| c.query_row("SELECT is_public FROM rooms WHERE room_id=?1", [room_id.as_str()], |r| r.get(0)).optional())?;
+    let public = public.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    Ok(axum::Json(json!({ "visibility": if public { "public" } else { "private" } })))
+}
+
+#[derive(Deserialize)]
+pub struct VisibilityBody {
+    visibility: String,
+}
+
+pub async fn set_visibility(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<VisibilityBody>,
+) -> MxResult<J> {
+    let room_id = parse_room(&room)?;
+    let public = match body.visibility.as_str() {
+        "public" => true,
+        "private" => false,
+        _ => return Err(MxError::invalid_param("visibility must be public or private")),
+    };
+    hs.db.write(|w| -> MxResult<()> {
+        if pdu::room_version(w, room_id.as_str())?.is_none() {
+            return Err(MxError::not_found("Unknown room"));
+        }
+        let pl = pdu::power_levels(w, room_id.as_str())?;
+        if !auth.is_admin && pl.user(auth.user_id.as_str()) < pl.action("state_default", 50) {
+            return Err(MxError::forbidden("You may not publish this room"));
+        }
+        w.tx.execute("UPDATE rooms SET is_public=?1 WHERE room_id=?2", params![public, room_id.as_str()])?;
+        Ok(())
+    })?;
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct PublicRoomsQuery {
+    limit: Option<String>,
+    since: Option<String>,
+    server: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct PublicRoomsBody {
+    limit: Option<i64>,
+    since: Option<String>,
+    filter: Option<Value>,
+    server: Option<String>,
+}
+
+fn public_rooms_inner(hs: &Hs, limit: i64, since: Option<&str>, term: Option<&str>) -> MxResult<J> {
+    let offset = match since {
+        Some(s) => s.strip_prefix('p').unwrap_or(s).parse::<i64>().map_err(|_| MxError::invalid_param("Invalid since token"))?,
+        None => 0,
+    };
+    let limit = limit.clamp(1, 500);
+    let term = term.map(str::to_lowercase);
+    hs.db.read(|c| {
+        let mut st = c.prepare("SELECT room_id FROM rooms WHERE is_public=1 ORDER BY created_ts")?;
+        let rooms: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let mut entries = Vec::new();
+        for room_id in &rooms {
+            let get = |k: &str| pdu::state_content(c, room_id, k, "");
+            let name = get("m.room.name")?.and_then(|v| v["name"].as_str().map(str::to_owned));
+            let topic = get("m.room.topic")?.and_then(|v| v["topic"].as_str().map(str::to_owned));
+            let alias = get("m.room.canonical_alias")?.and_then(|v| v["alias"].as_str().map(str::to_owned));
+            if let Some(t) = &term {
+                let hay = format!("{} {} {}", name.as_deref().unwrap_or(""), topic.as_deref().unwrap_or(""), alias.as_deref().unwrap_or(""))
+                    .to_lowercase();
+                if !hay.contains(t.as_str()) {
+                    continue;
+                }
+            }
+            let joined: i64 = c.query_row(
+                "SELECT COUNT(*) FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
+                [room_id],
+                |r| r.get(0),
+            )?;
+            let hv = get("m.room.history_visibility")?.and_then(|v| v["history_visibility"].as_str().map(str::to_owned));
+            let guest = get("m.room.guest_access")?.and_then(|v| v["guest_access"].as_str().map(str::to_owned));
+            let jr = get("m.room.join_rules")?.and_then(|v| v["join_rule"].as_str().map(str::to_owned));
+            let avatar = get("m.room.avatar")?.and_then(|v| v["url"].as_str().map(str::to_owned));
+            let room_type = get("m.room.create")?.and_then(|v| v["type"].as_str().map(str::to_owned));
+            let mut e = json!({
+                "room_id": room_id,
+                "num_joined_members": joined,
+                "world_readable": hv.as_deref() == Some("world_readable"),
+                "guest_can_join": guest.as_deref() == Some("can_join"),
+                "join_rule": jr.unwrap_or_else(|| "invite".into()),
+            });
+            for (k, v) in [("name", name), ("topic", topic), ("canonical_alias", alias), ("avatar_url", avatar), ("room_type", room_type)] {
+                if let Some(v) = v {
+                    e[k] = json!(v);
+                }
+            }
+            entries.push(e);
+        }
+        let total = entries.len() as i64;
+        entries.sort_by(|a, b| b["num_joined_members"].as_i64().cmp(&a["num_joined_members"].as_i64()));
+        let page: Vec<Value> = entries.into_iter().skip(offset as usize).take(limit as usize).collect();
+        let mut out = json!({ "chunk": page, "total_room_count_estimate": total });
+        if offset + limit < total {
+            out["next_batch"] = json!(format!("p{}", offset + limit));
+        }
+        if offset > 0 {
+            out["prev_batch"] = json!(format!("p{}", (offset - limit).max(0)));
+        }
+        Ok(axum::Json(out))
+    })
+}
+
+fn check_server(hs: &Hs, server: Option<&str>) -> MxResult<()> {
+    match server {
+        Some(s) if s != hs.server_name.as_str() => Err(MxError::not_found("Federated room directories are not available yet")),
+        _ => Ok(()),
+    }
+}
+
+pub async fn public_rooms_get(State(hs): State<Arc<Hs>>, QueryArgs(q): QueryArgs<PublicRoomsQuery>) -> MxResult<J> {
+    check_server(&hs, q.server.as_deref())?;
+    let limit = parse_limit(q.limit.as_deref(), 100, 500)?;
+    public_rooms_inner(&hs, limit, q.since.as_deref(), None)
+}
+
+pub async fn public_rooms_post(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<PublicRoomsBody>) -> MxResult<J> {
+    check_server(&hs, body.server.as_deref())?;
+    let term = body.filter.as_ref().and_then(|f| f["generic_search_term"].as_str().map(str::to_owned));
+    public_rooms_inner(&hs, body.limit.unwrap_or(100), body.since.as_deref(), term.as_deref())
+}

@@ -1,0 +1,167 @@
+//! URL → handler map of the Client-Server API.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::DefaultBodyLimit,
+    http::{header, Method},
+    response::IntoResponse,
+    routing::{get, post, put},
+    Json, Router,
+};
+use serde_json::json;
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::{account, admin, ephemeral, error::MxError, rooms, search, sync, Hs};
+
+/// Spec versions this server implements (newest is the current stable spec).
+pub const SPEC_VERSIONS: &[&str] = &[
+    "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12",
+    "v1.13", "v1.14", "v1.15", "v1.16", "v1.17", "v1.18", "v1.19",
+];
+
+fn client_v3() -> Router<Arc<Hs>> {
+    Router::new()
+        .route("/login", get(account::login_flows).post(account::login))
+        .route("/logout", post(account::logout))
+        .route("/logout/all", post(account::logout_all))
+        .route("/register", post(account::register))
+        .route("/register/available", get(account::username_available))
+        .route("/account/whoami", get(account::whoami))
+        .route("/account/password", post(account::change_password))
+        .route("/account/deactivate", post(account::deactivate))
+        .route("/capabilities", get(account::capabilities))
+        .route("/devices", get(account::list_devices))
+        .route(
+            "/devices/{device_id}",
+            get(account::get_device).put(account::update_device).delete(account::delete_device),
+        )
+        .route("/delete_devices", post(account::delete_devices))
+        .route("/profile/{user_id}", get(account::get_profile))
+        .route("/profile/{user_id}/{field}", get(account::get_profile_field).put(account::set_profile_field))
+        .route("/user_directory/search", post(account::user_directory_search))
+        .route("/user/{user_id}/filter", post(ephemeral::create_filter))
+        .route("/user/{user_id}/filter/{filter_id}", get(ephemeral::get_filter))
+        .route(
+            "/user/{user_id}/account_data/{kind}",
+            get(ephemeral::get_account_data).put(ephemeral::set_account_data),
+        )
+        .route(
+            "/user/{user_id}/rooms/{room_id}/account_data/{kind}",
+            get(ephemeral::get_room_account_data).put(ephemeral::set_room_account_data),
+        )
+        .route("/pushrules/", get(ephemeral::get_push_rules))
+        .route("/pushrules/global/", get(ephemeral::get_push_rules_global))
+        .route(
+            "/pushrules/global/{kind}/{rule_id}",
+            get(ephemeral::get_push_rule).put(ephemeral::put_push_rule).delete(ephemeral::delete_push_rule),
+        )
+        .route(
+            "/pushrules/global/{kind}/{rule_id}/{attr}",
+            get(ephemeral::get_push_rule_attr).put(ephemeral::put_push_rule_attr),
+        )
+        .route("/presence/{user_id}/status", get(ephemeral::get_presence).put(ephemeral::set_presence))
+        .route("/sync", get(sync::sync))
+        .route("/createRoom", post(rooms::create_room))
+        .route("/joined_rooms", get(rooms::joined_rooms))
+        .route("/join/{room}", post(rooms::join_by_id_or_alias))
+        .route("/knock/{room}", post(rooms::knock))
+        .route("/rooms/{room_id}/join", post(rooms::join_room))
+        .route("/rooms/{room_id}/invite", post(rooms::invite))
+        .route("/rooms/{room_id}/leave", post(rooms::leave))
+        .route("/rooms/{room_id}/forget", post(rooms::forget))
+        .route("/rooms/{room_id}/kick", post(rooms::kick))
+        .route("/rooms/{room_id}/ban", post(rooms::ban))
+        .route("/rooms/{room_id}/unban", post(rooms::unban))
+        .route("/rooms/{room_id}/send/{kind}/{txn_id}", put(rooms::send_message))
+        .route("/rooms/{room_id}/redact/{event_id}/{txn_id}", put(rooms::redact))
+        .route("/rooms/{room_id}/state", get(rooms::get_state))
+        .route("/rooms/{room_id}/state/{kind}", get(rooms::get_state_event_empty_key).put(rooms::put_state_empty_key))
+        .route("/rooms/{room_id}/state/{kind}/{state_key}", get(rooms::get_state_event).put(rooms::put_state))
+        .route("/rooms/{room_id}/members", get(rooms::members))
+        .route("/rooms/{room_id}/joined_members", get(rooms::joined_members))
+        .route("/rooms/{room_id}/messages", get(rooms::messages))
+        .route("/rooms/{room_id}/event/{event_id}", get(rooms::get_event))
+        .route("/rooms/{room_id}/context/{event_id}", get(rooms::context))
+        .route("/rooms/{room_id}/aliases", get(rooms::room_aliases))
+        .route("/rooms/{room_id}/typing/{user_id}", put(ephemeral::typing))
+        .route("/rooms/{room_id}/receipt/{receipt_type}/{event_id}", post(ephemeral::receipt))
+        .route("/rooms/{room_id}/read_markers", post(ephemeral::read_markers))
+        .route("/directory/room/{alias}", get(rooms::get_alias).put(rooms::put_alias).delete(rooms::delete_alias))
+        .route("/directory/list/room/{room_id}", get(rooms::get_visibility).put(rooms::set_visibility))
+        .route("/publicRooms", get(rooms::public_rooms_get).post(rooms::public_rooms_post))
+        .route("/search", post(search::search))
+        .route("/voip/turnServer", get(turn_server))
+}
+
+fn client_v1() -> Router<Arc<Hs>> {
+    Router::new()
+        .route("/register/m.login.registration_token/validity", get(account::registration_token_validity))
+        .route("/rooms/{room_id}/relations/{event_id}", get(rooms::relations))
+        .route("/rooms/{room_id}/relations/{event_id}/{rel_type}", get(rooms::relations_typed))
+        .route("/rooms/{room_id}/relations/{event_id}/{rel_type}/{event_type}", get(rooms::relations_typed2))
+        .route("/rooms/{room_id}/threads", get(rooms::threads))
+}
+
+async fn versions() -> impl IntoResponse {
+    Json(json!({
+        "versions": SPEC_VERSIONS,
+        "unstable_features": {
+            "org.matrix.msc3440.stable": true,
+            "org.matrix.msc2285.stable": true,
+            "org.matrix.msc3827.stable": true,
+        }
+    }))
+}
+
+async fn turn_server() -> MxError {
+    MxError::not_found("This box has no TURN server")
+}
+
+async fn well_known_client(axum::extract::State(hs): axum::extract::State<Arc<Hs>>) -> impl IntoResponse {
+    Json(json!({ "m.homeserver": { "base_url": hs.config.base_url() } }))
+}
+
+async fn well_known_server(axum::extract::State(hs): axum::extract::State<Arc<Hs>>) -> impl IntoResponse {
+    let name = hs.server_name.as_str();
+    let server = if hs.server_name.port().is_some() { name.to_owned() } else { format!("{name}:443") };
+    Json(json!({ "m.server": server }))
+}
+
+async fn server_key(axum::extract::State(hs): axum::extract::State<Arc<Hs>>) -> impl IntoResponse {
+    let (key_id, key) = hs.verify_key();
+    // Signed responses come with federation; for now publish the key itself.
+    Json(json!({
+        "server_name": hs.server_name,
+        "verify_keys": { key_id: { "key": key } },
+        "old_verify_keys": {},
+        "valid_until_ts": crate::now_ms() + 7 * 24 * 3600 * 1000,
+    }))
+}
+
+async fn unrecognized() -> MxError {
+    MxError::unrecognized("Unrecognized request")
+}
+
+pub fn router(hs: Arc<Hs>) -> Router {
+    let limit = hs.config.max_request_bytes;
+    let v3 = client_v3();
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT, header::HeaderName::from_static("x-requested-with")]);
+    Router::new()
+        .route("/_matrix/client/versions", get(versions))
+        .route("/.well-known/matrix/client", get(well_known_client))
+        .route("/.well-known/matrix/server", get(well_known_server))
+        .route("/_matrix/key/v2/server", get(server_key))
+        .nest("/_matrix/client/v3", v3.clone())
+        .nest("/_matrix/client/r0", v3)
+        .nest("/_matrix/client/v1", client_v1())
+        .route("/_synapse/admin/v1/register", get(admin::register_nonce).post(admin::register_with_secret))
+        .fallback(unrecognized)
+        .method_not_allowed_fallback(|| async { MxError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(cors)
+        .with_state(hs)
+}

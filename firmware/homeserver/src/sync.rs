@@ -1,0 +1,344 @@
+//! `/sync`: initial and incremental, long-polling, filters, limited timelines.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use axum::extract::State;
+use rusqlite::{params, Connection};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::{
+    ephemeral,
+    error::{MxError, MxResult},
+    extract::{Auth, QueryArgs},
+    filter::Filter,
+    pdu::{self, client_event, row_to_event, StoredEvent, Viewer, EVENT_COLS},
+    rooms::member_events_for,
+    Hs,
+};
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct SyncQuery {
+    since: Option<String>,
+    filter: Option<String>,
+    full_state: Option<bool>,
+    timeout: Option<String>,
+    #[allow(dead_code)]
+    set_presence: Option<String>,
+}
+
+/// A sync token: `s{stream}_{typing}`.
+#[derive(Clone, Copy, Debug)]
+struct Since {
+    stream: i64,
+    typing: u64,
+}
+
+fn parse_since(s: &str) -> MxResult<Since> {
+    let bad = || MxError::invalid_param("Invalid since token");
+    let s = s.strip_prefix('s').ok_or_else(bad)?;
+    let (a, b) = s.split_once('_').unwrap_or((s, "0"));
+    Ok(Since { stream: a.parse().map_err(|_| bad())?, typing: b.parse().map_err(|_| bad())? })
+}
+
+fn load_sync_filter(conn: &Connection, user: &str, f: Option<&str>) -> MxResult<Filter> {
+    let Some(f) = f else { return Ok(Filter::default()) };
+    let v: Value = if f.trim_start().starts_with('{') {
+        serde_json::from_str(f).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))?
+    } else {
+        ephemeral::load_filter(conn, user, f)?.ok_or_else(|| MxError::not_found("Unknown filter id"))?
+    };
+    serde_json::from_value(v).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))
+}
+
+pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<SyncQuery>) -> MxResult<axum::Json<Value>> {
+    let since = q.since.as_deref().map(parse_since).transpose()?;
+    let timeout = match q.timeout.as_deref() {
+        None => 0,
+        Some(t) => t.parse::<u64>().map_err(|_| MxError::invalid_param("timeout must be an integer"))?,
+    }
+    .min(hs.config.max_sync_timeout_ms);
+    let filter = hs.db.read(|c| load_sync_filter(c, auth.user_id.as_str(), q.filter.as_deref()))?;
+    let full_state = q.full_state.unwrap_or(false);
+    let mut rx = hs.notifier.subscribe(auth.user_id.as_str());
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
+    loop {
+        rx.borrow_and_update();
+        let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state))?;
+        if since.is_none() || !empty || full_state || tokio::time::Instant::now() >= deadline {
+            return Ok(axum::Json(resp));
+        }
+        tokio::select! {
+            r = rx.changed() => { if r.is_err() { return Ok(axum::Json(resp)); } }
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+fn membership_rows(c: &Connection, user: &str) -> rusqlite::Result<Vec<(String, String, i64, String)>> {
+    let mut st = c.prepare_cached(
+        "SELECT s.room_id, s.membership, s.stream, s.event_id FROM room_state s
+         WHERE s.type='m.room.member' AND s.state_key=?1
+         AND NOT EXISTS (SELECT 1 FROM forgotten_rooms f WHERE f.user_id=?1 AND f.room_id=s.room_id)",
+    )?;
+    let r = st.query_map([user], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default(), r.get(2)?, r.get(3)?)))?.collect();
+    r
+}
+
+fn events_between(c: &Connection, room: &str, after: i64, upto: i64, limit: i64) -> rusqlite::Result<(Vec<StoredEvent>, bool)> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream>?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"
+    ))?;
+    let mut rows: Vec<StoredEvent> = st.query_map(params![room, after, upto, limit + 1], row_to_event)?.collect::<Result<_, _>>()?;
+    let limited = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    rows.reverse();
+    Ok((rows, limited))
+}
+
+fn account_data_since(c: &Connection, user: &str, room: &str, since: i64, upto: i64) -> rusqlite::Result<Vec<Value>> {
+    let mut st = c.prepare_cached(
+        "SELECT type, content FROM account_data WHERE user_id=?1 AND room_id=?2 AND stream>?3 AND stream<=?4 ORDER BY stream",
+    )?;
+    let r = st
+        .query_map(params![user, room, since, upto], |r| {
+            let content: String = r.get(1)?;
+            Ok(json!({ "type": r.get::<_, String>(0)?, "content": serde_json::from_str::<Value>(&content).unwrap_or(Value::Null) }))
+        })?
+        .collect();
+    r
+}
+
+fn receipts_since(c: &Connection, room: &str, user: &str, since: i64, upto: i64) -> rusqlite::Result<Option<Value>> {
+    let mut st = c.prepare_cached(
+        "SELECT user_id, receipt_type, thread_id, event_id, ts FROM receipts WHERE room_id=?1 AND stream>?2 AND stream<=?3",
+    )?;
+    let mut content = Map::new();
+    let rows = st.query_map(params![room, since, upto], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
+    })?;
+    for row in rows {
+        let (u, kind, thread, ev, ts) = row?;
+        if kind == "m.read.private" && u != user {
+            continue;
+        }
+        let mut receipt = json!({ "ts": ts });
+        if !thread.is_empty() {
+            receipt["thread_id"] = json!(thread);
+        }
+        let entry = content.entry(ev).or_insert_with(|| json!({}));
+        entry[&kind][&u] = receipt;
+    }
+    Ok(if content.is_empty() { None } else { Some(json!({ "type": "m.receipt", "content": content })) })
+}
+
+fn unread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<(i64, i64)> {
+    let last_read: i64 = c.query_row(
+        "SELECT COALESCE(MAX(e.stream),0) FROM receipts r JOIN events e ON e.event_id=r.event_id
+         WHERE r.room_id=?1 AND r.user_id=?2 AND r.receipt_type IN ('m.read','m.read.private')",
+        params![room, user],
+        |r| r.get(0),
+    )?;
+    // Events the user sent count as read up to there.
+    let own_last: i64 = c.query_row(
+        "SELECT COALESCE(MAX(stream),0) FROM events WHERE room_id=?1 AND sender=?2",
+        params![room, user],
+        |r| r.get(0),
+    )?;
+    let from = last_read.max(own_last);
+    c.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN instr(json, ?3)>0 AND instr(json,'m.mentions')>0 THEN 1 ELSE 0 END),0)
+         FROM events WHERE room_id=?1 AND stream>?4 AND sender<>?2
+         AND type IN ('m.room.message','m.room.encrypted','m.sticker','m.poll.start','org.matrix.msc3381.poll.start')
+         AND redacted_by IS NULL",
+        params![room, user, format!("\"{user}\""), from],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
+fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Result<Value> {
+    let count = |m: &str| -> rusqlite::Result<i64> {
+        c.query_row(
+            "SELECT COUNT(*) FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership=?2",
+            params![room, m],
+            |r| r.get(0),
+        )
+    };
+    let mut st = c.prepare_cached(
+        "SELECT state_key FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership IN ('join','invite')
+         AND state_key<>?2 ORDER BY stream LIMIT 5",
+    )?;
+    let heroes: Vec<String> = st.query_map(params![room, user], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(json!({ "m.heroes": heroes, "m.joined_member_count": count("join")?, "m.invited_member_count": count("invite")? }))
+}
+
+/// Builds one sync response; the flag says whether it carries nothing new.
+fn build(hs: &Hs, c: &Connection, auth: &Auth, filter: &Filter, since: Option<Since>, full_state: bool) -> MxResult<(Value, bool)> {
+    let user = auth.user_id.as_str();
+    let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
+    let upto = hs.db.current_stream();
+    let typing_now = hs.typing.version();
+    let from = since.map_or(0, |s| s.stream);
+    let rf = &filter.room;
+    let tl_limit = rf.timeline.limit.unwrap_or(10).clamp(1, 100) as i64;
+    let changed_rooms: Option<HashSet<String>> = match since {
+        None => None,
+        Some(s) => {
+            let mut st = c.prepare_cached("SELECT DISTINCT room_id FROM events WHERE stream>?1 AND stream<=?2")?;
+            let mut set: HashSet<String> =
+                st.query_map(params![s.stream, upto], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let mut st = c.prepare_cached("SELECT DISTINCT room_id FROM receipts WHERE stream>?1 AND stream<=?2")?;
+            set.extend(st.query_map(params![s.stream, upto], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?);
+            Some(set)
+        }
+    };
+    let mut join = Map::new();
+    let mut invite = Map::new();
+    let mut leave = Map::new();
+    let mut knock = Map::new();
+    for (room, membership, mstream, member_event) in membership_rows(c, user)? {
+        if !rf.allows_room(&room) || mstream > upto {
+            continue;
+        }
+        let newly = since.is_some_and(|s| mstream > s.stream);
+        match membership.as_str() {
+            "join" => {
+                let initial_room = since.is_none() || newly || full_state;
+                let room_changed = changed_rooms.as_ref().is_none_or(|s| s.contains(&room));
+                let typing = hs.typing.users_if_changed(&room, if initial_room { None } else { since.map(|s| s.typing) });
+                let room_ad = account_data_since(c, user, &room, if initial_room { 0 } else { from }, upto)?;
+                if !initial_room && !room_changed && typing.is_none() && room_ad.is_empty() {
+                    continue;
+                }
+                let tl_from = if initial_room && since.is_none() { 0 } else { from };
+                let (events, mut limited) = if rf.timeline.limit == Some(0) {
+                    (vec![], true)
+                } else {
+                    events_between(c, &room, if newly && !full_state { from.min(mstream - 1) } else { tl_from }, upto, tl_limit)?
+                };
+                if initial_room && since.is_none() && events.first().is_some_and(|e| e.stream > 1) {
+                    limited = limited || events.len() as i64 >= tl_limit;
+                }
+                let tl_start = events.first().map_or(upto + 1, |e| e.stream);
+                let timeline: Vec<Value> = events
+                    .iter()
+                    .map(|e| client_event(c, e, &v, false))
+                    .filter(|e| rf.timeline.allows(e))
+                    .collect();
+                // State between `since` (or the beginning) and the start of the timeline.
+                let state_from = if initial_room { 0 } else if limited { from } else { i64::MAX };
+                let mut state = Vec::new();
+                if state_from != i64::MAX {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id
+                         WHERE s.room_id=?1 AND s.stream>?2 AND s.stream<?3 ORDER BY s.stream",
+                        EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+                    ))?;
+                    let rows: Vec<StoredEvent> =
+                        st.query_map(params![room, state_from, tl_start], row_to_event)?.collect::<Result<_, _>>()?;
+                    let lazy = rf.state.lazy_load_members && !full_state;
+                    let senders: HashSet<&str> = timeline.iter().filter_map(|e| e["sender"].as_str()).collect();
+                    for e in &rows {
+                        let ce = client_event(c, e, &v, false);
+                        if ce["type"] == "m.room.member" && lazy {
+                            let key = ce["state_key"].as_str().unwrap_or_default();
+                            if key != user && !senders.contains(key) {
+                                continue;
+                            }
+                        }
+                        if rf.state.allows(&ce) {
+                            state.push(ce);
+                        }
+                    }
+                    if lazy {
+                        // Lazy-loaded members: the member events of timeline senders.
+                        let have: HashSet<String> =
+                            state.iter().filter(|e| e["type"] == "m.room.member").filter_map(|e| e["state_key"].as_str().map(str::to_owned)).collect();
+                        let missing: Vec<String> = senders.iter().filter(|s| !have.contains(**s)).map(|s| s.to_string()).collect();
+                        if !initial_room {
+                            state.extend(member_events_for(c, &room, &missing, &v)?);
+                        }
+                    }
+                }
+                let mut ephemeral = Vec::new();
+                if let Some(users) = typing {
+                    ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
+                }
+                if let Some(r) = receipts_since(c, &room, user, if initial_room { 0 } else { from }, upto)? {
+                    ephemeral.push(r);
+                }
+                let ephemeral: Vec<Value> = ephemeral.into_iter().filter(|e| rf.ephemeral.allows_type(e["type"].as_str().unwrap_or(""))).collect();
+                let (notes, highlights) = unread_counts(c, &room, user)?;
+                let prev_batch = format!("s{}", tl_start - 1);
+                let mut entry = json!({
+                    "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch },
+                    "state": { "events": state },
+                    "ephemeral": { "events": ephemeral },
+                    "account_data": { "events": room_ad.into_iter().filter(|e| rf.account_data.allows_type(e["type"].as_str().unwrap_or(""))).collect::<Vec<_>>() },
+                    "unread_notifications": { "notification_count": notes, "highlight_count": highlights },
+                    "unread_thread_notifications": {},
+                });
+                if initial_room || events.iter().any(|e| e.json.contains("\"m.room.member\"")) {
+                    entry["summary"] = summary(c, &room, user)?;
+                }
+                join.insert(room, entry);
+            }
+            "invite" => {
+                if since.is_some() && !newly {
+                    continue;
+                }
+                let mut events = pdu::stripped_state(c, &room)?;
+                if let Some(ev) = pdu::get_event(c, &member_event)? {
+                    let ce = client_event(c, &ev, &v, false);
+                    events.push(json!({ "type": ce["type"], "state_key": ce["state_key"], "sender": ce["sender"], "content": ce["content"] }));
+                    let inviter = ce["sender"].as_str().unwrap_or_default().to_owned();
+                    for m in member_events_for(c, &room, &[inviter], &v)? {
+                        events.push(json!({ "type": m["type"], "state_key": m["state_key"], "sender": m["sender"], "content": m["content"] }));
+                    }
+                }
+                invite.insert(room, json!({ "invite_state": { "events": events } }));
+            }
+            "knock" => {
+                if since.is_some() && !newly {
+                    continue;
+                }
+                let events = pdu::stripped_state(c, &room)?;
+                knock.insert(room, json!({ "knock_state": { "events": events } }));
+            }
+            "leave" | "ban" => {
+                if !(newly || (since.is_none() && rf.include_leave)) {
+                    continue;
+                }
+                let (events, limited) = events_between(c, &room, from, mstream, tl_limit)?;
+                let tl_start = events.first().map_or(mstream, |e| e.stream);
+                let timeline: Vec<Value> = events.iter().map(|e| client_event(c, e, &v, false)).filter(|e| rf.timeline.allows(e)).collect();
+                leave.insert(
+                    room,
+                    json!({
+                        "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{}", tl_start - 1) },
+                        "state": { "events": [] },
+                        "account_data": { "events": [] },
+                    }),
+                );
+            }
+            _ => {}
+        }
+    }
+    let global_ad: Vec<Value> = account_data_since(c, user, "", from, upto)?
+        .into_iter()
+        .filter(|e| filter.account_data.allows_type(e["type"].as_str().unwrap_or("")))
+        .collect();
+    let empty = join.is_empty() && invite.is_empty() && leave.is_empty() && knock.is_empty() && global_ad.is_empty();
+    let resp = json!({
+        "next_batch": format!("s{upto}_{typing_now}"),
+        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
+        "account_data": { "events": global_ad },
+        "presence": { "events": [] },
+        "to_device": { "events": [] },
+        "device_lists": { "changed": [], "left": [] },
+        "device_one_time_keys_count": {},
+        "device_unused_fallback_key_types": [],
+    });
+    Ok((resp, empty))
+}

@@ -1,0 +1,210 @@
+//! Shared runtime pieces of the Secta box.
+//!
+//! Every service crate gets the same three things from here: its section of the
+//! one TOML config file (with safe defaults), the box's data directory, and a
+//! [`Shutdown`] signal it must honour. This crate depends on no service.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+/// The parsed config file: a TOML table that each service reads its own section of.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFile {
+    table: toml::Table,
+    path: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    /// Reads `path`. A missing file is an error; use [`ConfigFile::default`] for "all defaults".
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).map(|mut c| {
+            c.path = Some(path.to_owned());
+            c
+        })
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let table: toml::Table = toml::from_str(text).context("config file is not valid TOML")?;
+        Ok(Self { table, path: None })
+    }
+
+    /// The section `name` deserialized into `T`; a missing section yields `T::default()`.
+    /// Unknown keys are rejected by types that use `#[serde(deny_unknown_fields)]`.
+    pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> anyhow::Result<T> {
+        match self.table.get(name) {
+            None => Ok(T::default()),
+            Some(value) => value
+                .clone()
+                .try_into()
+                .with_context(|| format!("invalid [{name}] section in config")),
+        }
+    }
+
+    /// Where the file came from, if it came from a file.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+/// The `[box]` section: settings shared by every service.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BoxConfig {
+    /// Where all of the box's data lives.
+    pub data_dir: PathBuf,
+    /// Human name of the box, shown on its pages.
+    pub name: String,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    pub log: String,
+    /// `true` for JSON log lines (for log shippers), `false` for human-readable ones.
+    pub log_json: bool,
+}
+
+impl Default for BoxConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/data/secta"),
+            name: "Secta".to_owned(),
+            log: "info".to_owned(),
+            log_json: false,
+        }
+    }
+}
+
+/// Creates the data directory (owner-only) if it is missing.
+pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting permissions of {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes a secret file readable only by its owner, atomically.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut f = options
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Sets up structured logging. Call once, early.
+pub fn init_logging(filter: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SECTA_LOG")
+        .unwrap_or_else(|_| EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// A shutdown signal shared by all services of one process.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending half of [`Shutdown`].
+pub struct ShutdownTrigger {
+    tx: watch::Sender<bool>,
+}
+
+impl Shutdown {
+    /// A new signal and its trigger.
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger { tx }, Shutdown { rx })
+    }
+
+    /// Resolves once shutdown was requested.
+    pub async fn wait(mut self) {
+        let _ = self.rx.wait_for(|v| *v).await;
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_requested(&self) -> bool {
+        *self.rx.borrow()
+    }
+}
+
+impl ShutdownTrigger {
+    /// Asks every service to stop.
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+
+    /// Triggers on SIGINT or SIGTERM.
+    pub async fn on_signals(self) {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        self.trigger();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Demo {
+        port: u16,
+    }
+
+    #[test]
+    fn missing_section_gives_defaults_and_unknown_keys_fail() {
+        let c = ConfigFile::parse("[demo]\nport = 5\n").unwrap();
+        assert_eq!(c.section::<Demo>("demo").unwrap(), Demo { port: 5 });
+        assert_eq!(c.section::<Demo>("other").unwrap(), Demo::default());
+        let bad = ConfigFile::parse("[demo]\nprot = 5\n").unwrap();
+        assert!(bad.section::<Demo>("demo").is_err());
+        assert!(ConfigFile::parse("[demo\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn shutdown_wakes_waiters() {
+        let (trigger, shutdown) = Shutdown::new();
+        let waiter = tokio::spawn(shutdown.clone().wait());
+        assert!(!shutdown.is_requested());
+        trigger.trigger();
+        waiter.await.unwrap();
+        assert!(shutdown.is_requested());
+    }
+}

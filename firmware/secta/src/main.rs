@@ -1,0 +1,342 @@
+//! `secta`: runs the box (every enabled service on one tokio runtime) and administers it.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use secta_homeserver::{Hs, HomeserverConfig};
+use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
+
+#[derive(Parser)]
+#[command(name = "secta", version, about = "Secta community box")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the box with a config file.
+    Run {
+        #[arg(long, short, default_value = "/etc/secta/secta.toml", env = "SECTA_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the box on this computer: data in DIR, homeserver on HOST:PORT.
+    Demo {
+        #[arg(long, default_value = "demo-data")]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8008")]
+        listen: SocketAddr,
+        /// Matrix server name; defaults to the listen address.
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// Administer the box (works while it runs).
+    Admin {
+        #[arg(long, short, conflicts_with = "data")]
+        config: Option<PathBuf>,
+        /// The data directory (reads DIR/secta.toml when present).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
+    /// Print a config file with every default.
+    DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Manage invite (registration) tokens.
+    Invite {
+        #[command(subcommand)]
+        cmd: InviteCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a user (a random password is generated and printed if none is given).
+    Create {
+        username: String,
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users.
+    List,
+    /// Set a new password (printed if generated) and log the user out everywhere.
+    ResetPassword {
+        username: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum InviteCmd {
+    /// Create a token; prints it alone on the first line.
+    Create {
+        /// How many registrations it allows (default 1; 0 = unlimited).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Lifetime such as 30m, 12h, 7d (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// List tokens.
+    List,
+    /// Revoke a token.
+    Revoke { token: String },
+}
+
+/// The whole config of one box.
+struct BoxSetup {
+    boxcfg: BoxConfig,
+    hs: HomeserverConfig,
+}
+
+fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
+    Ok(BoxSetup { boxcfg: file.section("box")?, hs: file.section("homeserver")? })
+}
+
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("bad duration unit in {s:?} (use s, m, h or d)"),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config } => {
+            let file = ConfigFile::load(&config)?;
+            let setup = load_setup(&file)?;
+            secta_runtime::init_logging(&setup.boxcfg.log, setup.boxcfg.log_json);
+            run_box(setup, None)
+        }
+        Cmd::Demo { data, listen, server_name } => demo(&data, listen, server_name),
+        Cmd::Admin { config, data, cmd } => {
+            secta_runtime::init_logging("warn", false);
+            let setup = match (config, data) {
+                (Some(c), _) => load_setup(&ConfigFile::load(&c)?)?,
+                (None, Some(d)) => {
+                    let f = d.join("secta.toml");
+                    let mut s = if f.exists() { load_setup(&ConfigFile::load(&f)?)? } else { load_setup(&ConfigFile::default())? };
+                    s.boxcfg.data_dir = d;
+                    s
+                }
+                (None, None) => load_setup(&ConfigFile::load(Path::new("/etc/secta/secta.toml"))?)?,
+            };
+            let hs = Hs::open(setup.hs, &setup.boxcfg.data_dir)?;
+            admin(&hs, cmd)
+        }
+        Cmd::DefaultConfig => {
+            print!("{}", default_config_text());
+            Ok(())
+        }
+    }
+}
+
+fn default_config_text() -> String {
+    let hs = HomeserverConfig::default();
+    let b = BoxConfig::default();
+    format!(
+        "# Secta box configuration. Every key is optional; these are the defaults.\n\
+         [box]\ndata_dir = {:?}\nname = {:?}\nlog = {:?}\nlog_json = {}\n\n\
+         [homeserver]\nserver_name = {:?}\nlisten = {:?}\n# public_base_url = \"https://box.example\"\n\
+         open_registration = {}\n# registration_shared_secret = \"...\"  (default: generated in DATA/registration_shared_secret)\n\
+         default_room_version = {:?}\nmax_request_bytes = {}\npresence = {}\ndurability = \"normal\"\n\
+         auth_rate_burst = {}\nauth_rate_per_second = {}\nmax_sync_timeout_ms = {}\n",
+        b.data_dir, b.name, b.log, b.log_json, hs.server_name, hs.listen, hs.open_registration,
+        hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
+        hs.max_sync_timeout_ms,
+    )
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // Two workers are plenty on a Pi and keep RAM low.
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Runs every enabled service until SIGTERM/SIGINT.
+fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+    let hs = Hs::open(setup.hs.clone(), &setup.boxcfg.data_dir)?;
+    runtime()?.block_on(async move {
+        let (trigger, shutdown) = Shutdown::new();
+        tokio::spawn(trigger.on_signals());
+        let homeserver = match listener {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                secta_homeserver::serve_on(hs, tokio::net::TcpListener::from_std(l)?, shutdown.clone()).await
+            }
+            None => {
+                let addr: SocketAddr = setup.hs.listen.parse().with_context(|| format!("bad listen address {:?}", setup.hs.listen))?;
+                secta_homeserver::serve(hs, addr, shutdown.clone()).await
+            }
+        };
+        homeserver
+    })
+}
+
+fn demo(data: &Path, listen: SocketAddr, server_name: Option<String>) -> anyhow::Result<()> {
+    secta_runtime::init_logging("info,tower_http=warn", false);
+    secta_runtime::ensure_data_dir(data)?;
+    let cfg_path = data.join("secta.toml");
+    let setup = if cfg_path.exists() {
+        let mut s = load_setup(&ConfigFile::load(&cfg_path)?)?;
+        s.hs.listen = listen.to_string();
+        if let Some(n) = server_name {
+            s.hs.server_name = n;
+        }
+        s
+    } else {
+        let name = server_name.unwrap_or_else(|| listen.to_string());
+        let text = format!(
+            "# Written by `secta demo` on first start.\n[box]\ndata_dir = {:?}\nname = \"Secta demo\"\n\n[homeserver]\nserver_name = {:?}\nlisten = {:?}\n",
+            data.to_string_lossy(),
+            name,
+            listen.to_string()
+        );
+        std::fs::write(&cfg_path, &text)?;
+        load_setup(&ConfigFile::parse(&text)?)?
+    };
+    let mut setup = setup;
+    setup.boxcfg.data_dir = data.to_owned();
+    // Bind first so the printed URLs are live when the user reads them.
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let hs = Hs::open(setup.hs.clone(), data)?;
+    let creds_path = data.join("demo-credentials.txt");
+    let creds = if creds_path.exists() {
+        std::fs::read_to_string(&creds_path)?
+    } else {
+        let password = secta_homeserver::random_string(16);
+        let admin = hs.admin_create_user("admin", &password, true).map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
+        let token = hs.admin_create_invite(Some(20), None).map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
+        let text = format!("admin user:     {admin}\nadmin password: {password}\ninvite token:   {token} (20 registrations)\n");
+        secta_runtime::write_secret_file(&creds_path, text.as_bytes())?;
+        text
+    };
+    drop(hs);
+    let base = setup.hs.base_url();
+    println!(
+        "\nSecta demo box is running.\n\
+         \n  Homeserver (give this to Element, Element X or any Matrix client): {base}\
+         \n  Server name:      {}\
+         \n  Versions:         {base}/_matrix/client/versions\
+         \n  Client discovery: {base}/.well-known/matrix/client\
+         \n  Data folder:      {}\
+         \n\n{}\
+         \n  Create more invites: secta admin --data {} invite create --uses 5\
+         \n  Stop with Ctrl-C.\n",
+        setup.hs.server_name,
+        data.display(),
+        creds.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"),
+        data.display(),
+    );
+    run_box(setup, Some(listener))
+}
+
+fn mx(e: secta_homeserver::MxError) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", e.errcode, e.message)
+}
+
+fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
+    match cmd {
+        AdminCmd::User { cmd } => match cmd {
+            UserCmd::Create { username, password, admin } => {
+                let generated = password.is_none();
+                let password = password.unwrap_or_else(|| secta_homeserver::random_string(16));
+                let id = hs.admin_create_user(&username, &password, admin).map_err(mx)?;
+                println!("{id}");
+                if generated {
+                    println!("password: {password}");
+                }
+            }
+            UserCmd::List => {
+                for u in hs.admin_list_users().map_err(mx)? {
+                    println!(
+                        "{}\t{}\t{}{}",
+                        u.user_id,
+                        u.displayname.unwrap_or_default(),
+                        if u.admin { "admin" } else { "member" },
+                        if u.deactivated { "\tdeactivated" } else { "" }
+                    );
+                }
+            }
+            UserCmd::ResetPassword { username, password } => {
+                let generated = password.is_none();
+                let password = password.unwrap_or_else(|| secta_homeserver::random_string(16));
+                if !hs.admin_reset_password(&username, &password).map_err(mx)? {
+                    bail!("no such user: {username}");
+                }
+                if generated {
+                    println!("password: {password}");
+                }
+            }
+        },
+        AdminCmd::Invite { cmd } => match cmd {
+            InviteCmd::Create { uses, expires_in } => {
+                let expiry = expires_in.as_deref().map(parse_duration).transpose()?;
+                let token = hs.admin_create_invite((uses > 0).then_some(uses), expiry).map_err(mx)?;
+                println!("{token}");
+            }
+            InviteCmd::List => {
+                for i in hs.admin_list_invites().map_err(mx)? {
+                    println!(
+                        "{}\tused {}/{}\t{}{}",
+                        i.token,
+                        i.completed,
+                        i.uses_allowed.map_or("∞".to_owned(), |u| u.to_string()),
+                        i.expiry_ts.map_or("no expiry".to_owned(), |e| format!("expires at {e} ms")),
+                        if i.revoked { "\trevoked" } else { "" }
+                    );
+                }
+            }
+            InviteCmd::Revoke { token } => {
+                if !hs.admin_revoke_invite(&token).map_err(mx)? {
+                    bail!("no such invite token");
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert!(parse_duration("7w").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn default_config_parses_back() {
+        let f = ConfigFile::parse(&default_config_text()).unwrap();
+        let s = load_setup(&f).unwrap();
+        assert_eq!(s.hs.server_name, HomeserverConfig::default().server_name);
+    }
+}
