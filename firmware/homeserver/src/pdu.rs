@@ -234,12 +234,12 @@ pub struct Appended {
 
 impl Hs {
     fn sign(&self, obj: &mut CanonicalJsonObject, rules: &RoomVersionRules) -> MxResult<OwnedEventId> {
-        hash_and_sign_event(self.server_name.as_str(), &self.keypair, obj, &rules.redaction)
-            .map_err(|e| MxError::bad_json(format!("Cannot sign event: {e}")))?;
-        let hash = reference_hash(obj, rules).map_err(|e| match e {
-            ruma::signatures::JsonError::PduTooLarge => MxError::too_large("Event too large"),
-            other => MxError::bad_json(format!("Cannot hash event: {other}")),
-        })?;
+        let json_err = |e: ruma::signatures::JsonError| match e {
+            ruma::signatures::JsonError::PduTooLarge => MxError::too_large("Event is larger than 64 KiB"),
+            other => MxError::bad_json(format!("Cannot sign event: {other}")),
+        };
+        hash_and_sign_event(self.server_name.as_str(), &self.keypair, obj, &rules.redaction).map_err(json_err)?;
+        let hash = reference_hash(obj, rules).map_err(json_err)?;
         EventId::parse(format!("${hash}")).map_err(|e| MxError::unknown(e.to_string()))
     }
 

@@ -1,0 +1,345 @@
+//! HTTP-level tests of the Client-Server API: bad input gets the spec's errcode and
+//! loses nothing; events are signed the way federation needs; search finds Russian
+//! word forms.
+
+use std::sync::Arc;
+
+use axum::{body::Body, http::Request, Router};
+use secta_homeserver::{Hs, HomeserverConfig};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Box_ {
+    _dir: tempfile::TempDir,
+    hs: Arc<Hs>,
+    app: Router,
+}
+
+fn new_box() -> Box_ {
+    new_box_with(HomeserverConfig { server_name: "test.box".into(), ..Default::default() })
+}
+
+fn new_box_with(config: HomeserverConfig) -> Box_ {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = Hs::open(config, dir.path()).unwrap();
+    let app = hs.router();
+    Box_ { _dir: dir, hs, app }
+}
+
+impl Box_ {
+    async fn raw(&self, method: &str, uri: &str, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut req = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = self.app.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    async fn call(&self, method: &str, uri: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.raw(method, uri, token, body.to_string().into_bytes()).await
+    }
+
+    async fn register(&self, name: &str) -> (String, String) {
+        let token = self.hs.admin_create_invite(Some(1), None).unwrap();
+        let (s, v) = self.call("POST", "/_matrix/client/v3/register", None, json!({"username": name, "password": "pw"})).await;
+        assert_eq!(s, 401, "{v}");
+        let session = v["session"].as_str().unwrap().to_owned();
+        let (s, v) = self
+            .call(
+                "POST",
+                "/_matrix/client/v3/register",
+                None,
+                json!({"username": name, "password": "pw",
+                       "auth": {"type": "m.login.registration_token", "token": token, "session": session}}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        (v["user_id"].as_str().unwrap().to_owned(), v["access_token"].as_str().unwrap().to_owned())
+    }
+
+    async fn room(&self, token: &str) -> String {
+        let (s, v) = self.call("POST", "/_matrix/client/v3/createRoom", Some(token), json!({"preset": "public_chat"})).await;
+        assert_eq!(s, 200, "{v}");
+        v["room_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn event_count(&self, token: &str, room: &str) -> usize {
+        let (s, v) = self
+            .call("GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room)), Some(token), json!({}))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["chunk"].as_array().unwrap().len()
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('#', "%23").replace('@', "%40")
+}
+
+fn assert_err(got: &(u16, Value), status: u16, errcode: &str) {
+    assert_eq!(got.0, status, "status for {}", got.1);
+    assert_eq!(got.1["errcode"], errcode, "errcode for {}", got.1);
+    assert!(got.1["error"].is_string());
+}
+
+#[tokio::test]
+async fn malformed_bodies_and_unknown_endpoints() {
+    let b = new_box();
+    assert_err(&b.raw("POST", "/_matrix/client/v3/login", None, b"{not json".to_vec()).await, 400, "M_NOT_JSON");
+    assert_err(&b.call("POST", "/_matrix/client/v3/login", None, json!({"type": 5})).await, 400, "M_BAD_JSON");
+    assert_err(&b.call("POST", "/_matrix/client/v3/login", None, json!([1, 2])).await, 400, "M_BAD_JSON");
+    assert_err(&b.call("GET", "/_matrix/client/v3/no/such/thing", None, json!({})).await, 404, "M_UNRECOGNIZED");
+    assert_err(&b.call("DELETE", "/_matrix/client/v3/login", None, json!({})).await, 405, "M_UNRECOGNIZED");
+    let big = vec![b' '; 2 * 1024 * 1024];
+    assert_err(&b.raw("POST", "/_matrix/client/v3/login", None, big).await, 413, "M_TOO_LARGE");
+}
+
+#[tokio::test]
+async fn tokens_are_checked() {
+    let b = new_box();
+    assert_err(&b.call("GET", "/_matrix/client/v3/account/whoami", None, json!({})).await, 401, "M_MISSING_TOKEN");
+    let got = b.call("GET", "/_matrix/client/v3/account/whoami", Some("nope"), json!({})).await;
+    assert_err(&got, 401, "M_UNKNOWN_TOKEN");
+    let (user, token) = b.register("alice").await;
+    let (s, v) = b.call("GET", "/_matrix/client/v3/account/whoami", Some(&token), json!({})).await;
+    assert_eq!((s, v["user_id"].as_str()), (200, Some(user.as_str())));
+    // Query-string tokens work too.
+    let (s, _) = b.call("GET", &format!("/_matrix/client/v3/account/whoami?access_token={token}"), None, json!({})).await;
+    assert_eq!(s, 200);
+    let (s, _) = b.call("POST", "/_matrix/client/v3/logout", Some(&token), json!({})).await;
+    assert_eq!(s, 200);
+    assert_err(&b.call("GET", "/_matrix/client/v3/account/whoami", Some(&token), json!({})).await, 401, "M_UNKNOWN_TOKEN");
+}
+
+#[tokio::test]
+async fn invalid_ids_in_paths() {
+    let b = new_box();
+    let (_, token) = b.register("alice").await;
+    assert_err(&b.call("GET", "/_matrix/client/v3/profile/not-a-user", None, json!({})).await, 400, "M_INVALID_PARAM");
+    assert_err(
+        &b.call("GET", "/_matrix/client/v3/rooms/not-a-room/messages?dir=b", Some(&token), json!({})).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    let room = b.room(&token).await;
+    assert_err(
+        &b.call("GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=x", enc(&room)), Some(&token), json!({})).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &b.call("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&token), json!({"user_id": "bob"})).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+}
+
+#[tokio::test]
+async fn oversized_event_and_txn_replay_lose_nothing() {
+    let b = new_box();
+    let (_, token) = b.register("alice").await;
+    let room = b.room(&token).await;
+    let before = b.event_count(&token, &room).await;
+    let send = |txn: &str| format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+    let huge = json!({"msgtype": "m.text", "body": "x".repeat(70 * 1024)});
+    assert_err(&b.call("PUT", &send("big"), Some(&token), huge).await, 413, "M_TOO_LARGE");
+    assert_eq!(b.event_count(&token, &room).await, before, "a refused event must not be stored");
+
+    let (s, first) = b.call("PUT", &send("t1"), Some(&token), json!({"msgtype": "m.text", "body": "hi"})).await;
+    assert_eq!(s, 200);
+    let (s, again) = b.call("PUT", &send("t1"), Some(&token), json!({"msgtype": "m.text", "body": "hi"})).await;
+    assert_eq!((s, &again["event_id"]), (200, &first["event_id"]), "replay returns the same event");
+    let other = format!("/_matrix/client/v3/rooms/{}/send/m.reaction/t1", enc(&room));
+    assert_err(&b.call("PUT", &other, Some(&token), json!({})).await, 400, "M_INVALID_PARAM");
+    assert_eq!(b.event_count(&token, &room).await, before + 1);
+}
+
+#[tokio::test]
+async fn membership_is_enforced() {
+    let b = new_box();
+    let (_, alice) = b.register("alice").await;
+    let (bob_id, bob) = b.register("bob").await;
+    let (s, v) = b.call("POST", "/_matrix/client/v3/createRoom", Some(&alice), json!({"preset": "private_chat"})).await;
+    assert_eq!(s, 200);
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/x", enc(&room));
+    assert_err(&b.call("PUT", &send, Some(&bob), json!({"body": "let me in"})).await, 403, "M_FORBIDDEN");
+    assert_err(&b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await, 403, "M_FORBIDDEN");
+    let (s, _) = b.call("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&alice), json!({"user_id": bob_id})).await;
+    assert_eq!(s, 200);
+    let (s, _) = b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await;
+    assert_eq!(s, 200);
+    let (s, _) = b.call("PUT", &send, Some(&bob), json!({"msgtype": "m.text", "body": "thanks"})).await;
+    assert_eq!(s, 200);
+    // Bob (power 0) may not kick Alice.
+    let kick = format!("/_matrix/client/v3/rooms/{}/kick", enc(&room));
+    let alice_id = format!("@alice:{}", b.hs.server_name);
+    assert_err(&b.call("POST", &kick, Some(&bob), json!({"user_id": alice_id})).await, 403, "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn registration_errors() {
+    let b = new_box();
+    let reg = |body: Value| b.call("POST", "/_matrix/client/v3/register", None, body);
+    assert_err(&reg(json!({"username": "Bad Name!", "password": "x"})).await, 400, "M_INVALID_USERNAME");
+    b.register("alice").await;
+    assert_err(&reg(json!({"username": "alice", "password": "x"})).await, 400, "M_USER_IN_USE");
+    assert_err(
+        &b.call("POST", "/_matrix/client/v3/register?kind=guest", None, json!({})).await,
+        403,
+        "M_GUEST_ACCESS_FORBIDDEN",
+    );
+    let (s, v) = reg(json!({"username": "carol", "password": "x"})).await;
+    assert_eq!(s, 401);
+    let session = v["session"].as_str().unwrap();
+    let (s, v) = reg(json!({"username": "carol", "password": "x",
+        "auth": {"type": "m.login.registration_token", "token": "wrong", "session": session}}))
+    .await;
+    assert_eq!(s, 401);
+    assert_eq!(v["errcode"], "M_FORBIDDEN");
+    // A used-up token no longer works, and says so through the validity endpoint.
+    let token = b.hs.admin_create_invite(Some(1), None).unwrap();
+    let valid = format!("/_matrix/client/v1/register/m.login.registration_token/validity?token={token}");
+    assert_eq!(b.call("GET", &valid, None, json!({})).await.1["valid"], true);
+    let (s, v) = reg(json!({"username": "dave", "password": "x"})).await;
+    assert_eq!(s, 401);
+    let (s, _) = reg(json!({"username": "dave", "password": "x",
+        "auth": {"type": "m.login.registration_token", "token": token, "session": v["session"]}}))
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(b.call("GET", &valid, None, json!({})).await.1["valid"], false);
+    let users = b.hs.admin_list_users().unwrap().len();
+    assert_eq!(users, 2, "failed registrations created no users");
+}
+
+#[tokio::test]
+async fn login_is_rate_limited() {
+    let b = new_box_with(HomeserverConfig {
+        server_name: "test.box".into(),
+        auth_rate_burst: 3,
+        auth_rate_per_second: 0.01,
+        ..Default::default()
+    });
+    let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "nobody"}, "password": "x"});
+    for _ in 0..3 {
+        assert_err(&b.call("POST", "/_matrix/client/v3/login", None, body.clone()).await, 403, "M_FORBIDDEN");
+    }
+    let got = b.call("POST", "/_matrix/client/v3/login", None, body).await;
+    assert_err(&got, 429, "M_LIMIT_EXCEEDED");
+    assert!(got.1["retry_after_ms"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn stored_events_verify_with_ruma() {
+    use ruma::{
+        signatures::{reference_hash, verify_event, Verified},
+        CanonicalJsonObject, RoomVersionId,
+    };
+    for version in ["10", "11", "12"] {
+        let b = new_box();
+        let (_, token) = b.register("alice").await;
+        let (s, v) = b.call("POST", "/_matrix/client/v3/createRoom", Some(&token), json!({"room_version": version})).await;
+        assert_eq!(s, 200, "{v}");
+        let room = v["room_id"].as_str().unwrap().to_owned();
+        let (s, v) = b
+            .call(
+                "PUT",
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/1", enc(&room)),
+                Some(&token),
+                json!({"msgtype": "m.text", "body": "signed"}),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let event_id = v["event_id"].as_str().unwrap().to_owned();
+        let stored = b.hs.db.read(|c| secta_homeserver::pdu::get_event(c, &event_id)).unwrap().unwrap();
+        let obj: CanonicalJsonObject = serde_json::from_str(&stored.json).unwrap();
+        let rules = RoomVersionId::try_from(version).unwrap().rules().unwrap();
+        let (key_id, key) = b.hs.verify_key();
+        let mut keys = std::collections::BTreeMap::new();
+        keys.insert(key_id, ruma::serde::Base64::parse(&key).unwrap());
+        let mut map = std::collections::BTreeMap::new();
+        map.insert(b.hs.server_name.to_string(), keys);
+        assert_eq!(verify_event(&map, &obj, &rules).unwrap(), Verified::All, "room version {version}");
+        assert_eq!(format!("${}", reference_hash(&obj, &rules).unwrap()), event_id);
+        // Tampering is detected.
+        let mut bad = obj.clone();
+        bad.insert("origin_server_ts".into(), ruma::CanonicalJsonValue::Integer(1u32.into()));
+        assert!(verify_event(&map, &bad, &rules).is_err() || format!("${}", reference_hash(&bad, &rules).unwrap()) != event_id);
+        let mut bad = obj.clone();
+        bad.insert("content".into(), serde_json::from_value(json!({"body": "forged"})).unwrap());
+        assert_eq!(verify_event(&map, &bad, &rules).unwrap(), Verified::Signatures, "content hash mismatch is seen");
+    }
+}
+
+#[tokio::test]
+async fn search_finds_russian_word_forms() {
+    let b = new_box();
+    let (_, token) = b.register("alice").await;
+    let room = b.room(&token).await;
+    for (i, body) in ["Завтра начнутся голосования по бюджету", "Радио в эфире", "Meeting notes"].iter().enumerate() {
+        let (s, _) = b
+            .call(
+                "PUT",
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{i}", enc(&room)),
+                Some(&token),
+                json!({"msgtype": "m.text", "body": body}),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let search = |term: &str| {
+        b.call(
+            "POST",
+            "/_matrix/client/v3/search",
+            Some(&token),
+            json!({"search_categories": {"room_events": {"search_term": term}}}),
+        )
+    };
+    let (s, v) = search("голосование").await;
+    assert_eq!(s, 200, "{v}");
+    let results = v["search_categories"]["room_events"]["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{v}");
+    assert!(results[0]["result"]["content"]["body"].as_str().unwrap().contains("голосования"));
+    let (_, v) = search("meetings").await;
+    assert_eq!(v["search_categories"]["room_events"]["count"], 1);
+    let (_, v) = search("телевидение").await;
+    assert_eq!(v["search_categories"]["room_events"]["count"], 0);
+}
+
+#[tokio::test]
+async fn incremental_sync_long_polls_and_wakes() {
+    let b = new_box();
+    let (_, token) = b.register("alice").await;
+    let room = b.room(&token).await;
+    let (_, v) = b.call("GET", "/_matrix/client/v3/sync", Some(&token), json!({})).await;
+    let since = v["next_batch"].as_str().unwrap().to_owned();
+    let b = Arc::new(b);
+    let waiter = {
+        let b = b.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            b.call("GET", &format!("/_matrix/client/v3/sync?since={since}&timeout=10000"), Some(&token), json!({})).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "nothing new: sync must wait");
+    let (s, _) = b
+        .call(
+            "PUT",
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/w", enc(&room)),
+            Some(&token),
+            json!({"msgtype": "m.text", "body": "wake"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    assert_eq!(s, 200);
+    let events = v["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["content"]["body"], "wake");
+    assert_eq!(events[0]["unsigned"]["transaction_id"], "w");
+}
