@@ -147,6 +147,20 @@ async fn edit_thread_and_relations() {
             "GET /relations/{original}: edit {edit_s} missing, got {ids:?}"
         );
 
+        // Server-side aggregation (spec: SHOULD) -- reported, not enforced.
+        let fetched = bob_room
+            .event(&original, None)
+            .await
+            .at("GET /rooms/{roomId}/event/{originalId}")?;
+        let fetched = json_of(&fetched);
+        if fetched["unsigned"]["m.relations"]["m.replace"]["event_id"] != edit_s.as_str() {
+            eprintln!(
+                "NOTE: GET /event/{original}: unsigned.m.relations.m.replace does not name \
+                 the edit {edit_s} (unsigned = {})",
+                fetched["unsigned"]
+            );
+        }
+
         // --- Thread ---
         let root = send_text(&alice_room, "thread root").await?;
         let root_s = root.to_string();
@@ -172,6 +186,21 @@ async fn edit_thread_and_relations() {
             })
         })
         .await?;
+
+        // Thread summary on the root (spec: SHOULD) -- reported, not enforced.
+        let fetched = alice_room
+            .event(&root, None)
+            .await
+            .at("GET /rooms/{roomId}/event/{rootId}")?;
+        let fetched = json_of(&fetched);
+        let summary = &fetched["unsigned"]["m.relations"]["m.thread"];
+        if summary["count"] != 1 || summary["latest_event"]["event_id"] != reply_s.as_str() {
+            eprintln!(
+                "NOTE: GET /event/{root}: unsigned.m.relations.m.thread is not \
+                 {{count: 1, latest_event: {reply_s}}} (unsigned = {})",
+                fetched["unsigned"]
+            );
+        }
 
         // All relations of the root.
         let all = alice_room
