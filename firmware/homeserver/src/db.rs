@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS events (
     prev_state TEXT
 );
 CREATE INDEX IF NOT EXISTS events_room_stream ON events(room_id, stream);
+CREATE INDEX IF NOT EXISTS events_state ON events(room_id, type, state_key, stream) WHERE state_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_relates ON events(relates_to, stream) WHERE relates_to IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_thread ON events(room_id, thread_root, stream) WHERE thread_root IS NOT NULL;
 CREATE TABLE IF NOT EXISTS forward_extremities (

@@ -30,31 +30,76 @@ fn viewer(auth: &Auth) -> Viewer<'_> {
     Viewer { user_id: auth.user_id.as_str(), device_id: Some(auth.device_id.as_str()) }
 }
 
-/// The highest stream position `user` may see in `room`, or `M_FORBIDDEN`.
-/// Members see everything up to now; former members see up to when they left;
-/// anyone sees a `world_readable` room.
-pub fn visible_until(conn: &Connection, room_id: &str, user_id: &str) -> MxResult<i64> {
-    if pdu::room_version(conn, room_id)?.is_none() {
-        return Err(MxError::forbidden("You are not in this room"));
-    }
-    let row: Option<(Option<String>, i64)> = conn
-        .query_row(
-            "SELECT membership, stream FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key=?2",
-            params![room_id, user_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    match row {
-        Some((Some(m), _)) if m == "join" => Ok(i64::MAX),
-        Some((Some(m), s)) if m == "leave" || m == "ban" => Ok(s),
-        _ => {
-            let hv = pdu::state_content(conn, room_id, "m.room.history_visibility", "")?;
-            if hv.as_ref().and_then(|c| c["history_visibility"].as_str()) == Some("world_readable") {
-                Ok(i64::MAX)
-            } else {
-                Err(MxError::forbidden("You are not in this room"))
-            }
+/// What part of a room's history a user may see, by the spec's history-visibility
+/// rules: membership and `history_visibility` *at each event* decide.
+pub struct Visibility {
+    memberships: Vec<(i64, String)>,
+    visibility: Vec<(i64, String)>,
+    /// Highest stream position that can be visible at all.
+    pub until: i64,
+}
+
+fn at(list: &[(i64, String)], stream: i64) -> Option<&str> {
+    let i = list.partition_point(|(s, _)| *s <= stream);
+    (i > 0).then(|| list[i - 1].1.as_str())
+}
+
+impl Visibility {
+    /// Loads the user's membership history and the room's visibility history.
+    /// `M_FORBIDDEN` if the user can see nothing of the room.
+    pub fn load(conn: &Connection, room_id: &str, user_id: &str) -> MxResult<Self> {
+        if pdu::room_version(conn, room_id)?.is_none() {
+            return Err(MxError::forbidden("You are not in this room"));
         }
+        let history = |kind: &str, key: &str, field: &str| -> MxResult<Vec<(i64, String)>> {
+            let mut st = conn.prepare_cached(
+                "SELECT stream, json FROM events WHERE room_id=?1 AND type=?2 AND state_key=?3 ORDER BY stream",
+            )?;
+            let rows = st.query_map(params![room_id, kind, key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (stream, json) = row?;
+                let v: Value = serde_json::from_str(&json)?;
+                out.push((stream, v["content"][field].as_str().unwrap_or_default().to_owned()));
+            }
+            Ok(out)
+        };
+        let memberships = history("m.room.member", user_id, "membership")?;
+        let visibility = history("m.room.history_visibility", "", "history_visibility")?;
+        let current_m = memberships.last().map(|m| m.1.as_str());
+        let world = visibility.last().map(|v| v.1.as_str()) == Some("world_readable");
+        let until = if current_m == Some("join") || world {
+            i64::MAX
+        } else if memberships.is_empty() {
+            return Err(MxError::forbidden("You are not in this room"));
+        } else {
+            memberships.last().map_or(0, |m| m.0)
+        };
+        Ok(Self { memberships, visibility, until })
+    }
+
+    /// Whether the event at `stream` is visible.
+    pub fn allows(&self, stream: i64) -> bool {
+        if stream > self.until {
+            return false;
+        }
+        let hv = at(&self.visibility, stream).unwrap_or("shared");
+        if hv == "world_readable" {
+            return true;
+        }
+        let m = at(&self.memberships, stream);
+        if m == Some("join") {
+            return true;
+        }
+        if hv == "shared" && self.memberships.iter().any(|(s, m)| *s > stream && m == "join") {
+            return true;
+        }
+        hv == "invited" && m == Some("invite")
+    }
+
+    /// Whether the user is a current member (or the room is world-readable).
+    pub fn is_current(&self) -> bool {
+        self.until == i64::MAX
     }
 }
 
@@ -563,8 +608,7 @@ impl From<serde_json::Error> for MxError {
 pub async fn get_state(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let v = hs.db.read(|c| -> MxResult<Vec<Value>> {
-        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
-        if until != i64::MAX {
+        if !Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?.is_current() {
             return Err(MxError::forbidden("You are no longer in this room"));
         }
         Ok(pdu::current_state(c, room_id.as_str(), &viewer(&auth))?)
@@ -581,8 +625,7 @@ pub struct StateQuery {
 fn state_event_response(hs: &Hs, auth: &Auth, room: &str, kind: &str, key: &str, format: Option<&str>) -> MxResult<J> {
     let room_id = parse_room(room)?;
     hs.db.read(|c| {
-        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
-        if until != i64::MAX {
+        if !Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?.is_current() {
             return Err(MxError::forbidden("You are no longer in this room"));
         }
         let id = pdu::state_event_id(c, room_id.as_str(), kind, key)?
@@ -668,7 +711,7 @@ pub async fn members(
 ) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let chunk = hs.db.read(|c| -> MxResult<Vec<Value>> {
-        visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
         let mut st = c.prepare(&format!(
             "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id
              WHERE s.room_id=?1 AND s.type='m.room.member' ORDER BY e.stream",
@@ -769,7 +812,8 @@ pub async fn messages(
     let to = q.to.as_deref().map(parse_token).transpose()?;
     let v = viewer(&auth);
     let out = hs.db.read(|c| -> MxResult<Value> {
-        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let vis = Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
+        let until = vis.until;
         let now = hs.db.current_stream();
         let from = from.unwrap_or(if backward { now } else { 0 });
         let (lo, hi) = if backward {
@@ -798,6 +842,9 @@ pub async fn messages(
             for e in &batch {
                 last = Some(e.stream);
                 if backward { pos_hi = e.stream - 1 } else { pos_lo = e.stream }
+                if !vis.allows(e.stream) {
+                    continue;
+                }
                 let ce = client_event(c, e, &v, true);
                 if filter.allows(&ce) {
                     chunk.push(ce);
@@ -839,9 +886,9 @@ pub async fn get_event(
 ) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     hs.db.read(|c| {
-        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let vis = Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
         let ev = pdu::get_event(c, &event_id)?
-            .filter(|e| e.room_id == room_id.as_str() && e.stream <= until)
+            .filter(|e| e.room_id == room_id.as_str() && vis.allows(e.stream))
             .ok_or_else(|| MxError::not_found("Event not found"))?;
         Ok(axum::Json(client_event(c, &ev, &viewer(&auth), true)))
     })
@@ -865,9 +912,10 @@ pub async fn context(
     let filter = parse_event_filter(q.filter.as_deref())?;
     let v = viewer(&auth);
     hs.db.read(|c| {
-        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let vis = Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
+        let until = vis.until;
         let ev = pdu::get_event(c, &event_id)?
-            .filter(|e| e.room_id == room_id.as_str() && e.stream <= until)
+            .filter(|e| e.room_id == room_id.as_str() && vis.allows(e.stream))
             .ok_or_else(|| MxError::not_found("Event not found"))?;
         let before_n = limit / 2;
         let after_n = limit - before_n;
@@ -887,7 +935,7 @@ pub async fn context(
         let start = before.last().map_or(ev.stream - 1, |e| e.stream - 1);
         let end = after.last().map_or(ev.stream, |e| e.stream);
         let fmt = |evs: &[StoredEvent]| -> Vec<Value> {
-            evs.iter().map(|e| client_event(c, e, &v, true)).filter(|e| filter.allows(e)).collect()
+            evs.iter().filter(|e| vis.allows(e.stream)).map(|e| client_event(c, e, &v, true)).filter(|e| filter.allows(e)).collect()
         };
         let state = pdu::current_state(c, room_id.as_str(), &v)?;
         Ok(axum::Json(json!({
@@ -928,14 +976,14 @@ fn relations_inner(
     let v = viewer(auth);
     let _ = q.recurse;
     hs.db.read(|c| {
-        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let vis = Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
         pdu::get_event(c, event_id)?
-            .filter(|e| e.room_id == room_id.as_str() && e.stream <= until)
+            .filter(|e| e.room_id == room_id.as_str() && vis.allows(e.stream))
             .ok_or_else(|| MxError::not_found("Event not found"))?;
         let (lo, hi) = if backward {
-            (to.unwrap_or(0), from.unwrap_or(i64::MAX).min(until))
+            (to.unwrap_or(0), from.unwrap_or(i64::MAX).min(vis.until))
         } else {
-            (from.unwrap_or(0), to.unwrap_or(i64::MAX).min(until))
+            (from.unwrap_or(0), to.unwrap_or(i64::MAX).min(vis.until))
         };
         let sql = format!(
             "SELECT {EVENT_COLS} FROM events WHERE relates_to=?1 AND room_id=?2 AND stream>?3 AND stream<=?4
@@ -948,7 +996,7 @@ fn relations_inner(
             .collect::<Result<_, _>>()?;
         let more = rows.len() as i64 > limit;
         let rows = &rows[..rows.len().min(limit as usize)];
-        let mut out = json!({ "chunk": rows.iter().map(|e| client_event(c, e, &v, true)).collect::<Vec<_>>() });
+        let mut out = json!({ "chunk": rows.iter().filter(|e| vis.allows(e.stream)).map(|e| client_event(c, e, &v, true)).collect::<Vec<_>>() });
         if more {
             if let Some(l) = rows.last() {
                 out["next_batch"] = json!(format!("s{}", if backward { l.stream - 1 } else { l.stream }));
@@ -1009,7 +1057,8 @@ pub async fn threads(
     };
     let v = viewer(&auth);
     hs.db.read(|c| {
-        let until = visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        let vis = Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
+        let until = vis.until;
         let mut st = c.prepare_cached(
             "SELECT thread_root, MAX(stream) AS latest FROM events WHERE room_id=?1 AND thread_root IS NOT NULL
              AND stream<=?2 GROUP BY thread_root HAVING latest<=?3 ORDER BY latest DESC",
@@ -1024,7 +1073,7 @@ pub async fn threads(
                 next = Some(latest);
                 break;
             }
-            let Some(ev) = pdu::get_event(c, &root)? else { continue };
+            let Some(ev) = pdu::get_event(c, &root)?.filter(|e| vis.allows(e.stream)) else { continue };
             let ce = client_event(c, &ev, &v, true);
             if participated && !ce["unsigned"]["m.relations"]["m.thread"]["current_user_participated"].as_bool().unwrap_or(false) {
                 continue;
@@ -1042,7 +1091,7 @@ pub async fn threads(
 pub async fn room_aliases(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let aliases = hs.db.read(|c| -> MxResult<Vec<String>> {
-        visible_until(c, room_id.as_str(), auth.user_id.as_str())?;
+        Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
         let mut st = c.prepare("SELECT alias FROM room_aliases WHERE room_id=?1 ORDER BY alias")?;
         let r = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(r)

@@ -13,7 +13,7 @@ use crate::{
     extract::{Auth, QueryArgs},
     filter::Filter,
     pdu::{self, client_event, row_to_event, StoredEvent, Viewer, EVENT_COLS},
-    rooms::member_events_for,
+    rooms::{member_events_for, Visibility},
     Hs,
 };
 
@@ -221,8 +221,10 @@ fn build(hs: &Hs, c: &Connection, auth: &Auth, filter: &Filter, since: Option<Si
                     limited = limited || events.len() as i64 >= tl_limit;
                 }
                 let tl_start = events.first().map_or(upto + 1, |e| e.stream);
+                let vis = if initial_room { Some(Visibility::load(c, &room, user)?) } else { None };
                 let timeline: Vec<Value> = events
                     .iter()
+                    .filter(|e| vis.as_ref().is_none_or(|v| v.allows(e.stream)))
                     .map(|e| client_event(c, e, &v, false))
                     .filter(|e| rf.timeline.allows(e))
                     .collect();

@@ -343,3 +343,58 @@ async fn incremental_sync_long_polls_and_wakes() {
     assert_eq!(events[0]["content"]["body"], "wake");
     assert_eq!(events[0]["unsigned"]["transaction_id"], "w");
 }
+
+#[tokio::test]
+async fn history_visibility_is_honoured() {
+    let b = new_box();
+    let (_, alice) = b.register("alice").await;
+    let (bob_id, bob) = b.register("bob").await;
+    for (hv, bob_sees_early) in [("joined", false), ("shared", true)] {
+        let (s, v) = b
+            .call(
+                "POST",
+                "/_matrix/client/v3/createRoom",
+                Some(&alice),
+                json!({"preset": "public_chat",
+                       "initial_state": [{"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": hv}}]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let room = v["room_id"].as_str().unwrap().to_owned();
+        let send = |txn: &str, body: &str| {
+            let url = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{hv}{txn}", enc(&room));
+            let body = json!({"msgtype": "m.text", "body": body});
+            let b = &b;
+            let alice = alice.clone();
+            async move { b.call("PUT", &url, Some(&alice), body).await }
+        };
+        let (_, early) = send("1", "before bob").await;
+        let (s, _) = b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await;
+        assert_eq!(s, 200);
+        send("2", "after bob").await;
+        let (_, v) = b
+            .call("GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&room)), Some(&bob), json!({}))
+            .await;
+        let bodies: Vec<&str> = v["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+        assert!(bodies.contains(&"after bob"), "{hv}: {bodies:?}");
+        assert_eq!(bodies.contains(&"before bob"), bob_sees_early, "{hv}: {bodies:?}");
+        let got = b
+            .call(
+                "GET",
+                &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(early["event_id"].as_str().unwrap())),
+                Some(&bob),
+                json!({}),
+            )
+            .await;
+        assert_eq!(got.0 == 200, bob_sees_early, "{hv}: {}", got.1);
+        let (_, sync) = b.call("GET", "/_matrix/client/v3/sync", Some(&bob), json!({})).await;
+        let tl: Vec<&str> = sync["rooms"]["join"][&room]["timeline"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str())
+            .collect();
+        assert_eq!(tl.contains(&"before bob"), bob_sees_early, "{hv} sync: {tl:?}");
+        let _ = &bob_id;
+    }
+}
