@@ -32,6 +32,35 @@ pub struct Typing {
 struct TypingInner {
     version: u64,
     rooms: HashMap<String, (u64, HashMap<String, Instant>)>,
+    /// Presence per user (only filled when presence is enabled).
+    presence: HashMap<String, PresenceState>,
+}
+
+#[derive(Clone)]
+struct PresenceState {
+    presence: String,
+    status_msg: Option<String>,
+    last_active: Instant,
+    version: u64,
+}
+
+/// After this long without activity an "online" user shows as "unavailable".
+const IDLE_AFTER: Duration = Duration::from_secs(5 * 60);
+
+impl PresenceState {
+    fn content(&self) -> Value {
+        let idle = self.last_active.elapsed();
+        let presence = if self.presence == "online" && idle > IDLE_AFTER { "unavailable" } else { self.presence.as_str() };
+        let mut c = json!({
+            "presence": presence,
+            "last_active_ago": idle.as_millis() as u64,
+            "currently_active": presence == "online",
+        });
+        if let Some(m) = &self.status_msg {
+            c["status_msg"] = json!(m);
+        }
+        c
+    }
 }
 
 impl Typing {
@@ -49,6 +78,46 @@ impl Typing {
             entry.0 = v;
         }
         changed
+    }
+
+    /// Records a presence update; returns whether others should hear of it.
+    pub fn set_presence(&self, user: &str, presence: &str, status_msg: Option<Option<String>>) -> bool {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let old = t.presence.get(user).cloned();
+        let status_msg = status_msg.unwrap_or_else(|| old.as_ref().and_then(|o| o.status_msg.clone()));
+        let changed = old.as_ref().is_none_or(|o| {
+            o.presence != presence || o.status_msg != status_msg || (presence == "online" && o.last_active.elapsed() > IDLE_AFTER)
+        });
+        let version = if changed {
+            t.version += 1;
+            t.version
+        } else {
+            old.as_ref().map_or(0, |o| o.version)
+        };
+        t.presence.insert(user.to_owned(), PresenceState { presence: presence.to_owned(), status_msg, last_active: now, version });
+        changed
+    }
+
+    /// The presence content of `user`, if known.
+    pub fn presence_of(&self, user: &str) -> Option<Value> {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.presence.get(user).map(PresenceState::content)
+    }
+
+    /// `m.presence` events of these users changed after `since` (all known when `since` is None).
+    pub fn presence_events<'a>(&self, users: impl IntoIterator<Item = &'a str>, since: Option<u64>) -> Vec<Value> {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        users
+            .into_iter()
+            .filter_map(|u| {
+                let p = t.presence.get(u)?;
+                if since.is_some_and(|s| p.version <= s) {
+                    return None;
+                }
+                Some(json!({ "type": "m.presence", "sender": u, "content": p.content() }))
+            })
+            .collect()
     }
 
     /// Current version of the typing stream.
@@ -511,18 +580,36 @@ pub async fn get_presence(State(hs): State<Arc<Hs>>, _auth: Auth, PathArgs(user)
     if exists.is_none() {
         return Err(MxError::not_found("Unknown user"));
     }
-    Ok(axum::Json(json!({ "presence": "offline" })))
+    let content = if hs.config.presence { hs.typing.presence_of(user.as_str()) } else { None };
+    Ok(axum::Json(content.unwrap_or_else(|| json!({ "presence": "offline" }))))
 }
 
 #[derive(Deserialize)]
 pub struct PresenceBody {
     presence: String,
-    #[allow(dead_code)]
-    status_msg: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    status_msg: Option<Option<String>>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Records presence and tells the user's rooms; nothing at all when presence is off.
+pub fn update_presence(hs: &Hs, user: &str, presence: &str, status_msg: Option<Option<String>>) -> MxResult<()> {
+    if !hs.config.presence {
+        return Ok(());
+    }
+    if hs.typing.set_presence(user, presence, status_msg) {
+        for room in hs.db.read(|c| crate::rooms::joined_room_ids(c, user))? {
+            hs.notify_room(&room);
+        }
+    }
+    Ok(())
 }
 
 pub async fn set_presence(
-    State(_hs): State<Arc<Hs>>,
+    State(hs): State<Arc<Hs>>,
     auth: Auth,
     PathArgs(user): PathArgs<String>,
     Json(body): Json<PresenceBody>,
@@ -531,5 +618,6 @@ pub async fn set_presence(
     if !matches!(body.presence.as_str(), "online" | "offline" | "unavailable") {
         return Err(MxError::invalid_param("presence must be online, offline or unavailable"));
     }
+    update_presence(&hs, auth.user_id.as_str(), &body.presence, body.status_msg)?;
     Ok(axum::Json(json!({})))
 }

@@ -24,7 +24,6 @@ pub struct SyncQuery {
     filter: Option<String>,
     full_state: Option<bool>,
     timeout: Option<String>,
-    #[allow(dead_code)]
     set_presence: Option<String>,
 }
 
@@ -61,6 +60,11 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
     .min(hs.config.max_sync_timeout_ms);
     let filter = hs.db.read(|c| load_sync_filter(c, auth.user_id.as_str(), q.filter.as_deref()))?;
     let full_state = q.full_state.unwrap_or(false);
+    let presence = q.set_presence.as_deref().unwrap_or("online");
+    if !matches!(presence, "online" | "offline" | "unavailable") {
+        return Err(MxError::invalid_param("set_presence must be online, offline or unavailable"));
+    }
+    ephemeral::update_presence(&hs, auth.user_id.as_str(), presence, None)?;
     let mut rx = hs.notifier.subscribe(auth.user_id.as_str());
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
     loop {
@@ -331,12 +335,22 @@ fn build(hs: &Hs, c: &Connection, auth: &Auth, filter: &Filter, since: Option<Si
         .into_iter()
         .filter(|e| filter.account_data.allows_type(e["type"].as_str().unwrap_or("")))
         .collect();
-    let empty = join.is_empty() && invite.is_empty() && leave.is_empty() && knock.is_empty() && global_ad.is_empty();
+    let presence = if hs.config.presence {
+        let mut users: HashSet<String> = HashSet::new();
+        for room in crate::rooms::joined_room_ids(c, user)? {
+            users.extend(pdu::local_members(c, &room, false)?);
+        }
+        hs.typing.presence_events(users.iter().map(String::as_str), since.map(|s| s.typing))
+    } else {
+        Vec::new()
+    };
+    let presence: Vec<Value> = presence.into_iter().filter(|e| filter.presence.allows(e)).collect();
+    let empty = join.is_empty() && invite.is_empty() && leave.is_empty() && knock.is_empty() && global_ad.is_empty() && presence.is_empty();
     let resp = json!({
         "next_batch": format!("s{upto}_{typing_now}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
         "account_data": { "events": global_ad },
-        "presence": { "events": [] },
+        "presence": { "events": presence },
         "to_device": { "events": [] },
         "device_lists": { "changed": [], "left": [] },
         "device_one_time_keys_count": {},

@@ -398,3 +398,36 @@ async fn history_visibility_is_honoured() {
         let _ = &bob_id;
     }
 }
+
+#[tokio::test]
+async fn presence_costs_nothing_when_off_and_works_when_on() {
+    let off = new_box();
+    let (alice_id, alice) = off.register("alice").await;
+    let (s, _) = off
+        .call("PUT", &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)), Some(&alice), json!({"presence": "online"}))
+        .await;
+    assert_eq!(s, 200);
+    let (_, v) = off.call("GET", &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)), Some(&alice), json!({})).await;
+    assert_eq!(v["presence"], "offline");
+
+    let on = new_box_with(HomeserverConfig { server_name: "test.box".into(), presence: true, ..Default::default() });
+    let (alice_id, alice) = on.register("alice").await;
+    let (_, bob) = on.register("bob").await;
+    let room = on.room(&alice).await;
+    let (s, _) = on.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await;
+    assert_eq!(s, 200);
+    let (s, _) = on
+        .call(
+            "PUT",
+            &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)),
+            Some(&alice),
+            json!({"presence": "unavailable", "status_msg": "на радио"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, v) = on.call("GET", "/_matrix/client/v3/sync?set_presence=offline", Some(&bob), json!({})).await;
+    let events = v["presence"]["events"].as_array().unwrap();
+    let a = events.iter().find(|e| e["sender"] == alice_id.as_str()).expect("alice's presence in bob's sync");
+    assert_eq!(a["content"]["presence"], "unavailable");
+    assert_eq!(a["content"]["status_msg"], "на радио");
+}
