@@ -139,6 +139,13 @@ CREATE TABLE IF NOT EXISTS forgotten_rooms (
     room_id TEXT NOT NULL,
     PRIMARY KEY (user_id, room_id)
 );
+CREATE TABLE IF NOT EXISTS pushers (
+    user_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    pushkey TEXT NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (user_id, app_id, pushkey)
+);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );

@@ -621,3 +621,78 @@ pub async fn set_presence(
     update_presence(&hs, auth.user_id.as_str(), &body.presence, body.status_msg)?;
     Ok(axum::Json(json!({})))
 }
+
+// ---- Pushers: stored so clients can manage them; the box has no push gateway
+// of its own and sends nothing to outside services. ----
+
+pub async fn get_pushers(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
+    let pushers = hs.db.read(|c| -> MxResult<Vec<Value>> {
+        let mut st = c.prepare("SELECT json FROM pushers WHERE user_id=?1 ORDER BY app_id, pushkey")?;
+        let rows = st.query_map([auth.user_id.as_str()], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.iter().filter_map(|j| serde_json::from_str(j).ok()).collect())
+    })?;
+    Ok(axum::Json(json!({ "pushers": pushers })))
+}
+
+#[derive(Deserialize)]
+pub struct PusherBody {
+    pushkey: String,
+    kind: Option<String>,
+    app_id: String,
+    app_display_name: Option<String>,
+    device_display_name: Option<String>,
+    profile_tag: Option<String>,
+    lang: Option<String>,
+    data: Option<Value>,
+    #[serde(default)]
+    append: bool,
+}
+
+pub async fn set_pusher(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<PusherBody>) -> MxResult<J> {
+    let user = auth.user_id.as_str();
+    if body.pushkey.len() > 512 || body.app_id.len() > 64 {
+        return Err(MxError::invalid_param("pushkey or app_id too long"));
+    }
+    match body.kind.as_deref() {
+        None => {
+            hs.db.write(|w| {
+                w.tx.execute(
+                    "DELETE FROM pushers WHERE user_id=?1 AND app_id=?2 AND pushkey=?3",
+                    params![user, body.app_id, body.pushkey],
+                )
+            })?;
+        }
+        Some(kind) => {
+            if kind != "http" && kind != "email" {
+                return Err(MxError::invalid_param("kind must be http or email"));
+            }
+            let (Some(app_name), Some(device_name), Some(lang), Some(data)) =
+                (&body.app_display_name, &body.device_display_name, &body.lang, &body.data)
+            else {
+                return Err(MxError::missing_param("app_display_name, device_display_name, lang and data are required"));
+            };
+            if kind == "http" && !data["url"].is_string() {
+                return Err(MxError::invalid_param("http pushers need data.url"));
+            }
+            let json = json!({
+                "pushkey": body.pushkey, "kind": kind, "app_id": body.app_id, "app_display_name": app_name,
+                "device_display_name": device_name, "profile_tag": body.profile_tag, "lang": lang, "data": data,
+            });
+            hs.db.write(|w| -> rusqlite::Result<()> {
+                if !body.append {
+                    w.tx.execute(
+                        "DELETE FROM pushers WHERE app_id=?1 AND pushkey=?2 AND user_id<>?3",
+                        params![body.app_id, body.pushkey, user],
+                    )?;
+                }
+                w.tx.execute(
+                    "INSERT INTO pushers(user_id, app_id, pushkey, json) VALUES(?1,?2,?3,?4)
+                     ON CONFLICT(user_id, app_id, pushkey) DO UPDATE SET json=?4",
+                    params![user, body.app_id, body.pushkey, json.to_string()],
+                )?;
+                Ok(())
+            })?;
+        }
+    }
+    Ok(axum::Json(json!({})))
+}

@@ -92,6 +92,10 @@ fn client_v3() -> Router<Arc<Hs>> {
         .route("/publicRooms", get(rooms::public_rooms_get).post(rooms::public_rooms_post))
         .route("/search", post(search::search))
         .route("/voip/turnServer", get(turn_server))
+        .route("/pushers", get(ephemeral::get_pushers))
+        .route("/pushers/set", post(ephemeral::set_pusher))
+        .route("/account/3pid", get(no_threepids))
+        .route("/thirdparty/protocols", get(no_protocols))
 }
 
 fn client_v1() -> Router<Arc<Hs>> {
@@ -116,6 +120,16 @@ async fn versions() -> impl IntoResponse {
 
 async fn turn_server() -> MxError {
     MxError::not_found("This box has no TURN server")
+}
+
+/// The box keeps no e-mail addresses or phone numbers.
+async fn no_threepids(_auth: crate::extract::Auth) -> impl IntoResponse {
+    Json(json!({ "threepids": [] }))
+}
+
+/// No third-party networks are bridged (yet).
+async fn no_protocols(_auth: crate::extract::Auth) -> impl IntoResponse {
+    Json(json!({}))
 }
 
 async fn well_known_client(axum::extract::State(hs): axum::extract::State<Arc<Hs>>) -> impl IntoResponse {

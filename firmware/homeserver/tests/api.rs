@@ -431,3 +431,21 @@ async fn presence_costs_nothing_when_off_and_works_when_on() {
     assert_eq!(a["content"]["presence"], "unavailable");
     assert_eq!(a["content"]["status_msg"], "на радио");
 }
+
+#[tokio::test]
+async fn pushers_are_kept_and_removed() {
+    let b = new_box();
+    let (_, t) = b.register("alice").await;
+    let pusher = json!({"pushkey": "k1", "kind": "http", "app_id": "im.vector", "app_display_name": "Element",
+        "device_display_name": "phone", "lang": "ru", "data": {"url": "https://push.example/_matrix/push/v1/notify"}});
+    assert_eq!(b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), pusher.clone()).await.0, 200);
+    let (_, v) = b.call("GET", "/_matrix/client/v3/pushers", Some(&t), json!({})).await;
+    assert_eq!(v["pushers"][0]["pushkey"], "k1");
+    let mut bad = pusher.clone();
+    bad["data"] = json!({});
+    assert_err(&b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), bad).await, 400, "M_INVALID_PARAM");
+    let del = json!({"pushkey": "k1", "kind": null, "app_id": "im.vector"});
+    assert_eq!(b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), del).await.0, 200);
+    let (_, v) = b.call("GET", "/_matrix/client/v3/pushers", Some(&t), json!({})).await;
+    assert_eq!(v["pushers"].as_array().unwrap().len(), 0);
+}

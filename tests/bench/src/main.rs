@@ -121,6 +121,10 @@ struct Report {
     startup_ms: Option<f64>,
     idle_rss_kb: Option<u64>,
     rss_after_kb: Option<u64>,
+    /// VmRSS after registration (password hashing), after rooms/joins, and right after the send phase.
+    rss_after_register_kb: Option<u64>,
+    rss_after_setup_kb: Option<u64>,
+    rss_after_send_kb: Option<u64>,
     peak_rss_kb: Option<u64>,
     users_registered: usize,
     register_ms: Option<f64>,
@@ -532,7 +536,7 @@ async fn sender(
             shared.expected.fetch_add(*expect, Ordering::Relaxed);
             let n = shared.sent_ok.fetch_add(1, Ordering::Relaxed) + 1;
             let step = (total / 10).max(1);
-            if n % step == 0 && shared.last_progress.fetch_max(n as u64, Ordering::Relaxed) < n as u64 {
+            if n.is_multiple_of(step) && shared.last_progress.fetch_max(n as u64, Ordering::Relaxed) < n as u64 {
                 ctx.progress(format!(
                     "sent {n}/{total}, deliveries {}/{}",
                     shared.received.load(Ordering::Relaxed),
@@ -581,6 +585,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         let mut r = ctx.rep();
         r.users_registered = n_ok;
         r.register_ms = Some(round3(ms(t0.elapsed())));
+        r.rss_after_register_kb = ctx.pid.and_then(|p| read_rss_kb(p, "VmRSS:"));
     }
     ctx.progress(format!("registered {n_ok}/{} users in {:.1}s", a.users, t0.elapsed().as_secs_f64()));
     if n_ok == 0 {
@@ -660,6 +665,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         let mut rep = ctx.rep();
         rep.joins_ok = joins_ok;
         rep.setup_ms = Some(round3(ms(t1.elapsed())));
+        rep.rss_after_setup_kb = ctx.pid.and_then(|p| read_rss_kb(p, "VmRSS:"));
     }
     ctx.progress(format!("{joins_ok} joins done in {:.1}s", t1.elapsed().as_secs_f64()));
     if ctx.past_deadline() {
@@ -682,8 +688,8 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let init_filter = enc(&json!({ "room": { "timeline": { "limit": 1 } } }).to_string());
     let mut inits = Vec::new();
-    for i in 0..n_listeners {
-        let Some(u) = users[i].clone() else { continue };
+    for u in users.iter().take(n_listeners) {
+        let Some(u) = u.clone() else { continue };
         let ctx = ctx.clone();
         let sem = sem.clone();
         let f = init_filter.clone();
@@ -750,6 +756,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         let mut r = ctx.rep();
         r.messages_sent_ok = sent_ok;
         r.send_wall_ms = Some(round3(ms(send_wall)));
+        r.rss_after_send_kb = ctx.pid.and_then(|p| read_rss_kb(p, "VmRSS:"));
         r.throughput_msgs_per_s = Some(round3(sent_ok as f64 / send_wall.as_secs_f64().max(1e-9)));
         r.send_ms = SendFigures {
             p50: pct(&lat, 50.0).map(round3),
@@ -805,7 +812,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
 
     if let Some(u0) = users[0].clone() {
         let t3 = Instant::now();
-        // Raw request so the size of the response can be reported too.
+        // Timed to the last byte and parsed; initial_sync_bytes is the size of the re-serialised JSON.
         let res = ctx.http.call("initial_sync", Method::Get, "/_matrix/client/v3/sync?timeout=0", Some(&u0.token), None, REQ_TIMEOUT).await;
         let d = ms(t3.elapsed());
         if let Some(v) = res {
