@@ -153,6 +153,27 @@ async fn server_key(axum::extract::State(hs): axum::extract::State<Arc<Hs>>) -> 
     }))
 }
 
+/// Logs method, route template, status and time: never the concrete path or
+/// query (they hold user ids, room ids and sometimes access tokens).
+async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(%method, %route, status, ms, "request failed");
+    } else {
+        tracing::debug!(%method, %route, status, ms, "request");
+    }
+    resp
+}
+
 async fn unrecognized() -> MxError {
     MxError::unrecognized("Unrecognized request")
 }
@@ -173,6 +194,7 @@ pub fn router(hs: Arc<Hs>) -> Router {
         .nest("/_matrix/client/r0", v3)
         .nest("/_matrix/client/v1", client_v1())
         .route("/_synapse/admin/v1/register", get(admin::register_nonce).post(admin::register_with_secret))
+        .route_layer(axum::middleware::from_fn(log_request))
         .fallback(unrecognized)
         .method_not_allowed_fallback(|| async { MxError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))

@@ -3,7 +3,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use axum::extract::State;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -145,11 +145,14 @@ fn unread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<(i6
         |r| r.get(0),
     )?;
     // Events the user sent count as read up to there.
-    let own_last: i64 = c.query_row(
-        "SELECT COALESCE(MAX(stream),0) FROM events WHERE room_id=?1 AND sender=?2",
-        params![room, user],
-        |r| r.get(0),
-    )?;
+    let own_last: i64 = c
+        .query_row(
+            "SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1",
+            params![room, user],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
     let from = last_read.max(own_last);
     c.query_row(
         "SELECT COUNT(*), COALESCE(SUM(CASE WHEN instr(json, ?3)>0 AND instr(json,'m.mentions')>0 THEN 1 ELSE 0 END),0)

@@ -136,6 +136,11 @@ struct Report {
     messages_sent_ok: usize,
     send_wall_ms: Option<f64>,
     throughput_msgs_per_s: Option<f64>,
+    /// CPU seconds (user + system) the server and this bench used during the send phase.
+    server_cpu_s_send: Option<f64>,
+    bench_cpu_s_send: Option<f64>,
+    /// CPU seconds of the server over the whole run (from the first request to the end).
+    server_cpu_s_total: Option<f64>,
     delivery_ms: DeliveryFigures,
     initial_sync_ms: Option<f64>,
     initial_sync_rooms: Option<usize>,
@@ -273,6 +278,15 @@ fn read_rss_kb(pid: u32, key: &str) -> Option<u64> {
         .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
+}
+
+/// utime + stime of a process in seconds (`/proc/PID/stat`, assuming USER_HZ = 100 as on Linux).
+fn read_cpu_s(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 fn run_id() -> String {
@@ -733,6 +747,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     let n_senders = a.senders.min(a.users);
     ctx.progress(format!("sending {} messages from {n_senders} senders", a.messages));
     let t2 = Instant::now();
+    let cpu0 = (ctx.pid.and_then(|p| read_cpu_s(&p.to_string())), read_cpu_s("self"));
     let mut senders = Vec::new();
     for s in 0..n_senders {
         let Some(u) = users[s].clone() else { continue };
@@ -757,6 +772,9 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         r.messages_sent_ok = sent_ok;
         r.send_wall_ms = Some(round3(ms(send_wall)));
         r.rss_after_send_kb = ctx.pid.and_then(|p| read_rss_kb(p, "VmRSS:"));
+        let cpu1 = (ctx.pid.and_then(|p| read_cpu_s(&p.to_string())), read_cpu_s("self"));
+        r.server_cpu_s_send = cpu0.0.zip(cpu1.0).map(|(a, b)| round3(b - a));
+        r.bench_cpu_s_send = cpu0.1.zip(cpu1.1).map(|(a, b)| round3(b - a));
         r.throughput_msgs_per_s = Some(round3(sent_ok as f64 / send_wall.as_secs_f64().max(1e-9)));
         r.send_ms = SendFigures {
             p50: pct(&lat, 50.0).map(round3),
@@ -957,6 +975,7 @@ async fn run(args: Args, started: Instant) -> i32 {
         deadline,
     });
 
+    let cpu_start = pid.and_then(|p| read_cpu_s(&p.to_string()));
     let left = deadline.saturating_duration_since(Instant::now());
     let work = tokio::spawn(workload(ctx.clone(), secret, true));
     let abort = work.abort_handle();
@@ -971,6 +990,7 @@ async fn run(args: Args, started: Instant) -> i32 {
     if let Some(pid) = pid {
         rep.rss_after_kb = read_rss_kb(pid, "VmRSS:");
         rep.peak_rss_kb = read_rss_kb(pid, "VmHWM:");
+        rep.server_cpu_s_total = cpu_start.zip(read_cpu_s(&pid.to_string())).map(|(a, b)| round3(b - a));
     }
     rep.errors = ctx.http.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     rep.errors_total = rep.errors.values().flat_map(|m| m.values()).sum();
