@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
+    db::WriteTxn,
     error::{MxError, MxResult},
     extract::{token_hash, Auth, ClientAddr, Json, PathArgs, QueryArgs},
     now_ms,
@@ -99,9 +100,25 @@ pub fn new_session(
     Ok((device_id, token))
 }
 
-fn delete_device_rows(conn: &Connection, user_id: &str, device_id: &str) -> rusqlite::Result<()> {
-    conn.execute("DELETE FROM access_tokens WHERE user_id=?1 AND device_id=?2", params![user_id, device_id])?;
-    conn.execute("DELETE FROM devices WHERE user_id=?1 AND device_id=?2", params![user_id, device_id])?;
+/// Removes a device with its tokens, keys and pending to-device messages.
+pub fn delete_device_rows(w: &mut WriteTxn<'_>, user_id: &str, device_id: &str) -> rusqlite::Result<()> {
+    w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1 AND device_id=?2", params![user_id, device_id])?;
+    w.tx.execute("DELETE FROM devices WHERE user_id=?1 AND device_id=?2", params![user_id, device_id])?;
+    crate::keys::delete_device_keys(w, user_id, device_id)?;
+    w.persist_stream()
+}
+
+/// Removes every device of a user except `keep`.
+pub fn delete_other_devices(w: &mut WriteTxn<'_>, user_id: &str, keep: Option<&str>) -> rusqlite::Result<()> {
+    let devices: Vec<String> = {
+        let mut st = w.prepare("SELECT device_id FROM devices WHERE user_id=?1")?;
+        let r = st.query_map([user_id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        r
+    };
+    for d in devices.iter().filter(|d| Some(d.as_str()) != keep) {
+        delete_device_rows(w, user_id, d)?;
+    }
+    w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1 AND device_id IS NOT ?2", params![user_id, keep])?;
     Ok(())
 }
 
@@ -140,7 +157,7 @@ impl Hs {
     }
 
     /// Password UIA for sensitive actions by `user`.
-    async fn require_password(&self, user: &Auth, auth: Option<&Value>) -> MxResult<()> {
+    pub(crate) async fn require_password(&self, user: &Auth, auth: Option<&Value>) -> MxResult<()> {
         let flows = json!([{"stages": ["m.login.password"]}]);
         let Some(auth) = auth else {
             let s = self.new_uia_session();
@@ -445,11 +462,8 @@ pub async fn logout(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
 }
 
 pub async fn logout_all(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
-    hs.db.write(|w| {
-        w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1", [auth.user_id.as_str()])?;
-        w.tx.execute("DELETE FROM devices WHERE user_id=?1", [auth.user_id.as_str()])?;
-        Ok::<_, rusqlite::Error>(())
-    })?;
+    hs.db.write(|w| delete_other_devices(w, auth.user_id.as_str(), None))?;
+    hs.notify_users([auth.user_id.as_str()]);
     Ok(axum::Json(json!({})))
 }
 
@@ -473,14 +487,7 @@ pub async fn change_password(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): 
     hs.db.write(|w| {
         w.tx.execute("UPDATE users SET password_hash=?1 WHERE user_id=?2", params![hash, auth.user_id.as_str()])?;
         if body.logout_devices.unwrap_or(true) {
-            w.tx.execute(
-                "DELETE FROM access_tokens WHERE user_id=?1 AND device_id<>?2",
-                params![auth.user_id.as_str(), auth.device_id.as_str()],
-            )?;
-            w.tx.execute(
-                "DELETE FROM devices WHERE user_id=?1 AND device_id<>?2",
-                params![auth.user_id.as_str(), auth.device_id.as_str()],
-            )?;
+            delete_other_devices(w, auth.user_id.as_str(), Some(auth.device_id.as_str()))?;
         }
         Ok::<_, rusqlite::Error>(())
     })?;

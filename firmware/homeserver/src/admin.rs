@@ -152,8 +152,7 @@ pub fn deactivate_user(hs: &Hs, user_id: &UserId) -> MxResult<()> {
         }
     }
     hs.db.write(|w| {
-        w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1", [user_id.as_str()])?;
-        w.tx.execute("DELETE FROM devices WHERE user_id=?1", [user_id.as_str()])?;
+        crate::account::delete_other_devices(w, user_id.as_str(), None)?;
         w.tx.execute("UPDATE users SET deactivated=1, password_hash=NULL WHERE user_id=?1", [user_id.as_str()])
     })?;
     tracing::info!(user = %user_id, "user deactivated");

@@ -22,6 +22,9 @@ pub struct HomeserverConfig {
     pub default_room_version: String,
     /// Largest accepted request body in bytes (JSON endpoints).
     pub max_request_bytes: usize,
+    /// New rooms with the `private_chat` or `trusted_private_chat` preset are
+    /// end-to-end encrypted (as Element expects).
+    pub encrypt_private_rooms: bool,
     /// Presence tracking. Off costs nothing: no writes, no wake-ups.
     pub presence: bool,
     /// `full` makes SQLite fsync on every commit (survives power loss, slower on SD
@@ -55,6 +58,7 @@ impl Default for HomeserverConfig {
             registration_shared_secret: None,
             default_room_version: "12".to_owned(),
             max_request_bytes: 1024 * 1024,
+            encrypt_private_rooms: true,
             presence: false,
             durability: Durability::Normal,
             auth_rate_burst: 10,

@@ -146,6 +146,75 @@ CREATE TABLE IF NOT EXISTS pushers (
     json TEXT NOT NULL,
     PRIMARY KEY (user_id, app_id, pushkey)
 );
+CREATE TABLE IF NOT EXISTS device_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS one_time_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, key_id)
+);
+CREATE INDEX IF NOT EXISTS one_time_keys_alg ON one_time_keys(user_id, device_id, algorithm);
+CREATE TABLE IF NOT EXISTS fallback_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    json TEXT NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, device_id, algorithm)
+);
+CREATE TABLE IF NOT EXISTS cross_signing_keys (
+    user_id TEXT NOT NULL,
+    key_type TEXT NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (user_id, key_type)
+);
+CREATE TABLE IF NOT EXISTS key_signatures (
+    target_user TEXT NOT NULL,
+    target_key TEXT NOT NULL,
+    signer_user TEXT NOT NULL,
+    signer_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (target_user, target_key, signer_user, signer_key)
+);
+CREATE TABLE IF NOT EXISTS device_list_updates (
+    user_id TEXT NOT NULL,
+    stream INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_list_updates_stream ON device_list_updates(stream);
+CREATE TABLE IF NOT EXISTS to_device (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    type TEXT NOT NULL,
+    content TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS to_device_target ON to_device(user_id, device_id, id);
+CREATE TABLE IF NOT EXISTS backup_versions (
+    user_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    algorithm TEXT NOT NULL,
+    auth_data TEXT NOT NULL,
+    etag INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, version)
+);
+CREATE TABLE IF NOT EXISTS backup_keys (
+    user_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    room_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (user_id, version, room_id, session_id)
+);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );
@@ -190,6 +259,7 @@ impl Db {
                 SELECT COALESCE(MAX(stream),0) AS m FROM events
                 UNION ALL SELECT COALESCE(MAX(stream),0) FROM account_data
                 UNION ALL SELECT COALESCE(MAX(stream),0) FROM receipts
+                UNION ALL SELECT COALESCE(MAX(stream),0) FROM device_list_updates
                 UNION ALL SELECT COALESCE(CAST(value AS INTEGER),0) FROM meta WHERE key='stream')",
             [],
             |r| r.get(0),

@@ -11,6 +11,8 @@ mod ephemeral;
 mod error;
 mod extract;
 mod filter;
+mod keys;
+mod backup;
 pub mod pdu;
 mod rooms;
 mod routes;

@@ -319,6 +319,10 @@ pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json
         send("m.room.join_rules", Some(""), json!({ "join_rule": join_rule }))?;
         send("m.room.history_visibility", Some(""), json!({ "history_visibility": history }))?;
         send("m.room.guest_access", Some(""), json!({ "guest_access": guest }))?;
+        let private = preset != "public_chat";
+        if private && hs.config.encrypt_private_rooms && !body.initial_state.iter().any(|s| s["type"] == "m.room.encryption") {
+            send("m.room.encryption", Some(""), json!({ "algorithm": "m.megolm.v1.aes-sha2" }))?;
+        }
         for st in &body.initial_state {
             let kind = st["type"].as_str().ok_or_else(|| MxError::bad_json("initial_state entry needs a type"))?;
             let key = st["state_key"].as_str().unwrap_or("");

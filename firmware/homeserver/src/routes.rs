@@ -12,7 +12,7 @@ use axum::{
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::{account, admin, ephemeral, error::MxError, rooms, search, sync, Hs};
+use crate::{account, admin, backup, ephemeral, error::MxError, keys, rooms, search, sync, Hs};
 
 /// Spec versions this server implements (newest is the current stable spec).
 pub const SPEC_VERSIONS: &[&str] = &[
@@ -92,6 +92,24 @@ fn client_v3() -> Router<Arc<Hs>> {
         .route("/publicRooms", get(rooms::public_rooms_get).post(rooms::public_rooms_post))
         .route("/search", post(search::search))
         .route("/voip/turnServer", get(turn_server))
+        .route("/keys/upload", post(keys::upload))
+        .route("/keys/query", post(keys::query))
+        .route("/keys/claim", post(keys::claim))
+        .route("/keys/changes", get(keys::changes))
+        .route("/keys/device_signing/upload", post(keys::upload_signing_keys))
+        .route("/keys/signatures/upload", post(keys::upload_signatures))
+        .route("/sendToDevice/{kind}/{txn_id}", put(keys::send_to_device))
+        .route("/room_keys/version", get(backup::get_current_version).post(backup::create_version))
+        .route(
+            "/room_keys/version/{version}",
+            get(backup::get_version).put(backup::update_version).delete(backup::delete_version),
+        )
+        .route("/room_keys/keys", get(backup::get_all).put(backup::put_all).delete(backup::delete_all))
+        .route("/room_keys/keys/{room_id}", get(backup::get_room).put(backup::put_room).delete(backup::delete_room))
+        .route(
+            "/room_keys/keys/{room_id}/{session_id}",
+            get(backup::get_session).put(backup::put_session).delete(backup::delete_session),
+        )
         .route("/pushers", get(ephemeral::get_pushers))
         .route("/pushers/set", post(ephemeral::set_pusher))
         .route("/account/3pid", get(no_threepids))

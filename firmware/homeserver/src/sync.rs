@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    ephemeral,
+    ephemeral, keys,
     error::{MxError, MxResult},
     extract::{Auth, QueryArgs},
     filter::Filter,
@@ -27,18 +27,22 @@ pub struct SyncQuery {
     set_presence: Option<String>,
 }
 
-/// A sync token: `s{stream}_{typing}`.
+/// A sync token: `s{stream}_{ephemeral}_{to-device}`.
 #[derive(Clone, Copy, Debug)]
 struct Since {
     stream: i64,
     typing: u64,
+    to_device: i64,
 }
 
 fn parse_since(s: &str) -> MxResult<Since> {
     let bad = || MxError::invalid_param("Invalid since token");
     let s = s.strip_prefix('s').ok_or_else(bad)?;
-    let (a, b) = s.split_once('_').unwrap_or((s, "0"));
-    Ok(Since { stream: a.parse().map_err(|_| bad())?, typing: b.parse().map_err(|_| bad())? })
+    let mut parts = s.split('_');
+    let stream = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    let typing = parts.next().unwrap_or("0").parse().map_err(|_| bad())?;
+    let to_device = parts.next().unwrap_or("0").parse().map_err(|_| bad())?;
+    Ok(Since { stream, typing, to_device })
 }
 
 fn load_sync_filter(conn: &Connection, user: &str, f: Option<&str>) -> MxResult<Filter> {
@@ -69,7 +73,8 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
     loop {
         rx.borrow_and_update();
-        let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state))?;
+        let to_device = keys::take_to_device(&hs, auth.user_id.as_str(), auth.device_id.as_str(), since.map_or(0, |s| s.to_device))?;
+        let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state, to_device))?;
         if since.is_none() || !empty || full_state || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(resp));
         }
@@ -181,7 +186,15 @@ fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Result<Value> {
 }
 
 /// Builds one sync response; the flag says whether it carries nothing new.
-fn build(hs: &Hs, c: &Connection, auth: &Auth, filter: &Filter, since: Option<Since>, full_state: bool) -> MxResult<(Value, bool)> {
+fn build(
+    hs: &Hs,
+    c: &Connection,
+    auth: &Auth,
+    filter: &Filter,
+    since: Option<Since>,
+    full_state: bool,
+    (to_device, to_device_pos): (Vec<Value>, i64),
+) -> MxResult<(Value, bool)> {
     let user = auth.user_id.as_str();
     let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
     let upto = hs.db.current_stream();
@@ -348,16 +361,28 @@ fn build(hs: &Hs, c: &Connection, auth: &Auth, filter: &Filter, since: Option<Si
         Vec::new()
     };
     let presence: Vec<Value> = presence.into_iter().filter(|e| filter.presence.allows(e)).collect();
-    let empty = join.is_empty() && invite.is_empty() && leave.is_empty() && knock.is_empty() && global_ad.is_empty() && presence.is_empty();
+    let (changed, left) = match since {
+        Some(s) => keys::device_list_delta(c, user, s.stream, upto)?,
+        None => (Vec::new(), Vec::new()),
+    };
+    let empty = join.is_empty()
+        && invite.is_empty()
+        && leave.is_empty()
+        && knock.is_empty()
+        && global_ad.is_empty()
+        && presence.is_empty()
+        && to_device.is_empty()
+        && changed.is_empty()
+        && left.is_empty();
     let resp = json!({
-        "next_batch": format!("s{upto}_{typing_now}"),
+        "next_batch": format!("s{upto}_{typing_now}_{to_device_pos}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
         "account_data": { "events": global_ad },
         "presence": { "events": presence },
-        "to_device": { "events": [] },
-        "device_lists": { "changed": [], "left": [] },
-        "device_one_time_keys_count": {},
-        "device_unused_fallback_key_types": [],
+        "to_device": { "events": to_device },
+        "device_lists": { "changed": changed, "left": left },
+        "device_one_time_keys_count": keys::otk_counts(c, user, auth.device_id.as_str())?,
+        "device_unused_fallback_key_types": keys::unused_fallback_types(c, user, auth.device_id.as_str())?,
     });
     Ok((resp, empty))
 }
