@@ -25,6 +25,8 @@ pub struct HomeserverConfig {
     /// New rooms with the `private_chat` or `trusted_private_chat` preset are
     /// end-to-end encrypted (as Element expects).
     pub encrypt_private_rooms: bool,
+    /// Largest media upload in bytes.
+    pub media_max_bytes: u64,
     /// Presence tracking. Off costs nothing: no writes, no wake-ups.
     pub presence: bool,
     /// `full` makes SQLite fsync on every commit (survives power loss, slower on SD
@@ -59,6 +61,7 @@ impl Default for HomeserverConfig {
             default_room_version: "12".to_owned(),
             max_request_bytes: 1024 * 1024,
             encrypt_private_rooms: true,
+            media_max_bytes: 100 * 1024 * 1024,
             presence: false,
             durability: Durability::Normal,
             auth_rate_burst: 10,

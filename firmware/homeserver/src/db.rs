@@ -215,6 +215,24 @@ CREATE TABLE IF NOT EXISTS backup_keys (
     json TEXT NOT NULL,
     PRIMARY KEY (user_id, version, room_id, session_id)
 );
+CREATE TABLE IF NOT EXISTS media (
+    media_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    content_type TEXT,
+    filename TEXT,
+    size INTEGER,
+    created_ts INTEGER NOT NULL,
+    uploaded INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS media_thumbnails (
+    media_id TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (media_id, width, height, method)
+);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );

@@ -12,6 +12,7 @@ mod error;
 mod extract;
 mod filter;
 mod keys;
+mod media;
 mod backup;
 pub mod pdu;
 mod rooms;
@@ -50,6 +51,7 @@ pub struct Hs {
     pub config: HomeserverConfig,
     pub server_name: OwnedServerName,
     pub db: Db,
+    pub(crate) data_dir: std::path::PathBuf,
     keypair: Ed25519KeyPair,
     key_id: String,
     notifier: Notifier,
@@ -81,6 +83,7 @@ impl Hs {
             config,
             server_name,
             db,
+            data_dir: data_dir.to_owned(),
             keypair,
             key_id,
             notifier: Notifier::default(),

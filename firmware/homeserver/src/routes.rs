@@ -12,7 +12,7 @@ use axum::{
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::{account, admin, backup, ephemeral, error::MxError, keys, rooms, search, sync, Hs};
+use crate::{account, admin, backup, ephemeral, error::MxError, keys, media, rooms, search, sync, Hs};
 
 /// Spec versions this server implements (newest is the current stable spec).
 pub const SPEC_VERSIONS: &[&str] = &[
@@ -116,8 +116,24 @@ fn client_v3() -> Router<Arc<Hs>> {
         .route("/thirdparty/protocols", get(no_protocols))
 }
 
+fn media_legacy() -> Router<Arc<Hs>> {
+    Router::new()
+        .route("/config", get(media::config))
+        .route("/upload", post(media::upload))
+        .route("/upload/{server}/{media_id}", put(media::upload_to))
+        .route("/download/{server}/{media_id}", get(media::legacy_download))
+        .route("/download/{server}/{media_id}/{filename}", get(media::legacy_download_named))
+        .route("/thumbnail/{server}/{media_id}", get(media::legacy_thumbnail))
+        .route("/preview_url", get(media::preview_url))
+}
+
 fn client_v1() -> Router<Arc<Hs>> {
     Router::new()
+        .route("/media/config", get(media::config))
+        .route("/media/download/{server}/{media_id}", get(media::download))
+        .route("/media/download/{server}/{media_id}/{filename}", get(media::download_named))
+        .route("/media/thumbnail/{server}/{media_id}", get(media::thumbnail))
+        .route("/media/preview_url", get(media::preview_url))
         .route("/register/m.login.registration_token/validity", get(account::registration_token_validity))
         .route("/rooms/{room_id}/relations/{event_id}", get(rooms::relations))
         .route("/rooms/{room_id}/relations/{event_id}/{rel_type}", get(rooms::relations_typed))
@@ -211,6 +227,9 @@ pub fn router(hs: Arc<Hs>) -> Router {
         .nest("/_matrix/client/v3", v3.clone())
         .nest("/_matrix/client/r0", v3)
         .nest("/_matrix/client/v1", client_v1())
+        .nest("/_matrix/media/v3", media_legacy())
+        .nest("/_matrix/media/r0", media_legacy())
+        .route("/_matrix/media/v1/create", post(media::create))
         .route("/_synapse/admin/v1/register", get(admin::register_nonce).post(admin::register_with_secret))
         .route_layer(axum::middleware::from_fn(log_request))
         .fallback(unrecognized)

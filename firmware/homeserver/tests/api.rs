@@ -449,3 +449,166 @@ async fn pushers_are_kept_and_removed() {
     let (_, v) = b.call("GET", "/_matrix/client/v3/pushers", Some(&t), json!({})).await;
     assert_eq!(v["pushers"].as_array().unwrap().len(), 0);
 }
+
+fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().unwrap();
+        let data: Vec<u8> = (0..w * h * 3).map(|i| (i % 251) as u8).collect();
+        wr.write_image_data(&data).unwrap();
+    }
+    out
+}
+
+/// A tiny PNG that claims to be 30000 × 30000 pixels.
+fn png_bomb() -> Vec<u8> {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.png");
+    {
+        let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        let mut enc = png::Encoder::new(file, 30_000, 30_000);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::One);
+        enc.set_compression(png::Compression::Fast);
+        let mut wr = enc.write_header().unwrap().into_stream_writer().unwrap();
+        let row = vec![0u8; 30_000 / 8];
+        for _ in 0..30_000 {
+            wr.write_all(&row).unwrap();
+        }
+        wr.finish().unwrap();
+    }
+    std::fs::read(&path).unwrap()
+}
+
+impl Box_ {
+    async fn upload(&self, token: &str, ctype: &str, body: Vec<u8>) -> (u16, Value) {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/_matrix/media/v3/upload?filename=photo.png")
+            .header("content-type", ctype)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(body))
+            .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn get_bytes(&self, uri: &str, token: &str) -> (u16, http::HeaderMap, Vec<u8>) {
+        let req = Request::builder().uri(uri).header("authorization", format!("Bearer {token}")).body(Body::empty()).unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        (status, headers, bytes.to_vec())
+    }
+}
+
+#[tokio::test]
+async fn media_upload_download_thumbnail_and_bad_input() {
+    let b = new_box_with(HomeserverConfig { server_name: "test.box".into(), media_max_bytes: 1_000_000, ..Default::default() });
+    let (_, t) = b.register("alice").await;
+    let png = png_bytes(400, 300);
+    let (s, v) = b.upload(&t, "image/png", png.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    let uri = v["content_uri"].as_str().unwrap().to_owned();
+    let id = uri.rsplit('/').next().unwrap().to_owned();
+    let (s, h, body) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}"), &t).await;
+    assert_eq!(s, 200);
+    assert_eq!(body, png);
+    assert_eq!(h["content-type"], "image/png");
+    assert!(h["content-disposition"].to_str().unwrap().contains("photo.png"));
+    let (s, h, body) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=96&height=96&method=crop"), &t).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "image/png");
+    let thumb = image::load_from_memory(&body).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (96, 96));
+    let (s, _, body2) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=90&height=90&method=crop"), &t).await;
+    assert_eq!((s, &body2), (200, &body), "served from the cache");
+    let (s, _, body) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=320&height=240"), &t).await;
+    assert_eq!(s, 200);
+    let thumb = image::load_from_memory(&body).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (320, 240));
+
+    // Authenticated media needs a token.
+    let (s, _, _) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}"), "bad").await;
+    assert_eq!(s, 401);
+
+    let media_files = || walk(&b._dir.path().join("media"));
+    let before = media_files();
+    // Too large, lying content type: refused, nothing stored.
+    assert_err(&b.upload(&t, "application/octet-stream", vec![0u8; 1_000_001]).await, 413, "M_TOO_LARGE");
+    assert_err(&b.upload(&t, "image/png", b"GIF89a this is not a png".to_vec()).await, 400, "M_INVALID_PARAM");
+    assert_eq!(media_files(), before, "refused uploads leave no files");
+    // Path traversal and enormous sizes.
+    for bad in ["..%2F..%2Fhomeserver.db", "a%2Fb", "%2E%2E"] {
+        let (s, _, body) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{bad}"), &t).await;
+        assert!(s == 400 || s == 404, "{bad}: {s}");
+        assert!(!String::from_utf8_lossy(&body).contains("SQLite"), "{bad}");
+    }
+    let (s, _, _) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=100000&height=100000"), &t).await;
+    assert_eq!(s, 400);
+    // A decompression bomb is refused without decoding it.
+    let bomb = png_bomb();
+    assert!(bomb.len() < 1_000_000, "bomb is {} bytes", bomb.len());
+    let (s, v) = b.upload(&t, "image/png", bomb).await;
+    assert_eq!(s, 200, "{v}");
+    let bomb_id = v["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let req = Request::builder()
+        .uri(format!("/_matrix/client/v1/media/thumbnail/test.box/{bomb_id}?width=96&height=96&method=crop"))
+        .header("authorization", format!("Bearer {t}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = b.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    // Config.
+    let (_, v) = b.call("GET", "/_matrix/client/v1/media/config", Some(&t), json!({})).await;
+    assert_eq!(v["m.upload.size"], 1_000_000);
+}
+
+#[tokio::test]
+async fn async_media_upload() {
+    let b = new_box();
+    let (_, t) = b.register("alice").await;
+    let (_, bob) = b.register("bob").await;
+    let (s, v) = b.call("POST", "/_matrix/media/v1/create", Some(&t), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let (s, _, _) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}?timeout_ms=0"), &t).await;
+    assert_eq!(s, 504);
+    let put = |token: &str| {
+        Request::builder()
+            .method("PUT")
+            .uri(format!("/_matrix/media/v3/upload/test.box/{id}?filename=a.txt"))
+            .header("content-type", "text/plain")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from("hello"))
+            .unwrap()
+    };
+    assert_eq!(b.app.clone().oneshot(put(&bob)).await.unwrap().status().as_u16(), 403);
+    assert_eq!(b.app.clone().oneshot(put(&t)).await.unwrap().status().as_u16(), 200);
+    assert_eq!(b.app.clone().oneshot(put(&t)).await.unwrap().status().as_u16(), 409);
+    let (s, _, body) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}"), &t).await;
+    assert_eq!((s, body.as_slice()), (200, b"hello".as_slice()));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
