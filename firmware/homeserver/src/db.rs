@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS rooms (
     room_id TEXT PRIMARY KEY,
     room_version TEXT NOT NULL,
     is_public INTEGER NOT NULL DEFAULT 0,
-    created_ts INTEGER NOT NULL
+    created_ts INTEGER NOT NULL,
+    bump_stamp INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     stream INTEGER PRIMARY KEY,
@@ -233,10 +234,29 @@ CREATE TABLE IF NOT EXISTS media_thumbnails (
     size INTEGER NOT NULL,
     PRIMARY KEY (media_id, width, height, method)
 );
+CREATE TABLE IF NOT EXISTS sliding_sync_positions (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    conn_id TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, conn_id, pos)
+);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );
 "#;
+
+/// Brings databases made by older versions up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_bump: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('rooms') WHERE name='bump_stamp'")?
+        .exists([])?;
+    if !has_bump {
+        conn.execute_batch("ALTER TABLE rooms ADD COLUMN bump_stamp INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    Ok(())
+}
 
 /// The database handle shared by all requests.
 pub struct Db {
@@ -272,6 +292,7 @@ impl Db {
         let conn = Connection::open(path)?;
         configure(&conn, durability)?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let stream: i64 = conn.query_row(
             "SELECT MAX(m) FROM (
                 SELECT COALESCE(MAX(stream),0) AS m FROM events

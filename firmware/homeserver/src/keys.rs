@@ -715,7 +715,7 @@ pub async fn send_to_device(
 
 /// Acknowledges to-device messages up to `acked` and returns the next batch for
 /// the device with the highest id handed out.
-pub fn take_to_device(hs: &Hs, user: &str, device: &str, acked: i64) -> MxResult<(Vec<Value>, i64)> {
+pub fn take_to_device(hs: &Hs, user: &str, device: &str, acked: i64, limit: i64) -> MxResult<(Vec<Value>, i64)> {
     if acked > 0 {
         let pending_ack = hs.db.read(|c| {
             c.query_row(
@@ -737,7 +737,7 @@ pub fn take_to_device(hs: &Hs, user: &str, device: &str, acked: i64) -> MxResult
         )?;
         let mut last = acked;
         let mut out = Vec::new();
-        for row in st.query_map(params![user, device, acked, TO_DEVICE_PER_SYNC], |r| {
+        for row in st.query_map(params![user, device, acked, limit], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
         })? {
             let (id, sender, kind, content) = row?;

@@ -18,6 +18,7 @@ pub mod pdu;
 mod rooms;
 mod routes;
 mod search;
+mod ssync;
 mod sync;
 
 use std::{

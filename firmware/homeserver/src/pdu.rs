@@ -428,6 +428,9 @@ impl Hs {
             }
         }
         search::index_event(w, stream, room_id, &pdu.kind, &content)?;
+        if is_bump(&pdu.kind) {
+            w.tx.execute("UPDATE rooms SET bump_stamp=?1 WHERE room_id=?2", params![stream, room_id])?;
+        }
         Ok(stream)
     }
 }
@@ -452,6 +455,15 @@ fn apply_redaction(
     )?;
     search::unindex_event(w, stored.stream)?;
     Ok(())
+}
+
+/// Events that move a room up the room list.
+pub fn is_bump(kind: &TimelineEventType) -> bool {
+    matches!(
+        kind.to_string().as_str(),
+        "m.room.create" | "m.room.message" | "m.room.encrypted" | "m.sticker" | "m.call.invite" | "m.poll.start"
+            | "m.beacon_info" | "org.matrix.msc3381.poll.start"
+    )
 }
 
 pub fn to_canonical(v: Value) -> MxResult<CanonicalJsonObject> {

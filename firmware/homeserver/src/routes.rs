@@ -12,7 +12,7 @@ use axum::{
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::{account, admin, backup, ephemeral, error::MxError, keys, media, rooms, search, sync, Hs};
+use crate::{account, admin, backup, ephemeral, error::MxError, keys, media, rooms, search, ssync, sync, Hs};
 
 /// Spec versions this server implements (newest is the current stable spec).
 pub const SPEC_VERSIONS: &[&str] = &[
@@ -148,6 +148,7 @@ async fn versions() -> impl IntoResponse {
             "org.matrix.msc3440.stable": true,
             "org.matrix.msc2285.stable": true,
             "org.matrix.msc3827.stable": true,
+            "org.matrix.simplified_msc3575": true,
         }
     }))
 }
@@ -230,6 +231,8 @@ pub fn router(hs: Arc<Hs>) -> Router {
         .nest("/_matrix/media/v3", media_legacy())
         .nest("/_matrix/media/r0", media_legacy())
         .route("/_matrix/media/v1/create", post(media::create))
+        .route("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", post(ssync::sliding_sync))
+        .route("/_matrix/client/v5/sync", post(ssync::sliding_sync))
         .route("/_synapse/admin/v1/register", get(admin::register_nonce).post(admin::register_with_secret))
         .route_layer(axum::middleware::from_fn(log_request))
         .fallback(unrecognized)

@@ -73,7 +73,7 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
     loop {
         rx.borrow_and_update();
-        let to_device = keys::take_to_device(&hs, auth.user_id.as_str(), auth.device_id.as_str(), since.map_or(0, |s| s.to_device))?;
+        let to_device = keys::take_to_device(&hs, auth.user_id.as_str(), auth.device_id.as_str(), since.map_or(0, |s| s.to_device), keys::TO_DEVICE_PER_SYNC)?;
         let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state, to_device))?;
         if since.is_none() || !empty || full_state || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(resp));
@@ -95,7 +95,7 @@ fn membership_rows(c: &Connection, user: &str) -> rusqlite::Result<Vec<(String, 
     r
 }
 
-fn events_between(c: &Connection, room: &str, after: i64, upto: i64, limit: i64) -> rusqlite::Result<(Vec<StoredEvent>, bool)> {
+pub(crate) fn events_between(c: &Connection, room: &str, after: i64, upto: i64, limit: i64) -> rusqlite::Result<(Vec<StoredEvent>, bool)> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream>?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"
     ))?;
@@ -106,7 +106,7 @@ fn events_between(c: &Connection, room: &str, after: i64, upto: i64, limit: i64)
     Ok((rows, limited))
 }
 
-fn account_data_since(c: &Connection, user: &str, room: &str, since: i64, upto: i64) -> rusqlite::Result<Vec<Value>> {
+pub(crate) fn account_data_since(c: &Connection, user: &str, room: &str, since: i64, upto: i64) -> rusqlite::Result<Vec<Value>> {
     let mut st = c.prepare_cached(
         "SELECT type, content FROM account_data WHERE user_id=?1 AND room_id=?2 AND stream>?3 AND stream<=?4 ORDER BY stream",
     )?;
@@ -119,7 +119,7 @@ fn account_data_since(c: &Connection, user: &str, room: &str, since: i64, upto: 
     r
 }
 
-fn receipts_since(c: &Connection, room: &str, user: &str, since: i64, upto: i64) -> rusqlite::Result<Option<Value>> {
+pub(crate) fn receipts_since(c: &Connection, room: &str, user: &str, since: i64, upto: i64) -> rusqlite::Result<Option<Value>> {
     let mut st = c.prepare_cached(
         "SELECT user_id, receipt_type, thread_id, event_id, ts FROM receipts WHERE room_id=?1 AND stream>?2 AND stream<=?3",
     )?;
@@ -142,7 +142,7 @@ fn receipts_since(c: &Connection, room: &str, user: &str, since: i64, upto: i64)
     Ok(if content.is_empty() { None } else { Some(json!({ "type": "m.receipt", "content": content })) })
 }
 
-fn unread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<(i64, i64)> {
+pub(crate) fn unread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<(i64, i64)> {
     let last_read: i64 = c.query_row(
         "SELECT COALESCE(MAX(e.stream),0) FROM receipts r JOIN events e ON e.event_id=r.event_id
          WHERE r.room_id=?1 AND r.user_id=?2 AND r.receipt_type IN ('m.read','m.read.private')",
@@ -169,7 +169,7 @@ fn unread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<(i6
     )
 }
 
-fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Result<Value> {
+pub(crate) fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Result<Value> {
     let count = |m: &str| -> rusqlite::Result<i64> {
         c.query_row(
             "SELECT COUNT(*) FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership=?2",

@@ -61,6 +61,14 @@ struct Args {
     /// Long-polling /sync clients (one per user; capped at --users).
     #[arg(long, default_value_t = 100)]
     listeners: usize,
+    /// Offered load in messages per second over all senders (open loop: message i is sent
+    /// no earlier than i/rate s after the send phase starts). 0 = as fast as the senders can.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Listeners post an m.read receipt for the newest event of each room their sync returned
+    /// (like a client showing every room), in the background.
+    #[arg(long)]
+    read_receipts: bool,
     /// Rooms each user is in (user 0 is in all of them).
     #[arg(long, default_value_t = 5)]
     rooms_per_user: usize,
@@ -118,6 +126,9 @@ struct Report {
     messages: usize,
     senders: usize,
     listeners: usize,
+    /// Offered messages/s (null = closed loop, as fast as possible).
+    rate: Option<f64>,
+    read_receipts: bool,
     startup_ms: Option<f64>,
     idle_rss_kb: Option<u64>,
     rss_after_kb: Option<u64>,
@@ -150,8 +161,15 @@ struct Report {
     errors_total: u64,
     /// Lines with WARN / ERROR in the spawned server's log (only with --spawn).
     server_log: Option<BTreeMap<String, u64>>,
+    /// /proc/loadavg 1-minute figure before and after the run: other work on the machine skews the figures.
+    loadavg_1m_before: Option<f64>,
+    loadavg_1m_after: Option<f64>,
     timed_out: bool,
     wall_s: f64,
+}
+
+fn loadavg_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -471,7 +489,17 @@ async fn listener(
         };
         let mut lats = Vec::new();
         if let Some(join) = v.pointer("/rooms/join").and_then(Value::as_object) {
-            for room in join.values() {
+            for (room_id, room) in join {
+                if ctx.args.read_receipts {
+                    let last = room.pointer("/timeline/events").and_then(Value::as_array).and_then(|e| e.last());
+                    if let Some(eid) = last.and_then(|e| e.get("event_id")).and_then(Value::as_str) {
+                        let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(room_id), enc(eid));
+                        let (ctx, user) = (ctx.clone(), user.clone());
+                        tokio::spawn(async move {
+                            ctx.http.call("receipt", Method::Post, &path, Some(&user.token), Some(&json!({})), REQ_TIMEOUT).await;
+                        });
+                    }
+                }
                 if room.pointer("/timeline/limited").and_then(Value::as_bool) == Some(true) {
                     shared.limited.fetch_add(1, Ordering::Relaxed);
                 }
@@ -519,6 +547,7 @@ async fn sender(
     user: Arc<User>,
     sender_idx: usize,
     rooms: Vec<(String, usize)>, // (room id, deliveries expected per message: listeners in room other than me)
+    phase_start: Instant,
 ) {
     if rooms.is_empty() {
         return;
@@ -530,6 +559,10 @@ async fn sender(
         let i = shared.next_msg.fetch_add(1, Ordering::Relaxed);
         if i >= total || ctx.past_deadline() {
             break;
+        }
+        if ctx.args.rate > 0.0 {
+            let at = phase_start + Duration::from_secs_f64(i as f64 / ctx.args.rate);
+            tokio::time::sleep_until(at.into()).await;
         }
         let (room, expect) = &rooms[k % rooms.len()];
         k += 1;
@@ -551,8 +584,9 @@ async fn sender(
             let n = shared.sent_ok.fetch_add(1, Ordering::Relaxed) + 1;
             let step = (total / 10).max(1);
             if n.is_multiple_of(step) && shared.last_progress.fetch_max(n as u64, Ordering::Relaxed) < n as u64 {
+                let cpu = ctx.pid.and_then(|p| read_cpu_s(&p.to_string())).map(|c| format!(", server cpu {c:.1}s")).unwrap_or_default();
                 ctx.progress(format!(
-                    "sent {n}/{total}, deliveries {}/{}",
+                    "sent {n}/{total}, deliveries {}/{}{cpu}",
                     shared.received.load(Ordering::Relaxed),
                     shared.expected.load(Ordering::Relaxed)
                 ));
@@ -758,7 +792,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
                 Some((id, listeners_in_room[r] - usize::from(is_listener[s])))
             })
             .collect();
-        senders.push(tokio::spawn(sender(ctx.clone(), shared.clone(), u, s, rooms)));
+        senders.push(tokio::spawn(sender(ctx.clone(), shared.clone(), u, s, rooms, t2)));
     }
     for h in senders {
         let _ = h.await;
@@ -862,6 +896,7 @@ fn main() {
 
 async fn run(args: Args, started: Instant) -> i32 {
     let run = run_id();
+    let load_before = loadavg_1m();
     let deadline = started + Duration::from_secs(args.max_seconds);
     let client = match reqwest::Client::builder().no_proxy().pool_idle_timeout(Duration::from_secs(90)).build() {
         Ok(c) => c,
@@ -962,7 +997,10 @@ async fn run(args: Args, started: Instant) -> i32 {
         messages: args.messages,
         senders: args.senders.min(args.users),
         listeners: args.listeners.min(args.users),
+        rate: (args.rate > 0.0).then_some(args.rate),
+        read_receipts: args.read_receipts,
         startup_ms,
+        loadavg_1m_before: load_before,
         ..Default::default()
     };
     let ctx = Arc::new(Ctx {
@@ -1001,6 +1039,7 @@ async fn run(args: Args, started: Instant) -> i32 {
             eprintln!("server data and log kept in {}", sp.dir.display());
         }
     }
+    rep.loadavg_1m_after = loadavg_1m();
     rep.wall_s = round3(started.elapsed().as_secs_f64());
     match serde_json::to_string(&rep) {
         Ok(s) => println!("{s}"),
