@@ -33,22 +33,40 @@ pub fn valid_localpart(l: &str) -> bool {
         && l.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
 }
 
+/// Argon2id with OWASP's lower-memory setting of equal strength (7 MiB, 5 passes)
+/// instead of the crate default (19 MiB, 2 passes): boxes have little RAM.
+fn argon2() -> argon2::Argon2<'static> {
+    use argon2::{Algorithm, Argon2, Params, Version};
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(7 * 1024, 5, 1, None).expect("valid argon2 params"))
+}
+
 pub fn hash_password(password: &str) -> MxResult<String> {
-    use argon2::{password_hash::SaltString, Argon2, PasswordHasher};
+    use argon2::{password_hash::SaltString, PasswordHasher};
     let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-    Argon2::default()
+    argon2()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| MxError::unknown(format!("password hashing failed: {e}")))
 }
 
+/// Checks a password against a stored PHC hash (its own parameters are used).
 pub fn verify_password(hash: &str, password: &str) -> bool {
-    use argon2::{Argon2, PasswordHash, PasswordVerifier};
-    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    use argon2::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash).is_ok_and(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
 }
 
-async fn hash_password_blocking(password: String) -> MxResult<String> {
+/// At most two password hashes are computed at once, so a burst of logins or
+/// registrations cannot take the box's memory (each needs 7 MiB) or both cores.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+pub async fn hash_password_async(password: String) -> MxResult<String> {
+    let _permit = HASHING.acquire().await.map_err(|e| MxError::unknown(e.to_string()))?;
     tokio::task::spawn_blocking(move || hash_password(&password)).await.map_err(|e| MxError::unknown(e.to_string()))?
+}
+
+pub async fn verify_password_async(hash: String, password: String) -> bool {
+    let Ok(_permit) = HASHING.acquire().await else { return false };
+    tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await.unwrap_or(false)
 }
 
 /// Creates a user row. Fails with `M_USER_IN_USE` when taken.
@@ -177,7 +195,7 @@ impl Hs {
         })?;
         let ok = who.as_deref() == Some(user.user_id.as_str())
             && match hash {
-                Some(h) => tokio::task::spawn_blocking(move || verify_password(&h, &password)).await.unwrap_or(false),
+                Some(h) => verify_password_async(h, password).await,
                 None => false,
             };
         if !ok {
@@ -334,7 +352,7 @@ pub async fn register(
     if password.len() > 512 {
         return Err(MxError::invalid_param("password too long"));
     }
-    let hash = hash_password_blocking(password).await?;
+    let hash = hash_password_async(password).await?;
     let (device, token) = hs.db.write(|w| -> MxResult<_> {
         if let Some(t) = &used_token {
             // Checked again inside the write lock so a token's uses are never exceeded.
@@ -436,7 +454,7 @@ pub async fn login(State(hs): State<Arc<Hs>>, ClientAddr(addr): ClientAddr, Json
         .optional()
     })?;
     let Some((Some(hash), deactivated)) = row else { return Err(forbidden()) };
-    let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await.unwrap_or(false);
+    let ok = verify_password_async(hash, password).await;
     if !ok {
         return Err(forbidden());
     }
@@ -483,7 +501,7 @@ pub async fn change_password(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): 
     if body.new_password.is_empty() || body.new_password.len() > 512 {
         return Err(MxError::new(StatusCode::BAD_REQUEST, "M_WEAK_PASSWORD", "Password must be 1 to 512 characters"));
     }
-    let hash = hash_password_blocking(body.new_password).await?;
+    let hash = hash_password_async(body.new_password).await?;
     hs.db.write(|w| {
         w.tx.execute("UPDATE users SET password_hash=?1 WHERE user_id=?2", params![hash, auth.user_id.as_str()])?;
         if body.logout_devices.unwrap_or(true) {

@@ -207,8 +207,7 @@ pub async fn register_with_secret(
         return Err(MxError::invalid_username("Invalid username"));
     }
     let user_id = UserId::parse_with_server_name(l.as_str(), &hs.server_name).map_err(|_| MxError::invalid_username("Invalid username"))?;
-    let password = body.password.clone();
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password)).await.map_err(|e| MxError::unknown(e.to_string()))??;
+    let hash = crate::account::hash_password_async(body.password.clone()).await?;
     let (device, token) = hs.db.write(|w| -> MxResult<_> {
         insert_user(w, &user_id, Some(&hash), body.admin, body.displayname.as_deref())?;
         new_session(w, user_id.as_str(), None, None)

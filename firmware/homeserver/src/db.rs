@@ -242,6 +242,18 @@ CREATE TABLE IF NOT EXISTS sliding_sync_positions (
     state TEXT NOT NULL,
     PRIMARY KEY (user_id, device_id, conn_id, pos)
 );
+CREATE TABLE IF NOT EXISTS notifications (
+    user_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    thread_id TEXT,
+    highlight INTEGER NOT NULL,
+    actions TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_id, stream)
+);
+CREATE INDEX IF NOT EXISTS notifications_user ON notifications(user_id, stream);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );

@@ -161,8 +161,9 @@ impl Typing {
 }
 
 /// Expires typing notices in the background.
-pub async fn typing_reaper(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
+pub async fn housekeeping(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seconds: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -171,7 +172,25 @@ pub async fn typing_reaper(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
         for room in hs.typing.expire() {
             hs.notify_room(&room);
         }
+        seconds += 1;
+        if seconds % 3600 == 60 {
+            if let Err(e) = prune(&hs) {
+                tracing::warn!(errcode = e.errcode, "housekeeping failed");
+            }
+        }
     }
+}
+
+/// Drops what nobody needs any more: old notifications, media ids never uploaded.
+fn prune(hs: &Hs) -> MxResult<()> {
+    let now = now_ms() as i64;
+    let (n, m) = hs.db.write(|w| -> rusqlite::Result<(usize, usize)> {
+        let n = w.tx.execute("DELETE FROM notifications WHERE ts<?1", [now - 30 * 24 * 3600 * 1000])?;
+        let m = w.tx.execute("DELETE FROM media WHERE uploaded=0 AND created_ts<?1", [now - 24 * 3600 * 1000])?;
+        Ok((n, m))
+    })?;
+    tracing::debug!(notifications = n, media_ids = m, "pruned");
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -439,6 +458,7 @@ pub fn push_rules(conn: &Connection, user: &UserId) -> MxResult<Ruleset> {
 fn save_push_rules(hs: &Hs, user: &UserId, rules: &Ruleset) -> MxResult<()> {
     let v = json!({ "global": rules });
     hs.db.write(|w| set_account_data_row(w, user.as_str(), "", "m.push_rules", &v))?;
+    hs.push_rules.invalidate(user.as_str());
     hs.notify_users([user.as_str()]);
     Ok(())
 }

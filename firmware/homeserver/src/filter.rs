@@ -15,6 +15,7 @@ pub struct EventFilter {
     pub not_rooms: Vec<String>,
     pub contains_url: Option<bool>,
     pub lazy_load_members: bool,
+    pub unread_thread_notifications: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

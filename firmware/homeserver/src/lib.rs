@@ -17,6 +17,7 @@ mod backup;
 pub mod pdu;
 mod rooms;
 mod routes;
+mod push;
 mod search;
 mod ssync;
 mod sync;
@@ -57,6 +58,7 @@ pub struct Hs {
     key_id: String,
     notifier: Notifier,
     pub(crate) typing: ephemeral::Typing,
+    pub(crate) push_rules: push::RulesCache,
     rate: RateLimiter,
     shared_secret: String,
     pub(crate) uia: Mutex<HashMap<String, account::UiaSession>>,
@@ -89,6 +91,7 @@ impl Hs {
             key_id,
             notifier: Notifier::default(),
             typing: ephemeral::Typing::default(),
+            push_rules: push::RulesCache::default(),
             rate,
             shared_secret,
             uia: Mutex::new(HashMap::new()),
@@ -250,7 +253,7 @@ pub async fn serve(hs: Arc<Hs>, addr: SocketAddr, shutdown: Shutdown) -> anyhow:
 pub async fn serve_on(hs: Arc<Hs>, listener: tokio::net::TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let app = hs.router().into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = %listener.local_addr()?, server_name = %hs.server_name, "homeserver listening");
-    tokio::spawn(ephemeral::typing_reaper(hs.clone(), shutdown.clone()));
+    tokio::spawn(ephemeral::housekeeping(hs.clone(), shutdown.clone()));
     let wait = shutdown.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(wait.wait());
     // Long-polls hold connections open: give them a moment, then stop anyway.

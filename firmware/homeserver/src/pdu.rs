@@ -358,6 +358,14 @@ impl Hs {
             .map_err(|e| MxError::forbidden(format!("Event not allowed: {e}")))?;
         }
         let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, ev.txn)?;
+        let thread_root = if ev.kind == "m.room.encrypted" || ev.kind == "m.room.message" {
+            serde_json::from_str::<Value>(pdu.content.get()).ok().and_then(|c| {
+                (c["m.relates_to"]["rel_type"] == "m.thread").then(|| c["m.relates_to"]["event_id"].as_str().map(str::to_owned)).flatten()
+            })
+        } else {
+            None
+        };
+        crate::push::record_notifications(self, w, room_id, &pdu_json, event_id.as_str(), stream, thread_root.as_deref())?;
         if let Some(target) = &pdu.redacts {
             apply_redaction(w, target.as_str(), &event_id, &pdu_json, &rules)?;
         }

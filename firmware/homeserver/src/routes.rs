@@ -12,7 +12,7 @@ use axum::{
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::{account, admin, backup, ephemeral, error::MxError, keys, media, rooms, search, ssync, sync, Hs};
+use crate::{account, admin, backup, ephemeral, error::MxError, keys, media, push, rooms, search, ssync, sync, Hs};
 
 /// Spec versions this server implements (newest is the current stable spec).
 pub const SPEC_VERSIONS: &[&str] = &[
@@ -110,6 +110,7 @@ fn client_v3() -> Router<Arc<Hs>> {
             "/room_keys/keys/{room_id}/{session_id}",
             get(backup::get_session).put(backup::put_session).delete(backup::delete_session),
         )
+        .route("/notifications", get(push::notifications))
         .route("/pushers", get(ephemeral::get_pushers))
         .route("/pushers/set", post(ephemeral::set_pusher))
         .route("/account/3pid", get(no_threepids))

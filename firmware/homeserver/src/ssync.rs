@@ -22,7 +22,7 @@ use crate::{
     keys, pdu,
     pdu::{client_event, Viewer},
     rooms::Visibility,
-    sync::{account_data_since, events_between, receipts_since, unread_counts},
+    sync::{account_data_since, events_between, receipts_since},
     Hs,
 };
 
@@ -371,7 +371,7 @@ fn build(hs: &Hs, c: &Connection, auth: &Auth, req: &SsBody, prev: Option<&ConnS
         let timeline: Vec<Value> = events.iter().map(|e| client_event(c, e, &v, false)).collect();
         let lazy: HashSet<String> = timeline.iter().filter_map(|e| e["sender"].as_str().map(str::to_owned)).collect();
         let required = state_for(c, room, &details.required_state, if initial { 0 } else { after }, user, &lazy, &v)?;
-        let (notes, highlights) = unread_counts(c, room, user)?;
+        let (notes, highlights) = crate::push::room_counts(c, room, user, false)?;
         if initial {
             r.insert("initial".into(), json!(true));
         }

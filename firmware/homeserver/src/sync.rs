@@ -3,7 +3,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use axum::extract::State;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -142,33 +142,6 @@ pub(crate) fn receipts_since(c: &Connection, room: &str, user: &str, since: i64,
     Ok(if content.is_empty() { None } else { Some(json!({ "type": "m.receipt", "content": content })) })
 }
 
-pub(crate) fn unread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<(i64, i64)> {
-    let last_read: i64 = c.query_row(
-        "SELECT COALESCE(MAX(e.stream),0) FROM receipts r JOIN events e ON e.event_id=r.event_id
-         WHERE r.room_id=?1 AND r.user_id=?2 AND r.receipt_type IN ('m.read','m.read.private')",
-        params![room, user],
-        |r| r.get(0),
-    )?;
-    // Events the user sent count as read up to there.
-    let own_last: i64 = c
-        .query_row(
-            "SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1",
-            params![room, user],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(0);
-    let from = last_read.max(own_last);
-    c.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN instr(json, ?3)>0 AND instr(json,'m.mentions')>0 THEN 1 ELSE 0 END),0)
-         FROM events WHERE room_id=?1 AND stream>?4 AND sender<>?2
-         AND type IN ('m.room.message','m.room.encrypted','m.sticker','m.poll.start','org.matrix.msc3381.poll.start')
-         AND redacted_by IS NULL",
-        params![room, user, format!("\"{user}\""), from],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-}
-
 pub(crate) fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Result<Value> {
     let count = |m: &str| -> rusqlite::Result<i64> {
         c.query_row(
@@ -210,6 +183,10 @@ fn build(
                 st.query_map(params![s.stream, upto], |r| r.get(0))?.collect::<Result<_, _>>()?;
             let mut st = c.prepare_cached("SELECT DISTINCT room_id FROM receipts WHERE stream>?1 AND stream<=?2")?;
             set.extend(st.query_map(params![s.stream, upto], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?);
+            let mut st = c.prepare_cached(
+                "SELECT DISTINCT room_id FROM account_data WHERE user_id=?1 AND room_id<>'' AND stream>?2 AND stream<=?3",
+            )?;
+            set.extend(st.query_map(params![user, s.stream, upto], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?);
             Some(set)
         }
     };
@@ -227,10 +204,10 @@ fn build(
                 let initial_room = since.is_none() || newly || full_state;
                 let room_changed = changed_rooms.as_ref().is_none_or(|s| s.contains(&room));
                 let typing = hs.typing.users_if_changed(&room, if initial_room { None } else { since.map(|s| s.typing) });
-                let room_ad = account_data_since(c, user, &room, if initial_room { 0 } else { from }, upto)?;
-                if !initial_room && !room_changed && typing.is_none() && room_ad.is_empty() {
+                if !initial_room && !room_changed && typing.is_none() {
                     continue;
                 }
+                let room_ad = account_data_since(c, user, &room, if initial_room { 0 } else { from }, upto)?;
                 let tl_from = if initial_room && since.is_none() { 0 } else { from };
                 let (events, mut limited) = if rf.timeline.limit == Some(0) {
                     (vec![], true)
@@ -291,7 +268,14 @@ fn build(
                     ephemeral.push(r);
                 }
                 let ephemeral: Vec<Value> = ephemeral.into_iter().filter(|e| rf.ephemeral.allows_type(e["type"].as_str().unwrap_or(""))).collect();
-                let (notes, highlights) = unread_counts(c, &room, user)?;
+                let per_thread = rf.timeline.unread_thread_notifications;
+                let (notes, highlights) = crate::push::room_counts(c, &room, user, per_thread)?;
+                let mut thread_notes = Map::new();
+                if per_thread {
+                    for (t, (n, h)) in crate::push::thread_counts(c, &room, user)? {
+                        thread_notes.insert(t, json!({ "notification_count": n, "highlight_count": h }));
+                    }
+                }
                 let prev_batch = format!("s{}", tl_start - 1);
                 let mut entry = json!({
                     "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch },
@@ -299,7 +283,7 @@ fn build(
                     "ephemeral": { "events": ephemeral },
                     "account_data": { "events": room_ad.into_iter().filter(|e| rf.account_data.allows_type(e["type"].as_str().unwrap_or(""))).collect::<Vec<_>>() },
                     "unread_notifications": { "notification_count": notes, "highlight_count": highlights },
-                    "unread_thread_notifications": {},
+                    "unread_thread_notifications": thread_notes,
                 });
                 if initial_room || events.iter().any(|e| e.json.contains("\"m.room.member\"")) {
                     entry["summary"] = summary(c, &room, user)?;

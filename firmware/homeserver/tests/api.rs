@@ -612,3 +612,40 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+#[tokio::test]
+async fn push_rules_drive_unread_and_highlight_counts() {
+    let b = new_box();
+    let (alice_id, alice) = b.register("alice").await;
+    let (_, bob) = b.register("bob").await;
+    let room = b.room(&alice).await;
+    assert_eq!(b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await.0, 200);
+    let send = |txn: &str, content: Value| {
+        let url = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+        let bob = bob.clone();
+        let b = &b;
+        async move { b.call("PUT", &url, Some(&bob), content).await }
+    };
+    send("1", json!({"msgtype": "m.text", "body": "hello all"})).await;
+    let (_, mention) = send("2", json!({"msgtype": "m.text", "body": "alice, look", "m.mentions": {"user_ids": [alice_id]}})).await;
+    let counts = |v: &Value| {
+        let r = &v["rooms"]["join"][&room]["unread_notifications"];
+        (r["notification_count"].as_i64().unwrap(), r["highlight_count"].as_i64().unwrap())
+    };
+    let (_, v) = b.call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({})).await;
+    assert_eq!(counts(&v), (2, 1), "{}", v["rooms"]["join"][&room]["unread_notifications"]);
+    let (_, n) = b.call("GET", "/_matrix/client/v3/notifications?only=highlight", Some(&alice), json!({})).await;
+    assert_eq!(n["notifications"].as_array().unwrap().len(), 1);
+    assert_eq!(n["notifications"][0]["event"]["event_id"], mention["event_id"]);
+    // A mute rule for the room silences new messages.
+    let (s, _) = b
+        .call("PUT", &format!("/_matrix/client/v3/pushrules/global/room/{}", enc(&room)), Some(&alice), json!({"actions": []}))
+        .await;
+    assert_eq!(s, 200);
+    send("3", json!({"msgtype": "m.text", "body": "quiet"})).await;
+    // Reading the mention clears both counts.
+    let rec = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(mention["event_id"].as_str().unwrap()));
+    assert_eq!(b.call("POST", &rec, Some(&alice), json!({})).await.0, 200);
+    let (_, v) = b.call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({})).await;
+    assert_eq!(counts(&v), (0, 0));
+}

@@ -125,6 +125,7 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 }
 
 fn main() -> anyhow::Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run { config } => {
@@ -173,8 +174,21 @@ fn default_config_text() -> String {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // Two workers are plenty on a Pi and keep RAM low.
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    // Two workers are plenty on a Pi and keep RAM low; few blocking threads too
+    // (each may get its own malloc arena).
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?)
+}
+
+/// glibc raises its mmap threshold after large buffers are freed, after which
+/// such buffers come from heap arenas and are kept: pin it so big, short-lived
+/// buffers (password hashing, thumbnails) go back to the system.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 /// Runs every enabled service until SIGTERM/SIGINT.

@@ -1,0 +1,250 @@
+//! Push rules evaluated on every event (ruma's evaluator), notification rows,
+//! unread and highlight counts (per thread too), and `/notifications`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use axum::extract::State;
+use ruma::{
+    power_levels::NotificationPowerLevels,
+    push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+    room_version_rules::RoomPowerLevelsRules,
+    serde::Raw,
+    Int, OwnedUserId, RoomId, UInt, UserId,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    db::WriteTxn,
+    ephemeral,
+    error::{MxError, MxResult},
+    extract::{Auth, QueryArgs},
+    pdu::{self, client_event, Viewer},
+    Hs,
+};
+
+/// Each user's push rules, parsed once and kept until they change.
+#[derive(Default)]
+pub struct RulesCache {
+    map: Mutex<HashMap<String, Arc<Ruleset>>>,
+}
+
+impl RulesCache {
+    fn get(&self, c: &Connection, user: &UserId) -> MxResult<Arc<Ruleset>> {
+        if let Some(r) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(user.as_str()) {
+            return Ok(r.clone());
+        }
+        let rules = Arc::new(ephemeral::push_rules(c, user)?);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        map.insert(user.to_string(), rules.clone());
+        Ok(rules)
+    }
+
+    /// Forgets a user's cached rules (after they changed them).
+    pub fn invalidate(&self, user: &str) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(user);
+    }
+}
+
+fn power_ctx(c: &Connection, room_id: &str) -> MxResult<Option<PushConditionPowerLevelsCtx>> {
+    let Some(version) = pdu::room_version(c, room_id)? else { return Ok(None) };
+    let Some(rules) = version.rules() else { return Ok(None) };
+    let pl = pdu::power_levels(c, room_id)?;
+    let content = pl.content.unwrap_or_else(|| json!({}));
+    let mut users = BTreeMap::new();
+    for (u, l) in content["users"].as_object().into_iter().flatten() {
+        if let (Ok(u), Some(l)) = (UserId::parse(u), l.as_i64()) {
+            users.insert(u, Int::new_saturating(l));
+        }
+    }
+    let users_default = Int::new_saturating(content["users_default"].as_i64().unwrap_or(0));
+    let mut notifications = NotificationPowerLevels::new();
+    notifications.room = Int::new_saturating(content["notifications"]["room"].as_i64().unwrap_or(50));
+    let creators: Vec<OwnedUserId> = pl.creators.iter().filter_map(|c| UserId::parse(c).ok()).collect();
+    let plrules = RoomPowerLevelsRules::new(&rules.authorization, creators);
+    Ok(Some(PushConditionPowerLevelsCtx::new(users, users_default, notifications, plrules)))
+}
+
+/// Evaluates every recipient's push rules for a freshly stored event and records
+/// a notification row where they say "notify". Runs inside the event's write
+/// transaction, so counts and the event become visible together.
+pub fn record_notifications(
+    hs: &Hs,
+    w: &mut WriteTxn<'_>,
+    room_id: &RoomId,
+    event_json: &str,
+    event_id: &str,
+    stream: i64,
+    thread_root: Option<&str>,
+) -> MxResult<()> {
+    let event: Value = serde_json::from_str(event_json)?;
+    let sender = event["sender"].as_str().unwrap_or_default();
+    let mut recipients = pdu::local_members(w, room_id.as_str(), false)?;
+    if event["type"] == "m.room.member" && event["content"]["membership"] == "invite" {
+        if let Some(k) = event["state_key"].as_str() {
+            recipients.push(k.to_owned());
+        }
+    }
+    recipients.retain(|u| u != sender);
+    if recipients.is_empty() {
+        return Ok(());
+    }
+    let member_count: i64 = w.query_row(
+        "SELECT COUNT(*) FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
+        [room_id.as_str()],
+        |r| r.get(0),
+    )?;
+    let power = power_ctx(w, room_id.as_str())?;
+    let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(&event)?);
+    let ts = event["origin_server_ts"].as_i64().unwrap_or(0);
+    for user in recipients {
+        let Ok(uid) = UserId::parse(&user) else { continue };
+        let rules = hs.push_rules.get(w, &uid)?;
+        let display = pdu::state_content(w, room_id.as_str(), "m.room.member", &user)?
+            .and_then(|c| c["displayname"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| uid.localpart().to_owned());
+        let mut ctx = PushConditionRoomCtx::new(room_id.to_owned(), UInt::new_saturating(member_count as u64), uid.clone(), display);
+        if let Some(p) = &power {
+            ctx = ctx.with_power_levels(p.clone());
+        }
+        let actions: Vec<Action> = futures::executor::block_on(rules.get_actions(&raw, &ctx)).to_vec();
+        if !actions.iter().any(Action::should_notify) {
+            continue;
+        }
+        let highlight = actions.iter().any(Action::is_highlight);
+        w.tx.execute(
+            "INSERT OR IGNORE INTO notifications(user_id, room_id, stream, event_id, thread_id, highlight, actions, ts)
+             VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+            params![user, room_id.as_str(), stream, event_id, thread_root, highlight, serde_json::to_string(&actions)?, ts],
+        )?;
+    }
+    Ok(())
+}
+
+/// Stream position up to which the user has read the room (main timeline or unthreaded).
+fn read_up_to(c: &Connection, room: &str, user: &str, thread: Option<&str>) -> rusqlite::Result<i64> {
+    c.query_row(
+        "SELECT COALESCE(MAX(e.stream),0) FROM receipts r JOIN events e ON e.event_id=r.event_id
+         WHERE r.room_id=?1 AND r.user_id=?2 AND r.receipt_type IN ('m.read','m.read.private')
+         AND (r.thread_id='' OR r.thread_id=?3)",
+        params![room, user, thread.unwrap_or("main")],
+        |r| r.get(0),
+    )
+}
+
+/// Counting stops here: clients show "99+" long before.
+const COUNT_CAP: i64 = 10_000;
+
+/// (notification_count, highlight_count) of a room: all threads together, or
+/// only the main timeline when `per_thread` (then threads come from [`thread_counts`]).
+pub fn room_counts(c: &Connection, room: &str, user: &str, per_thread: bool) -> rusqlite::Result<(i64, i64)> {
+    let from = read_up_to(c, room, user, None)?;
+    // The user's own last message marks the room as read up to there.
+    let own: i64 = c
+        .query_row(
+            "SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1",
+            params![room, user],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let from = from.max(own);
+    let sql = if per_thread {
+        "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
+         WHERE user_id=?1 AND room_id=?2 AND stream>?3 AND thread_id IS NULL LIMIT ?4)"
+    } else {
+        "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
+         WHERE user_id=?1 AND room_id=?2 AND stream>?3 LIMIT ?4)"
+    };
+    c.query_row(sql, params![user, room, from, COUNT_CAP], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// Per-thread unread counts: thread root → (notification_count, highlight_count).
+pub fn thread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<BTreeMap<String, (i64, i64)>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT thread_id FROM notifications WHERE user_id=?1 AND room_id=?2 AND thread_id IS NOT NULL",
+    )?;
+    let threads: Vec<String> = st.query_map(params![user, room], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let mut out = BTreeMap::new();
+    for t in threads {
+        let from = read_up_to(c, room, user, Some(&t))?;
+        let (n, h): (i64, i64) = c.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
+             WHERE user_id=?1 AND room_id=?2 AND thread_id=?3 AND stream>?4 LIMIT ?5)",
+            params![user, room, t, from, COUNT_CAP],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if n > 0 {
+            out.insert(t, (n, h));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct NotificationsQuery {
+    from: Option<String>,
+    limit: Option<String>,
+    only: Option<String>,
+}
+
+pub async fn notifications(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<NotificationsQuery>) -> MxResult<axum::Json<Value>> {
+    let user = auth.user_id.as_str();
+    let from: i64 = match &q.from {
+        Some(f) => f.parse().map_err(|_| MxError::invalid_param("Invalid from token"))?,
+        None => i64::MAX,
+    };
+    let limit: i64 = match &q.limit {
+        Some(l) => l.parse::<i64>().map_err(|_| MxError::invalid_param("limit must be an integer"))?.clamp(1, 100),
+        None => 20,
+    };
+    let only_highlight = q.only.as_deref() == Some("highlight");
+    let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        let mut st = c.prepare_cached(
+            "SELECT n.room_id, n.stream, n.event_id, n.actions, n.ts, n.thread_id FROM notifications n
+             WHERE n.user_id=?1 AND n.stream<?2 AND (?3=0 OR n.highlight=1) ORDER BY n.stream DESC LIMIT ?4",
+        )?;
+        let rows = st
+            .query_map(params![user, from, only_highlight, limit + 1], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = rows.len() as i64 > limit;
+        let mut list = Vec::new();
+        for (room, stream, event_id, actions, ts, thread) in rows.iter().take(limit as usize) {
+            let Some(ev) = pdu::get_event(c, event_id)? else { continue };
+            let read = read_up_to(c, room, user, thread.as_deref())? >= *stream;
+            list.push(json!({
+                "actions": serde_json::from_str::<Value>(actions)?,
+                "event": client_event(c, &ev, &v, true),
+                "read": read,
+                "room_id": room,
+                "ts": ts,
+            }));
+        }
+        let mut out = json!({ "notifications": list });
+        if more {
+            if let Some(last) = rows.get(limit as usize - 1) {
+                out["next_token"] = json!(last.1.to_string());
+            }
+        }
+        Ok(out)
+    })?;
+    Ok(axum::Json(out))
+}
