@@ -649,3 +649,76 @@ async fn push_rules_drive_unread_and_highlight_counts() {
     let (_, v) = b.call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({})).await;
     assert_eq!(counts(&v), (0, 0));
 }
+
+#[tokio::test]
+async fn sliding_sync_lists_rooms_invites_and_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = HomeserverConfig { server_name: "test.box".into(), ..Default::default() };
+    let b = {
+        let hs = Hs::open(config.clone(), dir.path()).unwrap();
+        let app = hs.router();
+        Box_ { _dir: tempfile::tempdir().unwrap(), hs, app }
+    };
+    let (alice_id, alice) = b.register("alice").await;
+    let (_, bob) = b.register("bob").await;
+    let mut rooms = Vec::new();
+    for i in 0..3 {
+        let (s, v) = b
+            .call("POST", "/_matrix/client/v3/createRoom", Some(&bob), json!({"preset": "public_chat", "name": format!("room {i}")}))
+            .await;
+        assert_eq!(s, 200);
+        let r = v["room_id"].as_str().unwrap().to_owned();
+        assert_eq!(b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&r)), Some(&alice), json!({})).await.0, 200);
+        rooms.push(r);
+    }
+    let (_, v) = b.call("POST", "/_matrix/client/v3/createRoom", Some(&bob), json!({"preset": "private_chat", "invite": [alice_id], "is_direct": true})).await;
+    let invite_room = v["room_id"].as_str().unwrap().to_owned();
+    let ss = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
+    let body = json!({
+        "conn_id": "room-list",
+        "lists": {
+            "all": {"ranges": [[0, 1]], "timeline_limit": 1, "required_state": [["m.room.name", ""], ["m.room.member", "$ME"]]},
+            "invites": {"ranges": [[0, 10]], "timeline_limit": 0, "filters": {"is_invite": true}}
+        },
+        "extensions": {"e2ee": {"enabled": true}, "to_device": {"enabled": true}, "account_data": {"enabled": true}}
+    });
+    let (s, v) = b.call("POST", ss, Some(&alice), body.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["lists"]["all"]["count"], 4);
+    assert_eq!(v["lists"]["invites"]["count"], 1);
+    let got = v["rooms"].as_object().unwrap();
+    assert!(got.contains_key(&invite_room), "invites are listed");
+    assert!(got[&invite_room]["invite_state"].is_array());
+    assert_eq!(got[&invite_room]["is_dm"], true);
+    // The two most recent joined rooms (plus the invite) are in range.
+    assert!(got.contains_key(&rooms[2]) && !got.contains_key(&rooms[0]), "{:?}", got.keys());
+    assert_eq!(got[&rooms[2]]["name"], "room 2");
+    assert_eq!(got[&rooms[2]]["initial"], true);
+    assert_eq!(got[&rooms[2]]["timeline"].as_array().unwrap().len(), 1);
+    assert!(got[&rooms[2]]["required_state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.name"));
+    assert!(v["extensions"]["e2ee"]["device_one_time_keys_count"].is_object());
+    let pos = v["pos"].as_str().unwrap().to_owned();
+
+    // A message in the oldest room bumps it into range.
+    let url = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/m1", enc(&rooms[0]));
+    assert_eq!(b.call("PUT", &url, Some(&bob), json!({"msgtype": "m.text", "body": "bump"})).await.0, 200);
+
+    // The pos survives a restart of the server.
+    drop(b);
+    let hs = Hs::open(config, dir.path()).unwrap();
+    let b = Box_ { _dir: tempfile::tempdir().unwrap(), app: hs.router(), hs };
+    let (s, v) = b.call("POST", &format!("{ss}?pos={pos}&timeout=0"), Some(&alice), body.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    let r0 = &v["rooms"][&rooms[0]];
+    assert_eq!(r0["initial"], true, "newly in range: {v}");
+    assert_eq!(r0["timeline"][0]["content"]["body"], "bump");
+    assert_eq!(r0["notification_count"], 1);
+    assert!(v["rooms"].get(&rooms[2]).is_none(), "unchanged rooms are not repeated");
+    let pos2 = v["pos"].as_str().unwrap().to_owned();
+    // Nothing new: an empty answer after the timeout.
+    let (s, v) = b.call("POST", &format!("{ss}?pos={pos2}&timeout=50"), Some(&alice), body.clone()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["rooms"].as_object().unwrap().len(), 0, "{v}");
+    // Unknown positions are refused with the errcode clients reset on.
+    assert_err(&b.call("POST", &format!("{ss}?pos=999"), Some(&alice), body).await, 400, "M_UNKNOWN_POS");
+}
