@@ -7,8 +7,8 @@
 use std::{
     path::Path,
     sync::{
-        atomic::{AtomicI64, Ordering},
-        Mutex,
+        atomic::{AtomicI64, AtomicUsize, Ordering},
+        Condvar, Mutex,
     },
 };
 
@@ -252,8 +252,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     actions TEXT NOT NULL,
     ts INTEGER NOT NULL,
     PRIMARY KEY (user_id, room_id, stream)
-);
-CREATE INDEX IF NOT EXISTS notifications_user ON notifications(user_id, stream);
+) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );
@@ -271,17 +270,49 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// The database handle shared by all requests.
+///
+/// Writes use group commit: writers queue for the one write connection, each
+/// runs inside a savepoint of a shared transaction, and the last writer in the
+/// queue (or the 32nd) commits for all of them. Nobody returns success before the
+/// commit that contains their write, so "acknowledged means committed" holds,
+/// while a burst of concurrent writes costs one WAL commit instead of many.
 pub struct Db {
-    writer: Mutex<Connection>,
+    writer: Mutex<Writer>,
+    /// Writers waiting for the writer lock.
+    queued: AtomicUsize,
+    /// Outcome of each finished batch, by generation.
+    commits: Mutex<Commits>,
+    committed: Condvar,
     readers: Mutex<Vec<Connection>>,
     path: std::path::PathBuf,
-    durability: Durability,
     /// Highest committed stream position.
     stream: AtomicI64,
 }
 
+struct Writer {
+    conn: Connection,
+    in_txn: bool,
+    /// Stream positions handed out in the open transaction go up from here.
+    next: i64,
+    /// Generation of the open batch.
+    generation: u64,
+    batch: usize,
+}
+
+#[derive(Default)]
+struct Commits {
+    /// Every batch below this generation is finished.
+    done: u64,
+    /// Generations whose commit failed (kept briefly for their waiters).
+    failed: Vec<(u64, String)>,
+}
+
+/// Largest batch before a commit is forced, so early writers do not wait long.
+const MAX_BATCH: usize = 32;
+
 fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(96);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,
@@ -292,8 +323,8 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
         },
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Keep the page cache small: RAM is scarce on the box.
-    conn.pragma_update(None, "cache_size", -2000)?;
+    // A modest page cache: RAM is scarce on the box.
+    conn.pragma_update(None, "cache_size", -4000)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
@@ -316,29 +347,124 @@ impl Db {
             |r| r.get(0),
         )?;
         Ok(Self {
-            writer: Mutex::new(conn),
+            writer: Mutex::new(Writer { conn, in_txn: false, next: stream, generation: 0, batch: 0 }),
+            queued: AtomicUsize::new(0),
+            commits: Mutex::new(Commits::default()),
+            committed: Condvar::new(),
             readers: Mutex::new(Vec::new()),
             path: path.to_owned(),
-            durability,
             stream: AtomicI64::new(stream),
         })
     }
 
-    /// Runs `f` in a write transaction. Stream positions taken with
-    /// [`WriteTxn::next_stream`] become visible only after commit.
+    /// Runs `f` atomically (a savepoint in the current batch) and returns once the
+    /// batch holding it is committed. Stream positions taken with
+    /// [`WriteTxn::next_stream`] become visible only after that commit.
     pub fn write<T, E: From<rusqlite::Error>>(
         &self,
         f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
-        let start = self.stream.load(Ordering::Acquire);
-        let mut w = WriteTxn { tx, next: start };
-        let out = f(&mut w)?;
-        let next = w.next;
-        w.tx.commit()?;
-        self.stream.store(next, Ordering::Release);
-        Ok(out)
+        // Waiting for the writer blocks this thread: on the multi-threaded runtime,
+        // tell tokio so the worker's other tasks move to another thread meanwhile.
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi {
+            tokio::task::block_in_place(|| self.write_now(f))
+        } else {
+            self.write_now(f)
+        }
+    }
+
+    fn write_now<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let mut st = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        if !st.in_txn {
+            if let Err(e) = st.conn.execute_batch("BEGIN IMMEDIATE") {
+                return Err(e.into());
+            }
+            st.in_txn = true;
+            st.next = self.stream.load(Ordering::Acquire);
+        }
+        let my_generation = st.generation;
+        let out = match st.conn.execute_batch("SAVEPOINT op") {
+            Err(e) => Err(E::from(e)),
+            Ok(()) => {
+                let mut w = WriteTxn { tx: &st.conn, next: st.next };
+                let out = f(&mut w);
+                let next = w.next;
+                match &out {
+                    Ok(_) => match st.conn.execute_batch("RELEASE op") {
+                        Ok(()) => {
+                            st.next = next;
+                            st.batch += 1;
+                            out
+                        }
+                        Err(e) => {
+                            let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                            Err(e.into())
+                        }
+                    },
+                    Err(_) => {
+                        let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                        out
+                    }
+                }
+            }
+        };
+        let succeeded = out.is_ok();
+        if self.queued.load(Ordering::Acquire) == 0 || st.batch >= MAX_BATCH {
+            let commit = self.commit_locked(&mut st);
+            drop(st);
+            return match (out, commit) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(e.into()),
+            };
+        }
+        drop(st);
+        if !succeeded {
+            return out;
+        }
+        // Someone queued behind us will commit this batch.
+        let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        while commits.done <= my_generation {
+            commits = self.committed.wait(commits).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some((_, msg)) = commits.failed.iter().find(|(g, _)| *g == my_generation) {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some(format!("commit failed: {msg}")),
+            )
+            .into());
+        }
+        out
+    }
+
+    /// Commits the open batch (writer lock held) and wakes its waiters.
+    fn commit_locked(&self, st: &mut Writer) -> rusqlite::Result<()> {
+        let result = if st.in_txn { st.conn.execute_batch("COMMIT") } else { Ok(()) };
+        if result.is_err() {
+            let _ = st.conn.execute_batch("ROLLBACK");
+        } else if st.in_txn {
+            self.stream.store(st.next, Ordering::Release);
+        }
+        st.in_txn = false;
+        st.batch = 0;
+        let generation = st.generation;
+        st.generation += 1;
+        let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        commits.done = generation + 1;
+        commits.failed.retain(|(g, _)| generation.saturating_sub(*g) < 16);
+        if let Err(e) = &result {
+            commits.failed.push((generation, e.to_string()));
+        }
+        drop(commits);
+        self.committed.notify_all();
+        result
     }
 
     /// Runs `f` with a read connection (a snapshot per statement).
@@ -358,8 +484,8 @@ impl Db {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 c.busy_timeout(std::time::Duration::from_secs(10))?;
-                c.pragma_update(None, "cache_size", -1000)?;
-                let _ = self.durability;
+                c.set_prepared_statement_cache_capacity(96);
+                c.pragma_update(None, "cache_size", -2000)?;
                 c
             }
         };
@@ -378,16 +504,21 @@ impl Db {
 
     /// Flushes the WAL into the main file (used on clean shutdown).
     pub fn checkpoint(&self) {
-        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+        let mut st = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if st.in_txn {
+            if let Err(e) = self.commit_locked(&mut st) {
+                tracing::warn!(error = %e, "commit before checkpoint failed");
+            }
+        }
+        if let Err(e) = st.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             tracing::warn!(error = %e, "WAL checkpoint failed");
         }
     }
 }
 
-/// A write transaction with access to the stream counter.
+/// A write (a savepoint of the current batch) with access to the stream counter.
 pub struct WriteTxn<'a> {
-    pub tx: rusqlite::Transaction<'a>,
+    pub tx: &'a Connection,
     next: i64,
 }
 
@@ -412,6 +543,6 @@ impl WriteTxn<'_> {
 impl std::ops::Deref for WriteTxn<'_> {
     type Target = Connection;
     fn deref(&self) -> &Connection {
-        &self.tx
+        self.tx
     }
 }

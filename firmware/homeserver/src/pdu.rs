@@ -152,19 +152,20 @@ pub fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 }
 
 pub fn get_event(conn: &Connection, event_id: &str) -> rusqlite::Result<Option<StoredEvent>> {
-    conn.query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE event_id=?1"), [event_id], row_to_event)
+    conn.prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_id=?1"))?
+        .query_row([event_id], row_to_event)
         .optional()
 }
 
 pub fn load_pdu(conn: &Connection, event_id: &str) -> Option<Pdu> {
     let json: String =
-        conn.query_row("SELECT json FROM events WHERE event_id=?1", [event_id], |r| r.get(0)).ok()?;
+        conn.prepare_cached("SELECT json FROM events WHERE event_id=?1").ok()?.query_row([event_id], |r| r.get(0)).ok()?;
     Pdu::parse(EventId::parse(event_id).ok()?, &json).ok()
 }
 
 pub fn room_version(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<RoomVersionId>> {
     let v: Option<String> =
-        conn.query_row("SELECT room_version FROM rooms WHERE room_id=?1", [room_id], |r| r.get(0)).optional()?;
+        conn.prepare_cached("SELECT room_version FROM rooms WHERE room_id=?1")?.query_row([room_id], |r| r.get(0)).optional()?;
     Ok(v.and_then(|v| RoomVersionId::try_from(v.as_str()).ok()))
 }
 
@@ -173,34 +174,27 @@ pub fn rules_for(version: &RoomVersionId) -> MxResult<RoomVersionRules> {
 }
 
 pub fn state_event_id(conn: &Connection, room_id: &str, kind: &str, key: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
-        "SELECT event_id FROM room_state WHERE room_id=?1 AND type=?2 AND state_key=?3",
-        params![room_id, kind, key],
-        |r| r.get(0),
-    )
-    .optional()
+    conn.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1 AND type=?2 AND state_key=?3")?
+        .query_row(params![room_id, kind, key], |r| r.get(0))
+        .optional()
 }
 
 /// Content of a current state event.
 pub fn state_content(conn: &Connection, room_id: &str, kind: &str, key: &str) -> rusqlite::Result<Option<Value>> {
     let json: Option<String> = conn
-        .query_row(
+        .prepare_cached(
             "SELECT e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
              WHERE s.room_id=?1 AND s.type=?2 AND s.state_key=?3",
-            params![room_id, kind, key],
-            |r| r.get(0),
-        )
+        )?
+        .query_row(params![room_id, kind, key], |r| r.get(0))
         .optional()?;
     Ok(json.and_then(|j| serde_json::from_str::<Value>(&j).ok()).map(|mut v| v["content"].take()))
 }
 
 pub fn membership(conn: &Connection, room_id: &str, user_id: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
-        "SELECT membership FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key=?2",
-        params![room_id, user_id],
-        |r| r.get(0),
-    )
-    .optional()
+    conn.prepare_cached("SELECT membership FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key=?2")?
+        .query_row(params![room_id, user_id], |r| r.get(0))
+        .optional()
 }
 
 /// Local users whose membership in the room is `join` (or also `invite`, when asked).
@@ -298,6 +292,18 @@ impl Hs {
         sender: &UserId,
         ev: NewEvent<'_>,
     ) -> MxResult<Appended> {
+        self.append_event_with_plan(w, room_id, sender, ev, None)
+    }
+
+    /// Like [`Hs::append_event`], with push rules already evaluated (see [`crate::push::plan`]).
+    pub(crate) fn append_event_with_plan(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &RoomId,
+        sender: &UserId,
+        ev: NewEvent<'_>,
+        plan: Option<crate::push::PushPlan>,
+    ) -> MxResult<Appended> {
         let version = room_version(w, room_id.as_str())?.ok_or_else(|| MxError::not_found("Unknown room"))?;
         let rules = rules_for(&version)?;
         let kind = TimelineEventType::from(ev.kind);
@@ -365,7 +371,12 @@ impl Hs {
         } else {
             None
         };
-        crate::push::record_notifications(self, w, room_id, &pdu_json, event_id.as_str(), stream, thread_root.as_deref())?;
+        let plan = match plan {
+            Some(p) => p,
+            None => crate::push::plan(self, w, room_id, &serde_json::from_str(&pdu_json)?)?,
+        };
+        let ts = u64::from(pdu.origin_server_ts.0) as i64;
+        crate::push::store_plan(w, room_id, &plan, event_id.as_str(), stream, thread_root.as_deref(), ts)?;
         if let Some(target) = &pdu.redacts {
             apply_redaction(w, target.as_str(), &event_id, &pdu_json, &rules)?;
         }
@@ -540,7 +551,8 @@ pub fn client_event(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>, wi
 
 fn bundled_relations(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) -> Option<Value> {
     let has: bool = conn
-        .query_row("SELECT 1 FROM events WHERE relates_to=?1 LIMIT 1", [&ev.event_id], |_| Ok(true))
+        .prepare_cached("SELECT 1 FROM events WHERE relates_to=?1 LIMIT 1")
+        .and_then(|mut st| st.query_row([&ev.event_id], |_| Ok(true)))
         .optional()
         .ok()
         .flatten()

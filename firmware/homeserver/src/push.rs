@@ -30,15 +30,69 @@ use crate::{
 /// Each user's push rules, parsed once and kept until they change.
 #[derive(Default)]
 pub struct RulesCache {
-    map: Mutex<HashMap<String, Arc<Ruleset>>>,
+    map: Mutex<HashMap<String, Arc<UserRules>>>,
+}
+
+/// A user's rules, plus the same rules without those that can only match words
+/// in the message body. ruma builds a regex for every such match; when none of
+/// the words occurs in the body at all, those rules cannot apply, and the cheap
+/// rule set gives exactly the same answer.
+pub struct UserRules {
+    full: Ruleset,
+    without_body_words: Ruleset,
+    /// Lowercased literal parts of the body-word patterns.
+    needles: Vec<String>,
+}
+
+fn is_body_word_condition(c: &Value) -> bool {
+    (c["kind"] == "event_match" && c["key"] == "content.body") || c["kind"] == "contains_display_name"
+}
+
+impl UserRules {
+    fn new(full: Ruleset) -> MxResult<Self> {
+        let mut v = serde_json::to_value(&full)?;
+        let mut needles = Vec::new();
+        let mut note = |pattern: &str| {
+            if let Some(longest) = pattern.split(['*', '?']).max_by_key(|s| s.len()) {
+                needles.push(longest.to_lowercase());
+            }
+        };
+        for kind in ["override", "underride", "room", "sender"] {
+            if let Some(rules) = v.get_mut(kind).and_then(Value::as_array_mut) {
+                rules.retain(|r| {
+                    let word = r["conditions"].as_array().is_some_and(|cs| cs.iter().any(is_body_word_condition));
+                    for c in r["conditions"].as_array().into_iter().flatten() {
+                        if c["kind"] == "event_match" && c["key"] == "content.body" {
+                            note(c["pattern"].as_str().unwrap_or_default());
+                        }
+                    }
+                    !word
+                });
+            }
+        }
+        for r in v["content"].as_array().into_iter().flatten() {
+            note(r["pattern"].as_str().unwrap_or_default());
+        }
+        v["content"] = json!([]);
+        let without_body_words = serde_json::from_value(v)?;
+        Ok(Self { full, without_body_words, needles })
+    }
+
+    /// The rule set that gives the right answer for an event with this body.
+    fn for_body(&self, body: Option<&str>, display_name: &str) -> &Ruleset {
+        let Some(body) = body else { return &self.without_body_words };
+        let body = body.to_lowercase();
+        let may_match = body.contains(&display_name.to_lowercase()) || self.needles.iter().any(|n| body.contains(n.as_str()));
+        if may_match { &self.full } else { &self.without_body_words }
+    }
 }
 
 impl RulesCache {
-    fn get(&self, c: &Connection, user: &UserId) -> MxResult<Arc<Ruleset>> {
+    fn get(&self, c: &Connection, user: &UserId) -> MxResult<Arc<UserRules>> {
         if let Some(r) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(user.as_str()) {
             return Ok(r.clone());
         }
-        let rules = Arc::new(ephemeral::push_rules(c, user)?);
+        let rules = Arc::new(UserRules::new(ephemeral::push_rules(c, user)?)?);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             map.clear();
@@ -72,58 +126,76 @@ fn power_ctx(c: &Connection, room_id: &str) -> MxResult<Option<PushConditionPowe
     Ok(Some(PushConditionPowerLevelsCtx::new(users, users_default, notifications, plrules)))
 }
 
-/// Evaluates every recipient's push rules for a freshly stored event and records
-/// a notification row where they say "notify". Runs inside the event's write
-/// transaction, so counts and the event become visible together.
-pub fn record_notifications(
-    hs: &Hs,
-    w: &mut WriteTxn<'_>,
-    room_id: &RoomId,
-    event_json: &str,
-    event_id: &str,
-    stream: i64,
-    thread_root: Option<&str>,
-) -> MxResult<()> {
-    let event: Value = serde_json::from_str(event_json)?;
+/// Who gets notified of an event, and how: computed from the event's draft
+/// (type, sender, content, state key) before it is stored, outside the writer lock.
+pub struct PushPlan {
+    rows: Vec<(String, bool, String)>,
+}
+
+/// Evaluates every recipient's push rules (ruma's evaluator) for an event draft.
+pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResult<PushPlan> {
     let sender = event["sender"].as_str().unwrap_or_default();
-    let mut recipients = pdu::local_members(w, room_id.as_str(), false)?;
+    // Joined members with their display names, in one query.
+    let mut names: HashMap<String, Option<String>> = HashMap::new();
+    {
+        let mut st = c.prepare_cached(
+            "SELECT s.state_key, e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
+             WHERE s.room_id=?1 AND s.type='m.room.member' AND s.membership='join'",
+        )?;
+        for row in st.query_map([room_id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (u, j) = row?;
+            let name = serde_json::from_str::<Value>(&j).ok().and_then(|v| v["content"]["displayname"].as_str().map(str::to_owned));
+            names.insert(u, name);
+        }
+    }
+    let member_count = names.len() as i64;
+    let mut recipients: Vec<String> = names.keys().cloned().collect();
     if event["type"] == "m.room.member" && event["content"]["membership"] == "invite" {
         if let Some(k) = event["state_key"].as_str() {
             recipients.push(k.to_owned());
         }
     }
     recipients.retain(|u| u != sender);
+    let mut rows = Vec::new();
     if recipients.is_empty() {
-        return Ok(());
+        return Ok(PushPlan { rows });
     }
-    let member_count: i64 = w.query_row(
-        "SELECT COUNT(*) FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
-        [room_id.as_str()],
-        |r| r.get(0),
-    )?;
-    let power = power_ctx(w, room_id.as_str())?;
-    let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(&event)?);
-    let ts = event["origin_server_ts"].as_i64().unwrap_or(0);
+    let power = power_ctx(c, room_id.as_str())?;
+    let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(event)?);
+    let body = event["content"]["body"].as_str();
     for user in recipients {
         let Ok(uid) = UserId::parse(&user) else { continue };
-        let rules = hs.push_rules.get(w, &uid)?;
-        let display = pdu::state_content(w, room_id.as_str(), "m.room.member", &user)?
-            .and_then(|c| c["displayname"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| uid.localpart().to_owned());
+        let rules = hs.push_rules.get(c, &uid)?;
+        let display = names.get(&user).cloned().flatten().unwrap_or_else(|| uid.localpart().to_owned());
         let mut ctx = PushConditionRoomCtx::new(room_id.to_owned(), UInt::new_saturating(member_count as u64), uid.clone(), display);
         if let Some(p) = &power {
             ctx = ctx.with_power_levels(p.clone());
         }
+        let rules = rules.for_body(body, &ctx.user_display_name);
         let actions: Vec<Action> = futures::executor::block_on(rules.get_actions(&raw, &ctx)).to_vec();
-        if !actions.iter().any(Action::should_notify) {
-            continue;
+        if actions.iter().any(Action::should_notify) {
+            rows.push((user, actions.iter().any(Action::is_highlight), serde_json::to_string(&actions)?));
         }
-        let highlight = actions.iter().any(Action::is_highlight);
-        w.tx.execute(
-            "INSERT OR IGNORE INTO notifications(user_id, room_id, stream, event_id, thread_id, highlight, actions, ts)
-             VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
-            params![user, room_id.as_str(), stream, event_id, thread_root, highlight, serde_json::to_string(&actions)?, ts],
-        )?;
+    }
+    Ok(PushPlan { rows })
+}
+
+/// Stores the notification rows of a plan with the event they belong to.
+pub fn store_plan(
+    w: &WriteTxn<'_>,
+    room_id: &RoomId,
+    plan: &PushPlan,
+    event_id: &str,
+    stream: i64,
+    thread_root: Option<&str>,
+    ts: i64,
+) -> rusqlite::Result<()> {
+    let mut st = w.prepare_cached(
+        "INSERT OR IGNORE INTO notifications(user_id, room_id, stream, event_id, thread_id, highlight, actions, ts)
+         VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+    )?;
+    for (user, highlight, actions) in &plan.rows {
+        st.execute(params![user, room_id.as_str(), stream, event_id, thread_root, highlight, actions, ts])?;
     }
     Ok(())
 }
@@ -247,4 +319,24 @@ pub async fn notifications(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): 
         Ok(out)
     })?;
     Ok(axum::Json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stripped_rules_deserialize() {
+        let user = UserId::parse("@a:x").unwrap();
+        let mut rules = Ruleset::server_default(&user);
+        let keyword: ruma::push::NewPushRule = ruma::push::NewPushRule::Content(
+            serde_json::from_value(json!({"rule_id": "pizza", "pattern": "pizza*", "actions": ["notify"]})).unwrap(),
+        );
+        rules.insert(keyword, None, None).unwrap();
+        let r = UserRules::new(rules).unwrap();
+        assert_eq!(r.needles, vec!["pizza".to_owned()]);
+        assert!(std::ptr::eq(r.for_body(Some("hello"), "Alice"), &r.without_body_words));
+        assert!(std::ptr::eq(r.for_body(Some("hi alice!"), "Alice"), &r.full));
+        assert!(std::ptr::eq(r.for_body(Some("PIZZAS tonight"), "Alice"), &r.full));
+    }
 }

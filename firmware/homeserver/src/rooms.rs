@@ -542,6 +542,11 @@ fn send_with_txn(
     state_key: Option<&str>,
     content: Value,
 ) -> MxResult<J> {
+    let mut draft = json!({ "type": kind, "sender": auth.user_id, "room_id": room_id, "content": content });
+    if let Some(k) = state_key {
+        draft["state_key"] = json!(k);
+    }
+    let mut plan = Some(hs.db.read(|c| crate::push::plan(hs, c, room_id, &draft))?);
     let (event_id, fresh) = hs.db.write(|w| -> MxResult<(String, bool)> {
         let prior: Option<(String, String)> = w
             .query_row(
@@ -556,12 +561,13 @@ fn send_with_txn(
             }
             return Err(MxError::invalid_param("Transaction id already used for a different request"));
         }
-        let a = hs.append_event(w, room_id, &auth.user_id, NewEvent {
-            kind,
-            state_key,
-            content,
-            txn: Some((auth.device_id.as_str(), txn_id)),
-        })?;
+        let a = hs.append_event_with_plan(
+            w,
+            room_id,
+            &auth.user_id,
+            NewEvent { kind, state_key, content, txn: Some((auth.device_id.as_str(), txn_id)) },
+            plan.take(),
+        )?;
         w.tx.execute(
             "INSERT INTO txns(user_id, device_id, txn_id, request, event_id) VALUES(?1,?2,?3,?4,?5)",
             params![auth.user_id.as_str(), auth.device_id.as_str(), txn_id, request, a.event_id.as_str()],

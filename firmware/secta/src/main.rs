@@ -176,7 +176,7 @@ fn default_config_text() -> String {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // Two workers are plenty on a Pi and keep RAM low; few blocking threads too
     // (each may get its own malloc arena).
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(64).enable_all().build()?)
 }
 
 /// glibc raises its mmap threshold after large buffers are freed, after which
