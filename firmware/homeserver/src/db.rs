@@ -101,13 +101,14 @@ CREATE TABLE IF NOT EXISTS room_state (
     PRIMARY KEY (room_id, type, state_key)
 );
 CREATE INDEX IF NOT EXISTS room_state_members ON room_state(type, state_key, membership);
+-- A transaction id is scoped to one device and one endpoint (spec v1.7, MSC3970).
 CREATE TABLE IF NOT EXISTS txns (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL,
-    txn_id TEXT NOT NULL,
     request TEXT NOT NULL,
+    txn_id TEXT NOT NULL,
     event_id TEXT NOT NULL,
-    PRIMARY KEY (user_id, device_id, txn_id)
+    PRIMARY KEY (user_id, device_id, request, txn_id)
 );
 CREATE TABLE IF NOT EXISTS room_aliases (
     alias TEXT PRIMARY KEY,
@@ -265,6 +266,18 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         .exists([])?;
     if !has_bump {
         conn.execute_batch("ALTER TABLE rooms ADD COLUMN bump_stamp INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    let txn_scoped: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('txns') WHERE name='request' AND pk>0")?
+        .exists([])?;
+    if !txn_scoped {
+        conn.execute_batch(
+            "ALTER TABLE txns RENAME TO txns_old;
+             CREATE TABLE txns (user_id TEXT NOT NULL, device_id TEXT NOT NULL, request TEXT NOT NULL, txn_id TEXT NOT NULL,
+                 event_id TEXT NOT NULL, PRIMARY KEY (user_id, device_id, request, txn_id));
+             INSERT OR IGNORE INTO txns SELECT user_id, device_id, request, txn_id, event_id FROM txns_old;
+             DROP TABLE txns_old;",
+        )?;
     }
     Ok(())
 }

@@ -680,16 +680,13 @@ pub async fn send_to_device(
     let fresh = hs.db.write(|w| -> MxResult<bool> {
         let prior: Option<String> = w
             .query_row(
-                "SELECT request FROM txns WHERE user_id=?1 AND device_id=?2 AND txn_id=?3",
-                params![me, auth.device_id.as_str(), txn_id],
+                "SELECT event_id FROM txns WHERE user_id=?1 AND device_id=?2 AND request=?3 AND txn_id=?4",
+                params![me, auth.device_id.as_str(), request, txn_id],
                 |r| r.get(0),
             )
             .optional()?;
-        if let Some(p) = prior {
-            if p == request {
-                return Ok(false);
-            }
-            return Err(MxError::invalid_param("Transaction id already used for a different request"));
+        if prior.is_some() {
+            return Ok(false);
         }
         for (user, devices) in &body.messages {
             for (device, content) in devices {

@@ -529,8 +529,7 @@ pub async fn send_message(
     send_with_txn(&hs, &auth, &room_id, &format!("send:{room_id}:{kind}"), &txn_id, &kind, None, content)
 }
 
-/// Sends once per (device, transaction id): a replay of the same request gets the
-/// same event id; a different request under a used id is refused.
+/// Sends once per (device, endpoint, transaction id): a retry gets the same event id.
 #[allow(clippy::too_many_arguments)]
 fn send_with_txn(
     hs: &Hs,
@@ -548,18 +547,15 @@ fn send_with_txn(
     }
     let mut plan = Some(hs.db.read(|c| crate::push::plan(hs, c, room_id, &draft))?);
     let (event_id, fresh) = hs.db.write(|w| -> MxResult<(String, bool)> {
-        let prior: Option<(String, String)> = w
+        let prior: Option<String> = w
             .query_row(
-                "SELECT request, event_id FROM txns WHERE user_id=?1 AND device_id=?2 AND txn_id=?3",
-                params![auth.user_id.as_str(), auth.device_id.as_str(), txn_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                "SELECT event_id FROM txns WHERE user_id=?1 AND device_id=?2 AND request=?3 AND txn_id=?4",
+                params![auth.user_id.as_str(), auth.device_id.as_str(), request, txn_id],
+                |r| r.get(0),
             )
             .optional()?;
-        if let Some((req, ev)) = prior {
-            if req == request {
-                return Ok((ev, false));
-            }
-            return Err(MxError::invalid_param("Transaction id already used for a different request"));
+        if let Some(ev) = prior {
+            return Ok((ev, false));
         }
         let a = hs.append_event_with_plan(
             w,

@@ -77,6 +77,7 @@ fn client_v3() -> Router<Arc<Hs>> {
         .route("/rooms/{room_id}/redact/{event_id}/{txn_id}", put(rooms::redact))
         .route("/rooms/{room_id}/state", get(rooms::get_state))
         .route("/rooms/{room_id}/state/{kind}", get(rooms::get_state_event_empty_key).put(rooms::put_state_empty_key))
+        .route("/rooms/{room_id}/state/{kind}/", get(rooms::get_state_event_empty_key).put(rooms::put_state_empty_key))
         .route("/rooms/{room_id}/state/{kind}/{state_key}", get(rooms::get_state_event).put(rooms::put_state))
         .route("/rooms/{room_id}/members", get(rooms::members))
         .route("/rooms/{room_id}/joined_members", get(rooms::joined_members))

@@ -257,10 +257,17 @@ struct Built {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn build(hs: &Hs, c: &Connection, auth: &Auth, req: &SsBody, prev: Option<&ConnState>, to_device: Option<(Vec<Value>, i64)>) -> MxResult<Built> {
+fn build(
+    hs: &Hs,
+    c: &Connection,
+    auth: &Auth,
+    req: &SsBody,
+    prev: Option<&ConnState>,
+    to_device: Option<(Vec<Value>, i64)>,
+    upto: i64,
+) -> MxResult<Built> {
     let user = auth.user_id.as_str();
     let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
-    let upto = hs.db.current_stream();
     let eph = hs.typing.version();
     let since = prev.map(|p| p.stream);
     let mut state = prev.cloned().unwrap_or_default();
@@ -542,6 +549,8 @@ pub async fn sliding_sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): Q
     let mut rx = hs.notifier.subscribe(&user);
     let built = loop {
         rx.borrow_and_update();
+        // Stream position first, then the to-device queue (see `sync`).
+        let upto = hs.db.current_stream();
         let to_device = if req.extensions.to_device.enabled == Some(true) {
             let since: i64 = req.extensions.to_device.since.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
             let limit = req.extensions.to_device.limit.unwrap_or(keys::TO_DEVICE_PER_SYNC as u64).clamp(1, 1000) as i64;
@@ -550,7 +559,7 @@ pub async fn sliding_sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): Q
         } else {
             None
         };
-        let built = hs.db.read(|c| build(&hs, c, &auth, &req, prev.as_ref(), to_device))?;
+        let built = hs.db.read(|c| build(&hs, c, &auth, &req, prev.as_ref(), to_device, upto))?;
         if prev.is_none() || built.has_news || tokio::time::Instant::now() >= deadline {
             break built;
         }

@@ -73,8 +73,11 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
     loop {
         rx.borrow_and_update();
+        // The stream position is read before the to-device queue, so a room key sent
+        // to-device is never missing from a response that carries its event.
+        let upto = hs.db.current_stream();
         let to_device = keys::take_to_device(&hs, auth.user_id.as_str(), auth.device_id.as_str(), since.map_or(0, |s| s.to_device), keys::TO_DEVICE_PER_SYNC)?;
-        let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state, to_device))?;
+        let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state, to_device, upto))?;
         if since.is_none() || !empty || full_state || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(resp));
         }
@@ -167,10 +170,10 @@ fn build(
     since: Option<Since>,
     full_state: bool,
     (to_device, to_device_pos): (Vec<Value>, i64),
+    upto: i64,
 ) -> MxResult<(Value, bool)> {
     let user = auth.user_id.as_str();
     let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
-    let upto = hs.db.current_stream();
     let typing_now = hs.typing.version();
     let from = since.map_or(0, |s| s.stream);
     let rf = &filter.room;

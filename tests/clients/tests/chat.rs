@@ -4,42 +4,19 @@
 mod common;
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use matrix_sdk::room::{IncludeRelations, MessagesOptions, RelationsOptions};
+use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType as CreateReceiptType;
 use matrix_sdk::ruma::events::receipt::{ReceiptThread, ReceiptType};
 use matrix_sdk::ruma::events::relation::{RelationType, Thread};
 use matrix_sdk::ruma::events::room::message::{
     Relation, ReplacementMetadata, RoomMessageEventContent,
 };
-use matrix_sdk::ruma::{OwnedEventId, UInt, UserId};
+use matrix_sdk::ruma::{UInt, UserId};
 
 use common::*;
-
-/// Run a test body with an overall deadline; a timeout or error panics with
-/// the full context chain.
-async fn bounded<F>(name: &str, secs: u64, fut: F)
-where
-    F: Future<Output = Result<()>>,
-{
-    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{name} failed: {e:#}"),
-        Err(_) => panic!("{name} did not finish within {secs} s"),
-    }
-}
-
-async fn send_text(room: &matrix_sdk::Room, text: &str) -> Result<OwnedEventId> {
-    Ok(room
-        .send(RoomMessageEventContent::text_plain(text))
-        .await
-        .at("PUT /rooms/{roomId}/send/m.room.message/{txnId}")?
-        .response
-        .event_id)
-}
 
 /// 1. Register with an invite token, create a private chat, invite, join,
 /// talk both ways, each side sees the other's message through /sync.
@@ -87,6 +64,17 @@ async fn register_invite_join_and_chat() {
         ensure!(
             ids.contains(&alice_id) && ids.contains(&bob_id),
             "joined members seen by alice: {ids:?}"
+        );
+
+        // private_chat rooms are encrypted by default (the server adds
+        // m.room.encryption), so both messages above went through Megolm.
+        let state = alice_room
+            .latest_encryption_state()
+            .await
+            .at("GET /rooms/{roomId}/state/m.room.encryption")?;
+        ensure!(
+            state.is_encrypted(),
+            "a room created with preset private_chat is not encrypted ({state:?})"
         );
         Ok(())
     })
@@ -238,25 +226,41 @@ async fn edit_thread_and_relations() {
             "GET /relations/{root}/m.thread: expected [{reply_s}], got {t_ids:?}"
         );
 
-        // m.thread + event type, and a relation type with nothing in it.
-        let typed = alice_room
-            .relations(
-                root.clone(),
-                RelationsOptions {
-                    include_relations: IncludeRelations::RelationsOfTypeAndEventType(
-                        RelationType::Thread,
-                        "m.room.message".into(),
-                    ),
-                    ..Default::default()
-                },
-            )
+        // m.thread + event type, and a relation type with nothing in it. The
+        // filter applies to the type the server stores: in an encrypted room
+        // (private_chat rooms are encrypted by default) that is
+        // m.room.encrypted, and nothing matches m.room.message.
+        let encrypted = alice_room
+            .latest_encryption_state()
             .await
-            .at("GET /rooms/{roomId}/relations/{rootId}/m.thread/m.room.message")?;
-        ensure!(
-            typed.chunk.len() == 1,
-            "GET /relations/{root}/m.thread/m.room.message: expected 1 event, got {}",
-            typed.chunk.len()
-        );
+            .at("GET /rooms/{roomId}/state/m.room.encryption")?
+            .is_encrypted();
+        let (wire_type, other_type) = if encrypted {
+            ("m.room.encrypted", "m.room.message")
+        } else {
+            ("m.room.message", "m.room.encrypted")
+        };
+        for (event_type, want) in [(wire_type, 1usize), (other_type, 0usize)] {
+            let typed = alice_room
+                .relations(
+                    root.clone(),
+                    RelationsOptions {
+                        include_relations: IncludeRelations::RelationsOfTypeAndEventType(
+                            RelationType::Thread,
+                            event_type.into(),
+                        ),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .at(&format!("GET /rooms/{{roomId}}/relations/{{rootId}}/m.thread/{event_type}"))?;
+            ensure!(
+                typed.chunk.len() == want,
+                "GET /relations/{root}/m.thread/{event_type} (room encrypted: {encrypted}): \
+                 expected {want} event(s), got {}",
+                typed.chunk.len()
+            );
+        }
         let none = alice_room
             .relations(
                 root.clone(),
@@ -297,54 +301,18 @@ async fn paginate_500_messages_backwards() {
                 .with_context(|| format!("sending message {i} of {N}"))?;
         }
 
-        // (a) /messages backwards from the end, 50 at a time.
-        let mut seen: Vec<String> = Vec::new();
-        let mut from: Option<String> = None;
-        let mut pages = 0;
-        loop {
-            pages += 1;
-            ensure!(pages <= 100, "more than 100 pages of /messages; stopping");
-            let mut opts = MessagesOptions::backward().from(from.as_deref());
-            opts.limit = UInt::from(50u32);
-            let page = bob_room
-                .messages(opts)
-                .await
-                .at("GET /rooms/{roomId}/messages?dir=b&limit=50")
-                .with_context(|| format!("page {pages}, from {from:?}"))?;
-            ensure!(
-                page.chunk.len() <= 50,
-                "/messages returned {} events for limit=50",
-                page.chunk.len()
-            );
-            for ev in &page.chunk {
-                let v = json_of(ev);
-                if let Some(b) = body(&v) {
-                    if b.starts_with("msg ") {
-                        seen.push(b.to_owned());
-                    }
-                }
-            }
-            match page.end {
-                Some(end) if !page.chunk.is_empty() => {
-                    ensure!(
-                        Some(&end) != from.as_ref(),
-                        "/messages returned end == from ({end}) with a non-empty chunk"
-                    );
-                    from = Some(end);
-                }
-                _ => break,
-            }
-        }
-        seen.reverse();
-        check_sequence("backward /messages without token", &seen, &expected)?;
-
-        // (b) sync's timeline, then back-paginate from its prev_batch.
+        // (a) sync's timeline, then back-paginate from its prev_batch. This
+        // runs first: the room is encrypted, and this sync also brings bob the
+        // room keys (to-device) without which /messages would return
+        // undecryptable events.
         let resp = sync_once(&p.bob).await?;
         let upd = resp
             .rooms
             .joined
             .get(&p.room_id)
             .ok_or_else(|| anyhow!("bob's incremental sync after 500 messages lacks the room"))?;
+        // Events still of type m.room.encrypted could not be decrypted.
+        let mut utd = upd.timeline.events.iter().filter(|e| is_utd(&json_of(e))).count();
         let mut newest_first: Vec<String> = upd
             .timeline
             .events
@@ -370,6 +338,7 @@ async fn paginate_500_messages_backwards() {
                     .messages(MessagesOptions::backward().from(from.as_str()))
                     .await
                     .at("GET /rooms/{roomId}/messages?dir=b&from=<prev_batch>")?;
+                utd += page.chunk.iter().filter(|e| is_utd(&json_of(e))).count();
                 for ev in &page.chunk {
                     if let Some(b) = body(&json_of(ev)) {
                         if b.starts_with("msg ") {
@@ -384,13 +353,56 @@ async fn paginate_500_messages_backwards() {
             }
         }
         newest_first.reverse();
-        check_sequence("sync timeline + /messages from prev_batch", &newest_first, &expected)?;
+        check_sequence("sync timeline + /messages from prev_batch", &newest_first, &expected, utd)?;
+
+        // (b) /messages backwards from the end, 50 at a time.
+        let mut seen: Vec<String> = Vec::new();
+        let mut utd = 0;
+        let mut from: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            ensure!(pages <= 100, "more than 100 pages of /messages; stopping");
+            let mut opts = MessagesOptions::backward().from(from.as_deref());
+            opts.limit = UInt::from(50u32);
+            let page = bob_room
+                .messages(opts)
+                .await
+                .at("GET /rooms/{roomId}/messages?dir=b&limit=50")
+                .with_context(|| format!("page {pages}, from {from:?}"))?;
+            ensure!(
+                page.chunk.len() <= 50,
+                "/messages returned {} events for limit=50",
+                page.chunk.len()
+            );
+            utd += page.chunk.iter().filter(|e| is_utd(&json_of(e))).count();
+            for ev in &page.chunk {
+                let v = json_of(ev);
+                if let Some(b) = body(&v) {
+                    if b.starts_with("msg ") {
+                        seen.push(b.to_owned());
+                    }
+                }
+            }
+            match page.end {
+                Some(end) if !page.chunk.is_empty() => {
+                    ensure!(
+                        Some(&end) != from.as_ref(),
+                        "/messages returned end == from ({end}) with a non-empty chunk"
+                    );
+                    from = Some(end);
+                }
+                _ => break,
+            }
+        }
+        seen.reverse();
+        check_sequence("backward /messages without token", &seen, &expected, utd)?;
         Ok(())
     })
     .await;
 }
 
-fn check_sequence(how: &str, got: &[String], expected: &[String]) -> Result<()> {
+fn check_sequence(how: &str, got: &[String], expected: &[String], utd: usize) -> Result<()> {
     if got == expected {
         return Ok(());
     }
@@ -401,7 +413,8 @@ fn check_sequence(how: &str, got: &[String], expected: &[String]) -> Result<()> 
         .position(|(a, b)| a != b)
         .unwrap_or(got.len().min(expected.len()));
     bail!(
-        "{how}: got {} messages ({} distinct), expected {}; first difference at index {first_diff}: got {:?}, expected {:?}",
+        "{how}: got {} messages ({} distinct), expected {}; first difference at index {first_diff}: got {:?}, expected {:?}; \
+         {utd} event(s) the client could not decrypt",
         got.len(),
         unique.len(),
         expected.len(),
@@ -558,6 +571,86 @@ async fn registration_refused_with_bad_or_used_token() {
             .register("charlie", &fresh)
             .await
             .context("charlie with a fresh token after the refusals")?;
+        Ok(())
+    })
+    .await;
+}
+
+/// 6. State paths with an empty state key, written the way ruma (and so
+/// matrix-sdk) writes them: with a trailing slash,
+/// `/rooms/{roomId}/state/{eventType}/`. The SDK asks
+/// `GET .../state/m.room.encryption/` before sending into a room whose
+/// encryption state it has not seen in /sync (a room it just created, and
+/// every unencrypted room), and `set_room_topic` is `PUT .../state/m.room.topic/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_state_key_with_trailing_slash() {
+    bounded("empty_state_key_with_trailing_slash", 120, async {
+        let p = Pair::setup().await?;
+        let rid = p.room_id.clone();
+
+        // A private_chat room just created, not yet synced: the SDK fetches
+        // m.room.encryption and must find it.
+        let fresh = create_private_chat(&p.alice, "fresh").await?;
+        let fresh_room = p
+            .alice
+            .get_room(&fresh)
+            .ok_or_else(|| anyhow!("alice's client does not know the room she created"))?;
+        let state = fresh_room
+            .latest_encryption_state()
+            .await
+            .at("GET /rooms/{roomId}/state/m.room.encryption/ (empty state key, trailing slash)")?;
+        ensure!(
+            state.is_encrypted(),
+            "GET /state/m.room.encryption/ on a new private_chat room: SDK concluded {state:?}"
+        );
+        send_text(&fresh_room, "first words in a fresh room")
+            .await
+            .context("sending into a room created a moment ago, before any sync")?;
+
+        // An unencrypted room (public_chat preset): sending makes the SDK ask
+        // for m.room.encryption, which must be 404 M_NOT_FOUND, not an
+        // unrecognised path.
+        let mut req = create_room::v3::Request::new();
+        req.preset = Some(create_room::v3::RoomPreset::PublicChat);
+        req.name = Some("plain".to_owned());
+        let plain = p
+            .alice
+            .create_room(req)
+            .await
+            .at("POST /createRoom (preset public_chat)")?;
+        let state = plain
+            .latest_encryption_state()
+            .await
+            .at("GET /rooms/{roomId}/state/m.room.encryption/ in an unencrypted room")?;
+        ensure!(
+            !state.is_encrypted(),
+            "a public_chat room is encrypted ({state:?}); expected no m.room.encryption"
+        );
+        let plain_msg = send_text(&plain, "in the clear")
+            .await
+            .context("sending into an unencrypted room")?;
+        let plain_id = plain.room_id().to_owned();
+        let want = plain_msg.to_string();
+        sync_until(&p.alice, "her plaintext message", SEE_WITHIN, |r| {
+            timeline(r, &plain_id)
+                .iter()
+                .any(|e| e["event_id"] == want.as_str() && body(e) == Some("in the clear"))
+        })
+        .await?;
+
+        // PUT with an empty state key and a trailing slash.
+        p.room(&p.alice)?
+            .set_room_topic("topics with a trailing slash")
+            .await
+            .at("PUT /rooms/{roomId}/state/m.room.topic/ (empty state key, trailing slash)")?;
+        sync_until(&p.bob, "alice's new topic", SEE_WITHIN, |r| {
+            timeline_and_state(r, &rid).iter().any(|e| {
+                e["type"] == "m.room.topic"
+                    && e["state_key"] == ""
+                    && e["content"]["topic"] == "topics with a trailing slash"
+            })
+        })
+        .await?;
         Ok(())
     })
     .await;

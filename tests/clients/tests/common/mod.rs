@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::future::Future;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,8 @@ use matrix_sdk::ruma::api::client::account::register;
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::api::client::room::Visibility;
 use matrix_sdk::ruma::api::client::uiaa;
-use matrix_sdk::ruma::{OwnedRoomId, RoomId};
+use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
 use matrix_sdk::sync::{State, SyncResponse};
 use matrix_sdk::{Client, RoomState};
 use serde_json::Value;
@@ -452,6 +454,12 @@ where
     }
 }
 
+/// Whether an event (as the client holds it) is still encrypted, i.e. the
+/// client could not decrypt it. Decrypted events show their inner type.
+pub fn is_utd(ev: &Value) -> bool {
+    ev["type"] == "m.room.encrypted"
+}
+
 /// Body of an `m.room.message` event JSON, if it is one.
 pub fn body(ev: &Value) -> Option<&str> {
     if ev["type"] != "m.room.message" {
@@ -541,4 +549,135 @@ pub async fn create_private_chat(client: &Client, name: &str) -> Result<OwnedRoo
         .await
         .at("POST /_matrix/client/v3/createRoom (preset private_chat)")?;
     Ok(room.room_id().to_owned())
+}
+
+impl Secta {
+    /// Log in `localpart` with the password as a NEW device (a second
+    /// matrix-sdk client with its own in-memory crypto store).
+    pub async fn login(&self, localpart: &str, device_name: &str) -> Result<Client> {
+        let client = self.client().await?;
+        client
+            .matrix_auth()
+            .login_username(self.user_id(localpart), PASSWORD)
+            .initial_device_display_name(device_name)
+            .await
+            .map_err(|e| anyhow!("{}", describe(&e)))
+            .with_context(|| format!("POST /_matrix/client/v3/login for {localpart} ({device_name})"))?;
+        Ok(client)
+    }
+
+    /// A raw HTTP view of the server as `client`'s device (its access token).
+    pub fn raw_as(&self, client: &Client) -> Result<RawHttp> {
+        let token = client
+            .access_token()
+            .ok_or_else(|| anyhow!("client has no access token"))?;
+        RawHttp::new(&self.base_url, &token)
+    }
+}
+
+/// Plain HTTP requests with an access token, for checks the SDK hides
+/// (exact status codes, errcodes, raw sync fields).
+pub struct RawHttp {
+    http: matrix_sdk::reqwest::Client,
+    base_url: String,
+    token: String,
+}
+
+/// Status and JSON body of a raw request.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl RawResponse {
+    pub fn errcode(&self) -> &str {
+        self.body["errcode"].as_str().unwrap_or("<none>")
+    }
+}
+
+impl RawHttp {
+    pub fn new(base_url: &str, token: &str) -> Result<RawHttp> {
+        let http = matrix_sdk::reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(RawHttp { http, base_url: base_url.to_owned(), token: token.to_owned() })
+    }
+
+    /// `method` on `/_matrix/client/v3{path}` (path includes any query string).
+    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<RawResponse> {
+        let url = format!("{}/_matrix/client/v3{path}", self.base_url);
+        let method = matrix_sdk::reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self.http.request(method.clone(), &url);
+        if !self.token.is_empty() {
+            req = req.bearer_auth(&self.token);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(serde_json::to_string(b)?);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}: no HTTP response"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let body = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .with_context(|| format!("{method} {path}: HTTP {status}, body is not JSON: {text}"))?
+        };
+        Ok(RawResponse { status, body })
+    }
+
+    /// Like `call`, but anything other than 200 is an error naming the endpoint.
+    pub async fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let r = self.call(method, path, body).await?;
+        if r.status != 200 {
+            bail!("{method} {path}: expected 200, got HTTP {} {}", r.status, r.body);
+        }
+        Ok(r.body)
+    }
+
+    /// One raw `/sync` (no filter). `since` None is an initial sync.
+    pub async fn sync(&self, since: Option<&str>, timeout_ms: u64) -> Result<Value> {
+        let path = match since {
+            Some(s) => format!("/sync?since={s}&timeout={timeout_ms}"),
+            None => "/sync?timeout=0".to_owned(),
+        };
+        self.ok("GET", &path, None).await
+    }
+}
+
+/// User ids listed in a raw sync's `device_lists.{field}`.
+pub fn device_list(sync: &Value, field: &str) -> Vec<String> {
+    sync["device_lists"][field]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// Run a test body with an overall deadline; a timeout or error panics with
+/// the full context chain.
+pub async fn bounded<F>(name: &str, secs: u64, fut: F)
+where
+    F: Future<Output = Result<()>>,
+{
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{name} failed: {e:#}"),
+        Err(_) => panic!("{name} did not finish within {secs} s"),
+    }
+}
+
+/// Send a plain-text message (encrypted by the SDK if the room is).
+pub async fn send_text(room: &matrix_sdk::Room, text: &str) -> Result<OwnedEventId> {
+    Ok(room
+        .send(RoomMessageEventContent::text_plain(text))
+        .await
+        .at("PUT /rooms/{roomId}/send/m.room.message/{txnId}")?
+        .response
+        .event_id)
 }
