@@ -254,6 +254,18 @@ CREATE TABLE IF NOT EXISTS notifications (
     ts INTEGER NOT NULL,
     PRIMARY KEY (user_id, room_id, stream)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS push_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    pushkey TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS push_queue_due ON push_queue(next_try);
+CREATE INDEX IF NOT EXISTS push_queue_pusher ON push_queue(user_id, app_id, pushkey, id);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );

@@ -691,8 +691,13 @@ pub async fn set_pusher(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<
             else {
                 return Err(MxError::missing_param("app_display_name, device_display_name, lang and data are required"));
             };
-            if kind == "http" && !data["url"].is_string() {
-                return Err(MxError::invalid_param("http pushers need data.url"));
+            if kind == "http" {
+                let url = data["url"].as_str().ok_or_else(|| MxError::invalid_param("http pushers need data.url"))?;
+                let ok = (url.starts_with("https://") || url.starts_with("http://"))
+                    && url.ends_with("/_matrix/push/v1/notify");
+                if !ok {
+                    return Err(MxError::invalid_param("data.url must be an http(s) URL ending in /_matrix/push/v1/notify"));
+                }
             }
             let json = json!({
                 "pushkey": body.pushkey, "kind": kind, "app_id": body.app_id, "app_display_name": app_name,
@@ -714,5 +719,6 @@ pub async fn set_pusher(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<
             })?;
         }
     }
+    hs.pusher_users.invalidate();
     Ok(axum::Json(json!({})))
 }

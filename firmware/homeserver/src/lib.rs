@@ -18,6 +18,7 @@ pub mod pdu;
 mod rooms;
 mod routes;
 mod push;
+mod pushers;
 mod search;
 mod ssync;
 mod sync;
@@ -59,6 +60,8 @@ pub struct Hs {
     notifier: Notifier,
     pub(crate) typing: ephemeral::Typing,
     pub(crate) push_rules: push::RulesCache,
+    pub(crate) pusher_users: pushers::PusherUsers,
+    pub(crate) push_wakeup: tokio::sync::Notify,
     rate: RateLimiter,
     shared_secret: String,
     pub(crate) uia: Mutex<HashMap<String, account::UiaSession>>,
@@ -92,6 +95,8 @@ impl Hs {
             notifier: Notifier::default(),
             typing: ephemeral::Typing::default(),
             push_rules: push::RulesCache::default(),
+            pusher_users: pushers::PusherUsers::default(),
+            push_wakeup: tokio::sync::Notify::new(),
             rate,
             shared_secret,
             uia: Mutex::new(HashMap::new()),
@@ -138,6 +143,13 @@ impl Hs {
 
     pub(crate) fn check_rate(&self, key: &str) -> MxResult<()> {
         self.rate.check(key)
+    }
+
+    /// Starts the background tasks: typing expiry and housekeeping, push delivery.
+    /// [`serve`] does this; embedders that use [`Hs::router`] directly call it once.
+    pub fn start_background(self: &Arc<Self>, shutdown: Shutdown) {
+        tokio::spawn(ephemeral::housekeeping(self.clone(), shutdown.clone()));
+        tokio::spawn(pushers::deliver(self.clone(), shutdown));
     }
 
     /// Builds the HTTP router of the Client-Server API (and the admin endpoints).
@@ -253,7 +265,7 @@ pub async fn serve(hs: Arc<Hs>, addr: SocketAddr, shutdown: Shutdown) -> anyhow:
 pub async fn serve_on(hs: Arc<Hs>, listener: tokio::net::TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let app = hs.router().into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = %listener.local_addr()?, server_name = %hs.server_name, "homeserver listening");
-    tokio::spawn(ephemeral::housekeeping(hs.clone(), shutdown.clone()));
+    hs.start_background(shutdown.clone());
     let wait = shutdown.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(wait.wait());
     // Long-polls hold connections open: give them a moment, then stop anyway.

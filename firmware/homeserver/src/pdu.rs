@@ -376,7 +376,7 @@ impl Hs {
             None => crate::push::plan(self, w, room_id, &serde_json::from_str(&pdu_json)?)?,
         };
         let ts = u64::from(pdu.origin_server_ts.0) as i64;
-        crate::push::store_plan(w, room_id, &plan, event_id.as_str(), stream, thread_root.as_deref(), ts)?;
+        crate::push::store_plan(self, w, room_id, &plan, event_id.as_str(), stream, thread_root.as_deref(), ts)?;
         if let Some(target) = &pdu.redacts {
             apply_redaction(w, target.as_str(), &event_id, &pdu_json, &rules)?;
         }

@@ -182,6 +182,7 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
 
 /// Stores the notification rows of a plan with the event they belong to.
 pub fn store_plan(
+    hs: &Hs,
     w: &WriteTxn<'_>,
     room_id: &RoomId,
     plan: &PushPlan,
@@ -194,8 +195,13 @@ pub fn store_plan(
         "INSERT OR IGNORE INTO notifications(user_id, room_id, stream, event_id, thread_id, highlight, actions, ts)
          VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
     )?;
+    let mut queued = false;
     for (user, highlight, actions) in &plan.rows {
         st.execute(params![user, room_id.as_str(), stream, event_id, thread_root, highlight, actions, ts])?;
+        queued |= crate::pushers::enqueue(hs, w, user, room_id.as_str(), event_id)?;
+    }
+    if queued {
+        hs.push_wakeup.notify_one();
     }
     Ok(())
 }

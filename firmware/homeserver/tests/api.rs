@@ -725,3 +725,53 @@ async fn sliding_sync_lists_rooms_invites_and_updates() {
     // Unknown positions are refused with the errcode clients reset on.
     assert_err(&b.call("POST", &format!("{ss}?pos=999"), Some(&alice), body).await, 400, "M_UNKNOWN_POS");
 }
+
+#[tokio::test]
+async fn notifications_reach_an_http_push_gateway() {
+    // A push gateway on loopback that records what it receives.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let gateway = axum::Router::new().route(
+        "/_matrix/push/v1/notify",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+                axum::Json(json!({ "rejected": [] }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, gateway).await.unwrap() });
+
+    let b = new_box();
+    let (trigger, shutdown) = secta_runtime::Shutdown::new();
+    b.hs.start_background(shutdown);
+    let (_, alice) = b.register("alice").await;
+    let (_, bob) = b.register("bob").await;
+    let room = b.room(&alice).await;
+    assert_eq!(b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await.0, 200);
+    let pusher = json!({"pushkey": "phone-1", "kind": "http", "app_id": "org.secta.test", "app_display_name": "Test",
+        "device_display_name": "phone", "lang": "ru", "data": {"url": format!("http://127.0.0.1:{port}/_matrix/push/v1/notify")}});
+    assert_eq!(b.call("POST", "/_matrix/client/v3/pushers/set", Some(&alice), pusher).await.0, 200);
+    let bad = json!({"pushkey": "k", "kind": "http", "app_id": "x", "app_display_name": "x", "device_display_name": "x",
+        "lang": "ru", "data": {"url": format!("http://127.0.0.1:{port}/_synapse/admin/v1/register")}});
+    assert_err(&b.call("POST", "/_matrix/client/v3/pushers/set", Some(&alice), bad).await, 400, "M_INVALID_PARAM");
+    let (s, sent) = b
+        .call(
+            "PUT",
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/p1", enc(&room)),
+            Some(&bob),
+            json!({"msgtype": "m.text", "body": "привет"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(15), rx.recv()).await.expect("gateway got nothing").unwrap();
+    let n = &got["notification"];
+    assert_eq!(n["event_id"], sent["event_id"]);
+    assert_eq!(n["room_id"], room.as_str());
+    assert_eq!(n["devices"][0]["pushkey"], "phone-1");
+    assert_eq!(n["counts"]["unread"], 1);
+    assert_eq!(n["content"]["body"], "привет");
+    trigger.trigger();
+}
