@@ -38,6 +38,9 @@ pub struct HomeserverConfig {
     pub auth_rate_per_second: f64,
     /// Longest `/sync` long-poll in milliseconds.
     pub max_sync_timeout_ms: u64,
+    /// After a long-poll wakes up, wait this long for more news before answering,
+    /// so busy rooms cost a bounded number of sync responses per second.
+    pub sync_coalesce_ms: u64,
 }
 
 /// SQLite durability mode.
@@ -67,6 +70,7 @@ impl Default for HomeserverConfig {
             auth_rate_burst: 10,
             auth_rate_per_second: 0.5,
             max_sync_timeout_ms: 30_000,
+            sync_coalesce_ms: 10,
         }
     }
 }

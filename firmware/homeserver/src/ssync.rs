@@ -564,7 +564,10 @@ pub async fn sliding_sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): Q
             break built;
         }
         tokio::select! {
-            r = rx.changed() => { if r.is_err() { break built; } }
+            r = rx.changed() => {
+                if r.is_err() { break built; }
+                tokio::time::sleep(Duration::from_millis(hs.config.sync_coalesce_ms)).await;
+            }
             _ = tokio::time::sleep_until(deadline) => {}
         }
     };

@@ -82,7 +82,10 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
             return Ok(axum::Json(resp));
         }
         tokio::select! {
-            r = rx.changed() => { if r.is_err() { return Ok(axum::Json(resp)); } }
+            r = rx.changed() => {
+                if r.is_err() { return Ok(axum::Json(resp)); }
+                tokio::time::sleep(Duration::from_millis(hs.config.sync_coalesce_ms)).await;
+            }
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }

@@ -166,7 +166,7 @@ fn default_config_text() -> String {
          [homeserver]\nserver_name = {:?}\nlisten = {:?}\n# public_base_url = \"https://box.example\"\n\
          open_registration = {}\n# registration_shared_secret = \"...\"  (default: generated in DATA/registration_shared_secret)\n\
          default_room_version = {:?}\nmax_request_bytes = {}\nmedia_max_bytes = 104857600\nencrypt_private_rooms = true\npresence = {}\ndurability = \"normal\"\n\
-         auth_rate_burst = {}\nauth_rate_per_second = {}\nmax_sync_timeout_ms = {}\n",
+         auth_rate_burst = {}\nauth_rate_per_second = {}\nmax_sync_timeout_ms = {}\nsync_coalesce_ms = 10\n",
         b.data_dir, b.name, b.log, b.log_json, hs.server_name, hs.listen, hs.open_registration,
         hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
         hs.max_sync_timeout_ms,
