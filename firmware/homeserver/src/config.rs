@@ -38,9 +38,49 @@ pub struct HomeserverConfig {
     pub auth_rate_per_second: f64,
     /// Longest `/sync` long-poll in milliseconds.
     pub max_sync_timeout_ms: u64,
+    /// Federation with other boxes and the public Matrix network.
+    pub federation: FederationConfig,
     /// After a long-poll wakes up, wait this long for more news before answering,
     /// so busy rooms cost a bounded number of sync responses per second.
     pub sync_coalesce_ms: u64,
+}
+
+/// The `[homeserver.federation]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Take part in federation at all.
+    pub enabled: bool,
+    /// Address of the TLS federation listener (`None`: federation is served only on
+    /// the client listener, e.g. behind a reverse proxy or over a WireGuard link).
+    pub tls_listen: Option<String>,
+    /// Servers this box may not talk to (exact server names).
+    pub blocked_servers: Vec<String>,
+    /// Known peers: boxes reachable without DNS, e.g. over WireGuard links.
+    pub peers: Vec<Peer>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self { enabled: true, tls_listen: None, blocked_servers: Vec::new(), peers: Vec::new() }
+    }
+}
+
+/// A known federation peer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its Matrix server name.
+    pub server_name: String,
+    /// Base URL of its federation API, e.g. `https://10.8.0.2:8448` or `http://10.8.0.2:8008`.
+    pub url: String,
+    /// Its ed25519 verify key (`ed25519:ID` → unpadded base64), trusted without fetching.
+    #[serde(default)]
+    pub pinned_key: Option<(String, String)>,
+    /// Accept a self-signed TLS certificate from this peer (its identity is the
+    /// pinned signing key and the signatures on everything it sends).
+    #[serde(default)]
+    pub accept_self_signed: bool,
 }
 
 /// SQLite durability mode.
@@ -71,6 +111,7 @@ impl Default for HomeserverConfig {
             auth_rate_per_second: 0.5,
             max_sync_timeout_ms: 30_000,
             sync_coalesce_ms: 10,
+            federation: FederationConfig::default(),
         }
     }
 }

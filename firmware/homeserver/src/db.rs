@@ -80,7 +80,9 @@ CREATE TABLE IF NOT EXISTS events (
     redacted_by TEXT,
     txn_id TEXT,
     txn_device TEXT,
-    prev_state TEXT
+    prev_state TEXT,
+    -- 1 for events known only as state or auth (from a remote join), not in the timeline.
+    outlier INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_room_stream ON events(room_id, stream);
 CREATE INDEX IF NOT EXISTS events_state ON events(room_id, type, state_key, stream) WHERE state_key IS NOT NULL;
@@ -266,6 +268,43 @@ CREATE TABLE IF NOT EXISTS push_queue (
 );
 CREATE INDEX IF NOT EXISTS push_queue_due ON push_queue(next_try);
 CREATE INDEX IF NOT EXISTS push_queue_pusher ON push_queue(user_id, app_id, pushkey, id);
+CREATE TABLE IF NOT EXISTS server_keys (
+    server_name TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    valid_until INTEGER NOT NULL,
+    PRIMARY KEY (server_name, key_id)
+);
+CREATE TABLE IF NOT EXISTS fed_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fed_queue_dest ON fed_queue(destination, kind, id);
+CREATE TABLE IF NOT EXISTS fed_destinations (
+    server_name TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL DEFAULT 0,
+    retry_at INTEGER NOT NULL DEFAULT 0,
+    last_success INTEGER,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS fed_txns (
+    origin TEXT NOT NULL,
+    txn_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (origin, txn_id)
+);
+CREATE TABLE IF NOT EXISTS remote_invites (
+    room_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    room_version TEXT NOT NULL,
+    event_json TEXT NOT NULL,
+    invite_state TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    inviter_server TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );
@@ -278,6 +317,10 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         .exists([])?;
     if !has_bump {
         conn.execute_batch("ALTER TABLE rooms ADD COLUMN bump_stamp INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    let has_outlier: bool = conn.prepare("SELECT 1 FROM pragma_table_info('events') WHERE name='outlier'")?.exists([])?;
+    if !has_outlier {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN outlier INTEGER NOT NULL DEFAULT 0;")?;
     }
     let txn_scoped: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('txns') WHERE name='request' AND pk>0")?
@@ -367,6 +410,7 @@ impl Db {
                 UNION ALL SELECT COALESCE(MAX(stream),0) FROM account_data
                 UNION ALL SELECT COALESCE(MAX(stream),0) FROM receipts
                 UNION ALL SELECT COALESCE(MAX(stream),0) FROM device_list_updates
+                UNION ALL SELECT COALESCE(MAX(stream),0) FROM remote_invites
                 UNION ALL SELECT COALESCE(CAST(value AS INTEGER),0) FROM meta WHERE key='stream')",
             [],
             |r| r.get(0),

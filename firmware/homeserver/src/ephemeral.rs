@@ -80,6 +80,11 @@ impl Typing {
         changed
     }
 
+    /// Typing of a user of another server (from an `m.typing` EDU).
+    pub fn set_remote(&self, room: &str, user: &str, until: Option<Instant>) {
+        self.set(room, user, until);
+    }
+
     /// Records a presence update; returns whether others should hear of it.
     pub fn set_presence(&self, user: &str, presence: &str, status_msg: Option<Option<String>>) -> bool {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());

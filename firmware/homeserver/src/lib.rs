@@ -10,6 +10,7 @@ mod db;
 mod ephemeral;
 mod error;
 mod extract;
+mod federation;
 mod filter;
 mod keys;
 mod media;
@@ -39,7 +40,8 @@ use rusqlite::OptionalExtension;
 use secta_runtime::Shutdown;
 use tokio::sync::watch;
 
-pub use config::{Durability, HomeserverConfig};
+pub use config::{Durability, FederationConfig, HomeserverConfig, Peer};
+pub use federation::PeerStatus;
 pub use db::Db;
 pub use error::{MxError, MxResult};
 use extract::Auth;
@@ -62,6 +64,7 @@ pub struct Hs {
     pub(crate) push_rules: push::RulesCache,
     pub(crate) pusher_users: pushers::PusherUsers,
     pub(crate) push_wakeup: tokio::sync::Notify,
+    pub(crate) fed: federation::Fed,
     rate: RateLimiter,
     shared_secret: String,
     pub(crate) uia: Mutex<HashMap<String, account::UiaSession>>,
@@ -97,6 +100,7 @@ impl Hs {
             push_rules: push::RulesCache::default(),
             pusher_users: pushers::PusherUsers::default(),
             push_wakeup: tokio::sync::Notify::new(),
+            fed: federation::Fed::new()?,
             rate,
             shared_secret,
             uia: Mutex::new(HashMap::new()),
@@ -149,7 +153,8 @@ impl Hs {
     /// [`serve`] does this; embedders that use [`Hs::router`] directly call it once.
     pub fn start_background(self: &Arc<Self>, shutdown: Shutdown) {
         tokio::spawn(ephemeral::housekeeping(self.clone(), shutdown.clone()));
-        tokio::spawn(pushers::deliver(self.clone(), shutdown));
+        tokio::spawn(pushers::deliver(self.clone(), shutdown.clone()));
+        tokio::spawn(federation::sender(self.clone(), shutdown));
     }
 
     /// Builds the HTTP router of the Client-Server API (and the admin endpoints).

@@ -218,6 +218,24 @@ pub struct NewEvent<'a> {
     pub txn: Option<(&'a str, &'a str)>,
 }
 
+/// Where a stored event goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Placement {
+    /// In the room's timeline (and current state, for state events).
+    Timeline,
+    /// Outside the timeline, but part of the room's current state.
+    OutlierState,
+    /// Outside the timeline and the current state (auth chains).
+    Outlier,
+}
+
+/// A signed, authorised event not yet stored.
+pub struct Built {
+    pub pdu: Pdu,
+    pub json: String,
+    pub rules: RoomVersionRules,
+}
+
 /// The outcome of appending an event.
 #[derive(Debug, Clone)]
 pub struct Appended {
@@ -258,10 +276,20 @@ impl Hs {
             "auth_events": [],
         });
         let room_id: OwnedRoomId = if rules.authorization.room_create_event_id_as_room_id {
-            // v12: the room id is derived from the create event's reference hash.
-            let mut probe = to_canonical(obj.clone())?;
-            let event_id = self.sign(&mut probe, &rules)?;
-            RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(|e| MxError::unknown(e.to_string()))?
+            // v12: the room id is derived from the create event's reference hash, so two
+            // rooms made by one user in the same millisecond would collide: move the
+            // timestamp on until the id is free.
+            let mut tries = 0;
+            loop {
+                let mut probe = to_canonical(obj.clone())?;
+                let event_id = self.sign(&mut probe, &rules)?;
+                let id = RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(|e| MxError::unknown(e.to_string()))?;
+                if room_version(w, id.as_str())?.is_none() || tries >= 1000 {
+                    break id;
+                }
+                tries += 1;
+                obj["origin_server_ts"] = json!(ts + tries);
+            }
         } else {
             let id = RoomId::new_v1(&self.server_name);
             obj["room_id"] = json!(id);
@@ -304,7 +332,13 @@ impl Hs {
         ev: NewEvent<'_>,
         plan: Option<crate::push::PushPlan>,
     ) -> MxResult<Appended> {
-        let version = room_version(w, room_id.as_str())?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+        let built = self.build_pdu(w, room_id, sender, &ev)?;
+        self.commit_built(w, room_id, built, ev.txn, plan)
+    }
+
+    /// Builds, signs and authorises (against current state) a new event without storing it.
+    pub(crate) fn build_pdu(&self, c: &Connection, room_id: &RoomId, sender: &UserId, ev: &NewEvent<'_>) -> MxResult<Built> {
+        let version = room_version(c, room_id.as_str())?.ok_or_else(|| MxError::not_found("Unknown room"))?;
         let rules = rules_for(&version)?;
         let kind = TimelineEventType::from(ev.kind);
         let content_raw = serde_json::value::to_raw_value(&ev.content).map_err(|e| MxError::bad_json(e.to_string()))?;
@@ -312,14 +346,14 @@ impl Hs {
             .map_err(MxError::bad_json)?;
         let mut auth_events = Vec::new();
         for (ty, key) in &auth_types {
-            if let Some(id) = state_event_id(w, room_id.as_str(), &ty.to_string(), key)? {
+            if let Some(id) = state_event_id(c, room_id.as_str(), &ty.to_string(), key)? {
                 if !auth_events.contains(&id) {
                     auth_events.push(id);
                 }
             }
         }
         let (prev_events, depth) = {
-            let mut st = w.prepare_cached(
+            let mut st = c.prepare_cached(
                 "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id=f.event_id
                  WHERE f.room_id=?1 ORDER BY e.depth DESC LIMIT 20",
             )?;
@@ -348,23 +382,49 @@ impl Hs {
         }
         let mut cobj = to_canonical(obj)?;
         let event_id = self.sign(&mut cobj, &rules)?;
-        let pdu_json = serde_json::to_string(&cobj).map_err(|e| MxError::unknown(e.to_string()))?;
-        if pdu_json.len() > MAX_PDU_BYTES {
+        let json = serde_json::to_string(&cobj).map_err(|e| MxError::unknown(e.to_string()))?;
+        if json.len() > MAX_PDU_BYTES {
             return Err(MxError::too_large("Event is larger than 64 KiB"));
         }
-        let pdu = Pdu::parse(event_id.clone(), &pdu_json).map_err(|e| MxError::bad_json(e.to_string()))?;
-        {
-            let conn: &Connection = w;
-            check_state_dependent_auth_rules(&rules.authorization, &pdu, |ty: &StateEventType, key: &str| {
-                state_event_id(conn, room_id.as_str(), &ty.to_string(), key)
-                    .ok()
-                    .flatten()
-                    .and_then(|id| load_pdu(conn, &id))
-            })
-            .map_err(|e| MxError::forbidden(format!("Event not allowed: {e}")))?;
-        }
-        let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, ev.txn)?;
-        let thread_root = if ev.kind == "m.room.encrypted" || ev.kind == "m.room.message" {
+        let pdu = Pdu::parse(event_id, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+        check_state_dependent_auth_rules(&rules.authorization, &pdu, |ty: &StateEventType, key: &str| {
+            state_event_id(c, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|id| load_pdu(c, &id))
+        })
+        .map_err(|e| MxError::forbidden(format!("Event not allowed: {e}")))?;
+        Ok(Built { pdu, json, rules })
+    }
+
+    /// Stores a built local event: timeline, state, push, redaction, and the
+    /// federation queue of every other server in the room.
+    pub(crate) fn commit_built(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &RoomId,
+        built: Built,
+        txn: Option<(&str, &str)>,
+        plan: Option<crate::push::PushPlan>,
+    ) -> MxResult<Appended> {
+        let Built { pdu, json: pdu_json, rules } = built;
+        let event_id = pdu.event_id.clone();
+        let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, txn)?;
+        self.after_store(w, room_id, &pdu, &pdu_json, stream, &rules, plan)?;
+        crate::federation::enqueue_pdu(self, w, room_id, &pdu, &pdu_json)?;
+        Ok(Appended { event_id, room_id: room_id.to_owned(), stream })
+    }
+
+    /// Push notifications and redactions for a stored timeline event (local or remote).
+    pub(crate) fn after_store(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &RoomId,
+        pdu: &Pdu,
+        pdu_json: &str,
+        stream: i64,
+        rules: &RoomVersionRules,
+        plan: Option<crate::push::PushPlan>,
+    ) -> MxResult<()> {
+        let kind = pdu.kind.to_string();
+        let thread_root = if kind == "m.room.encrypted" || kind == "m.room.message" {
             serde_json::from_str::<Value>(pdu.content.get()).ok().and_then(|c| {
                 (c["m.relates_to"]["rel_type"] == "m.thread").then(|| c["m.relates_to"]["event_id"].as_str().map(str::to_owned)).flatten()
             })
@@ -373,17 +433,17 @@ impl Hs {
         };
         let plan = match plan {
             Some(p) => p,
-            None => crate::push::plan(self, w, room_id, &serde_json::from_str(&pdu_json)?)?,
+            None => crate::push::plan(self, w, room_id, &serde_json::from_str(pdu_json)?)?,
         };
         let ts = u64::from(pdu.origin_server_ts.0) as i64;
-        crate::push::store_plan(self, w, room_id, &plan, event_id.as_str(), stream, thread_root.as_deref(), ts)?;
+        crate::push::store_plan(self, w, room_id, &plan, pdu.event_id.as_str(), stream, thread_root.as_deref(), ts)?;
         if let Some(target) = &pdu.redacts {
-            apply_redaction(w, target.as_str(), &event_id, &pdu_json, &rules)?;
+            apply_redaction(w, target.as_str(), &pdu.event_id, pdu_json, rules)?;
         }
-        Ok(Appended { event_id, room_id: room_id.to_owned(), stream })
+        Ok(())
     }
 
-    fn store_pdu(
+    pub(crate) fn store_pdu(
         &self,
         w: &mut WriteTxn<'_>,
         room_id: &str,
@@ -391,6 +451,22 @@ impl Hs {
         json: &str,
         txn: Option<(&str, &str)>,
     ) -> MxResult<i64> {
+        self.store_pdu_as(w, room_id, pdu, json, txn, Placement::Timeline)
+    }
+
+    /// Stores an event as a timeline event, or as an outlier (known for auth and
+    /// state only, e.g. the state received when joining a room on another server)
+    /// that may or may not set the current state.
+    pub(crate) fn store_pdu_as(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &str,
+        pdu: &Pdu,
+        json: &str,
+        txn: Option<(&str, &str)>,
+        placement: Placement,
+    ) -> MxResult<i64> {
+        let timeline = placement == Placement::Timeline;
         let stream = w.next_stream();
         let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
         let rel = &content["m.relates_to"];
@@ -404,8 +480,8 @@ impl Hs {
         };
         w.tx.execute(
             "INSERT INTO events(stream, event_id, room_id, sender, type, state_key, depth, origin_server_ts, json,
-                                rel_type, relates_to, thread_root, txn_id, txn_device, prev_state)
-             VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
+                                rel_type, relates_to, thread_root, txn_id, txn_device, prev_state, outlier)
+             VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
             params![
                 stream,
                 pdu.event_id.as_str(),
@@ -422,15 +498,21 @@ impl Hs {
                 txn.map(|t| t.1),
                 txn.map(|t| t.0),
                 prev_state,
+                !timeline,
             ],
         )?;
-        for p in &pdu.prev_events {
+        if !timeline && placement != Placement::OutlierState {
+            return Ok(stream);
+        }
+        for p in pdu.prev_events.iter().filter(|_| timeline) {
             w.tx.execute("DELETE FROM forward_extremities WHERE room_id=?1 AND event_id=?2", params![room_id, p.as_str()])?;
         }
-        w.tx.execute(
-            "INSERT OR IGNORE INTO forward_extremities(room_id, event_id) VALUES(?1,?2)",
-            params![room_id, pdu.event_id.as_str()],
-        )?;
+        if timeline {
+            w.tx.execute(
+                "INSERT OR IGNORE INTO forward_extremities(room_id, event_id) VALUES(?1,?2)",
+                params![room_id, pdu.event_id.as_str()],
+            )?;
+        }
         if let Some(key) = &pdu.state_key {
             let membership = if pdu.kind == TimelineEventType::RoomMember {
                 content["membership"].as_str().map(str::to_owned)
@@ -445,6 +527,9 @@ impl Hs {
             if pdu.kind == TimelineEventType::RoomMember && membership.as_deref() == Some("join") {
                 w.tx.execute("DELETE FROM forgotten_rooms WHERE user_id=?1 AND room_id=?2", params![key, room_id])?;
             }
+        }
+        if !timeline {
+            return Ok(stream);
         }
         search::index_event(w, stream, room_id, &pdu.kind, &content)?;
         if is_bump(&pdu.kind) {

@@ -390,10 +390,29 @@ pub async fn join_by_id_or_alias(
     State(hs): State<Arc<Hs>>,
     auth: Auth,
     PathArgs(room): PathArgs<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
     Json(body): Json<ReasonBody>,
 ) -> MxResult<J> {
-    let room_id = if room.starts_with('#') { hs.resolve_alias(&room)? } else { parse_room(&room)? };
-    hs.do_join(&room_id, &auth.user_id, body.reason.as_deref())?;
+    let mut via = via_servers(q.as_deref());
+    let room_id = if room.starts_with('#') {
+        let alias = RoomAliasId::parse(&room).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+        if alias.server_name() == hs.server_name {
+            hs.resolve_alias(&room)?
+        } else {
+            let path = format!("/_matrix/federation/v1/query/directory?room_alias={}", crate::federation::urlenc(alias.as_str()));
+            let v = hs.fed_request("GET", alias.server_name(), &path, None).await?;
+            for s in v["servers"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                if let Ok(s) = ruma::ServerName::parse(s) {
+                    via.push(s);
+                }
+            }
+            via.push(alias.server_name().to_owned());
+            parse_room(v["room_id"].as_str().unwrap_or_default())?
+        }
+    } else {
+        parse_room(&room)?
+    };
+    join_any(&hs, &room_id, &auth.user_id, body.reason.as_deref(), via).await?;
     Ok(axum::Json(json!({ "room_id": room_id })))
 }
 
@@ -404,8 +423,49 @@ pub async fn join_room(
     Json(body): Json<ReasonBody>,
 ) -> MxResult<J> {
     let room_id = parse_room(&room)?;
-    hs.do_join(&room_id, &auth.user_id, body.reason.as_deref())?;
+    join_any(&hs, &room_id, &auth.user_id, body.reason.as_deref(), Vec::new()).await?;
     Ok(axum::Json(json!({ "room_id": room_id })))
+}
+
+/// `server_name` and `via` query parameters of a join.
+fn via_servers(q: Option<&str>) -> Vec<ruma::OwnedServerName> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(q.unwrap_or(""))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k == "server_name" || k == "via")
+        .filter_map(|(_, v)| ruma::ServerName::parse(&v).ok())
+        .collect()
+}
+
+/// Joins a local room directly, or a room of other servers through federation.
+async fn join_any(hs: &Hs, room_id: &RoomId, user: &UserId, reason: Option<&str>, mut via: Vec<ruma::OwnedServerName>) -> MxResult<()> {
+    let local = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_some();
+    let joined_here = local && hs.db.read(|c| -> MxResult<bool> {
+        Ok(!pdu::local_members(c, room_id.as_str(), false)?.is_empty() || room_id.server_name() == Some(&hs.server_name))
+    })?;
+    if joined_here {
+        return hs.do_join(room_id, user, reason);
+    }
+    // Through the server that invited us, the room id's server and the given ones.
+    let inviter: Option<String> = hs.db.read(|c| {
+        c.query_row(
+            "SELECT inviter_server FROM remote_invites WHERE room_id=?1 AND user_id=?2",
+            params![room_id.as_str(), user.as_str()],
+            |r| r.get(0),
+        )
+        .optional()
+    })?;
+    if let Some(s) = inviter.and_then(|s| ruma::ServerName::parse(&s).ok()) {
+        via.insert(0, s);
+    }
+    if let Some(s) = room_id.server_name() {
+        via.push(s.to_owned());
+    }
+    via.dedup();
+    if via.is_empty() {
+        return Err(MxError::not_found("This box does not know that room; give a server to join through"));
+    }
+    hs.remote_join(room_id, user, &via).await
 }
 
 pub async fn knock(
@@ -459,6 +519,10 @@ pub async fn invite(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathA
     if matches!(current.as_deref(), Some("join") | Some("ban")) {
         return Err(MxError::forbidden("The user is already in the room or banned"));
     }
+    if target.server_name() != hs.server_name {
+        hs.remote_invite(&room_id, &auth.user_id, &target, body.reason.as_deref()).await?;
+        return Ok(axum::Json(json!({})));
+    }
     membership_action(hs, auth, room, body, "invite").await
 }
 
@@ -489,6 +553,16 @@ pub async fn unban(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathAr
 pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<ReasonBody>) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
+    if current.is_none() {
+        // Declining an invite from another server: forget it here.
+        let n = hs.db.write(|w| {
+            w.tx.execute("DELETE FROM remote_invites WHERE room_id=?1 AND user_id=?2", params![room_id.as_str(), auth.user_id.as_str()])
+        })?;
+        if n > 0 {
+            hs.notify_users([auth.user_id.as_str()]);
+            return Ok(axum::Json(json!({})));
+        }
+    }
     match current.as_deref() {
         Some("join") | Some("invite") | Some("knock") => {
             hs.set_membership(&room_id, &auth.user_id, &auth.user_id, "leave", body.reason.as_deref(), None)?;
@@ -828,7 +902,7 @@ pub async fn messages(
             (from, to.unwrap_or(i64::MAX).min(until))
         };
         let sql = format!(
-            "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream>?2 AND stream<=?3 ORDER BY stream {} LIMIT ?4",
+            "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND outlier=0 AND stream>?2 AND stream<=?3 ORDER BY stream {} LIMIT ?4",
             if backward { "DESC" } else { "ASC" }
         );
         let mut st = c.prepare_cached(&sql)?;
@@ -931,11 +1005,11 @@ pub async fn context(
             Ok(rows)
         };
         let before = fetch(
-            &format!("SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream<?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"),
+            &format!("SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND outlier=0 AND stream<?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"),
             before_n,
         )?;
         let after = fetch(
-            &format!("SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream>?2 AND stream<=?3 ORDER BY stream ASC LIMIT ?4"),
+            &format!("SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND outlier=0 AND stream>?2 AND stream<=?3 ORDER BY stream ASC LIMIT ?4"),
             after_n,
         )?;
         let start = before.last().map_or(ev.stream - 1, |e| e.stream - 1);

@@ -12,7 +12,7 @@ use axum::{
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::{account, admin, backup, ephemeral, error::MxError, keys, media, push, rooms, search, ssync, sync, Hs};
+use crate::{account, admin, backup, ephemeral, error::MxError, federation, keys, media, push, rooms, search, ssync, sync, Hs};
 
 /// Spec versions this server implements (newest is the current stable spec).
 pub const SPEC_VERSIONS: &[&str] = &[
@@ -118,6 +118,19 @@ fn client_v3() -> Router<Arc<Hs>> {
         .route("/thirdparty/protocols", get(no_protocols))
 }
 
+fn federation_routes() -> Router<Arc<Hs>> {
+    Router::new()
+        .route("/v1/version", get(federation::version))
+        .route("/v1/send/{txn_id}", put(federation::send_transaction))
+        .route("/v1/make_join/{room_id}/{user_id}", get(federation::make_join))
+        .route("/v2/send_join/{room_id}/{event_id}", put(federation::send_join))
+        .route("/v2/invite/{room_id}/{event_id}", put(federation::invite))
+        .route("/v1/event/{event_id}", get(federation::get_event))
+        .route("/v1/state_ids/{room_id}", get(federation::state_ids))
+        .route("/v1/query/profile", get(federation::query_profile))
+        .route("/v1/query/directory", get(federation::query_directory))
+}
+
 fn media_legacy() -> Router<Arc<Hs>> {
     Router::new()
         .route("/config", get(media::config))
@@ -179,17 +192,6 @@ async fn well_known_server(axum::extract::State(hs): axum::extract::State<Arc<Hs
     Json(json!({ "m.server": server }))
 }
 
-async fn server_key(axum::extract::State(hs): axum::extract::State<Arc<Hs>>) -> impl IntoResponse {
-    let (key_id, key) = hs.verify_key();
-    // Signed responses come with federation; for now publish the key itself.
-    Json(json!({
-        "server_name": hs.server_name,
-        "verify_keys": { key_id: { "key": key } },
-        "old_verify_keys": {},
-        "valid_until_ts": crate::now_ms() + 7 * 24 * 3600 * 1000,
-    }))
-}
-
 /// Logs method, route template, status and time: never the concrete path or
 /// query (they hold user ids, room ids and sometimes access tokens).
 async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
@@ -226,7 +228,7 @@ pub fn router(hs: Arc<Hs>) -> Router {
         .route("/_matrix/client/versions", get(versions))
         .route("/.well-known/matrix/client", get(well_known_client))
         .route("/.well-known/matrix/server", get(well_known_server))
-        .route("/_matrix/key/v2/server", get(server_key))
+        .route("/_matrix/key/v2/server", get(federation::server_keys_endpoint))
         .nest("/_matrix/client/v3", v3.clone())
         .nest("/_matrix/client/r0", v3)
         .nest("/_matrix/client/v1", client_v1())
@@ -236,6 +238,9 @@ pub fn router(hs: Arc<Hs>) -> Router {
         .route("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", post(ssync::sliding_sync))
         .route("/_matrix/client/v5/sync", post(ssync::sliding_sync))
         .route("/_synapse/admin/v1/register", get(admin::register_nonce).post(admin::register_with_secret))
+        .route("/_matrix/key/v2/query", post(federation::key_query))
+        .route("/_matrix/key/v2/query/{server}", get(federation::key_query_one))
+        .nest("/_matrix/federation", federation_routes())
         .route_layer(axum::middleware::from_fn(log_request))
         .fallback(unrecognized)
         .method_not_allowed_fallback(|| async { MxError::method_not_allowed() })

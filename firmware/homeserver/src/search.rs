@@ -188,8 +188,8 @@ fn context_for(c: &Connection, ev: &pdu::StoredEvent, ctx: &Value, v: &Viewer<'_
         let rows = st.query_map(params![ev.room_id, ev.stream, n], pdu::row_to_event)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows.iter().map(|e| client_event(c, e, v, true)).collect())
     };
-    let b = q(&format!("SELECT {} FROM events WHERE room_id=?1 AND stream<?2 ORDER BY stream DESC LIMIT ?3", pdu::EVENT_COLS), before)?;
-    let a = q(&format!("SELECT {} FROM events WHERE room_id=?1 AND stream>?2 ORDER BY stream ASC LIMIT ?3", pdu::EVENT_COLS), after)?;
+    let b = q(&format!("SELECT {} FROM events WHERE room_id=?1 AND outlier=0 AND stream<?2 ORDER BY stream DESC LIMIT ?3", pdu::EVENT_COLS), before)?;
+    let a = q(&format!("SELECT {} FROM events WHERE room_id=?1 AND outlier=0 AND stream>?2 ORDER BY stream ASC LIMIT ?3", pdu::EVENT_COLS), after)?;
     Ok(json!({ "events_before": b, "events_after": a, "start": format!("s{}", ev.stream - 1), "end": format!("s{}", ev.stream) }))
 }
 

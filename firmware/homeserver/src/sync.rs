@@ -103,7 +103,7 @@ fn membership_rows(c: &Connection, user: &str) -> rusqlite::Result<Vec<(String, 
 
 pub(crate) fn events_between(c: &Connection, room: &str, after: i64, upto: i64, limit: i64) -> rusqlite::Result<(Vec<StoredEvent>, bool)> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND stream>?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"
+        "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND outlier=0 AND stream>?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"
     ))?;
     let mut rows: Vec<StoredEvent> = st.query_map(params![room, after, upto, limit + 1], row_to_event)?.collect::<Result<_, _>>()?;
     let limited = rows.len() as i64 > limit;

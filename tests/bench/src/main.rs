@@ -19,15 +19,46 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+mod keys;
+mod media;
+mod sliding;
+
 use clap::Parser;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 
+/// What the bench does.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    /// Users, rooms, concurrent senders and long-polling /sync listeners (the default).
+    Chat,
+    /// End-to-end encryption keys: device keys and one-time keys upload, /keys/query, /keys/claim.
+    Keys,
+    /// First, full-list and incremental simplified sliding sync (MSC4186) for a user in many rooms.
+    Sliding,
+    /// Large media upload and download throughput, and the server's RSS meanwhile.
+    Media,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Chat => "chat",
+            Scenario::Keys => "keys",
+            Scenario::Sliding => "sliding",
+            Scenario::Media => "media",
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "secta-bench", about = "Load generator for a Matrix homeserver (Client-Server API over HTTP)")]
 struct Args {
+    /// Workload to run; each prints its own JSON figures.
+    #[arg(long, value_enum, default_value_t = Scenario::Chat)]
+    scenario: Scenario,
     /// Base URL of the homeserver, e.g. http://127.0.0.1:8008 (loopback only).
     #[arg(long, required_unless_present = "spawn", conflicts_with = "spawn")]
     url: Option<String>,
@@ -49,9 +80,12 @@ struct Args {
     /// Users to register.
     #[arg(long, default_value_t = 100)]
     users: usize,
-    /// Rooms to create.
+    /// Rooms to create (chat: 20; sliding: 200 unless given).
     #[arg(long, default_value_t = 20)]
     rooms: usize,
+    /// Set after parsing: --rooms was given on the command line.
+    #[arg(skip)]
+    rooms_given: bool,
     /// Messages to send in total.
     #[arg(long, default_value_t = 10000)]
     messages: usize,
@@ -87,6 +121,33 @@ struct Args {
     /// Hard limit on the whole run; figures gathered so far are still printed.
     #[arg(long, default_value_t = 600)]
     max_seconds: u64,
+    /// keys: devices per user (each a separate password login with a chosen device_id).
+    #[arg(long, default_value_t = 3)]
+    devices: usize,
+    /// keys: signed_curve25519 one-time keys each device uploads (the server accepts at most 200 per upload).
+    #[arg(long, default_value_t = 50)]
+    one_time_keys: usize,
+    /// keys: /keys/query requests for --query-users users each (sequential).
+    #[arg(long, default_value_t = 100)]
+    queries: usize,
+    /// keys: users named in each of those queries.
+    #[arg(long, default_value_t = 10)]
+    query_users: usize,
+    /// keys: claim rounds; each round claims one key for every device of every user (one request per user).
+    #[arg(long, default_value_t = 3)]
+    claim_rounds: usize,
+    /// keys: concurrent /keys/claim requests.
+    #[arg(long, default_value_t = 10)]
+    claim_concurrency: usize,
+    /// sliding: timed runs per figure (median reported); media: 3 unless given.
+    #[arg(long)]
+    runs: Option<usize>,
+    /// media: size of the large file in MiB.
+    #[arg(long, default_value_t = 50)]
+    media_mb: usize,
+    /// media: size of the small file in MiB (0 skips it), to see whether the server's RSS grows with the file size.
+    #[arg(long, default_value_t = 10)]
+    media_small_mb: usize,
 }
 
 // ---------------------------------------------------------------------------
@@ -186,6 +247,8 @@ struct Http {
     client: reqwest::Client,
     base: String,
     errors: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
+    /// First response body (truncated) per "endpoint status errcode", for the new scenarios' reports.
+    samples: Mutex<BTreeMap<String, String>>,
 }
 
 const REQ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -194,6 +257,13 @@ impl Http {
     fn count(&self, endpoint: &str, what: &str) {
         let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         *e.entry(endpoint.to_owned()).or_default().entry(what.to_owned()).or_default() += 1;
+    }
+
+    /// Counts a failure like `count` and keeps the first sample of its body (or error text).
+    fn count_with_sample(&self, endpoint: &str, what: &str, sample: &str) {
+        self.count(endpoint, what);
+        let mut m = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(format!("{endpoint} {what}")).or_insert_with(|| sample.chars().take(500).collect());
     }
 
     /// One request. Returns the JSON body on 2xx; counts anything else under `endpoint`
@@ -224,7 +294,7 @@ impl Http {
             let resp = match rb.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.count(endpoint, if e.is_timeout() { "timeout" } else { "transport" });
+                    self.count_with_sample(endpoint, if e.is_timeout() { "timeout" } else { "transport" }, &e.to_string());
                     return None;
                 }
             };
@@ -232,19 +302,20 @@ impl Http {
             let bytes = match resp.bytes().await {
                 Ok(b) => b,
                 Err(e) => {
-                    self.count(endpoint, if e.is_timeout() { "timeout (body)" } else { "transport (body)" });
+                    let what = if e.is_timeout() { "timeout (body)" } else { "transport (body)" };
+                    self.count_with_sample(endpoint, what, &e.to_string());
                     return None;
                 }
             };
             let v: Option<Value> = serde_json::from_slice(&bytes).ok();
             if status.is_success() {
                 if v.is_none() {
-                    self.count(endpoint, &format!("{} bad JSON", status.as_u16()));
+                    self.count_with_sample(endpoint, &format!("{} bad JSON", status.as_u16()), &String::from_utf8_lossy(&bytes));
                 }
                 return v;
             }
             let errcode = v.as_ref().and_then(|v| v.get("errcode")).and_then(Value::as_str).unwrap_or("-");
-            self.count(endpoint, &format!("{} {}", status.as_u16(), errcode));
+            self.count_with_sample(endpoint, &format!("{} {}", status.as_u16(), errcode), &String::from_utf8_lossy(&bytes));
             if status.as_u16() == 429 && attempt < 5 {
                 let wait = v.as_ref().and_then(|v| v.get("retry_after_ms")).and_then(Value::as_u64).unwrap_or(1000);
                 tokio::time::sleep(Duration::from_millis(wait.clamp(10, 5000))).await;
@@ -253,6 +324,28 @@ impl Http {
             return None;
         }
         None
+    }
+
+    /// One request whose failure is expected or examined by the caller: nothing is counted.
+    /// Returns the status and the body parsed as JSON (Null if it is not JSON).
+    async fn raw(&self, method: Method, path: &str, token: Option<&str>, body: Option<&Value>) -> Result<(u16, Value), String> {
+        let url = format!("{}{}", self.base, path);
+        let mut rb = match method {
+            Method::Get => self.client.get(&url),
+            Method::Post => self.client.post(&url),
+            Method::Put => self.client.put(&url),
+        }
+        .timeout(REQ_TIMEOUT);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let resp = rb.send().await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
     }
 }
 
@@ -347,13 +440,24 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn spawn_server(bin: &Path, dir: &Path) -> anyhow_lite::Result<(Child, String)> {
+/// `extra_hs_config`: lines added to the `[homeserver]` section of a `secta.toml` written into the
+/// fresh data directory before the first start (what `secta demo` would write, plus these lines).
+fn spawn_server(bin: &Path, dir: &Path, extra_hs_config: Option<&str>) -> anyhow_lite::Result<(Child, String)> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
     let listen = format!("127.0.0.1:{port}");
     let log = std::fs::File::create(dir.join("server.log")).map_err(|e| format!("server.log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("server.log: {e}"))?;
     let data = dir.join("data");
+    if let Some(extra) = extra_hs_config {
+        std::fs::create_dir_all(&data).map_err(|e| format!("creating {}: {e}", data.display()))?;
+        let text = format!(
+            "# Written by secta-bench before the first start of `secta demo`.\n[box]\ndata_dir = {:?}\nname = \"Secta demo\"\n\n\
+             [homeserver]\nserver_name = {listen:?}\nlisten = {listen:?}\n{extra}\n",
+            data.to_string_lossy()
+        );
+        std::fs::write(data.join("secta.toml"), text).map_err(|e| format!("writing secta.toml: {e}"))?;
+    }
     let child = Command::new(bin)
         .arg("demo")
         .arg("--data")
@@ -397,6 +501,8 @@ struct Ctx {
     run: String,
     pid: Option<u32>,
     report: Mutex<Report>,
+    /// Figures of the keys, sliding and media scenarios (the chat scenario fills `report`).
+    figs: Mutex<serde_json::Map<String, Value>>,
     started: Instant,
     deadline: Instant,
 }
@@ -404,6 +510,15 @@ struct Ctx {
 impl Ctx {
     fn rep(&self) -> std::sync::MutexGuard<'_, Report> {
         self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Records one figure of a keys / sliding / media run.
+    fn set(&self, key: &str, value: impl Serialize) {
+        let v = serde_json::to_value(value).unwrap_or(Value::Null);
+        self.figs.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), v);
+    }
+    /// VmRSS of the server, when its pid is known.
+    fn rss_kb(&self) -> Option<u64> {
+        self.pid.and_then(|p| read_rss_kb(p, "VmRSS:"))
     }
     fn past_deadline(&self) -> bool {
         Instant::now() >= self.deadline
@@ -429,6 +544,89 @@ async fn register_user(ctx: &Ctx, secret: &str, username: &str, password: &str) 
     let body = json!({ "nonce": nonce, "username": username, "password": password, "admin": false, "mac": mac });
     let v = ctx.http.call("register", Method::Post, path, None, Some(&body), REQ_TIMEOUT).await?;
     Some(User { user_id: v.get("user_id")?.as_str()?.to_owned(), token: v.get("access_token")?.as_str()?.to_owned() })
+}
+
+/// A user created by a keys / sliding / media run, with the password it was registered with.
+struct Registered {
+    user: Arc<User>,
+    username: String,
+    password: String,
+}
+
+/// Runs `futs` with at most `concurrency` at a time (each is skipped once past the deadline);
+/// results in the same order. A future starts only once it holds a permit, so it can time itself.
+async fn run_bounded<T, F>(ctx: &Arc<Ctx>, concurrency: usize, futs: Vec<F>) -> Vec<Option<T>>
+where
+    F: std::future::Future<Output = Option<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let handles: Vec<_> = futs
+        .into_iter()
+        .map(|f| {
+            let (sem, ctx) = (sem.clone(), ctx.clone());
+            tokio::spawn(async move {
+                let _p = sem.acquire().await.ok()?;
+                if ctx.past_deadline() {
+                    return None;
+                }
+                f.await
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.ok().flatten());
+    }
+    out
+}
+
+/// Waits 1 s, records `idle_rss_kb`, registers `n` users (`bench<run>_<i>`) and records
+/// `users_registered`, `register_ms` and `rss_after_register_kb`.
+async fn idle_and_register(ctx: &Arc<Ctx>, secret: &str, n: usize) -> Vec<Option<Arc<Registered>>> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.set("idle_rss_kb", ctx.rss_kb());
+    ctx.progress(format!("registering {n} users (run id {})", ctx.run));
+    let t0 = Instant::now();
+    let futs: Vec<_> = (0..n)
+        .map(|i| {
+            let (ctx, secret) = (ctx.clone(), secret.to_owned());
+            async move {
+                let username = format!("bench{}_{i}", ctx.run);
+                let password = format!("pw-{}-{i}-bench", ctx.run);
+                let user = register_user(&ctx, &secret, &username, &password).await?;
+                Some(Arc::new(Registered { user: Arc::new(user), username, password }))
+            }
+        })
+        .collect();
+    let users = run_bounded(ctx, ctx.args.register_concurrency, futs).await;
+    let ok = users.iter().filter(|u| u.is_some()).count();
+    ctx.set("users_registered", ok);
+    ctx.set("register_ms", round3(ms(t0.elapsed())));
+    ctx.set("rss_after_register_kb", ctx.rss_kb());
+    ctx.progress(format!("registered {ok}/{n} users in {:.1}s", t0.elapsed().as_secs_f64()));
+    users
+}
+
+/// {p50, p99, mean, min, max, count} of latency samples in ms (nulls when there are none).
+fn summary(samples: &[f64]) -> Value {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    json!({
+        "p50": pct(&v, 50.0).map(round3),
+        "p99": pct(&v, 99.0).map(round3),
+        "mean": (!v.is_empty()).then(|| round3(v.iter().sum::<f64>() / v.len() as f64)),
+        "min": v.first().copied().map(round3),
+        "max": v.last().copied().map(round3),
+        "count": v.len(),
+    })
+}
+
+/// Median (the lower one for an even count: nearest-rank p50).
+fn median(samples: &[f64]) -> Option<f64> {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    pct(&v, 50.0).map(round3)
 }
 
 /// The room indices user `i` should be in.
@@ -879,8 +1077,74 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     }
 }
 
+/// `[homeserver]` lines for a server spawned for the keys scenario (see `spawn_server`).
+const SPAWN_KEYS_CONFIG: &str = "auth_rate_burst = 100000\nauth_rate_per_second = 1000.0";
+
+/// Prints the JSON object of a keys / sliding / media run: common fields, then the scenario's
+/// figures (keys in alphabetical order, as serde_json's map keeps them).
+#[allow(clippy::too_many_arguments)]
+fn print_scenario_figures(
+    ctx: &Ctx,
+    spawned: Option<Spawned>,
+    spawn_config: Option<&str>,
+    startup_ms: Option<f64>,
+    load_before: Option<f64>,
+    cpu_start: Option<f64>,
+    timed_out: bool,
+    started: Instant,
+) -> i32 {
+    let mut o = ctx.figs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let rep = ctx.rep().clone();
+    let mut put = |k: &str, v: Value| {
+        o.insert(k.to_owned(), v);
+    };
+    put("scenario", json!(ctx.args.scenario.name()));
+    put("label", json!(rep.label));
+    put("url", json!(rep.url));
+    put("run_id", json!(ctx.run));
+    put("startup_ms", json!(startup_ms));
+    put("spawn_config", json!(spawn_config));
+    put("loadavg_1m_before", json!(load_before));
+    put("timed_out", json!(timed_out));
+    if let Some(pid) = ctx.pid {
+        put("rss_after_kb", json!(read_rss_kb(pid, "VmRSS:")));
+        put("peak_rss_kb", json!(read_rss_kb(pid, "VmHWM:")));
+        put("server_cpu_s_total", json!(cpu_start.zip(read_cpu_s(&pid.to_string())).map(|(a, b)| round3(b - a))));
+    }
+    let errors = ctx.http.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let total: u64 = errors.values().flat_map(|m| m.values()).sum();
+    put("errors", json!(errors));
+    put("errors_total", json!(total));
+    put("error_samples", json!(*ctx.http.samples.lock().unwrap_or_else(|p| p.into_inner())));
+    if let Some(mut sp) = spawned {
+        sp.stop();
+        put("server_log", json!(count_log_levels(&sp.dir.join("server.log"))));
+        if sp.keep {
+            eprintln!("server data and log kept in {}", sp.dir.display());
+        }
+    }
+    put("loadavg_1m_after", json!(loadavg_1m()));
+    put("wall_s", json!(round3(started.elapsed().as_secs_f64())));
+    match serde_json::to_string(&o) {
+        Ok(s) => {
+            println!("{s}");
+            0
+        }
+        Err(e) => {
+            eprintln!("secta-bench: {e}");
+            2
+        }
+    }
+}
+
 fn main() {
-    let args = Args::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Args::command().get_matches();
+    let mut args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    args.rooms_given = matches.value_source("rooms") == Some(clap::parser::ValueSource::CommandLine);
     let started = Instant::now();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -912,7 +1176,11 @@ async fn run(args: Args, started: Instant) -> i32 {
     let (url, pid) = if let Some(bin) = &args.spawn {
         let dir = std::env::temp_dir().join(format!("secta-bench-{run}"));
         let t = Instant::now();
-        let (child, url) = match spawn_server(bin, &dir) {
+        // The keys scenario logs in users × devices times with a password: secta's default
+        // per-address limit (burst 10, 0.5/s) would make that take minutes, so the spawned
+        // server gets a higher one. Other scenarios use the defaults.
+        let extra = (args.scenario == Scenario::Keys).then_some(SPAWN_KEYS_CONFIG);
+        let (child, url) = match spawn_server(bin, &dir, extra) {
             Ok(x) => x,
             Err(e) => {
                 eprintln!("secta-bench: {e}");
@@ -1003,24 +1271,36 @@ async fn run(args: Args, started: Instant) -> i32 {
         loadavg_1m_before: load_before,
         ..Default::default()
     };
+    let scenario = args.scenario;
+    let spawn_config = (scenario == Scenario::Keys && spawned.is_some()).then_some(SPAWN_KEYS_CONFIG);
     let ctx = Arc::new(Ctx {
-        http: Http { client, base: url, errors: Mutex::new(BTreeMap::new()) },
+        http: Http { client, base: url, errors: Mutex::new(BTreeMap::new()), samples: Mutex::new(BTreeMap::new()) },
         args,
         run,
         pid,
         report: Mutex::new(report),
+        figs: Mutex::new(serde_json::Map::new()),
         started,
         deadline,
     });
 
     let cpu_start = pid.and_then(|p| read_cpu_s(&p.to_string()));
     let left = deadline.saturating_duration_since(Instant::now());
-    let work = tokio::spawn(workload(ctx.clone(), secret, true));
+    let work = match scenario {
+        Scenario::Chat => tokio::spawn(workload(ctx.clone(), secret, true)),
+        Scenario::Keys => tokio::spawn(keys::run(ctx.clone(), secret)),
+        Scenario::Sliding => tokio::spawn(sliding::run(ctx.clone(), secret)),
+        Scenario::Media => tokio::spawn(media::run(ctx.clone(), secret)),
+    };
     let abort = work.abort_handle();
     let timed_out = tokio::time::timeout(left, work).await.is_err();
     if timed_out {
         abort.abort();
         ctx.progress("--max-seconds reached: printing what was measured");
+    }
+
+    if scenario != Scenario::Chat {
+        return print_scenario_figures(&ctx, spawned, spawn_config, startup_ms, load_before, cpu_start, timed_out, started);
     }
 
     let mut rep = ctx.rep().clone();

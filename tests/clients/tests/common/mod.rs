@@ -590,6 +590,25 @@ pub struct RawResponse {
     pub body: Value,
 }
 
+/// Status, headers and body bytes of a raw request.
+#[derive(Debug)]
+pub struct RawBytes {
+    pub status: u16,
+    pub headers: matrix_sdk::reqwest::header::HeaderMap,
+    pub bytes: Vec<u8>,
+}
+
+impl RawBytes {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    /// The body as JSON (error bodies), or Null.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.bytes).unwrap_or(Value::Null)
+    }
+}
+
 impl RawResponse {
     pub fn errcode(&self) -> &str {
         self.body["errcode"].as_str().unwrap_or("<none>")
@@ -606,7 +625,12 @@ impl RawHttp {
 
     /// `method` on `/_matrix/client/v3{path}` (path includes any query string).
     pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<RawResponse> {
-        let url = format!("{}/_matrix/client/v3{path}", self.base_url);
+        self.call_abs(method, &format!("/_matrix/client/v3{path}"), body).await
+    }
+
+    /// `method` on `{path}` as given (e.g. `/_matrix/client/v1/media/config`).
+    pub async fn call_abs(&self, method: &str, path: &str, body: Option<&Value>) -> Result<RawResponse> {
+        let url = format!("{}{path}", self.base_url);
         let method = matrix_sdk::reqwest::Method::from_bytes(method.as_bytes())?;
         let mut req = self.http.request(method.clone(), &url);
         if !self.token.is_empty() {
@@ -630,6 +654,37 @@ impl RawHttp {
                 .with_context(|| format!("{method} {path}: HTTP {status}, body is not JSON: {text}"))?
         };
         Ok(RawResponse { status, body })
+    }
+
+    /// `method` on `{path}` as given, with a raw body; returns status,
+    /// headers and the body bytes (for media).
+    pub async fn bytes_abs(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<RawBytes> {
+        let url = format!("{}{path}", self.base_url);
+        let method = matrix_sdk::reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self.http.request(method.clone(), &url);
+        if !self.token.is_empty() {
+            req = req.bearer_auth(&self.token);
+        }
+        if let Some((ctype, b)) = body {
+            req = req.header("content-type", ctype).body(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}: no HTTP response"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp
+            .bytes()
+            .await
+            .with_context(|| format!("{method} {path}: reading the body"))?
+            .to_vec();
+        Ok(RawBytes { status, headers, bytes })
     }
 
     /// Like `call`, but anything other than 200 is an error naming the endpoint.

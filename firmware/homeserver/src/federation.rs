@@ -1,0 +1,1113 @@
+//! Federation (Server-Server API): server keys and the notary, X-Matrix request
+//! signing and checking, discovery of other servers, the persistent outbound
+//! queue (store-and-forward with back-off), inbound transactions, joins and
+//! invites across servers.
+//!
+//! Known limits of this first version: the state before an incoming event is
+//! taken to be the room's current state (no state resolution of forks yet);
+//! missing prev/auth events are not fetched; no backfill; no SRV lookup; EDUs
+//! other than typing and receipts are ignored.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    extract::{FromRequest, Request, State},
+    http::StatusCode,
+};
+use ruma::{
+    api::federation::authentication::{XMatrix, XMatrixSigningInput},
+    canonical_json::{redact, CanonicalJsonObject},
+    serde::Base64,
+    signatures::{
+        hash_and_sign_event, reference_hash, required_server_signatures_to_verify_event, sign_json, verify_event,
+        verify_json, PublicKeyMap, PublicKeySet, Verified,
+    },
+    EventId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::{
+    config::Peer,
+    db::WriteTxn,
+    error::{MxError, MxResult},
+    extract::{PathArgs, QueryArgs},
+    now_ms,
+    pdu::{self, to_canonical, Pdu, Placement},
+    random_string, Hs,
+};
+
+type J = axum::Json<Value>;
+
+/// PDUs and EDUs per outbound transaction (the spec's limits).
+const MAX_PDUS: i64 = 50;
+const MAX_EDUS: i64 = 100;
+/// Longest wait before retrying a destination that failed.
+const MAX_BACKOFF_MS: i64 = 3600 * 1000;
+/// How long our published keys are valid.
+const KEY_VALIDITY_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Outbound HTTP and caches of the federation side.
+pub struct Fed {
+    http: reqwest::Client,
+    /// For peers configured with `accept_self_signed`.
+    http_self_signed: reqwest::Client,
+    resolved: Mutex<HashMap<String, (String, bool, Instant)>>,
+    pub(crate) wakeup: tokio::sync::Notify,
+}
+
+impl Fed {
+    pub fn new() -> anyhow::Result<Self> {
+        let ua = concat!("Secta/", env!("CARGO_PKG_VERSION"));
+        Ok(Self {
+            http: reqwest::Client::builder().user_agent(ua).timeout(Duration::from_secs(30)).build()?,
+            http_self_signed: reqwest::Client::builder()
+                .user_agent(ua)
+                .timeout(Duration::from_secs(30))
+                .danger_accept_invalid_certs(true)
+                .build()?,
+            resolved: Mutex::new(HashMap::new()),
+            wakeup: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+fn fed_error(code: &'static str, msg: impl Into<String>) -> MxError {
+    MxError::new(StatusCode::BAD_GATEWAY, code, msg)
+}
+
+impl Hs {
+    fn peer(&self, server: &str) -> Option<&Peer> {
+        self.config.federation.peers.iter().find(|p| p.server_name == server)
+    }
+
+    fn is_blocked(&self, server: &str) -> bool {
+        self.config.federation.blocked_servers.iter().any(|b| b == server)
+    }
+
+    fn check_federation(&self, server: &str) -> MxResult<()> {
+        if !self.config.federation.enabled {
+            return Err(MxError::forbidden("Federation is disabled on this box"));
+        }
+        if self.is_blocked(server) {
+            return Err(MxError::forbidden("This server is blocked"));
+        }
+        Ok(())
+    }
+
+    /// Our key response, signed by ourselves.
+    pub fn signed_server_keys(&self) -> Value {
+        let (key_id, key) = self.verify_key();
+        let mut obj = to_canonical(json!({
+            "server_name": self.server_name,
+            "verify_keys": { key_id: { "key": key } },
+            "old_verify_keys": {},
+            "valid_until_ts": now_ms() + KEY_VALIDITY_MS,
+        }))
+        .expect("key response is canonical JSON");
+        sign_json(self.server_name.as_str(), &self.keypair, &mut obj).expect("signing our key response");
+        serde_json::to_value(obj).unwrap_or_default()
+    }
+
+    /// Base URL of a server's federation API and whether a self-signed certificate is fine.
+    async fn base_url(&self, server: &ServerName) -> MxResult<(String, bool)> {
+        if let Some(p) = self.peer(server.as_str()) {
+            return Ok((p.url.trim_end_matches('/').to_owned(), p.accept_self_signed));
+        }
+        if let Some((url, ss, at)) = self.fed.resolved.lock().unwrap_or_else(|p| p.into_inner()).get(server.as_str()) {
+            if at.elapsed() < Duration::from_secs(3600) {
+                return Ok((url.clone(), *ss));
+            }
+        }
+        // Spec discovery: IP literals and explicit ports are used as they are;
+        // otherwise `.well-known/matrix/server`, then port 8448.
+        let url = if server.is_ip_literal() || server.port().is_some() {
+            format!("https://{}", if server.port().is_some() { server.to_string() } else { format!("{}:8448", server.host()) })
+        } else {
+            let wk = self
+                .fed
+                .http
+                .get(format!("https://{}/.well-known/matrix/server", server.host()))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success());
+            let delegated = match wk {
+                Some(r) => r.json::<Value>().await.ok().and_then(|v| v["m.server"].as_str().map(str::to_owned)),
+                None => None,
+            };
+            match delegated.and_then(|d| ServerName::parse(&d).ok()) {
+                Some(d) if d.port().is_some() => format!("https://{d}"),
+                Some(d) => format!("https://{}:8448", d.host()),
+                None => format!("https://{}:8448", server.host()),
+            }
+        };
+        self.fed.resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(server.to_string(), (url.clone(), false, Instant::now()));
+        Ok((url, false))
+    }
+
+    /// Sends a signed federation request and returns the JSON answer.
+    pub(crate) async fn fed_request(&self, method: &str, dest: &ServerName, path: &str, body: Option<&Value>) -> MxResult<Value> {
+        self.check_federation(dest.as_str())?;
+        let (base, self_signed) = self.base_url(dest).await?;
+        let body_bytes = body.map(|b| serde_json::to_vec(b)).transpose()?.unwrap_or_default();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(body_bytes.clone())
+            .map_err(|e| MxError::unknown(e.to_string()))?;
+        let x = XMatrix::sign_http_request(&req, XMatrixSigningInput::new(self.server_name.clone(), dest.to_owned(), &self.keypair))
+            .map_err(|e| MxError::unknown(format!("signing request: {e}")))?;
+        let client = if self_signed { &self.fed.http_self_signed } else { &self.fed.http };
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| MxError::unknown(e.to_string()))?;
+        let mut rb = client
+            .request(method, format!("{base}{path}"))
+            .header(http::header::AUTHORIZATION, http::HeaderValue::from(&x));
+        if body.is_some() {
+            rb = rb.header(http::header::CONTENT_TYPE, "application/json").body(body_bytes);
+        }
+        let resp = rb.send().await.map_err(|e| fed_error("M_UNKNOWN", format!("{dest} unreachable: {}", short_reason(&e))))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let code = v["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned();
+            return Err(MxError::new(
+                StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+                leak_code(&code),
+                format!("{dest}: {}", v["error"].as_str().unwrap_or("request failed")),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Verify keys of a server: ours, pinned, cached, or fetched (and cached).
+    pub(crate) async fn server_keys(&self, server: &ServerName) -> MxResult<PublicKeySet> {
+        let mut set = PublicKeySet::new();
+        if server == self.server_name {
+            let (id, key) = self.verify_key();
+            set.insert(id, Base64::parse(&key).map_err(|e| MxError::unknown(e.to_string()))?);
+            return Ok(set);
+        }
+        if let Some((id, key)) = self.peer(server.as_str()).and_then(|p| p.pinned_key.clone()) {
+            set.insert(id, Base64::parse(&key).map_err(|_| MxError::unknown("bad pinned key in config"))?);
+            return Ok(set);
+        }
+        let now = now_ms() as i64;
+        let cached: Vec<(String, String)> = self.db.read(|c| {
+            let mut st = c.prepare_cached("SELECT key_id, key FROM server_keys WHERE server_name=?1 AND valid_until>?2")?;
+            let r = st.query_map(params![server.as_str(), now], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>();
+            r
+        })?;
+        if !cached.is_empty() {
+            for (id, key) in cached {
+                if let Ok(k) = Base64::parse(&key) {
+                    set.insert(id, k);
+                }
+            }
+            return Ok(set);
+        }
+        let v = self.fed_get_unsigned(server, "/_matrix/key/v2/server").await?;
+        if v["server_name"] != server.as_str() {
+            return Err(fed_error("M_UNKNOWN", format!("{server} answered with keys of another server")));
+        }
+        let mut fetched = PublicKeySet::new();
+        for (id, k) in v["verify_keys"].as_object().into_iter().flatten() {
+            if let Some(key) = k["key"].as_str().and_then(|s| Base64::parse(s).ok()) {
+                fetched.insert(id.clone(), key);
+            }
+        }
+        let obj: CanonicalJsonObject = serde_json::from_value(v.clone())?;
+        let mut map = PublicKeyMap::new();
+        map.insert(server.to_string(), fetched.clone());
+        verify_json(&map, &obj).map_err(|_| fed_error("M_UNKNOWN", format!("{server}'s key response is not self-signed")))?;
+        let valid_until = v["valid_until_ts"].as_i64().unwrap_or(now + 3600 * 1000).min(now + KEY_VALIDITY_MS as i64);
+        self.db.write(|w| -> rusqlite::Result<()> {
+            for (id, key) in &fetched {
+                w.tx.execute(
+                    "INSERT INTO server_keys(server_name, key_id, key, valid_until) VALUES(?1,?2,?3,?4)
+                     ON CONFLICT(server_name, key_id) DO UPDATE SET key=?3, valid_until=?4",
+                    params![server.as_str(), id, key.encode(), valid_until],
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(fetched)
+    }
+
+    async fn fed_get_unsigned(&self, server: &ServerName, path: &str) -> MxResult<Value> {
+        self.check_federation(server.as_str())?;
+        let (base, self_signed) = self.base_url(server).await?;
+        let client = if self_signed { &self.fed.http_self_signed } else { &self.fed.http };
+        let resp = client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .map_err(|e| fed_error("M_UNKNOWN", format!("{server} unreachable: {}", short_reason(&e))))?;
+        if !resp.status().is_success() {
+            return Err(fed_error("M_UNKNOWN", format!("{server} answered {}", resp.status())));
+        }
+        resp.json().await.map_err(|_| fed_error("M_UNKNOWN", format!("{server} sent bad JSON")))
+    }
+
+    /// Checks signatures and hashes of a PDU; a PDU whose content hash does not
+    /// match is redacted (as the spec says). Returns the event id and the PDU to store.
+    async fn verify_pdu(&self, version: &RoomVersionId, value: Value) -> MxResult<(String, CanonicalJsonObject)> {
+        let rules = pdu::rules_for(version)?;
+        let obj = to_canonical(value)?;
+        let servers = required_server_signatures_to_verify_event(&obj, &rules.signatures)
+            .map_err(|e| MxError::bad_json(format!("PDU: {e}")))?;
+        let mut map = PublicKeyMap::new();
+        for s in servers {
+            map.insert(s.to_string(), self.server_keys(&s).await?);
+        }
+        let hash = reference_hash(&obj, &rules).map_err(|e| MxError::bad_json(format!("PDU: {e}")))?;
+        let event_id = format!("${hash}");
+        let obj = match verify_event(&map, &obj, &rules) {
+            Ok(Verified::All) => obj,
+            Ok(Verified::Signatures) => redact(obj, &rules.redaction, None).map_err(|e| MxError::bad_json(e.to_string()))?,
+            Err(e) => return Err(MxError::forbidden(format!("PDU signature check failed: {e}"))),
+        };
+        Ok((event_id, obj))
+    }
+
+    /// Takes in a PDU for a room we are in: checks, authorises against the current
+    /// state, stores it in the timeline and tells local members.
+    async fn receive_pdu(&self, origin: &ServerName, value: Value) -> MxResult<String> {
+        let room_id = value["room_id"].as_str().ok_or_else(|| MxError::bad_json("PDU without room_id"))?.to_owned();
+        let room = RoomId::parse(&room_id).map_err(|_| MxError::bad_json("bad room_id"))?;
+        let version = self.db.read(|c| pdu::room_version(c, &room_id))?.ok_or_else(|| MxError::not_found("Room unknown here"))?;
+        let sender_server = value["sender"]
+            .as_str()
+            .and_then(|s| UserId::parse(s).ok())
+            .map(|u| u.server_name().to_owned())
+            .ok_or_else(|| MxError::bad_json("PDU without a valid sender"))?;
+        if self.is_blocked(sender_server.as_str()) {
+            return Err(MxError::forbidden("sender's server is blocked"));
+        }
+        let (event_id, obj) = self.verify_pdu(&version, value).await?;
+        if self.db.read(|c| pdu::get_event(c, &event_id))?.is_some() {
+            return Ok(event_id);
+        }
+        let json = serde_json::to_string(&obj)?;
+        let parsed = Pdu::parse(EventId::parse(&event_id).map_err(|e| MxError::bad_json(e.to_string()))?, &json)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let rules = pdu::rules_for(&version)?;
+        let _ = origin;
+        let stream = self.db.write(|w| -> MxResult<i64> {
+            ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &parsed, |id: &EventId| pdu::load_pdu(w, id.as_str()))
+                .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
+            ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
+                pdu::state_event_id(w, &room_id, &ty.to_string(), key).ok().flatten().and_then(|id| pdu::load_pdu(w, &id))
+            })
+            .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
+            let stream = self.store_pdu(w, &room_id, &parsed, &json, None)?;
+            self.after_store(w, &room, &parsed, &json, stream, &rules, None)?;
+            Ok(stream)
+        })?;
+        let _ = stream;
+        self.notify_room(&room_id);
+        if let Some(k) = &parsed.state_key {
+            self.notify_users([k.as_str()]);
+        }
+        Ok(event_id)
+    }
+}
+
+fn short_reason(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    }
+}
+
+/// Errcodes from other servers, kept to a known set (we need `&'static str`).
+fn leak_code(code: &str) -> &'static str {
+    match code {
+        "M_FORBIDDEN" => "M_FORBIDDEN",
+        "M_NOT_FOUND" => "M_NOT_FOUND",
+        "M_INCOMPATIBLE_ROOM_VERSION" => "M_INCOMPATIBLE_ROOM_VERSION",
+        "M_UNSUPPORTED_ROOM_VERSION" => "M_UNSUPPORTED_ROOM_VERSION",
+        "M_BAD_JSON" => "M_BAD_JSON",
+        "M_LIMIT_EXCEEDED" => "M_LIMIT_EXCEEDED",
+        "M_UNAUTHORIZED" => "M_UNAUTHORIZED",
+        _ => "M_UNKNOWN",
+    }
+}
+
+/// A request from another server, its X-Matrix signature checked.
+pub struct FedRequest {
+    pub origin: OwnedServerName,
+    pub body: Value,
+}
+
+impl FromRequest<Arc<Hs>> for FedRequest {
+    type Rejection = MxError;
+
+    async fn from_request(req: Request, hs: &Arc<Hs>) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let x = XMatrix::extract_from_http_headers(&parts.headers)
+            .map_err(|_| MxError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Missing or malformed X-Matrix authorization"))?;
+        hs.check_federation(x.origin.as_str())?;
+        let bytes = axum::body::to_bytes(body, hs.config.max_request_bytes)
+            .await
+            .map_err(|_| MxError::too_large("Request body too large"))?;
+        let keys = hs.server_keys(&x.origin).await?;
+        let mut map = PublicKeyMap::new();
+        map.insert(x.origin.to_string(), keys);
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let check = http::Request::builder().method(parts.method.clone()).uri(path).body(bytes.to_vec()).map_err(|e| MxError::unknown(e.to_string()))?;
+        x.verify_http_request(&check, &hs.server_name, &map)
+            .map_err(|_| MxError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "X-Matrix signature does not verify"))?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|_| MxError::not_json("Body is not JSON"))?
+        };
+        // A server that talks to us is up: retry its queue now, not at the end of its back-off.
+        let origin = x.origin.clone();
+        let _ = hs.db.write(|w| {
+            w.tx.execute("UPDATE fed_destinations SET retry_at=0 WHERE server_name=?1 AND failures>0", [origin.as_str()])
+        });
+        hs.fed.wakeup.notify_one();
+        Ok(FedRequest { origin: x.origin, body })
+    }
+}
+
+// ---- Endpoints ----
+
+pub async fn version() -> J {
+    axum::Json(json!({ "server": { "name": "Secta", "version": env!("CARGO_PKG_VERSION") } }))
+}
+
+pub async fn server_keys_endpoint(State(hs): State<Arc<Hs>>) -> J {
+    axum::Json(hs.signed_server_keys())
+}
+
+/// Notary: our own keys and keys we hold for others, countersigned by us.
+async fn notary_response(hs: &Hs, servers: Vec<String>) -> MxResult<J> {
+    let mut out = Vec::new();
+    for s in servers {
+        let Ok(name) = ServerName::parse(&s) else { continue };
+        if name == hs.server_name {
+            out.push(hs.signed_server_keys());
+            continue;
+        }
+        let Ok(keys) = hs.server_keys(&name).await else { continue };
+        let mut verify = Map::new();
+        for (id, k) in keys {
+            verify.insert(id, json!({ "key": k.encode() }));
+        }
+        let mut obj = to_canonical(json!({
+            "server_name": s, "verify_keys": verify, "old_verify_keys": {}, "valid_until_ts": now_ms() + 3600 * 1000,
+        }))?;
+        sign_json(hs.server_name.as_str(), &hs.keypair, &mut obj).map_err(|e| MxError::unknown(e.to_string()))?;
+        out.push(serde_json::to_value(obj)?);
+    }
+    Ok(axum::Json(json!({ "server_keys": out })))
+}
+
+#[derive(Deserialize)]
+pub struct KeyQueryBody {
+    server_keys: BTreeMap<String, Value>,
+}
+
+pub async fn key_query(State(hs): State<Arc<Hs>>, crate::extract::Json(body): crate::extract::Json<KeyQueryBody>) -> MxResult<J> {
+    notary_response(&hs, body.server_keys.into_keys().take(50).collect()).await
+}
+
+pub async fn key_query_one(State(hs): State<Arc<Hs>>, PathArgs(server): PathArgs<String>) -> MxResult<J> {
+    notary_response(&hs, vec![server]).await
+}
+
+pub async fn send_transaction(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(txn_id): PathArgs<String>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let origin = req.origin.clone();
+    if req.body["origin"].as_str().is_some_and(|o| o != origin.as_str()) {
+        return Err(MxError::forbidden("origin in body does not match the request signature"));
+    }
+    let pdus = req.body["pdus"].as_array().cloned().unwrap_or_default();
+    let edus = req.body["edus"].as_array().cloned().unwrap_or_default();
+    if pdus.len() > MAX_PDUS as usize || edus.len() > MAX_EDUS as usize {
+        return Err(MxError::bad_json("too many PDUs or EDUs in one transaction"));
+    }
+    let seen = hs.db.read(|c| {
+        c.query_row("SELECT 1 FROM fed_txns WHERE origin=?1 AND txn_id=?2", params![origin.as_str(), txn_id], |_| Ok(()))
+            .optional()
+    })?;
+    if seen.is_some() {
+        return Ok(axum::Json(json!({ "pdus": {} })));
+    }
+    let mut results = Map::new();
+    for p in pdus {
+        let id_hint = p["event_id"].as_str().map(str::to_owned);
+        match hs.receive_pdu(&origin, p).await {
+            Ok(id) => {
+                results.insert(id, json!({}));
+            }
+            Err(e) => {
+                tracing::info!(%origin, errcode = e.errcode, reason = %e.message, "PDU not accepted");
+                results.insert(id_hint.unwrap_or_else(|| "unknown".into()), json!({ "error": e.message }));
+            }
+        }
+    }
+    for e in edus {
+        receive_edu(&hs, &origin, &e);
+    }
+    hs.db.write(|w| {
+        w.tx.execute(
+            "INSERT OR IGNORE INTO fed_txns(origin, txn_id, ts) VALUES(?1,?2,?3)",
+            params![origin.as_str(), txn_id, now_ms() as i64],
+        )
+    })?;
+    Ok(axum::Json(json!({ "pdus": results })))
+}
+
+fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
+    let content = &edu["content"];
+    match edu["edu_type"].as_str() {
+        Some("m.typing") => {
+            let (Some(room), Some(user)) = (content["room_id"].as_str(), content["user_id"].as_str()) else { return };
+            if !UserId::parse(user).is_ok_and(|u| u.server_name() == origin) {
+                return;
+            }
+            if hs.db.read(|c| pdu::membership(c, room, user)).ok().flatten().as_deref() != Some("join") {
+                return;
+            }
+            let until = content["typing"].as_bool().unwrap_or(false).then(|| Instant::now() + Duration::from_secs(30));
+            hs.typing.set_remote(room, user, until);
+            hs.notify_room(room);
+        }
+        Some("m.receipt") => {
+            for (room, kinds) in content.as_object().into_iter().flatten() {
+                for (kind, users) in kinds.as_object().into_iter().flatten() {
+                    if kind != "m.read" {
+                        continue;
+                    }
+                    for (user, data) in users.as_object().into_iter().flatten() {
+                        if !UserId::parse(user).is_ok_and(|u| u.server_name() == origin) {
+                            continue;
+                        }
+                        let Some(event_id) = data["event_ids"].as_array().and_then(|a| a.first()).and_then(Value::as_str) else { continue };
+                        let thread = data["data"]["thread_id"].as_str().unwrap_or("");
+                        let ts = data["data"]["ts"].as_i64().unwrap_or(now_ms() as i64);
+                        let stored = hs.db.write(|w| -> rusqlite::Result<bool> {
+                            if pdu::membership(w, room, user)?.as_deref() != Some("join") || pdu::get_event(w, event_id)?.is_none() {
+                                return Ok(false);
+                            }
+                            let stream = w.next_stream();
+                            w.tx.execute(
+                                "INSERT INTO receipts(room_id, user_id, receipt_type, thread_id, event_id, ts, stream) VALUES(?1,?2,'m.read',?3,?4,?5,?6)
+                                 ON CONFLICT(room_id, user_id, receipt_type, thread_id) DO UPDATE SET event_id=?4, ts=?5, stream=?6",
+                                params![room, user, thread, event_id, ts, stream],
+                            )?;
+                            w.persist_stream()?;
+                            Ok(true)
+                        });
+                        if matches!(stored, Ok(true)) {
+                            hs.notify_room(room);
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn origin_owns(user: &str, origin: &ServerName) -> MxResult<()> {
+    match UserId::parse(user) {
+        Ok(u) if u.server_name() == origin => Ok(()),
+        _ => Err(MxError::forbidden("The user does not belong to the requesting server")),
+    }
+}
+
+pub async fn make_join(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, user)): PathArgs<(String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    req: FedRequest,
+) -> MxResult<J> {
+    origin_owns(&user, &req.origin)?;
+    let vers: Vec<String> = serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or(""))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k == "ver")
+        .map(|(_, v)| v)
+        .collect();
+    let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
+    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !vers.is_empty() && !vers.iter().any(|v| v == version.as_str()) {
+        return Err(MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Your server does not support this room's version")
+            .with_extra("room_version", json!(version.as_str())));
+    }
+    let user_id = UserId::parse(&user).map_err(|_| MxError::invalid_param("bad user id"))?;
+    let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(user_id.as_str()), content: json!({ "membership": "join" }), txn: None };
+    // Building checks the join is allowed now; the template drops our hashes and signatures.
+    let built = hs.db.read(|c| hs.build_pdu_for(c, &room_id, &user_id, &ev))?;
+    let mut template: Value = serde_json::from_str(&built.json)?;
+    if let Some(o) = template.as_object_mut() {
+        o.remove("hashes");
+        o.remove("signatures");
+    }
+    Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+}
+
+/// The auth chain of a set of events (ids), breadth first, bounded.
+fn auth_chain(c: &Connection, start: &[String]) -> rusqlite::Result<Vec<String>> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut queue: Vec<String> = start.to_vec();
+    let mut out = Vec::new();
+    while let Some(id) = queue.pop() {
+        if out.len() > 50_000 {
+            break;
+        }
+        let Some(p) = pdu::load_pdu(c, &id) else { continue };
+        for a in p.auth_events {
+            if seen.insert(a.to_string()) {
+                out.push(a.to_string());
+                queue.push(a.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn pdu_value(c: &Connection, id: &str) -> rusqlite::Result<Option<Value>> {
+    Ok(pdu::get_event(c, id)?.and_then(|e| serde_json::from_str(&e.json).ok()))
+}
+
+pub async fn send_join(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
+    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    let ev = &req.body;
+    if ev["type"] != "m.room.member" || ev["content"]["membership"] != "join" || ev["room_id"] != room_id.as_str() {
+        return Err(MxError::bad_json("not a join event for this room"));
+    }
+    let user = ev["state_key"].as_str().unwrap_or_default().to_owned();
+    origin_owns(&user, &req.origin)?;
+    if ev["sender"] != user.as_str() {
+        return Err(MxError::bad_json("join sender and state_key differ"));
+    }
+    // Countersign as the resident server before storing (restricted joins need it; harmless otherwise).
+    let rules = pdu::rules_for(&version)?;
+    let (id, mut obj) = hs.verify_pdu(&version, ev.clone()).await?;
+    if id != event_id {
+        return Err(MxError::bad_json("event id does not match the event"));
+    }
+    ruma::signatures::sign_json(hs.server_name.as_str(), &hs.keypair, &mut obj).map_err(|e| MxError::unknown(e.to_string()))?;
+    let json = serde_json::to_string(&obj)?;
+    let parsed = Pdu::parse(EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let state_ids: Vec<String> = hs.db.write(|w| -> MxResult<Vec<String>> {
+        if pdu::get_event(w, &id)?.is_none() {
+            ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
+                pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
+            })
+            .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
+            let built = pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() };
+            hs.commit_built(w, &room_id, built, None, None)?;
+        }
+        let mut st = w.prepare("SELECT event_id FROM room_state WHERE room_id=?1")?;
+        let r = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        Ok(r)
+    })?;
+    hs.notify_room(room_id.as_str());
+    hs.fed.wakeup.notify_one();
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        let chain = auth_chain(c, &state_ids)?;
+        let state: Vec<Value> = state_ids.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        Ok(json!({
+            "origin": hs.server_name,
+            "state": state,
+            "auth_chain": chain,
+            "event": serde_json::from_str::<Value>(&json)?,
+            "members_omitted": false,
+        }))
+    })?;
+    Ok(axum::Json(out))
+}
+
+pub async fn invite(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let version = req.body["room_version"]
+        .as_str()
+        .and_then(|v| RoomVersionId::try_from(v).ok())
+        .filter(|v| v.rules().is_some())
+        .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
+    let ev = req.body["event"].clone();
+    if ev["type"] != "m.room.member" || ev["content"]["membership"] != "invite" || ev["room_id"] != room.as_str() {
+        return Err(MxError::bad_json("not an invite for this room"));
+    }
+    let target = ev["state_key"].as_str().and_then(|s| UserId::parse(s).ok()).ok_or_else(|| MxError::bad_json("bad state_key"))?;
+    if target.server_name() != hs.server_name {
+        return Err(MxError::forbidden("The invited user is not on this server"));
+    }
+    let exists = hs.db.read(|c| c.query_row("SELECT 1 FROM users WHERE user_id=?1 AND deactivated=0", [target.as_str()], |_| Ok(())).optional())?;
+    if exists.is_none() {
+        return Err(MxError::not_found("No such user"));
+    }
+    origin_owns(ev["sender"].as_str().unwrap_or_default(), &req.origin)?;
+    let (id, mut obj) = hs.verify_pdu(&version, ev).await?;
+    if id != event_id {
+        return Err(MxError::bad_json("event id does not match the event"));
+    }
+    sign_json(hs.server_name.as_str(), &hs.keypair, &mut obj).map_err(|e| MxError::unknown(e.to_string()))?;
+    let signed = serde_json::to_value(&obj)?;
+    let stripped = req.body["invite_room_state"].clone();
+    hs.db.write(|w| -> rusqlite::Result<()> {
+        let stream = w.next_stream();
+        w.tx.execute(
+            "INSERT INTO remote_invites(room_id, user_id, room_version, event_json, invite_state, stream, inviter_server)
+             VALUES(?1,?2,?3,?4,?5,?6,?7)
+             ON CONFLICT(room_id, user_id) DO UPDATE SET event_json=?4, invite_state=?5, stream=?6, inviter_server=?7",
+            params![room, target.as_str(), version.as_str(), signed.to_string(), stripped.to_string(), stream, req.origin.as_str()],
+        )?;
+        w.persist_stream()
+    })?;
+    hs.notify_users([target.as_str()]);
+    Ok(axum::Json(json!({ "event": signed })))
+}
+
+/// Whether any member of `server` is or was in the room (so it may see its events).
+fn server_in_room(c: &Connection, room: &str, server: &str) -> rusqlite::Result<bool> {
+    let pattern = format!("%:{server}");
+    c.query_row(
+        "SELECT 1 FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key LIKE ?2 AND membership IN ('join','invite','leave') LIMIT 1",
+        params![room, pattern],
+        |_| Ok(true),
+    )
+    .optional()
+    .map(|o| o.unwrap_or(false))
+}
+
+pub async fn get_event(State(hs): State<Arc<Hs>>, PathArgs(event_id): PathArgs<String>, req: FedRequest) -> MxResult<J> {
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        let ev = pdu::get_event(c, &event_id)?.ok_or_else(|| MxError::not_found("Event not found"))?;
+        if !server_in_room(c, &ev.room_id, req.origin.as_str())? {
+            return Err(MxError::forbidden("Your server is not in this room"));
+        }
+        Ok(json!({ "origin": hs.server_name, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&ev.json)?] }))
+    })?;
+    Ok(axum::Json(out))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct StateIdsQuery {
+    #[allow(dead_code)]
+    event_id: Option<String>,
+}
+
+pub async fn state_ids(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(room): PathArgs<String>,
+    QueryArgs(_q): QueryArgs<StateIdsQuery>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        if !server_in_room(c, &room, req.origin.as_str())? {
+            return Err(MxError::forbidden("Your server is not in this room"));
+        }
+        let mut st = c.prepare("SELECT event_id FROM room_state WHERE room_id=?1")?;
+        let ids = st.query_map([&room], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let chain = auth_chain(c, &ids)?;
+        Ok(json!({ "pdu_ids": ids, "auth_chain_ids": chain }))
+    })?;
+    Ok(axum::Json(out))
+}
+
+#[derive(Deserialize)]
+pub struct ProfileQuery {
+    user_id: String,
+    field: Option<String>,
+}
+
+pub async fn query_profile(State(hs): State<Arc<Hs>>, QueryArgs(q): QueryArgs<ProfileQuery>, _req: FedRequest) -> MxResult<J> {
+    let row: Option<(Option<String>, Option<String>)> = hs.db.read(|c| {
+        c.query_row("SELECT displayname, avatar_url FROM users WHERE user_id=?1 AND deactivated=0", [&q.user_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    })?;
+    let (name, avatar) = row.ok_or_else(|| MxError::not_found("No such user"))?;
+    let mut out = json!({});
+    if q.field.as_deref() != Some("avatar_url") {
+        if let Some(n) = name {
+            out["displayname"] = json!(n);
+        }
+    }
+    if q.field.as_deref() != Some("displayname") {
+        if let Some(a) = avatar {
+            out["avatar_url"] = json!(a);
+        }
+    }
+    Ok(axum::Json(out))
+}
+
+#[derive(Deserialize)]
+pub struct DirectoryQuery {
+    room_alias: String,
+}
+
+pub async fn query_directory(State(hs): State<Arc<Hs>>, QueryArgs(q): QueryArgs<DirectoryQuery>, _req: FedRequest) -> MxResult<J> {
+    let room: Option<String> = hs.db.read(|c| c.query_row("SELECT room_id FROM room_aliases WHERE alias=?1", [&q.room_alias], |r| r.get(0)).optional())?;
+    let room = room.ok_or_else(|| MxError::not_found("Room alias not found"))?;
+    Ok(axum::Json(json!({ "room_id": room, "servers": [hs.server_name] })))
+}
+
+// ---- Outbound queue ----
+
+/// Servers (other than ours) that must receive an event of this room.
+fn destinations(hs: &Hs, c: &Connection, room_id: &str, pdu: &Pdu) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
+         WHERE room_id=?1 AND type='m.room.member' AND membership IN ('join','invite','knock')",
+    )?;
+    let mut out: HashSet<String> = st.query_map([room_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    if pdu.kind.to_string() == "m.room.member" {
+        if let Some(u) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) {
+            out.insert(u.server_name().to_string());
+        }
+    }
+    out.remove(hs.server_name.as_str());
+    Ok(out.into_iter().filter(|s| !hs.is_blocked(s)).collect())
+}
+
+/// Queues a local event for every other server in the room (same transaction as the event).
+pub fn enqueue_pdu(hs: &Hs, w: &mut WriteTxn<'_>, room_id: &RoomId, pdu: &Pdu, json: &str) -> MxResult<()> {
+    if !hs.config.federation.enabled {
+        return Ok(());
+    }
+    let dests = destinations(hs, w, room_id.as_str(), pdu)?;
+    for d in &dests {
+        w.tx.execute("INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'pdu',?2)", params![d, json])?;
+        w.tx.execute("INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)", [d])?;
+    }
+    if !dests.is_empty() {
+        hs.fed.wakeup.notify_one();
+    }
+    Ok(())
+}
+
+/// Queues an EDU for the servers of a room's remote members.
+pub fn enqueue_room_edu(hs: &Hs, room_id: &str, edu: Value) -> MxResult<()> {
+    if !hs.config.federation.enabled {
+        return Ok(());
+    }
+    hs.db.write(|w| -> MxResult<()> {
+        let mut st = w.prepare_cached(
+            "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
+             WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
+        )?;
+        let servers: Vec<String> = st.query_map([room_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        for s in servers.iter().filter(|s| s.as_str() != hs.server_name.as_str() && !hs.is_blocked(s)) {
+            w.tx.execute("INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'edu',?2)", params![s, edu.to_string()])?;
+            w.tx.execute("INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)", [s])?;
+        }
+        Ok(())
+    })?;
+    hs.fed.wakeup.notify_one();
+    Ok(())
+}
+
+/// Sends queued PDUs and EDUs until shutdown, one transaction per destination at a
+/// time, retrying failed destinations with back-off (capped at an hour) for as
+/// long as items wait; the queue survives restarts.
+pub async fn sender(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
+    loop {
+        tokio::select! {
+            _ = hs.fed.wakeup.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.clone().wait() => return,
+        }
+        let now = now_ms() as i64;
+        let due: Vec<(String, i64)> = match hs.db.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.server_name, d.failures FROM fed_destinations d
+                 WHERE d.retry_at<=?1 AND EXISTS (SELECT 1 FROM fed_queue q WHERE q.destination=d.server_name) LIMIT 20",
+            )?;
+            let r = st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>();
+            r
+        }) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the federation queue failed");
+                continue;
+            }
+        };
+        let mut tasks = Vec::new();
+        for (dest, failures) in due {
+            let hs = hs.clone();
+            tasks.push(tokio::spawn(async move { send_one(&hs, &dest, failures).await }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn send_one(hs: &Hs, dest: &str, failures: i64) {
+    let Ok(server) = ServerName::parse(dest) else { return };
+    let items: Vec<(i64, String, String)> = match hs.db.read(|c| {
+        let mut st = c.prepare_cached(
+            "SELECT id, kind, json FROM (SELECT id, kind, json FROM fed_queue WHERE destination=?1 AND kind='pdu' ORDER BY id LIMIT ?2)
+             UNION ALL SELECT id, kind, json FROM (SELECT id, kind, json FROM fed_queue WHERE destination=?1 AND kind='edu' ORDER BY id LIMIT ?3)",
+        )?;
+        let r = st.query_map(params![dest, MAX_PDUS, MAX_EDUS], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>();
+        r
+    }) {
+        Ok(i) => i,
+        Err(_) => return,
+    };
+    if items.is_empty() {
+        return;
+    }
+    let pdus: Vec<Value> = items.iter().filter(|i| i.1 == "pdu").filter_map(|i| serde_json::from_str(&i.2).ok()).collect();
+    let edus: Vec<Value> = items.iter().filter(|i| i.1 == "edu").filter_map(|i| serde_json::from_str(&i.2).ok()).collect();
+    let txn = format!("{}-{}", now_ms(), random_string(6));
+    let body = json!({ "origin": hs.server_name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": edus });
+    let result = hs.fed_request("PUT", &server, &format!("/_matrix/federation/v1/send/{txn}"), Some(&body)).await;
+    let now = now_ms() as i64;
+    let ids: Vec<i64> = items.iter().map(|i| i.0).collect();
+    let _ = hs.db.write(|w| -> rusqlite::Result<()> {
+        match &result {
+            Ok(_) => {
+                for id in &ids {
+                    w.tx.execute("DELETE FROM fed_queue WHERE id=?1", [id])?;
+                }
+                w.tx.execute(
+                    "UPDATE fed_destinations SET failures=0, retry_at=0, last_success=?1, last_error=NULL WHERE server_name=?2",
+                    params![now, dest],
+                )?;
+            }
+            Err(e) => {
+                let backoff = (1000i64 << failures.min(22)).min(MAX_BACKOFF_MS);
+                w.tx.execute(
+                    "UPDATE fed_destinations SET failures=failures+1, retry_at=?1, last_error=?2 WHERE server_name=?3",
+                    params![now + backoff, format!("{}: {}", e.errcode, e.message), dest],
+                )?;
+            }
+        }
+        Ok(())
+    });
+    match result {
+        Ok(_) => hs.fed.wakeup.notify_one(),
+        Err(e) => tracing::info!(destination = dest, failures = failures + 1, errcode = e.errcode, "federation send failed; will retry"),
+    }
+}
+
+// ---- Joining and inviting across servers ----
+
+impl Hs {
+    /// `build_pdu` for events we only template (make_join).
+    pub(crate) fn build_pdu_for(&self, c: &Connection, room: &RoomId, sender: &UserId, ev: &pdu::NewEvent<'_>) -> MxResult<pdu::Built> {
+        self.build_pdu(c, room, sender, ev)
+    }
+
+    /// Joins a room that lives on other servers: make_join, sign, send_join, then
+    /// store the room's state and our join.
+    pub(crate) async fn remote_join(&self, room_id: &RoomId, user: &UserId, via: &[OwnedServerName]) -> MxResult<()> {
+        let mut last_err = MxError::not_found("No server to join the room through");
+        for server in via.iter().filter(|s| **s != self.server_name) {
+            match self.remote_join_via(room_id, user, server).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::info!(%server, errcode = e.errcode, reason = %e.message, "join through server failed");
+                    last_err = e;
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn remote_join_via(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
+        let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12", urlenc(room_id.as_str()), urlenc(user.as_str()));
+        let made = self.fed_request("GET", server, &path, None).await?;
+        let version = made["room_version"]
+            .as_str()
+            .and_then(|v| RoomVersionId::try_from(v).ok())
+            .filter(|v| v.rules().is_some())
+            .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
+        let rules = pdu::rules_for(&version)?;
+        let mut template = made["event"].clone();
+        if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["sender"] != user.as_str() {
+            return Err(fed_error("M_UNKNOWN", "the join template is not for this user"));
+        }
+        let mut content = self.db.read(|c| self.member_content(c, user, "join"))?;
+        if let Some(a) = template["content"]["join_authorised_via_users_server"].as_str() {
+            content["join_authorised_via_users_server"] = json!(a);
+        }
+        template["content"] = content;
+        template["origin_server_ts"] = json!(now_ms());
+        if let Some(o) = template.as_object_mut() {
+            o.remove("hashes");
+            o.remove("signatures");
+            o.remove("event_id");
+        }
+        let mut obj = to_canonical(template)?;
+        hash_and_sign_event(self.server_name.as_str(), &self.keypair, &mut obj, &rules.redaction)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let event_id = format!("${}", reference_hash(&obj, &rules).map_err(|e| MxError::bad_json(e.to_string()))?);
+        let body = serde_json::to_value(&obj)?;
+        let joined = self
+            .fed_request("PUT", server, &format!("/_matrix/federation/v2/send_join/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)), Some(&body))
+            .await?;
+        // Check everything we were given before storing any of it.
+        let mut verified: Vec<(String, CanonicalJsonObject, bool)> = Vec::new();
+        for (list, is_state) in [("auth_chain", false), ("state", true)] {
+            for v in joined[list].as_array().into_iter().flatten() {
+                let (id, o) = self.verify_pdu(&version, v.clone()).await?;
+                verified.push((id, o, is_state));
+            }
+        }
+        let join_json = match joined.get("event").filter(|e| e.is_object()) {
+            Some(e) => {
+                let (id, o) = self.verify_pdu(&version, e.clone()).await?;
+                if id != event_id {
+                    return Err(fed_error("M_UNKNOWN", "resident server returned another join event"));
+                }
+                serde_json::to_string(&o)?
+            }
+            None => serde_json::to_string(&obj)?,
+        };
+        let join_pdu = Pdu::parse(EventId::parse(&event_id).map_err(|e| MxError::bad_json(e.to_string()))?, &join_json)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        self.db.write(|w| -> MxResult<()> {
+            w.tx.execute(
+                "INSERT OR IGNORE INTO rooms(room_id, room_version, created_ts) VALUES(?1,?2,?3)",
+                params![room_id.as_str(), version.as_str(), now_ms() as i64],
+            )?;
+            for (id, o, is_state) in &verified {
+                if pdu::get_event(w, id)?.is_some() {
+                    if *is_state {
+                        // Already known (e.g. as part of the auth chain): make it current state.
+                        let json = serde_json::to_string(o)?;
+                        let p = Pdu::parse(EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?, &json)
+                            .map_err(|e| MxError::bad_json(e.to_string()))?;
+                        if let Some(k) = &p.state_key {
+                            let membership = serde_json::from_str::<Value>(p.content.get()).ok().and_then(|c| c["membership"].as_str().map(str::to_owned));
+                            let stream = w.next_stream();
+                            w.tx.execute(
+                                "INSERT INTO room_state(room_id, type, state_key, event_id, stream, membership) VALUES(?1,?2,?3,?4,?5,?6)
+                                 ON CONFLICT(room_id, type, state_key) DO UPDATE SET event_id=?4, stream=?5, membership=?6",
+                                params![room_id.as_str(), p.kind.to_string(), k, id, stream, if p.kind.to_string() == "m.room.member" { membership } else { None }],
+                            )?;
+                        }
+                    }
+                    continue;
+                }
+                let json = serde_json::to_string(o)?;
+                let p = Pdu::parse(EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?, &json)
+                    .map_err(|e| MxError::bad_json(e.to_string()))?;
+                let placement = if *is_state && p.state_key.is_some() { Placement::OutlierState } else { Placement::Outlier };
+                self.store_pdu_as(w, room_id.as_str(), &p, &json, None, placement)?;
+            }
+            // The current extremities are those of the resident server when it made the template.
+            for prev in &join_pdu.prev_events {
+                w.tx.execute("INSERT OR IGNORE INTO forward_extremities(room_id, event_id) VALUES(?1,?2)", params![room_id.as_str(), prev.as_str()])?;
+            }
+            if pdu::get_event(w, &event_id)?.is_none() {
+                let stream = self.store_pdu(w, room_id.as_str(), &join_pdu, &join_json, None)?;
+                self.after_store(w, room_id, &join_pdu, &join_json, stream, &rules, None)?;
+            }
+            w.tx.execute("DELETE FROM remote_invites WHERE room_id=?1 AND user_id=?2", params![room_id.as_str(), user.as_str()])?;
+            w.persist_stream()?;
+            Ok(())
+        })?;
+        self.notify_room(room_id.as_str());
+        self.notify_users([user.as_str()]);
+        tracing::info!(room = %room_id, %server, "joined a room on another server");
+        Ok(())
+    }
+
+    /// Invites a user of another server: their server countersigns the invite first.
+    pub(crate) async fn remote_invite(&self, room_id: &RoomId, sender: &UserId, target: &UserId, reason: Option<&str>) -> MxResult<String> {
+        let mut content = json!({ "membership": "invite" });
+        if let Some(r) = reason {
+            content["reason"] = json!(r);
+        }
+        let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(target.as_str()), content, txn: None };
+        let built = self.db.read(|c| self.build_pdu(c, room_id, sender, &ev))?;
+        let version = self.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+        let stripped = self.db.read(|c| pdu::stripped_state(c, room_id.as_str()))?;
+        let body = json!({
+            "room_version": version.as_str(),
+            "event": serde_json::from_str::<Value>(&built.json)?,
+            "invite_room_state": stripped,
+        });
+        let event_id = built.pdu.event_id.to_string();
+        let answer = self
+            .fed_request(
+                "PUT",
+                target.server_name(),
+                &format!("/_matrix/federation/v2/invite/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)),
+                Some(&body),
+            )
+            .await?;
+        let (id, signed) = self.verify_pdu(&version, answer["event"].clone()).await?;
+        if id != event_id {
+            return Err(fed_error("M_UNKNOWN", "the invited user's server changed the event"));
+        }
+        let json = serde_json::to_string(&signed)?;
+        let pdu = Pdu::parse(built.pdu.event_id.clone(), &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+        self.db.write(|w| self.commit_built(w, room_id, pdu::Built { pdu, json, rules: built.rules }, None, None))?;
+        self.notify_room(room_id.as_str());
+        Ok(event_id)
+    }
+}
+
+pub(crate) fn urlenc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Federation status per destination, for the admin CLI.
+#[derive(Debug, serde::Serialize)]
+pub struct PeerStatus {
+    pub server_name: String,
+    pub queued: i64,
+    pub failures: i64,
+    pub last_success: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+impl Hs {
+    pub fn federation_status(&self) -> MxResult<Vec<PeerStatus>> {
+        Ok(self.db.read(|c| {
+            let mut st = c.prepare(
+                "SELECT d.server_name, (SELECT COUNT(*) FROM fed_queue q WHERE q.destination=d.server_name), d.failures, d.last_success, d.last_error
+                 FROM fed_destinations d ORDER BY d.server_name",
+            )?;
+            let r = st
+                .query_map([], |r| {
+                    Ok(PeerStatus { server_name: r.get(0)?, queued: r.get(1)?, failures: r.get(2)?, last_success: r.get(3)?, last_error: r.get(4)? })
+                })?
+                .collect::<Result<Vec<_>, _>>();
+            r
+        })?)
+    }
+}
