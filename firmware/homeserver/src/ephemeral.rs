@@ -219,7 +219,13 @@ pub async fn typing(
         return Err(MxError::forbidden("You are not in this room"));
     }
     let until = body.typing.then(|| Instant::now() + Duration::from_millis(body.timeout.unwrap_or(30_000).min(120_000)));
-    hs.typing.set(room_id.as_str(), auth.user_id.as_str(), until);
+    if hs.typing.set(room_id.as_str(), auth.user_id.as_str(), until) || body.typing {
+        crate::federation::enqueue_room_edu(
+            &hs,
+            room_id.as_str(),
+            json!({ "edu_type": "m.typing", "content": { "room_id": room_id, "user_id": auth.user_id, "typing": body.typing } }),
+        )?;
+    }
     hs.notify_room(room_id.as_str());
     Ok(axum::Json(json!({})))
 }
@@ -265,6 +271,17 @@ fn store_receipt(
         w.persist_stream()?;
         Ok(())
     })?;
+    if kind == "m.read" {
+        let mut data = json!({ "ts": now_ms() });
+        if let Some(t) = thread_id {
+            data["thread_id"] = json!(t);
+        }
+        crate::federation::enqueue_room_edu(
+            hs,
+            room_id.as_str(),
+            json!({ "edu_type": "m.receipt", "content": { room_id.as_str(): { "m.read": { user.as_str(): { "event_ids": [event_id], "data": data } } } } }),
+        )?;
+    }
     if kind == "m.read.private" || kind == "m.fully_read" {
         hs.notify_users([user.as_str()]);
     } else {

@@ -363,7 +363,9 @@ impl FromRequest<Arc<Hs>> for FedRequest {
         let keys = hs.server_keys(&x.origin).await?;
         let mut map = PublicKeyMap::new();
         map.insert(x.origin.to_string(), keys);
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        // Nested routers strip their prefix from `uri`; the signature covers the full path.
+        let uri = parts.extensions.get::<axum::extract::OriginalUri>().map(|u| u.0.clone()).unwrap_or_else(|| parts.uri.clone());
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let check = http::Request::builder().method(parts.method.clone()).uri(path).body(bytes.to_vec()).map_err(|e| MxError::unknown(e.to_string()))?;
         x.verify_http_request(&check, &hs.server_name, &map)
             .map_err(|_| MxError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "X-Matrix signature does not verify"))?;

@@ -337,6 +337,27 @@ fn build(
             _ => {}
         }
     }
+    // Invites from other servers to rooms this box does not hold yet.
+    {
+        let mut st = c.prepare_cached(
+            "SELECT room_id, event_json, invite_state, stream FROM remote_invites WHERE user_id=?1 AND stream>?2 AND stream<=?3",
+        )?;
+        let rows = st
+            .query_map(params![user, if since.is_some() { from } else { 0 }, upto], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (room, ev, state) in rows {
+            if invite.contains_key(&room) || join.contains_key(&room) || !rf.allows_room(&room) {
+                continue;
+            }
+            let ev: Value = serde_json::from_str(&ev).unwrap_or_default();
+            let mut events: Vec<Value> = serde_json::from_str(&state).unwrap_or_default();
+            events.retain(|e| e.is_object());
+            events.push(json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"], "content": ev["content"] }));
+            invite.insert(room, json!({ "invite_state": { "events": events } }));
+        }
+    }
     let global_ad: Vec<Value> = account_data_since(c, user, "", from, upto)?
         .into_iter()
         .filter(|e| filter.account_data.allows_type(e["type"].as_str().unwrap_or("")))

@@ -35,6 +35,10 @@ enum Cmd {
         /// Matrix server name; defaults to the listen address.
         #[arg(long)]
         server_name: Option<String>,
+        /// A federation peer reachable without DNS: `SERVER_NAME=URL` (repeatable),
+        /// e.g. `127.0.0.1:8009=http://127.0.0.1:8009`.
+        #[arg(long = "peer")]
+        peers: Vec<String>,
     },
     /// Administer the box (works while it runs).
     Admin {
@@ -62,6 +66,8 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: InviteCmd,
     },
+    /// Federation peers: queue depth, last success, last error.
+    Federation,
 }
 
 #[derive(Subcommand)]
@@ -134,7 +140,7 @@ fn main() -> anyhow::Result<()> {
             secta_runtime::init_logging(&setup.boxcfg.log, setup.boxcfg.log_json);
             run_box(setup, None)
         }
-        Cmd::Demo { data, listen, server_name } => demo(&data, listen, server_name),
+        Cmd::Demo { data, listen, server_name, peers } => demo(&data, listen, server_name, &peers),
         Cmd::Admin { config, data, cmd } => {
             secta_runtime::init_logging("warn", false);
             let setup = match (config, data) {
@@ -211,7 +217,15 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
     })
 }
 
-fn demo(data: &Path, listen: SocketAddr, server_name: Option<String>) -> anyhow::Result<()> {
+fn parse_peer(s: &str) -> anyhow::Result<secta_homeserver::Peer> {
+    let (name, url) = s.split_once('=').with_context(|| format!("--peer wants SERVER_NAME=URL, got {s:?}"))?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("--peer URL must start with http:// or https://: {url:?}");
+    }
+    Ok(secta_homeserver::Peer { server_name: name.to_owned(), url: url.to_owned(), pinned_key: None, accept_self_signed: false })
+}
+
+fn demo(data: &Path, listen: SocketAddr, server_name: Option<String>, peers: &[String]) -> anyhow::Result<()> {
     secta_runtime::init_logging("info,tower_http=warn", false);
     secta_runtime::ensure_data_dir(data)?;
     let cfg_path = data.join("secta.toml");
@@ -235,6 +249,9 @@ fn demo(data: &Path, listen: SocketAddr, server_name: Option<String>) -> anyhow:
     };
     let mut setup = setup;
     setup.boxcfg.data_dir = data.to_owned();
+    for p in peers {
+        setup.hs.federation.peers.push(parse_peer(p)?);
+    }
     // Bind first so the printed URLs are live when the user reads them.
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let hs = Hs::open(setup.hs.clone(), data)?;
@@ -307,6 +324,22 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
                 }
             }
         },
+        AdminCmd::Federation => {
+            let peers = hs.federation_status().map_err(mx)?;
+            if peers.is_empty() {
+                println!("no federation peers yet");
+            }
+            for p in peers {
+                println!(
+                    "{}\tqueued {}\tfailures {}\tlast success {}\t{}",
+                    p.server_name,
+                    p.queued,
+                    p.failures,
+                    p.last_success.map_or("never".to_owned(), |t| format!("{t} ms")),
+                    p.last_error.unwrap_or_default()
+                );
+            }
+        }
         AdminCmd::Invite { cmd } => match cmd {
             InviteCmd::Create { uses, expires_in } => {
                 let expiry = expires_in.as_deref().map(parse_duration).transpose()?;

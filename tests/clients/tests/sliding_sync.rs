@@ -557,6 +557,107 @@ async fn unread_counts_rise_and_fall_with_read_receipts() {
     .await;
 }
 
+/// A raw sliding sync connection: one request body, the `pos` carried along.
+struct RawConn {
+    raw: RawHttp,
+    body: serde_json::Value,
+    pos: Option<String>,
+}
+
+const SS_PATH: &str = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
+
+impl RawConn {
+    fn new(raw: RawHttp, required_state: serde_json::Value) -> RawConn {
+        let body = json!({
+            "conn_id": "raw",
+            "lists": { "all": { "ranges": [[0, 19]], "timeline_limit": 1, "required_state": required_state } }
+        });
+        RawConn { raw, body, pos: None }
+    }
+
+    async fn once(&mut self, timeout_ms: u64) -> Result<serde_json::Value> {
+        let path = match &self.pos {
+            Some(p) => format!("{SS_PATH}?pos={p}&timeout={timeout_ms}"),
+            None => format!("{SS_PATH}?timeout=0"),
+        };
+        let r = self.raw.call_abs("POST", &path, Some(&self.body)).await?;
+        ensure!(r.status == 200, "POST {path}: HTTP {} {}", r.status, r.body);
+        self.pos = Some(
+            r.body["pos"]
+                .as_str()
+                .ok_or_else(|| anyhow!("POST {path}: no string `pos` in {}", r.body))?
+                .to_owned(),
+        );
+        Ok(r.body)
+    }
+
+    /// Sync until `rooms.{room}` is present; return that room's JSON.
+    async fn until_room(&mut self, room: &str, what: &str) -> Result<serde_json::Value> {
+        for _ in 0..10 {
+            let b = self.once(2000).await?;
+            if b["rooms"][room].is_object() {
+                return Ok(b["rooms"][room].clone());
+            }
+        }
+        bail!("rooms.{room} never came down on the raw connection ({what})")
+    }
+}
+
+fn state_keys(room_json: &serde_json::Value) -> Vec<String> {
+    room_json["required_state"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    format!(
+                        "{}/{}={}",
+                        e["type"].as_str().unwrap_or("?"),
+                        e["state_key"].as_str().unwrap_or("?"),
+                        e["content"]["membership"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Raw HTTP: after a kick, the room comes down once more, and its
+/// `required_state` carries the user's own `leave` membership ($ME asked for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_kick_sends_own_leave_in_required_state() {
+    bounded("raw_kick_sends_own_leave_in_required_state", 90, async {
+        let server = Secta::start().await?;
+        let token = server.invite(2)?;
+        let alice = server.register("alice", &token).await?;
+        let bob = server.register("bob", &token).await?;
+        let bob_uid = server.user_id("bob");
+        let mut conn = RawConn::new(
+            server.raw_as(&bob)?,
+            json!([["m.room.member", "$ME"], ["m.room.name", ""], ["m.room.create", ""]]),
+        );
+        conn.once(0).await?;
+        let lounge = create_room(&alice, create_room::v3::RoomPreset::PublicChat, "Alice's lounge").await?;
+        let rid = lounge.room_id().to_string();
+        server.raw_as(&bob)?.ok("POST", &format!("/join/{}", enc(&rid)), Some(&json!({}))).await?;
+        conn.until_room(&rid, "after the join").await?;
+        lounge
+            .kick_user(&UserId::parse(&bob_uid)?, Some("closing time"))
+            .await
+            .at("POST /rooms/{roomId}/kick")?;
+        let room_json = conn.until_room(&rid, "after the kick").await?;
+        let keys = state_keys(&room_json);
+        ensure!(
+            keys.iter().any(|k| k == &format!("m.room.member/{bob_uid}=leave")),
+            "the response after bob was kicked has required_state {keys:?}: no m.room.member \
+             for bob with membership leave, although the list asks for [m.room.member, $ME]; \
+             matrix-sdk reads its own membership only from required_state, so the room stays \
+             Joined in the client. Room JSON: {room_json}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
 /// Raw HTTP: a list reports its room count and the response carries a `pos`;
 /// a `pos` the server never gave out gets 400 `M_UNKNOWN_POS`, which is what
 /// makes matrix-sdk drop its session and start over.
@@ -604,66 +705,33 @@ async fn raw_invite_then_join_sends_full_required_state() {
         let token = server.invite(2)?;
         let alice = server.register("alice", &token).await?;
         let bob = server.register("bob", &token).await?;
-        let raw = server.raw_as(&bob)?;
-        let path = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
-        let body = json!({
-            "conn_id": "raw",
-            "lists": { "all": {
-                "ranges": [[0, 19]],
-                "timeline_limit": 1,
-                "required_state": [
-                    ["m.room.create", ""], ["m.room.power_levels", ""], ["m.room.name", ""],
-                    ["m.room.encryption", ""], ["m.room.member", "$ME"], ["m.room.history_visibility", ""]
-                ]
-            } }
-        });
-        let first = raw.call_abs("POST", &format!("{path}?timeout=0"), Some(&body)).await?;
-        ensure!(first.status == 200, "first POST {path}: HTTP {} {}", first.status, first.body);
-        let mut pos = first.body["pos"].as_str().unwrap_or_default().to_owned();
+        let mut conn = RawConn::new(
+            server.raw_as(&bob)?,
+            json!([
+                ["m.room.create", ""], ["m.room.power_levels", ""], ["m.room.name", ""],
+                ["m.room.encryption", ""], ["m.room.member", "$ME"], ["m.room.history_visibility", ""]
+            ]),
+        );
+        conn.once(0).await?;
 
         let room = create_room(&alice, create_room::v3::RoomPreset::PrivateChat, "Secret plans").await?;
         let rid = room.room_id().to_string();
         room.invite_user_by_id(&UserId::parse(server.user_id("bob"))?)
             .await
             .at("POST /rooms/{roomId}/invite")?;
-        let mut saw_invite = None;
-        for _ in 0..10 {
-            let r = raw.call_abs("POST", &format!("{path}?pos={pos}&timeout=2000"), Some(&body)).await?;
-            ensure!(r.status == 200, "POST {path}?pos={pos}: HTTP {} {}", r.status, r.body);
-            pos = r.body["pos"].as_str().unwrap_or_default().to_owned();
-            if r.body["rooms"][&rid]["invite_state"].is_array() {
-                saw_invite = Some(r.body["rooms"][&rid].clone());
-                break;
-            }
-        }
-        ensure!(saw_invite.is_some(), "the invite never came down as rooms.{rid}.invite_state");
+        let invite = conn.until_room(&rid, "the invite").await?;
+        ensure!(invite["invite_state"].is_array(), "the invite came down without invite_state: {invite}");
 
-        raw.ok("POST", &format!("/join/{}", enc(&rid)), Some(&json!({}))).await?;
-        let mut after_join = None;
-        for _ in 0..10 {
-            let r = raw.call_abs("POST", &format!("{path}?pos={pos}&timeout=2000"), Some(&body)).await?;
-            ensure!(r.status == 200, "POST {path}?pos={pos}: HTTP {} {}", r.status, r.body);
-            pos = r.body["pos"].as_str().unwrap_or_default().to_owned();
-            if r.body["rooms"][&rid].is_object() {
-                after_join = Some(r.body["rooms"][&rid].clone());
-                break;
-            }
-        }
-        let room_json = after_join.ok_or_else(|| anyhow!("the room never came down after bob joined"))?;
-        let types: Vec<String> = room_json["required_state"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|e| format!("{}/{}", e["type"].as_str().unwrap_or("?"), e["state_key"].as_str().unwrap_or("?")))
-                    .collect()
-            })
-            .unwrap_or_default();
+        server.raw_as(&bob)?.ok("POST", &format!("/join/{}", enc(&rid)), Some(&json!({}))).await?;
+        let room_json = conn.until_room(&rid, "after the join").await?;
+        let keys = state_keys(&room_json);
         let wanted = ["m.room.create/", "m.room.power_levels/", "m.room.encryption/", "m.room.history_visibility/"];
-        let missing: Vec<&str> = wanted.iter().copied().filter(|w| !types.iter().any(|t| t == w)).collect();
+        let missing: Vec<&str> =
+            wanted.iter().copied().filter(|w| !keys.iter().any(|k| k.starts_with(w))).collect();
         ensure!(
             missing.is_empty() && room_json["initial"] == true,
             "first response after the join (invite -> join on the same connection): \
-             initial={} required_state={types:?}, missing {missing:?}; MSC4186 sends a \
+             initial={} required_state={keys:?}, missing {missing:?}; MSC4186 sends a \
              newly joined room as initial with its full required_state. Room JSON: {room_json}",
             room_json["initial"]
         );

@@ -1,0 +1,150 @@
+//! Two boxes on loopback federate: an invite across servers, a remote join,
+//! messages both ways, and store-and-forward while one box is down.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+
+struct Box_ {
+    child: Child,
+    base: String,
+    name: String,
+}
+
+impl Drop for Box_ {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start(data: &Path, port: u16, peer_port: u16) -> Box_ {
+    let log = std::fs::File::create(data.with_extension("log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_secta"))
+        .args(["demo", "--data"])
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--peer", &format!("127.0.0.1:{peer_port}=http://127.0.0.1:{peer_port}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn secta");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if ureq::get(&format!("{base}/_matrix/client/versions")).call().is_ok() {
+            return Box_ { child, base, name: format!("127.0.0.1:{port}") };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("secta did not start within 30 s");
+}
+
+fn admin(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_secta")).args(["admin", "--data"]).arg(data).args(args).output().unwrap();
+    assert!(out.status.success(), "admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn login(base: &str, user: &str) -> String {
+    let v: Value = ureq::post(&format!("{base}/_matrix/client/v3/login"))
+        .send_json(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": "pw"}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+fn enc(s: &str) -> String {
+    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('@', "%40")
+}
+
+fn call(method: &str, url: &str, token: &str, body: Value) -> Result<Value, String> {
+    let r = ureq::request(method, url).set("Authorization", &format!("Bearer {token}")).send_json(body);
+    match r {
+        Ok(r) => Ok(r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => Err(format!("{code} {}", r.into_string().unwrap_or_default())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Syncs until `pred` holds for a response (bounded in time).
+fn sync_until(base: &str, token: &str, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut since: Option<String> = None;
+    loop {
+        let url = match &since {
+            Some(s) => format!("{base}/_matrix/client/v3/sync?timeout=1000&since={s}"),
+            None => format!("{base}/_matrix/client/v3/sync"),
+        };
+        let v = call("GET", &url, token, json!({})).expect("sync");
+        if pred(&v) {
+            return v;
+        }
+        since = v["next_batch"].as_str().map(str::to_owned);
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    }
+}
+
+fn timeline_has(v: &Value, room: &str, body: &str) -> bool {
+    v["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .is_some_and(|evs| evs.iter().any(|e| e["content"]["body"] == body))
+}
+
+fn send(base: &str, token: &str, room: &str, txn: &str, body: &str) {
+    let url = format!("{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
+    call("PUT", &url, token, json!({"msgtype": "m.text", "body": body})).expect("send");
+}
+
+#[test]
+fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let (pa, pb) = (free_port(), free_port());
+    let a = start(&da, pa, pb);
+    let mut b = start(&db, pb, pa);
+    admin(&da, &["user", "create", "alice", "--password", "pw"]);
+    admin(&db, &["user", "create", "bob", "--password", "pw"]);
+    let alice = login(&a.base, "alice");
+    let bob = login(&b.base, "bob");
+    let bob_id = format!("@bob:{}", b.name);
+
+    let room = call("POST", &format!("{}/_matrix/client/v3/createRoom", a.base), &alice, json!({"preset": "public_chat", "name": "Между коробками"}))
+        .unwrap()["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    call("POST", &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)), &alice, json!({"user_id": bob_id}))
+        .expect("invite across servers");
+    sync_until(&b.base, &bob, "the invite on box B", 20, |v| v["rooms"]["invite"].get(&room).is_some());
+    call("POST", &format!("{}/_matrix/client/v3/join/{}", b.base, enc(&room)), &bob, json!({})).expect("remote join");
+
+    send(&a.base, &alice, &room, "a1", "привет из A");
+    sync_until(&b.base, &bob, "A's message on B", 30, |v| timeline_has(v, &room, "привет из A"));
+    send(&b.base, &bob, &room, "b1", "hello from B");
+    sync_until(&a.base, &alice, "B's message on A", 30, |v| timeline_has(v, &room, "hello from B"));
+    // Bob's join reached A, so A lists him as a member.
+    let members = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/joined_members", a.base, enc(&room)), &alice, json!({})).unwrap();
+    assert!(members["joined"].get(&bob_id).is_some(), "{members}");
+
+    // Box B goes down; A keeps the message and delivers it when B is back.
+    drop(b);
+    send(&a.base, &alice, &room, "a2", "пока тебя не было");
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = admin(&da, &["federation"]);
+    assert!(status.contains(&format!("127.0.0.1:{pb}")) && status.contains("queued 1"), "{status}");
+    b = start(&db, pb, pa);
+    let bob = login(&b.base, "bob");
+    sync_until(&b.base, &bob, "the message sent while B was down", 60, |v| timeline_has(v, &room, "пока тебя не было"));
+    drop(b);
+}
