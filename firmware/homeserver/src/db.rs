@@ -536,7 +536,7 @@ impl Db {
         result
     }
 
-    /// Runs `f` with a read connection (a snapshot per statement).
+    /// Runs `f` with a read connection, in one read transaction (one snapshot).
     pub fn read<T, E: From<rusqlite::Error>>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, E>,
@@ -558,7 +558,13 @@ impl Db {
                 c
             }
         };
+        // One read transaction: a consistent snapshot, and the WAL read lock is
+        // taken once instead of once per statement.
+        let began = conn.execute_batch("BEGIN").is_ok();
         let out = f(&conn);
+        if began {
+            let _ = conn.execute_batch("COMMIT");
+        }
         let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < 4 {
             pool.push(conn);

@@ -669,7 +669,7 @@ pub async fn set_presence(
 
 pub async fn get_pushers(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
     let pushers = hs.db.read(|c| -> MxResult<Vec<Value>> {
-        let mut st = c.prepare("SELECT json FROM pushers WHERE user_id=?1 ORDER BY app_id, pushkey")?;
+        let mut st = c.prepare_cached("SELECT json FROM pushers WHERE user_id=?1 ORDER BY app_id, pushkey")?;
         let rows = st.query_map([auth.user_id.as_str()], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows.iter().filter_map(|j| serde_json::from_str(j).ok()).collect())
     })?;

@@ -413,12 +413,11 @@ pub async fn claim(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<Clai
 pub fn device_list_delta(c: &Connection, user: &str, from: i64, to: i64) -> rusqlite::Result<(Vec<String>, Vec<String>)> {
     // Cheap check first: most syncs see neither key changes nor membership changes.
     let any: bool = c
-        .query_row(
+        .prepare_cached(
             "SELECT EXISTS(SELECT 1 FROM device_list_updates WHERE stream>?1 AND stream<=?2)
                  OR EXISTS(SELECT 1 FROM events WHERE stream>?1 AND stream<=?2 AND type='m.room.member')",
-            params![from, to],
-            |r| r.get(0),
-        )?;
+        )?
+        .query_row(params![from, to], |r| r.get(0))?;
     if !any {
         return Ok((Vec::new(), Vec::new()));
     }

@@ -208,13 +208,12 @@ pub fn store_plan(
 
 /// Stream position up to which the user has read the room (main timeline or unthreaded).
 fn read_up_to(c: &Connection, room: &str, user: &str, thread: Option<&str>) -> rusqlite::Result<i64> {
-    c.query_row(
+    c.prepare_cached(
         "SELECT COALESCE(MAX(e.stream),0) FROM receipts r JOIN events e ON e.event_id=r.event_id
          WHERE r.room_id=?1 AND r.user_id=?2 AND r.receipt_type IN ('m.read','m.read.private')
          AND (r.thread_id='' OR r.thread_id=?3)",
-        params![room, user, thread.unwrap_or("main")],
-        |r| r.get(0),
-    )
+    )?
+    .query_row(params![room, user, thread.unwrap_or("main")], |r| r.get(0))
 }
 
 /// Counting stops here: clients show "99+" long before.
@@ -226,11 +225,8 @@ pub fn room_counts(c: &Connection, room: &str, user: &str, per_thread: bool) -> 
     let from = read_up_to(c, room, user, None)?;
     // The user's own last message marks the room as read up to there.
     let own: i64 = c
-        .query_row(
-            "SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1",
-            params![room, user],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1")?
+        .query_row(params![room, user], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
     let from = from.max(own);
@@ -241,7 +237,7 @@ pub fn room_counts(c: &Connection, room: &str, user: &str, per_thread: bool) -> 
         "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
          WHERE user_id=?1 AND room_id=?2 AND stream>?3 LIMIT ?4)"
     };
-    c.query_row(sql, params![user, room, from, COUNT_CAP], |r| Ok((r.get(0)?, r.get(1)?)))
+    c.prepare_cached(sql)?.query_row(params![user, room, from, COUNT_CAP], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
 /// Per-thread unread counts: thread root → (notification_count, highlight_count).

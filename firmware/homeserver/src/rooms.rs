@@ -792,7 +792,7 @@ pub async fn members(
     let room_id = parse_room(&room)?;
     let chunk = hs.db.read(|c| -> MxResult<Vec<Value>> {
         Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
-        let mut st = c.prepare(&format!(
+        let mut st = c.prepare_cached(&format!(
             "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id
              WHERE s.room_id=?1 AND s.type='m.room.member' ORDER BY e.stream",
             EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
@@ -814,7 +814,7 @@ pub async fn joined_members(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room
     let room_id = parse_room(&room)?;
     let joined = hs.db.read(|c| -> MxResult<serde_json::Map<String, Value>> {
         require_joined(c, room_id.as_str(), auth.user_id.as_str())?;
-        let mut st = c.prepare(
+        let mut st = c.prepare_cached(
             "SELECT s.state_key, e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
              WHERE s.room_id=?1 AND s.type='m.room.member' AND s.membership='join'",
         )?;
@@ -1172,7 +1172,7 @@ pub async fn room_aliases(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room):
     let room_id = parse_room(&room)?;
     let aliases = hs.db.read(|c| -> MxResult<Vec<String>> {
         Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
-        let mut st = c.prepare("SELECT alias FROM room_aliases WHERE room_id=?1 ORDER BY alias")?;
+        let mut st = c.prepare_cached("SELECT alias FROM room_aliases WHERE room_id=?1 ORDER BY alias")?;
         let r = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(r)
     })?;
@@ -1300,7 +1300,7 @@ fn public_rooms_inner(hs: &Hs, limit: i64, since: Option<&str>, term: Option<&st
     let limit = limit.clamp(1, 500);
     let term = term.map(str::to_lowercase);
     hs.db.read(|c| {
-        let mut st = c.prepare("SELECT room_id FROM rooms WHERE is_public=1 ORDER BY created_ts")?;
+        let mut st = c.prepare_cached("SELECT room_id FROM rooms WHERE is_public=1 ORDER BY created_ts")?;
         let rooms: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         let mut entries = Vec::new();
         for room_id in &rooms {

@@ -93,8 +93,11 @@ pub struct SsBody {
 struct ConnState {
     stream: i64,
     eph: u64,
-    /// Room id → stream position up to which it has been sent.
+    /// Room id → stream position up to which it has been sent (joined rooms).
     rooms: HashMap<String, i64>,
+    /// Room id → membership position of the invite (or knock) already sent.
+    #[serde(default)]
+    invites: HashMap<String, i64>,
     /// List name → room count last sent.
     counts: BTreeMap<String, usize>,
 }
@@ -334,7 +337,8 @@ fn build(
         let limit = details.timeline_limit.unwrap_or(1).min(100) as i64;
         let mut r = Map::new();
         if membership == "invite" || membership == "knock" {
-            if known.is_some_and(|k| k >= m.map_or(0, |m| m.membership_stream)) {
+            let ms = m.map_or(0, |m| m.membership_stream);
+            if state.invites.get(room).is_some_and(|k| *k >= ms) {
                 continue;
             }
             let mut invite_state = pdu::stripped_state(c, room)?;
@@ -342,6 +346,12 @@ fn build(
                 if let Some(ev) = pdu::get_event(c, &id)? {
                     let ce = client_event(c, &ev, &v, false);
                     invite_state.push(json!({ "type": ce["type"], "state_key": ce["state_key"], "sender": ce["sender"], "content": ce["content"] }));
+                    // The inviter's member event, so the client can show who invited.
+                    if let Some(inviter) = ce["sender"].as_str().filter(|s| *s != user) {
+                        if let Some(content) = pdu::state_content(c, room, "m.room.member", inviter)? {
+                            invite_state.push(json!({ "type": "m.room.member", "state_key": inviter, "sender": inviter, "content": content }));
+                        }
+                    }
                 }
             }
             r.insert("initial".into(), json!(true));
@@ -355,9 +365,11 @@ fn build(
                 r.insert("name".into(), json!(n));
             }
             rooms_out.insert(room.clone(), Value::Object(r));
-            state.rooms.insert(room.clone(), upto);
+            state.invites.insert(room.clone(), ms);
+            state.rooms.remove(room);
             continue;
         }
+        // A room first seen as an invite is new to the client once joined: full state.
         let initial = known.is_none();
         let after = known.unwrap_or(0);
         let (events, limited) = if initial {
@@ -438,13 +450,27 @@ fn build(
         r.insert("required_state".into(), json!(required));
         rooms_out.insert(room.clone(), Value::Object(r));
         state.rooms.insert(room.clone(), upto);
+        state.invites.remove(room);
     }
-    for (room, sent, _) in &left {
-        let (events, limited) = events_between(c, room, *sent, upto, 10)?;
+    for (room, sent, left_at) in &left {
+        // Up to the leave and no further: what came after is not the user's to see.
+        let (events, limited) = events_between(c, room, *sent, *left_at, 10)?;
         let timeline: Vec<Value> = events.iter().map(|e| client_event(c, e, &v, false)).collect();
-        rooms_out.insert(room.clone(), json!({ "timeline": timeline, "limited": limited, "required_state": [], "bump_stamp": 0 }));
+        // The user's own membership, so the client knows the room is gone.
+        let mut required = Vec::new();
+        if let Some(id) = pdu::state_event_id(c, room, "m.room.member", user)? {
+            if let Some(ev) = pdu::get_event(c, &id)? {
+                required.push(client_event(c, &ev, &v, false));
+            }
+        }
+        rooms_out.insert(
+            room.clone(),
+            json!({ "timeline": timeline, "limited": limited, "required_state": required, "bump_stamp": left_at }),
+        );
         state.rooms.remove(room);
     }
+    // Invites that were declined or withdrawn are dropped from the connection's memory.
+    state.invites.retain(|room, _| meta.get(room.as_str()).is_some_and(|m| m.membership == "invite" || m.membership == "knock"));
     if !rooms_out.is_empty() {
         has_news = true;
     }

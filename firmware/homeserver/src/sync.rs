@@ -77,13 +77,21 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
         // to-device is never missing from a response that carries its event.
         let upto = hs.db.current_stream();
         let to_device = keys::take_to_device(&hs, auth.user_id.as_str(), auth.device_id.as_str(), since.map_or(0, |s| s.to_device), keys::TO_DEVICE_PER_SYNC)?;
-        let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state, to_device, upto))?;
-        if since.is_none() || !empty || full_state || tokio::time::Instant::now() >= deadline {
-            return Ok(axum::Json(resp));
+        let expired = tokio::time::Instant::now() >= deadline;
+        // Every change but typing, presence and to-device moves the stream: when none
+        // of them moved since the token, there is nothing to build.
+        let nothing_new = !full_state
+            && to_device.0.is_empty()
+            && since.is_some_and(|s| s.stream >= upto && s.typing >= hs.typing.version());
+        if !nothing_new || expired {
+            let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state, to_device, upto))?;
+            if since.is_none() || !empty || full_state || expired {
+                return Ok(axum::Json(resp));
+            }
         }
         tokio::select! {
             r = rx.changed() => {
-                if r.is_err() { return Ok(axum::Json(resp)); }
+                if r.is_err() { continue; }
                 tokio::time::sleep(Duration::from_millis(hs.config.sync_coalesce_ms)).await;
             }
             _ = tokio::time::sleep_until(deadline) => {}
@@ -150,11 +158,8 @@ pub(crate) fn receipts_since(c: &Connection, room: &str, user: &str, since: i64,
 
 pub(crate) fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Result<Value> {
     let count = |m: &str| -> rusqlite::Result<i64> {
-        c.query_row(
-            "SELECT COUNT(*) FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership=?2",
-            params![room, m],
-            |r| r.get(0),
-        )
+        c.prepare_cached("SELECT COUNT(*) FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership=?2")?
+            .query_row(params![room, m], |r| r.get(0))
     };
     let mut st = c.prepare_cached(
         "SELECT state_key FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership IN ('join','invite')

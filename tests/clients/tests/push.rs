@@ -150,6 +150,28 @@ async fn mentions_and_keywords_highlight() {
             "alice's own messages count as unread for her: {c:?}"
         );
 
+        // The same counts on the room in Simplified Sliding Sync.
+        let path = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=0";
+        let ss = server
+            .raw_as(&bob)?
+            .call_abs(
+                "POST",
+                path,
+                Some(&serde_json::json!({
+                    "conn_id": "push-test",
+                    "room_subscriptions": { rid.as_str(): { "timeline_limit": 1, "required_state": [] } }
+                })),
+            )
+            .await?;
+        let r = &ss.body["rooms"][rid.as_str()];
+        ensure!(
+            ss.status == 200 && r["notification_count"] == 5 && r["highlight_count"] == 3,
+            "POST {path} (room_subscriptions): expected notification_count 5, highlight_count 3 \
+             on rooms.{rid}, got HTTP {} {}",
+            ss.status,
+            r
+        );
+
         // /notifications: five for bob, three of them highlights, unread.
         let raw = server.raw_as(&bob)?;
         let all = raw.ok("GET", "/notifications", None).await?;

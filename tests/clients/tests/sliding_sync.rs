@@ -658,6 +658,63 @@ async fn raw_kick_sends_own_leave_in_required_state() {
     .await;
 }
 
+/// Raw HTTP: messages sent after a user was kicked must not reach that user
+/// in the response that tells them about the kick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_kicked_user_gets_nothing_after_the_kick() {
+    bounded("raw_kicked_user_gets_nothing_after_the_kick", 90, async {
+        let server = Secta::start().await?;
+        let token = server.invite(2)?;
+        let alice = server.register("alice", &token).await?;
+        let bob = server.register("bob", &token).await?;
+        let bob_uid = server.user_id("bob");
+        let mut conn = RawConn::new(server.raw_as(&bob)?, json!([["m.room.member", "$ME"]]));
+        conn.once(0).await?;
+        let lounge = create_room(&alice, create_room::v3::RoomPreset::PublicChat, "Alice's lounge").await?;
+        let rid = lounge.room_id().to_string();
+        server.raw_as(&bob)?.ok("POST", &format!("/join/{}", enc(&rid)), Some(&json!({}))).await?;
+        conn.until_room(&rid, "after the join").await?;
+        // The same over /sync v2, for comparison.
+        let raw = server.raw_as(&bob)?;
+        let v2 = raw.sync(None, 0).await?;
+        let since = v2["next_batch"].as_str().unwrap_or_default().to_owned();
+        // Kick, then talk, all before bob's next request.
+        lounge
+            .kick_user(&UserId::parse(&bob_uid)?, None)
+            .await
+            .at("POST /rooms/{roomId}/kick")?;
+        send_text(&lounge, "now that bob is gone: his surprise party").await?;
+        let mut problems = Vec::new();
+        let room_json = conn.until_room(&rid, "after the kick").await?;
+        let leaked: Vec<&str> = room_json["timeline"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["content"]["body"].as_str()).collect())
+            .unwrap_or_default();
+        if !leaked.is_empty() {
+            problems.push(format!(
+                "sliding sync: bob, kicked, received messages sent after his kick: {leaked:?} \
+                 (timeline of the left room runs past his leave). Room JSON: {room_json}"
+            ));
+        }
+        let v2 = raw.sync(Some(&since), 0).await?;
+        let left = &v2["rooms"]["leave"][&rid];
+        let leaked: Vec<&str> = left["timeline"]["events"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["content"]["body"].as_str()).collect())
+            .unwrap_or_default();
+        if !left.is_object() {
+            problems.push(format!("/sync v2: rooms.leave.{rid} missing after the kick: {}", v2["rooms"]));
+        } else if !leaked.is_empty() {
+            problems.push(format!(
+                "/sync v2: rooms.leave.{rid}.timeline has messages sent after the kick: {leaked:?}"
+            ));
+        }
+        ensure!(problems.is_empty(), "{}", problems.join("\n"));
+        Ok(())
+    })
+    .await;
+}
+
 /// Raw HTTP: a list reports its room count and the response carries a `pos`;
 /// a `pos` the server never gave out gets 400 `M_UNKNOWN_POS`, which is what
 /// makes matrix-sdk drop its session and start over.
@@ -873,6 +930,84 @@ async fn kicked_room_leaves_the_room_list() {
         })?;
         let state = bob.get_room(&lounge_id).map(|r| r.state());
         ensure!(state == Some(RoomState::Left), "bob's room after the kick: {state:?}, expected Left");
+        rls.stop_sync().map_err(|e| anyhow!("stop_sync: {e}"))?;
+        Ok(())
+    })
+    .await;
+}
+
+/// (f) A direct chat as Element X starts and accepts one: `create_dm` (an
+/// `is_direct` invite), the invite shows as a DM, `Room::join` records it in
+/// bob's `m.direct` account data, which comes back through the
+/// account_data extension so the joined room is still a DM; the server's own
+/// `is_dm` (room field and list filter) agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_chat_invite_and_join_stay_a_dm() {
+    bounded("direct_chat_invite_and_join_stay_a_dm", 120, async {
+        let server = Secta::start().await?;
+        let token = server.invite(2)?;
+        let alice = server.register("alice", &token).await?;
+        let bob = server.register("bob", &token).await?;
+        let bob_id = UserId::parse(server.user_id("bob"))?;
+        let (rls, list) = room_list_service("bob", &bob).await?;
+        wait_loaded(&list, 0).await?;
+
+        let dm = alice.create_dm(&bob_id).await.at("POST /createRoom (create_dm: is_direct, invite bob)")?;
+        let dm_id: OwnedRoomId = dm.room_id().to_owned();
+        let invited = list.wait_room(&dm_id, "the DM invite", |r| r.state() == RoomState::Invited).await?;
+        ensure!(
+            invited.is_direct().await.context("Room::is_direct (invite)")?,
+            "the invite from create_dm is not a DM for bob (invite_state m.room.member of bob \
+             should carry is_direct: true)"
+        );
+        invited.join().await.at("POST /join/{roomId} (Room::join marks the DM in m.direct)")?;
+
+        let deadline = Instant::now() + SEE_WITHIN;
+        loop {
+            list.health()?;
+            let r = bob.get_room(&dm_id).ok_or_else(|| anyhow!("bob lost the room"))?;
+            let direct = r.is_direct().await.context("Room::is_direct (joined)")?;
+            if r.state() == RoomState::Joined && direct {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let ad = server
+                    .raw_as(&bob)?
+                    .call("GET", &format!("/user/{}/account_data/m.direct", enc(bob_id.as_str())), None)
+                    .await?;
+                bail!(
+                    "bob's joined DM: state {:?}, is_direct {direct}, direct targets {:?}; \
+                     GET account_data/m.direct: HTTP {} {}",
+                    r.state(),
+                    r.direct_targets(),
+                    ad.status,
+                    ad.body
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The server's view: is_dm on the room and the is_dm list filter.
+        let raw = server.raw_as(&bob)?;
+        let body = json!({
+            "conn_id": "dm-check",
+            "lists": {
+                "dms": { "ranges": [[0, 9]], "timeline_limit": 0, "filters": { "is_dm": true } },
+                "groups": { "ranges": [[0, 9]], "timeline_limit": 0, "filters": { "is_dm": false } }
+            }
+        });
+        let r = raw.call_abs("POST", &format!("{SS_PATH}?timeout=0"), Some(&body)).await?;
+        ensure!(
+            r.status == 200
+                && r.body["lists"]["dms"]["count"] == 1
+                && r.body["lists"]["groups"]["count"] == 0
+                && r.body["rooms"][dm_id.as_str()]["is_dm"] == true,
+            "POST {SS_PATH} with is_dm filters: expected dms 1, groups 0, rooms.{dm_id}.is_dm true; \
+             got HTTP {} lists={} is_dm={}",
+            r.status,
+            r.body["lists"],
+            r.body["rooms"][dm_id.as_str()]["is_dm"]
+        );
         rls.stop_sync().map_err(|e| anyhow!("stop_sync: {e}"))?;
         Ok(())
     })
