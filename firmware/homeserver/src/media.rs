@@ -105,7 +105,9 @@ async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> Mx
     let dir = final_path.parent().map(Path::to_owned).unwrap_or_else(|| hs.media_dir());
     tokio::fs::create_dir_all(&dir).await.map_err(|e| MxError::unknown(format!("media dir: {e}")))?;
     let tmp = dir.join(format!(".{id}.{}.part", random_string(6)));
-    let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| MxError::unknown(format!("media file: {e}")))?;
+    let file = tokio::fs::File::create(&tmp).await.map_err(|e| MxError::unknown(format!("media file: {e}")))?;
+    // Few large writes: each tokio file write is a trip to the blocking pool.
+    let mut file = tokio::io::BufWriter::with_capacity(512 * 1024, file);
     let mut stream = body.into_data_stream();
     let mut size: u64 = 0;
     let mut head: Vec<u8> = Vec::new();
@@ -123,7 +125,8 @@ async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> Mx
             file.write_all(&chunk).await.map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
         }
         check_declared_type(declared, &head)?;
-        file.sync_all().await.map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
+        file.flush().await.map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
+        file.get_ref().sync_all().await.map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
         Ok(())
     }
     .await;
@@ -292,7 +295,7 @@ fn disposition(kind: &str, filename: Option<&str>) -> String {
 
 async fn serve_file(path: &Path, content_type: &str, filename: Option<&str>, size: u64) -> MxResult<Response> {
     let file = tokio::fs::File::open(path).await.map_err(|_| MxError::not_found("Media content is missing"))?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
     let kind = if inline_safe(content_type) { "inline" } else { "attachment" };
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
