@@ -54,6 +54,10 @@ pub struct FederationConfig {
     /// Address of the TLS federation listener (`None`: federation is served only on
     /// the client listener, e.g. behind a reverse proxy or over a WireGuard link).
     pub tls_listen: Option<String>,
+    /// PEM certificate chain and key for the TLS listener (default: a self-signed
+    /// certificate made on first start in `DATA/federation-tls.{crt,key}`).
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
     /// Servers this box may not talk to (exact server names).
     pub blocked_servers: Vec<String>,
     /// Known peers: boxes reachable without DNS, e.g. over WireGuard links.
@@ -62,7 +66,7 @@ pub struct FederationConfig {
 
 impl Default for FederationConfig {
     fn default() -> Self {
-        Self { enabled: true, tls_listen: None, blocked_servers: Vec::new(), peers: Vec::new() }
+        Self { enabled: true, tls_listen: None, tls_cert: None, tls_key: None, blocked_servers: Vec::new(), peers: Vec::new() }
     }
 }
 

@@ -1113,3 +1113,61 @@ impl Hs {
         })?)
     }
 }
+
+// ---- TLS listener ----
+
+/// Loads the configured certificate, or makes (once) a self-signed one for the server name.
+fn tls_config(hs: &Hs) -> anyhow::Result<rustls::ServerConfig> {
+    use anyhow::Context;
+    let fed = &hs.config.federation;
+    let (cert_path, key_path) = match (&fed.tls_cert, &fed.tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let c = hs.data_dir.join("federation-tls.crt");
+            let k = hs.data_dir.join("federation-tls.key");
+            if !c.exists() || !k.exists() {
+                let host = hs.server_name.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+                let cert = rcgen::generate_simple_self_signed(vec![host]).context("making a self-signed certificate")?;
+                std::fs::write(&c, cert.cert.pem())?;
+                secta_runtime::write_secret_file(&k, cert.signing_key.serialize_pem().as_bytes())?;
+            }
+            (c, k)
+        }
+    };
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(&cert_path)?))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", cert_path.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(&key_path)?))?
+        .with_context(|| format!("no private key in {}", key_path.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Serves the API over TLS on the federation port until shutdown.
+pub async fn serve_tls(hs: Arc<Hs>, addr: std::net::SocketAddr, shutdown: secta_runtime::Shutdown) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&hs)?));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "federation TLS listening");
+    let app = hs.router();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = shutdown.clone().wait() => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+            let service = hyper_util::service::TowerToHyperService::new(
+                app.layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+            );
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}

@@ -271,6 +271,15 @@ pub async fn serve_on(hs: Arc<Hs>, listener: tokio::net::TcpListener, shutdown: 
     let app = hs.router().into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = %listener.local_addr()?, server_name = %hs.server_name, "homeserver listening");
     hs.start_background(shutdown.clone());
+    if let Some(addr) = hs.config.federation.tls_listen.clone().filter(|_| hs.config.federation.enabled) {
+        let addr: SocketAddr = addr.parse().with_context(|| format!("bad federation.tls_listen {addr:?}"))?;
+        let (hs2, sd) = (hs.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = federation::serve_tls(hs2, addr, sd).await {
+                tracing::error!(error = %e, "federation TLS listener failed");
+            }
+        });
+    }
     let wait = shutdown.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(wait.wait());
     // Long-polls hold connections open: give them a moment, then stop anyway.

@@ -39,6 +39,9 @@ enum Cmd {
         /// e.g. `127.0.0.1:8009=http://127.0.0.1:8009`.
         #[arg(long = "peer")]
         peers: Vec<String>,
+        /// Also serve federation over TLS (self-signed certificate) on this address.
+        #[arg(long)]
+        federation_tls_listen: Option<SocketAddr>,
     },
     /// Administer the box (works while it runs).
     Admin {
@@ -140,7 +143,9 @@ fn main() -> anyhow::Result<()> {
             secta_runtime::init_logging(&setup.boxcfg.log, setup.boxcfg.log_json);
             run_box(setup, None)
         }
-        Cmd::Demo { data, listen, server_name, peers } => demo(&data, listen, server_name, &peers),
+        Cmd::Demo { data, listen, server_name, peers, federation_tls_listen } => {
+            demo(&data, listen, server_name, &peers, federation_tls_listen)
+        }
         Cmd::Admin { config, data, cmd } => {
             secta_runtime::init_logging("warn", false);
             let setup = match (config, data) {
@@ -222,10 +227,18 @@ fn parse_peer(s: &str) -> anyhow::Result<secta_homeserver::Peer> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         bail!("--peer URL must start with http:// or https://: {url:?}");
     }
-    Ok(secta_homeserver::Peer { server_name: name.to_owned(), url: url.to_owned(), pinned_key: None, accept_self_signed: false })
+    // Demo boxes make self-signed certificates; their identity is their signing key.
+    let accept_self_signed = url.starts_with("https://");
+    Ok(secta_homeserver::Peer { server_name: name.to_owned(), url: url.to_owned(), pinned_key: None, accept_self_signed })
 }
 
-fn demo(data: &Path, listen: SocketAddr, server_name: Option<String>, peers: &[String]) -> anyhow::Result<()> {
+fn demo(
+    data: &Path,
+    listen: SocketAddr,
+    server_name: Option<String>,
+    peers: &[String],
+    federation_tls_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     secta_runtime::init_logging("info,tower_http=warn", false);
     secta_runtime::ensure_data_dir(data)?;
     let cfg_path = data.join("secta.toml");
@@ -251,6 +264,9 @@ fn demo(data: &Path, listen: SocketAddr, server_name: Option<String>, peers: &[S
     setup.boxcfg.data_dir = data.to_owned();
     for p in peers {
         setup.hs.federation.peers.push(parse_peer(p)?);
+    }
+    if let Some(a) = federation_tls_listen {
+        setup.hs.federation.tls_listen = Some(a.to_string());
     }
     // Bind first so the printed URLs are live when the user reads them.
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;

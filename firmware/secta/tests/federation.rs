@@ -1,5 +1,5 @@
-//! Two boxes on loopback federate: an invite across servers, a remote join,
-//! messages both ways, and store-and-forward while one box is down.
+//! Two boxes on loopback federate over TLS: an invite across servers, a remote
+//! join, messages both ways, and store-and-forward while one box is down.
 
 use std::{
     net::TcpListener,
@@ -27,13 +27,16 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn start(data: &Path, port: u16, peer_port: u16) -> Box_ {
+/// A box on `port` (client API) and `port_tls` (federation over TLS), whose peer
+/// is reached over TLS on `peer_tls`.
+fn start(data: &Path, port: u16, port_tls: u16, peer_port: u16, peer_tls: u16) -> Box_ {
     let log = std::fs::File::create(data.with_extension("log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_secta"))
         .args(["demo", "--data"])
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--peer", &format!("127.0.0.1:{peer_port}=http://127.0.0.1:{peer_port}")])
+        .args(["--peer", &format!("127.0.0.1:{peer_port}=https://127.0.0.1:{peer_tls}")])
+        .args(["--federation-tls-listen", &format!("127.0.0.1:{port_tls}")])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -110,9 +113,9 @@ fn send(base: &str, token: &str, room: &str, txn: &str, body: &str) {
 fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let dir = tempfile::tempdir().unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let (pa, pb) = (free_port(), free_port());
-    let a = start(&da, pa, pb);
-    let mut b = start(&db, pb, pa);
+    let (pa, pb, ta, tb) = (free_port(), free_port(), free_port(), free_port());
+    let a = start(&da, pa, ta, pb, tb);
+    let mut b = start(&db, pb, tb, pa, ta);
     admin(&da, &["user", "create", "alice", "--password", "pw"]);
     admin(&db, &["user", "create", "bob", "--password", "pw"]);
     let alice = login(&a.base, "alice");
@@ -143,7 +146,7 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     std::thread::sleep(Duration::from_millis(1500));
     let status = admin(&da, &["federation"]);
     assert!(status.contains(&format!("127.0.0.1:{pb}")) && status.contains("queued 1"), "{status}");
-    b = start(&db, pb, pa);
+    b = start(&db, pb, tb, pa, ta);
     let bob = login(&b.base, "bob");
     sync_until(&b.base, &bob, "the message sent while B was down", 60, |v| timeline_has(v, &room, "пока тебя не было"));
     drop(b);
