@@ -476,12 +476,13 @@ pub async fn login(State(hs): State<Arc<Hs>>, ClientAddr(addr): ClientAddr, Json
 
 pub async fn logout(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
     hs.db.write(|w| delete_device_rows(w, auth.user_id.as_str(), auth.device_id.as_str()))?;
+    hs.notify_device_change(auth.user_id.as_str());
     Ok(axum::Json(json!({})))
 }
 
 pub async fn logout_all(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
     hs.db.write(|w| delete_other_devices(w, auth.user_id.as_str(), None))?;
-    hs.notify_users([auth.user_id.as_str()]);
+    hs.notify_device_change(auth.user_id.as_str());
     Ok(axum::Json(json!({})))
 }
 
@@ -614,6 +615,7 @@ pub async fn delete_device(
     }
     hs.require_password(&auth, body.auth.as_ref()).await?;
     hs.db.write(|w| delete_device_rows(w, auth.user_id.as_str(), &device_id))?;
+    hs.notify_device_change(auth.user_id.as_str());
     Ok(axum::Json(json!({})))
 }
 
@@ -631,6 +633,7 @@ pub async fn delete_devices(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): J
         }
         Ok::<_, rusqlite::Error>(())
     })?;
+    hs.notify_device_change(auth.user_id.as_str());
     Ok(axum::Json(json!({})))
 }
 

@@ -524,6 +524,53 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
                 }
             }
         }
+        Some("m.direct_to_device") => {
+            let Some(sender) = content["sender"].as_str().filter(|s| UserId::parse(s).is_ok_and(|u| u.server_name() == origin)) else { return };
+            let kind = content["type"].as_str().unwrap_or_default();
+            let mut woken = Vec::new();
+            let r = hs.db.write(|w| -> rusqlite::Result<()> {
+                for (user, devices) in content["messages"].as_object().into_iter().flatten() {
+                    if !UserId::parse(user).is_ok_and(|u| u.server_name() == hs.server_name) {
+                        continue;
+                    }
+                    for (device, msg) in devices.as_object().into_iter().flatten() {
+                        let targets: Vec<String> = if device == "*" {
+                            let mut st = w.prepare_cached("SELECT device_id FROM devices WHERE user_id=?1")?;
+                            let r = st.query_map([user], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+                            r
+                        } else {
+                            w.query_row("SELECT device_id FROM devices WHERE user_id=?1 AND device_id=?2", params![user, device], |r| r.get(0))
+                                .optional()?
+                                .into_iter()
+                                .collect()
+                        };
+                        for t in targets {
+                            w.tx.execute(
+                                "INSERT INTO to_device(user_id, device_id, sender, type, content) VALUES(?1,?2,?3,?4,?5)",
+                                params![user, t, sender, kind, msg.to_string()],
+                            )?;
+                        }
+                    }
+                    woken.push(user.clone());
+                }
+                Ok(())
+            });
+            if r.is_ok() {
+                hs.notify_users(woken.iter().map(String::as_str));
+            }
+        }
+        Some("m.device_list_update") | Some("m.signing_key_update") => {
+            let Some(user) = content["user_id"].as_str().filter(|s| UserId::parse(s).is_ok_and(|u| u.server_name() == origin)) else { return };
+            let r = hs.db.write(|w| -> rusqlite::Result<()> {
+                crate::keys::mark_device_list_change(w, user)?;
+                w.persist_stream()
+            });
+            if r.is_ok() {
+                if let Ok(users) = hs.db.read(|c| crate::keys::users_sharing_rooms(c, user)) {
+                    hs.notify_users(users.iter().map(String::as_str));
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -1170,4 +1217,82 @@ pub async fn serve_tls(hs: Arc<Hs>, addr: std::net::SocketAddr, shutdown: secta_
                 .await;
         });
     }
+}
+
+/// Queues an EDU for one server.
+pub fn enqueue_server_edu(hs: &Hs, server: &str, edu: Value) -> MxResult<()> {
+    if !hs.config.federation.enabled || hs.is_blocked(server) || server == hs.server_name.as_str() {
+        return Ok(());
+    }
+    hs.db.write(|w| -> rusqlite::Result<()> {
+        w.tx.execute("INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'edu',?2)", params![server, edu.to_string()])?;
+        w.tx.execute("INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)", [server])?;
+        Ok(())
+    })?;
+    hs.fed.wakeup.notify_one();
+    Ok(())
+}
+
+// ---- End-to-end encryption across servers ----
+
+#[derive(Deserialize)]
+pub struct UserKeysQuery {
+    device_keys: BTreeMap<String, Vec<String>>,
+}
+
+pub async fn user_keys_query(State(hs): State<Arc<Hs>>, req: FedRequest) -> MxResult<J> {
+    let body: UserKeysQuery = serde_json::from_value(req.body).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let local: BTreeMap<String, Vec<String>> = body
+        .device_keys
+        .into_iter()
+        .filter(|(u, _)| UserId::parse(u).is_ok_and(|u| u.server_name() == hs.server_name))
+        .collect();
+    let mut v = hs.db.read(|c| crate::keys::local_query(&hs, c, "", &local))?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("user_signing_keys");
+        o.remove("failures");
+    }
+    Ok(axum::Json(v))
+}
+
+#[derive(Deserialize)]
+pub struct UserKeysClaim {
+    one_time_keys: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+pub async fn user_keys_claim(State(hs): State<Arc<Hs>>, req: FedRequest) -> MxResult<J> {
+    let body: UserKeysClaim = serde_json::from_value(req.body).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let local: BTreeMap<String, BTreeMap<String, String>> = body
+        .one_time_keys
+        .into_iter()
+        .filter(|(u, _)| UserId::parse(u).is_ok_and(|u| u.server_name() == hs.server_name))
+        .collect();
+    let mut v = crate::keys::local_claim(&hs, &local)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("failures");
+    }
+    Ok(axum::Json(v))
+}
+
+pub async fn user_devices(State(hs): State<Arc<Hs>>, PathArgs(user): PathArgs<String>, _req: FedRequest) -> MxResult<J> {
+    let u = UserId::parse(&user).map_err(|_| MxError::invalid_param("bad user id"))?;
+    if u.server_name() != hs.server_name {
+        return Err(MxError::invalid_param("not a user of this server"));
+    }
+    let q = BTreeMap::from([(user.clone(), Vec::new())]);
+    let v = hs.db.read(|c| crate::keys::local_query(&hs, c, "", &q))?;
+    let devices: Vec<Value> = v["device_keys"][&user]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(d, k)| json!({ "device_id": d, "keys": k, "device_display_name": k["unsigned"]["device_display_name"] }))
+        .collect();
+    let mut out = json!({ "user_id": user, "stream_id": hs.db.current_stream(), "devices": devices });
+    if let Some(m) = v["master_keys"].get(&user) {
+        out["master_key"] = m.clone();
+    }
+    if let Some(s) = v["self_signing_keys"].get(&user) {
+        out["self_signing_key"] = s.clone();
+    }
+    Ok(axum::Json(out))
 }

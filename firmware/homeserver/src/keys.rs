@@ -93,10 +93,22 @@ pub fn users_sharing_rooms(c: &Connection, user: &str) -> rusqlite::Result<HashS
 }
 
 impl Hs {
-    /// Wakes everyone who tracks `user`'s devices.
-    fn notify_device_change(&self, user: &str) {
+    /// Wakes everyone who tracks `user`'s devices, here and on other servers.
+    pub(crate) fn notify_device_change(&self, user: &str) {
         if let Ok(users) = self.db.read(|c| users_sharing_rooms(c, user)) {
             self.notify_users(users.iter().map(String::as_str));
+            let servers: HashSet<String> = users
+                .iter()
+                .filter_map(|u| UserId::parse(u).ok())
+                .map(|u| u.server_name().to_string())
+                .filter(|s| s != self.server_name.as_str())
+                .collect();
+            for s in servers {
+                let edu = json!({ "edu_type": "m.device_list_update", "content": {
+                    "user_id": user, "device_id": "*", "stream_id": self.db.current_stream(), "prev_id": [],
+                }});
+                let _ = crate::federation::enqueue_server_edu(self, &s, edu);
+            }
         }
     }
 }
@@ -275,15 +287,57 @@ fn cs_public(key: &Value) -> Option<(String, String)> {
 
 #[derive(Deserialize)]
 pub struct QueryBody {
-    device_keys: BTreeMap<String, Vec<String>>,
+    pub(crate) device_keys: BTreeMap<String, Vec<String>>,
+}
+
+/// Splits a per-user map into this server's users and other servers' users.
+fn split_by_server<T: Clone>(hs: &Hs, map: &BTreeMap<String, T>) -> MxResult<(BTreeMap<String, T>, BTreeMap<String, BTreeMap<String, T>>)> {
+    let mut local = BTreeMap::new();
+    let mut remote: BTreeMap<String, BTreeMap<String, T>> = BTreeMap::new();
+    for (user, v) in map {
+        let u = UserId::parse(user).map_err(|_| MxError::invalid_param(format!("invalid user id {user}")))?;
+        if u.server_name() == hs.server_name {
+            local.insert(user.clone(), v.clone());
+        } else {
+            remote.entry(u.server_name().to_string()).or_default().insert(user.clone(), v.clone());
+        }
+    }
+    Ok((local, remote))
+}
+
+fn merge_into(out: &mut Value, part: &Value, keys: &[&str]) {
+    for k in keys {
+        if let (Some(dst), Some(src)) = (out[*k].as_object_mut(), part[*k].as_object()) {
+            for (a, b) in src {
+                dst.insert(a.clone(), b.clone());
+            }
+        }
+    }
 }
 
 pub async fn query(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<QueryBody>) -> MxResult<J> {
-    let viewer = auth.user_id.as_str();
     if body.device_keys.len() > 1000 {
         return Err(MxError::too_large("too many users in one query"));
     }
-    let out = hs.db.read(|c| -> MxResult<Value> {
+    let (local, remote) = split_by_server(&hs, &body.device_keys)?;
+    let mut out = hs.db.read(|c| local_query(&hs, c, auth.user_id.as_str(), &local))?;
+    for (server, users) in remote {
+        let Ok(name) = ruma::ServerName::parse(&server) else { continue };
+        let req = json!({ "device_keys": users });
+        match hs.fed_request("POST", &name, "/_matrix/federation/v1/user/keys/query", Some(&req)).await {
+            Ok(v) => merge_into(&mut out, &v, &["device_keys", "master_keys", "self_signing_keys"]),
+            Err(e) => {
+                out["failures"][&server] = json!({ "errcode": e.errcode, "error": e.message });
+            }
+        }
+    }
+    Ok(axum::Json(out))
+}
+
+/// Keys of this server's users, as `/keys/query` shows them to `viewer`.
+pub(crate) fn local_query(hs: &Hs, c: &Connection, viewer: &str, wanted_keys: &BTreeMap<String, Vec<String>>) -> MxResult<Value> {
+    let body = QueryBody { device_keys: wanted_keys.clone() };
+    {
         let mut device_keys = Map::new();
         let mut master = Map::new();
         let mut self_signing = Map::new();
@@ -337,20 +391,37 @@ pub async fn query(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<Query
             "user_signing_keys": user_signing,
             "failures": failures,
         }))
-    })?;
-    Ok(axum::Json(out))
+    }
 }
 
 #[derive(Deserialize)]
 pub struct ClaimBody {
-    one_time_keys: BTreeMap<String, BTreeMap<String, String>>,
+    pub(crate) one_time_keys: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 pub async fn claim(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<ClaimBody>) -> MxResult<J> {
     if body.one_time_keys.values().map(BTreeMap::len).sum::<usize>() > 5000 {
         return Err(MxError::too_large("too many devices in one claim"));
     }
-    let out = hs.db.write(|w| -> MxResult<Value> {
+    let (local, remote) = split_by_server(&hs, &body.one_time_keys)?;
+    let mut out = local_claim(&hs, &local)?;
+    for (server, users) in remote {
+        let Ok(name) = ruma::ServerName::parse(&server) else { continue };
+        let req = json!({ "one_time_keys": users });
+        match hs.fed_request("POST", &name, "/_matrix/federation/v1/user/keys/claim", Some(&req)).await {
+            Ok(v) => merge_into(&mut out, &v, &["one_time_keys"]),
+            Err(e) => {
+                out["failures"][&server] = json!({ "errcode": e.errcode, "error": e.message });
+            }
+        }
+    }
+    Ok(axum::Json(out))
+}
+
+/// Claims one-time keys (or fallback keys) of this server's users.
+pub(crate) fn local_claim(hs: &Hs, wanted: &BTreeMap<String, BTreeMap<String, String>>) -> MxResult<Value> {
+    let body = ClaimBody { one_time_keys: wanted.clone() };
+    hs.db.write(|w| -> MxResult<Value> {
         let mut keys = Map::new();
         let mut failures = Map::new();
         for (user, devices) in &body.one_time_keys {
@@ -404,8 +475,7 @@ pub async fn claim(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<Clai
             }
         }
         Ok(json!({ "one_time_keys": keys, "failures": failures }))
-    })?;
-    Ok(axum::Json(out))
+    })
 }
 
 /// Users whose device lists changed (or who started/stopped sharing a room with
@@ -668,12 +738,14 @@ pub async fn send_to_device(
 ) -> MxResult<J> {
     let me = auth.user_id.as_str();
     let mut recipients = Vec::new();
-    for user in body.messages.keys() {
+    let mut remote: BTreeMap<String, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
+    for (user, devices) in &body.messages {
         let u = UserId::parse(user).map_err(|_| MxError::invalid_param(format!("invalid user id {user}")))?;
         if u.server_name() != hs.server_name {
-            return Err(MxError::forbidden("to-device messages to other servers need federation, which is not available yet"));
+            remote.entry(u.server_name().to_string()).or_default().insert(user.clone(), devices.clone());
+        } else {
+            recipients.push(user.clone());
         }
-        recipients.push(user.clone());
     }
     let request = format!("todevice:{kind}");
     let fresh = hs.db.write(|w| -> MxResult<bool> {
@@ -687,7 +759,7 @@ pub async fn send_to_device(
         if prior.is_some() {
             return Ok(false);
         }
-        for (user, devices) in &body.messages {
+        for (user, devices) in body.messages.iter().filter(|(u, _)| recipients.contains(u)) {
             for (device, content) in devices {
                 let targets: Vec<String> = if device == "*" {
                     let mut st = w.prepare_cached("SELECT device_id FROM devices WHERE user_id=?1")?;
@@ -716,6 +788,13 @@ pub async fn send_to_device(
     })?;
     if fresh {
         hs.notify_users(recipients.iter().map(String::as_str));
+        // Other servers get an `m.direct_to_device` EDU each, through the federation queue.
+        for (server, messages) in remote {
+            let edu = json!({ "edu_type": "m.direct_to_device", "content": {
+                "sender": me, "type": kind, "message_id": crate::random_string(16), "messages": messages,
+            }});
+            crate::federation::enqueue_server_edu(&hs, &server, edu)?;
+        }
     }
     Ok(axum::Json(json!({})))
 }

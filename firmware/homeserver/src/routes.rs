@@ -129,6 +129,9 @@ fn federation_routes() -> Router<Arc<Hs>> {
         .route("/v1/state_ids/{room_id}", get(federation::state_ids))
         .route("/v1/query/profile", get(federation::query_profile))
         .route("/v1/query/directory", get(federation::query_directory))
+        .route("/v1/user/keys/query", post(federation::user_keys_query))
+        .route("/v1/user/keys/claim", post(federation::user_keys_claim))
+        .route("/v1/user/devices/{user_id}", get(federation::user_devices))
 }
 
 fn media_legacy() -> Router<Arc<Hs>> {
