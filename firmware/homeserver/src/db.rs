@@ -305,6 +305,7 @@ CREATE TABLE IF NOT EXISTS remote_invites (
     inviter_server TEXT NOT NULL,
     PRIMARY KEY (room_id, user_id)
 );
+CREATE TABLE IF NOT EXISTS blocked_servers (server_name TEXT PRIMARY KEY, ts INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
     stems, room_id UNINDEXED, event_stream UNINDEXED, tokenize = 'unicode61 remove_diacritics 0'
 );

@@ -88,6 +88,29 @@ impl Hs {
 
     fn is_blocked(&self, server: &str) -> bool {
         self.config.federation.blocked_servers.iter().any(|b| b == server)
+            || self
+                .db
+                .read(|c| {
+                    c.prepare_cached("SELECT 1 FROM blocked_servers WHERE server_name=?1")?.query_row([server], |_| Ok(())).optional()
+                })
+                .ok()
+                .flatten()
+                .is_some()
+    }
+
+    /// Blocks (or unblocks) a server by name: nothing is sent to it or taken from it.
+    pub fn set_server_blocked(&self, server: &str, blocked: bool) -> MxResult<()> {
+        ServerName::parse(server).map_err(|_| MxError::invalid_param("not a server name"))?;
+        self.db.write(|w| -> rusqlite::Result<()> {
+            if blocked {
+                w.tx.execute("INSERT OR IGNORE INTO blocked_servers(server_name, ts) VALUES(?1,?2)", params![server, now_ms() as i64])?;
+                w.tx.execute("DELETE FROM fed_queue WHERE destination=?1", [server])?;
+            } else {
+                w.tx.execute("DELETE FROM blocked_servers WHERE server_name=?1", [server])?;
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
     fn check_federation(&self, server: &str) -> MxResult<()> {
@@ -290,6 +313,9 @@ impl Hs {
         if self.is_blocked(sender_server.as_str()) {
             return Err(MxError::forbidden("sender's server is blocked"));
         }
+        if !self.db.read(|c| acl_allows(c, &room_id, sender_server.as_str()))? || !self.db.read(|c| acl_allows(c, &room_id, origin.as_str()))? {
+            return Err(MxError::forbidden("server is denied by the room's server ACL"));
+        }
         let (event_id, obj) = self.verify_pdu(&version, value).await?;
         if self.db.read(|c| pdu::get_event(c, &event_id))?.is_some() {
             return Ok(event_id);
@@ -316,6 +342,46 @@ impl Hs {
             self.notify_users([k.as_str()]);
         }
         Ok(event_id)
+    }
+}
+
+/// Whether the room's `m.room.server_acl` lets `server` take part.
+pub(crate) fn acl_allows(c: &Connection, room: &str, server: &str) -> MxResult<bool> {
+    let Some(acl) = pdu::state_content(c, room, "m.room.server_acl", "")? else { return Ok(true) };
+    let name = ServerName::parse(server).ok();
+    let host = name.as_ref().map_or(server, |s| s.host());
+    if acl["allow_ip_literals"] == false && name.as_ref().is_some_and(|s| s.is_ip_literal()) {
+        return Ok(false);
+    }
+    let matches = |p: &str| glob_match(p.as_bytes(), host.as_bytes());
+    if acl["deny"].as_array().into_iter().flatten().filter_map(Value::as_str).any(matches) {
+        return Ok(false);
+    }
+    Ok(acl["allow"].as_array().into_iter().flatten().filter_map(Value::as_str).any(matches))
+}
+
+/// Server ACL globs: `*` any run, `?` one character, case-insensitive.
+fn glob_match(p: &[u8], t: &[u8]) -> bool {
+    match (p.first(), t.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob_match(&p[1..], t) || (!t.is_empty() && glob_match(p, &t[1..])),
+        (Some(b'?'), Some(_)) => glob_match(&p[1..], &t[1..]),
+        (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) => glob_match(&p[1..], &t[1..]),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn acl_globs() {
+        assert!(glob_match(b"*", b"box.example"));
+        assert!(glob_match(b"*.example", b"a.box.example"));
+        assert!(!glob_match(b"*.example", b"example"));
+        assert!(glob_match(b"bo?.EXAMPLE", b"box.example"));
+        assert!(!glob_match(b"evil.org", b"good.org"));
     }
 }
 
@@ -484,7 +550,9 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
             if !UserId::parse(user).is_ok_and(|u| u.server_name() == origin) {
                 return;
             }
-            if hs.db.read(|c| pdu::membership(c, room, user)).ok().flatten().as_deref() != Some("join") {
+            if hs.db.read(|c| pdu::membership(c, room, user)).ok().flatten().as_deref() != Some("join")
+                || !hs.db.read(|c| acl_allows(c, room, origin.as_str())).unwrap_or(false)
+            {
                 return;
             }
             let until = content["typing"].as_bool().unwrap_or(false).then(|| Instant::now() + Duration::from_secs(30));
@@ -597,6 +665,9 @@ pub async fn make_join(
         .collect();
     let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
     let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
+        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    }
     if !vers.is_empty() && !vers.iter().any(|v| v == version.as_str()) {
         return Err(MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Your server does not support this room's version")
             .with_extra("room_version", json!(version.as_str())));
@@ -644,6 +715,9 @@ pub async fn send_join(
 ) -> MxResult<J> {
     let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
     let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
+        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    }
     let ev = &req.body;
     if ev["type"] != "m.room.member" || ev["content"]["membership"] != "join" || ev["room_id"] != room_id.as_str() {
         return Err(MxError::bad_json("not a join event for this room"));

@@ -69,8 +69,21 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: InviteCmd,
     },
-    /// Federation peers: queue depth, last success, last error.
-    Federation,
+    /// Federation peers: queue depth, last success, last error; block or unblock a server.
+    Federation {
+        #[command(subcommand)]
+        cmd: Option<FedCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FedCmd {
+    /// Show peers (the default).
+    Status,
+    /// Stop talking to a server: nothing is sent to it or accepted from it.
+    Block { server: String },
+    /// Talk to a blocked server again.
+    Unblock { server: String },
 }
 
 #[derive(Subcommand)]
@@ -340,7 +353,15 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
                 }
             }
         },
-        AdminCmd::Federation => {
+        AdminCmd::Federation { cmd: Some(FedCmd::Block { server }) } => {
+            hs.set_server_blocked(&server, true).map_err(mx)?;
+            println!("blocked {server}");
+        }
+        AdminCmd::Federation { cmd: Some(FedCmd::Unblock { server }) } => {
+            hs.set_server_blocked(&server, false).map_err(mx)?;
+            println!("unblocked {server}");
+        }
+        AdminCmd::Federation { cmd: None | Some(FedCmd::Status) } => {
             let peers = hs.federation_status().map_err(mx)?;
             if peers.is_empty() {
                 println!("no federation peers yet");

@@ -148,6 +148,16 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     assert!(status.contains(&format!("127.0.0.1:{pb}")) && status.contains("queued 1"), "{status}");
     b = start(&db, pb, tb, pa, ta);
     let bob = login(&b.base, "bob");
-    sync_until(&b.base, &bob, "the message sent while B was down", 60, |v| timeline_has(v, &room, "пока тебя не было"));
+    let v = sync_until(&b.base, &bob, "the message sent while B was down", 60, |v| timeline_has(v, &room, "пока тебя не было"));
+
+    // A blocks B: nothing more goes out to it.
+    admin(&da, &["federation", "block", &b.name]);
+    send(&a.base, &alice, &room, "a3", "только для своих");
+    std::thread::sleep(Duration::from_secs(3));
+    let since = v["next_batch"].as_str().unwrap().to_owned();
+    let later = call("GET", &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.base), &bob, json!({})).unwrap();
+    assert!(!timeline_has(&later, &room, "только для своих"), "a blocked server still got the message");
+    let status = admin(&da, &["federation"]);
+    assert!(status.contains("queued 0"), "{status}");
     drop(b);
 }

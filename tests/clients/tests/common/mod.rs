@@ -63,6 +63,15 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// `n` distinct free ports: all listeners are held until every port is
+/// picked, so the kernel cannot hand out the same one twice.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port"))
+        .collect::<Result<Vec<_>>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
 fn tail(path: &Path, max: usize) -> String {
     let mut s = String::new();
     if let Ok(mut f) = File::open(path) {
@@ -89,6 +98,8 @@ pub struct Secta {
     pub listen: String,
     /// `http://127.0.0.1:PORT`
     pub base_url: String,
+    /// The federation TLS port, for a box started by [`Secta::start_pair`].
+    pub tls_port: Option<u16>,
     log_path: PathBuf,
     // Keep last so the directory outlives the child (fields drop in order).
     data: tempfile::TempDir,
@@ -98,6 +109,39 @@ impl Secta {
     /// Start `secta demo --data <tmp> --listen 127.0.0.1:<free port>` and wait
     /// until `GET /_matrix/client/versions` answers 200.
     pub async fn start() -> Result<Secta> {
+        let port = free_port()?;
+        let mut server = Secta::spawn(port, None, None)?;
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    /// Start two boxes that federate with each other over TLS on loopback:
+    ///
+    /// ```text
+    /// secta demo --data A --listen 127.0.0.1:PA --federation-tls-listen 127.0.0.1:TA \
+    ///            --peer 127.0.0.1:PB=https://127.0.0.1:TB
+    /// secta demo --data B --listen 127.0.0.1:PB --federation-tls-listen 127.0.0.1:TB \
+    ///            --peer 127.0.0.1:PA=https://127.0.0.1:TA
+    /// ```
+    ///
+    /// The four ports are picked free at once (all held while picking, so
+    /// they differ). Both boxes start before either is waited for. Each box
+    /// is a guard of its own: dropping it kills that box, and a failing test
+    /// prints the end of both logs.
+    pub async fn start_pair() -> Result<(Secta, Secta)> {
+        let ports = free_ports(4)?;
+        let (pa, pb, ta, tb) = (ports[0], ports[1], ports[2], ports[3]);
+        let mut a = Secta::spawn(pa, Some(ta), Some((pb, tb)))?;
+        let mut b = Secta::spawn(pb, Some(tb), Some((pa, ta)))?;
+        a.wait_ready().await.context("starting box A of the federating pair")?;
+        b.wait_ready().await.context("starting box B of the federating pair")?;
+        Ok((a, b))
+    }
+
+    /// Spawn `secta demo` on `port` (client API), optionally serving
+    /// federation over TLS on `tls_port` and knowing one peer box
+    /// `(peer client port, peer TLS port)`. Does not wait for it.
+    fn spawn(port: u16, tls_port: Option<u16>, peer: Option<(u16, u16)>) -> Result<Secta> {
         init_tracing();
         let bin = secta_bin();
         if !bin.is_file() {
@@ -111,7 +155,6 @@ impl Secta {
             .prefix("secta-e2e-")
             .tempdir()
             .context("creating data dir")?;
-        let port = free_port()?;
         let listen = format!("127.0.0.1:{port}");
         let base_url = format!("http://{listen}");
         let log_path = data.path().join("server.log");
@@ -119,29 +162,31 @@ impl Secta {
         let data_dir = data.path().join("data");
         std::fs::create_dir_all(&data_dir)?;
 
-        let child = Command::new(&bin)
-            .arg("demo")
-            .arg("--data")
-            .arg(&data_dir)
-            .arg("--listen")
-            .arg(&listen)
+        let mut cmd = Command::new(&bin);
+        cmd.arg("demo").arg("--data").arg(&data_dir).arg("--listen").arg(&listen);
+        if let Some(t) = tls_port {
+            cmd.arg("--federation-tls-listen").arg(format!("127.0.0.1:{t}"));
+        }
+        if let Some((pp, pt)) = peer {
+            cmd.arg("--peer").arg(format!("127.0.0.1:{pp}=https://127.0.0.1:{pt}"));
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawning {} demo", bin.display()))?;
 
-        let mut server = Secta {
+        Ok(Secta {
             child: Some(child),
             bin,
             port,
             listen,
             base_url,
+            tls_port,
             log_path,
             data,
-        };
-        server.wait_ready().await?;
-        Ok(server)
+        })
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -267,6 +312,13 @@ impl Drop for Secta {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // SECTA_E2E_KEEP_LOGS=DIR keeps every server's whole log as
+        // DIR/secta-<port>.log (the temp dir goes away with the guard).
+        if let Some(dir) = std::env::var_os("SECTA_E2E_KEEP_LOGS") {
+            let dir = PathBuf::from(dir);
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&self.log_path, dir.join(format!("secta-{}.log", self.port)));
         }
         if std::thread::panicking() {
             eprintln!(
