@@ -1117,7 +1117,8 @@ impl Hs {
                 "INSERT OR IGNORE INTO rooms(room_id, room_version, created_ts) VALUES(?1,?2,?3)",
                 params![room_id.as_str(), version.as_str(), now_ms() as i64],
             )?;
-            for (id, o, is_state) in &verified {
+            // Our own join is among the state we get back: it goes in the timeline below.
+            for (id, o, is_state) in verified.iter().filter(|(id, _, _)| *id != event_id) {
                 if pdu::get_event(w, id)?.is_some() {
                     if *is_state {
                         // Already known (e.g. as part of the auth chain): make it current state.
@@ -1369,4 +1370,97 @@ pub async fn user_devices(State(hs): State<Arc<Hs>>, PathArgs(user): PathArgs<St
         out["self_signing_key"] = s.clone();
     }
     Ok(axum::Json(out))
+}
+
+// ---- History from other servers ----
+
+pub async fn backfill_endpoint(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(room): PathArgs<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    req: FedRequest,
+) -> MxResult<J> {
+    let pairs = serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or("")).unwrap_or_default();
+    let from: Vec<String> = pairs.iter().filter(|(k, _)| k == "v").map(|(_, v)| v.clone()).collect();
+    let limit: i64 = pairs.iter().find(|(k, _)| k == "limit").and_then(|(_, v)| v.parse().ok()).unwrap_or(50).clamp(1, 100);
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        if !server_in_room(c, &room, req.origin.as_str())? {
+            return Err(MxError::forbidden("Your server is not in this room"));
+        }
+        if !acl_allows(c, &room, req.origin.as_str())? {
+            return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+        }
+        // Newest starting point among the given events, then everything before it.
+        let mut start: Option<i64> = None;
+        for id in &from {
+            if let Some(e) = pdu::get_event(c, id)?.filter(|e| e.room_id == room) {
+                start = Some(start.map_or(e.stream, |s: i64| s.max(e.stream)));
+            }
+        }
+        let start = start.ok_or_else(|| MxError::not_found("None of the given events is known here"))?;
+        let mut st = c.prepare_cached(
+            "SELECT json FROM events WHERE room_id=?1 AND outlier=0 AND stream<=?2 ORDER BY stream DESC LIMIT ?3",
+        )?;
+        let pdus: Vec<Value> = st
+            .query_map(params![room, start, limit], |r| r.get::<_, String>(0))?
+            .filter_map(|j| j.ok().and_then(|j| serde_json::from_str(&j).ok()))
+            .collect();
+        Ok(json!({ "origin": hs.server_name, "origin_server_ts": now_ms(), "pdus": pdus }))
+    })?;
+    Ok(axum::Json(out))
+}
+
+impl Hs {
+    /// Fetches older history of a room from another server in it, once we reach
+    /// the beginning of what this box holds. Returns how many events were added.
+    pub(crate) async fn backfill(&self, room_id: &RoomId, limit: i64) -> MxResult<usize> {
+        let (earliest, servers, version) = self.db.read(|c| -> MxResult<_> {
+            let earliest: Option<(String, String)> = c
+                .prepare_cached("SELECT event_id, type FROM events WHERE room_id=?1 AND outlier=0 ORDER BY stream ASC LIMIT 1")?
+                .query_row([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let mut st = c.prepare_cached(
+                "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
+                 WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
+            )?;
+            let servers: Vec<String> = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok((earliest, servers, pdu::room_version(c, room_id.as_str())?))
+        })?;
+        let (Some((earliest, kind)), Some(version)) = (earliest, version) else { return Ok(0) };
+        if kind == "m.room.create" {
+            return Ok(0); // the whole history is here
+        }
+        for server in servers.iter().filter(|s| s.as_str() != self.server_name.as_str()) {
+            let Ok(name) = ServerName::parse(server) else { continue };
+            let path = format!("/_matrix/federation/v1/backfill/{}?v={}&limit={limit}", urlenc(room_id.as_str()), urlenc(&earliest));
+            let Ok(v) = self.fed_request("GET", &name, &path, None).await else { continue };
+            let mut fetched = Vec::new();
+            for p in v["pdus"].as_array().into_iter().flatten().take(limit as usize + 1) {
+                if let Ok((id, obj)) = self.verify_pdu(&version, p.clone()).await {
+                    fetched.push((id, obj));
+                }
+            }
+            // Newest first, so each gets a stream position before the one stored earlier.
+            fetched.sort_by_key(|(_, o)| std::cmp::Reverse(o.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap_or(0)));
+            let added = self.db.write(|w| -> MxResult<usize> {
+                let mut n = 0;
+                for (id, obj) in &fetched {
+                    if pdu::get_event(w, id)?.is_some() {
+                        continue;
+                    }
+                    let json = serde_json::to_string(obj)?;
+                    let p = Pdu::parse(EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?, &json)
+                        .map_err(|e| MxError::bad_json(e.to_string()))?;
+                    if p.room_id.as_deref() != Some(room_id) {
+                        continue;
+                    }
+                    self.store_pdu_as(w, room_id.as_str(), &p, &json, None, Placement::Backfill)?;
+                    n += 1;
+                }
+                Ok(n)
+            })?;
+            return Ok(added);
+        }
+        Ok(0)
+    }
 }

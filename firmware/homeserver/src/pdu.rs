@@ -227,6 +227,9 @@ pub enum Placement {
     OutlierState,
     /// Outside the timeline and the current state (auth chains).
     Outlier,
+    /// Older history fetched from another server: in the timeline, before
+    /// everything known (negative stream positions), never current state.
+    Backfill,
 }
 
 /// A signed, authorised event not yet stored.
@@ -454,20 +457,18 @@ impl Hs {
         self.store_pdu_as(w, room_id, pdu, json, txn, Placement::Timeline)
     }
 
-    /// Stores an event as a timeline event, or as an outlier (known for auth and
-    /// state only, e.g. the state received when joining a room on another server)
-    /// that may or may not set the current state.
-    pub(crate) fn store_pdu_as(
+    /// Inserts the `events` row of a PDU (relations, thread, previous state).
+    #[allow(clippy::too_many_arguments)]
+    fn insert_event_row(
         &self,
         w: &mut WriteTxn<'_>,
         room_id: &str,
         pdu: &Pdu,
         json: &str,
+        stream: i64,
+        outlier: bool,
         txn: Option<(&str, &str)>,
-        placement: Placement,
-    ) -> MxResult<i64> {
-        let timeline = placement == Placement::Timeline;
-        let stream = w.next_stream();
+    ) -> MxResult<Value> {
         let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
         let rel = &content["m.relates_to"];
         let rel_type = rel["rel_type"].as_str();
@@ -498,9 +499,31 @@ impl Hs {
                 txn.map(|t| t.1),
                 txn.map(|t| t.0),
                 prev_state,
-                !timeline,
+                outlier,
             ],
         )?;
+        Ok(content)
+    }
+
+    /// Stores an event as a timeline event, as an outlier (known for auth and
+    /// state only, e.g. the state received when joining a room on another server)
+    /// that may or may not set the current state, or as backfilled history.
+    pub(crate) fn store_pdu_as(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &str,
+        pdu: &Pdu,
+        json: &str,
+        txn: Option<(&str, &str)>,
+        placement: Placement,
+    ) -> MxResult<i64> {
+        if placement == Placement::Backfill {
+            let stream: i64 = w.query_row("SELECT COALESCE(MIN(stream), 0) - 1 FROM events", [], |r| r.get(0))?;
+            return self.insert_event_row(w, room_id, pdu, json, stream, false, None).map(|_| stream);
+        }
+        let timeline = placement == Placement::Timeline;
+        let stream = w.next_stream();
+        let content = self.insert_event_row(w, room_id, pdu, json, stream, !timeline, txn)?;
         if !timeline && placement != Placement::OutlierState {
             return Ok(stream);
         }

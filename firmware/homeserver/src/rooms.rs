@@ -891,13 +891,25 @@ pub async fn messages(
     let from = q.from.as_deref().map(parse_token).transpose()?;
     let to = q.to.as_deref().map(parse_token).transpose()?;
     let v = viewer(&auth);
+    if backward && hs.config.federation.enabled {
+        // At the start of what this box holds of a room that began elsewhere: ask another server.
+        let older: i64 = hs.db.read(|c| {
+            c.prepare_cached("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE room_id=?1 AND outlier=0 AND stream<=?2 LIMIT ?3)")?
+                .query_row(params![room_id.as_str(), from.unwrap_or(i64::MAX), limit], |r| r.get(0))
+        })?;
+        if older < limit {
+            if let Err(e) = hs.backfill(&room_id, limit.max(20)).await {
+                tracing::debug!(errcode = e.errcode, "backfill failed");
+            }
+        }
+    }
     let out = hs.db.read(|c| -> MxResult<Value> {
         let vis = Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
         let until = vis.until;
         let now = hs.db.current_stream();
-        let from = from.unwrap_or(if backward { now } else { 0 });
+        let from = from.unwrap_or(if backward { now } else { i64::MIN });
         let (lo, hi) = if backward {
-            (to.unwrap_or(0), from.min(until))
+            (to.unwrap_or(i64::MIN), from.min(until))
         } else {
             (from, to.unwrap_or(i64::MAX).min(until))
         };

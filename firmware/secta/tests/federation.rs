@@ -127,10 +127,21 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
         .as_str()
         .unwrap()
         .to_owned();
+    for i in 0..5 {
+        send(&a.base, &alice, &room, &format!("h{i}"), &format!("история {i}"));
+    }
     call("POST", &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)), &alice, json!({"user_id": bob_id}))
         .expect("invite across servers");
     sync_until(&b.base, &bob, "the invite on box B", 20, |v| v["rooms"]["invite"].get(&room).is_some());
     call("POST", &format!("{}/_matrix/client/v3/join/{}", b.base, enc(&room)), &bob, json!({})).expect("remote join");
+
+    // History from before bob's box was in the room comes by backfill.
+    let history = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=30", b.base, enc(&room)), &bob, json!({})).unwrap();
+    let bodies: Vec<&str> = history["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert!(bodies.contains(&"история 0") && bodies.contains(&"история 4"), "backfilled history: {history}");
+    let i4 = bodies.iter().position(|b| *b == "история 4").unwrap();
+    let i0 = bodies.iter().position(|b| *b == "история 0").unwrap();
+    assert!(i4 < i0, "newest first: {bodies:?}");
 
     send(&a.base, &alice, &room, "a1", "привет из A");
     sync_until(&b.base, &bob, "A's message on B", 30, |v| timeline_has(v, &room, "привет из A"));

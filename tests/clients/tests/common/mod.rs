@@ -305,6 +305,27 @@ impl Secta {
     pub fn user_id(&self, localpart: &str) -> String {
         format!("@{localpart}:{}", self.listen)
     }
+
+    /// `secta admin --data DIR federation` (queue length, failures and last
+    /// error per destination), or why it could not be run. For failure
+    /// messages of federation tests.
+    pub fn federation_status(&self) -> String {
+        match Command::new(&self.bin)
+            .arg("admin")
+            .arg("--data")
+            .arg(self.data_dir())
+            .arg("federation")
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("(could not run `secta admin federation`: {e})"),
+        }
+    }
 }
 
 impl Drop for Secta {
