@@ -652,6 +652,10 @@ fn profile_of(conn: &Connection, user_id: &str) -> rusqlite::Result<Option<(Opti
 
 pub async fn get_profile(State(hs): State<Arc<Hs>>, PathArgs(user_id): PathArgs<String>) -> MxResult<J> {
     let user_id = parse_user(&user_id)?;
+    if user_id.server_name() != hs.server_name {
+        let path = format!("/_matrix/federation/v1/query/profile?user_id={}", crate::federation::urlenc(user_id.as_str()));
+        return hs.fed_request("GET", user_id.server_name(), &path, None).await.map(axum::Json);
+    }
     let (name, avatar) = hs
         .db
         .read(|c| profile_of(c, user_id.as_str()))?

@@ -1365,21 +1365,39 @@ fn public_rooms_inner(hs: &Hs, limit: i64, since: Option<&str>, term: Option<&st
     })
 }
 
-fn check_server(hs: &Hs, server: Option<&str>) -> MxResult<()> {
-    match server {
-        Some(s) if s != hs.server_name.as_str() => Err(MxError::not_found("Federated room directories are not available yet")),
-        _ => Ok(()),
+/// The directory of another server, through federation.
+async fn remote_directory(hs: &Hs, server: &str, limit: i64, since: Option<&str>, term: Option<&str>) -> MxResult<J> {
+    let name = ruma::ServerName::parse(server).map_err(|_| MxError::invalid_param("Invalid server name"))?;
+    let mut body = json!({ "limit": limit });
+    if let Some(s) = since {
+        body["since"] = json!(s);
     }
+    if let Some(t) = term {
+        body["filter"] = json!({ "generic_search_term": t });
+    }
+    hs.fed_request("POST", &name, "/_matrix/federation/v1/publicRooms", Some(&body)).await.map(axum::Json)
+}
+
+/// `POST /_matrix/federation/v1/publicRooms`: this box's directory for other servers.
+pub async fn federation_public_rooms(State(hs): State<Arc<Hs>>, req: crate::federation::FedRequest) -> MxResult<J> {
+    let body: PublicRoomsBody = serde_json::from_value(req.body).unwrap_or_default();
+    let term = body.filter.as_ref().and_then(|f| f["generic_search_term"].as_str().map(str::to_owned));
+    public_rooms_inner(&hs, body.limit.unwrap_or(100), body.since.as_deref(), term.as_deref())
 }
 
 pub async fn public_rooms_get(State(hs): State<Arc<Hs>>, QueryArgs(q): QueryArgs<PublicRoomsQuery>) -> MxResult<J> {
-    check_server(&hs, q.server.as_deref())?;
     let limit = parse_limit(q.limit.as_deref(), 100, 500)?;
-    public_rooms_inner(&hs, limit, q.since.as_deref(), None)
+    match q.server.as_deref().filter(|s| *s != hs.server_name.as_str()) {
+        Some(s) => remote_directory(&hs, s, limit, q.since.as_deref(), None).await,
+        None => public_rooms_inner(&hs, limit, q.since.as_deref(), None),
+    }
 }
 
 pub async fn public_rooms_post(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<PublicRoomsBody>) -> MxResult<J> {
-    check_server(&hs, body.server.as_deref())?;
     let term = body.filter.as_ref().and_then(|f| f["generic_search_term"].as_str().map(str::to_owned));
-    public_rooms_inner(&hs, body.limit.unwrap_or(100), body.since.as_deref(), term.as_deref())
+    let limit = body.limit.unwrap_or(100);
+    match body.server.as_deref().filter(|s| *s != hs.server_name.as_str()) {
+        Some(s) => remote_directory(&hs, s, limit, body.since.as_deref(), term.as_deref()).await,
+        None => public_rooms_inner(&hs, limit, body.since.as_deref(), term.as_deref()),
+    }
 }

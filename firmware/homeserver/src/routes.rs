@@ -128,6 +128,7 @@ fn federation_routes() -> Router<Arc<Hs>> {
         .route("/v1/event/{event_id}", get(federation::get_event))
         .route("/v1/state_ids/{room_id}", get(federation::state_ids))
         .route("/v1/backfill/{room_id}", get(federation::backfill_endpoint))
+        .route("/v1/publicRooms", post(rooms::federation_public_rooms))
         .route("/v1/query/profile", get(federation::query_profile))
         .route("/v1/query/directory", get(federation::query_directory))
         .route("/v1/user/keys/query", post(federation::user_keys_query))

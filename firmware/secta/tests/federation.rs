@@ -122,7 +122,7 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let bob = login(&b.base, "bob");
     let bob_id = format!("@bob:{}", b.name);
 
-    let room = call("POST", &format!("{}/_matrix/client/v3/createRoom", a.base), &alice, json!({"preset": "public_chat", "name": "Между коробками"}))
+    let room = call("POST", &format!("{}/_matrix/client/v3/createRoom", a.base), &alice, json!({"preset": "public_chat", "visibility": "public", "name": "Между коробками"}))
         .unwrap()["room_id"]
         .as_str()
         .unwrap()
@@ -130,6 +130,11 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     for i in 0..5 {
         send(&a.base, &alice, &room, &format!("h{i}"), &format!("история {i}"));
     }
+    // B's users see A's public directory and A's users' profiles.
+    let dir = call("GET", &format!("{}/_matrix/client/v3/publicRooms?server={}", b.base, a.name), &bob, json!({})).unwrap();
+    assert!(dir["chunk"].as_array().unwrap().iter().any(|r| r["room_id"] == room.as_str()), "{dir}");
+    let profile = call("GET", &format!("{}/_matrix/client/v3/profile/{}", b.base, enc(&format!("@alice:{}", a.name))), &bob, json!({})).unwrap();
+    assert_eq!(profile["displayname"], "alice");
     call("POST", &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)), &alice, json!({"user_id": bob_id}))
         .expect("invite across servers");
     sync_until(&b.base, &bob, "the invite on box B", 20, |v| v["rooms"]["invite"].get(&room).is_some());
