@@ -672,16 +672,68 @@ pub async fn make_join(
         return Err(MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Your server does not support this room's version")
             .with_extra("room_version", json!(version.as_str())));
     }
-    let user_id = UserId::parse(&user).map_err(|_| MxError::invalid_param("bad user id"))?;
-    let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(user_id.as_str()), content: json!({ "membership": "join" }), txn: None };
-    // Building checks the join is allowed now; the template drops our hashes and signatures.
-    let built = hs.db.read(|c| hs.build_pdu_for(c, &room_id, &user_id, &ev))?;
+    let template = membership_template(&hs, &room_id, &user, "join")?;
+    Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+}
+
+/// A membership event for a user of another server, built (and so checked
+/// against the auth rules) here, without our hashes and signatures.
+fn membership_template(hs: &Hs, room_id: &RoomId, user: &str, membership: &str) -> MxResult<Value> {
+    let user_id = UserId::parse(user).map_err(|_| MxError::invalid_param("bad user id"))?;
+    let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(user_id.as_str()), content: json!({ "membership": membership }), txn: None };
+    let built = hs.db.read(|c| hs.build_pdu_for(c, room_id, &user_id, &ev))?;
     let mut template: Value = serde_json::from_str(&built.json)?;
     if let Some(o) = template.as_object_mut() {
         o.remove("hashes");
         o.remove("signatures");
     }
+    Ok(template)
+}
+
+pub async fn make_leave(State(hs): State<Arc<Hs>>, PathArgs((room, user)): PathArgs<(String, String)>, req: FedRequest) -> MxResult<J> {
+    origin_owns(&user, &req.origin)?;
+    let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
+    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    let template = membership_template(&hs, &room_id, &user, "leave")?;
     Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+}
+
+pub async fn send_leave(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
+    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    let ev = &req.body;
+    if ev["type"] != "m.room.member" || ev["content"]["membership"] != "leave" || ev["room_id"] != room_id.as_str() {
+        return Err(MxError::bad_json("not a leave event for this room"));
+    }
+    let user = ev["state_key"].as_str().unwrap_or_default().to_owned();
+    origin_owns(&user, &req.origin)?;
+    if ev["sender"] != user.as_str() {
+        return Err(MxError::bad_json("leave sender and state_key differ"));
+    }
+    let (id, obj) = hs.verify_pdu(&version, ev.clone()).await?;
+    if id != event_id {
+        return Err(MxError::bad_json("event id does not match the event"));
+    }
+    let rules = pdu::rules_for(&version)?;
+    let json = serde_json::to_string(&obj)?;
+    let parsed = Pdu::parse(EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+    hs.db.write(|w| -> MxResult<()> {
+        if pdu::get_event(w, &id)?.is_some() {
+            return Ok(());
+        }
+        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
+            pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
+        })
+        .map_err(|e| MxError::forbidden(format!("Leave not allowed: {e}")))?;
+        hs.commit_built(w, &room_id, pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() }, None, None)?;
+        Ok(())
+    })?;
+    hs.notify_room(room_id.as_str());
+    Ok(axum::Json(json!({})))
 }
 
 /// The auth chain of a set of events (ids), breadth first, bounded.
@@ -1158,6 +1210,31 @@ impl Hs {
         self.notify_room(room_id.as_str());
         self.notify_users([user.as_str()]);
         tracing::info!(room = %room_id, %server, "joined a room on another server");
+        Ok(())
+    }
+
+    /// Leaves (declines an invite to) a room that lives on another server.
+    pub(crate) async fn remote_leave(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
+        let path = format!("/_matrix/federation/v1/make_leave/{}/{}", urlenc(room_id.as_str()), urlenc(user.as_str()));
+        let made = self.fed_request("GET", server, &path, None).await?;
+        let version = made["room_version"]
+            .as_str()
+            .and_then(|v| RoomVersionId::try_from(v).ok())
+            .filter(|v| v.rules().is_some())
+            .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
+        let rules = pdu::rules_for(&version)?;
+        let mut template = made["event"].clone();
+        if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["content"]["membership"] != "leave" {
+            return Err(fed_error("M_UNKNOWN", "the leave template is not for this user"));
+        }
+        template["origin_server_ts"] = json!(now_ms());
+        let mut obj = to_canonical(template)?;
+        hash_and_sign_event(self.server_name.as_str(), &self.keypair, &mut obj, &rules.redaction)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let event_id = format!("${}", reference_hash(&obj, &rules).map_err(|e| MxError::bad_json(e.to_string()))?);
+        let body = serde_json::to_value(&obj)?;
+        self.fed_request("PUT", server, &format!("/_matrix/federation/v2/send_leave/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)), Some(&body))
+            .await?;
         Ok(())
     }
 

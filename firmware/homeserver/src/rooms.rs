@@ -554,11 +554,25 @@ pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathAr
     let room_id = parse_room(&room)?;
     let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
     if current.is_none() {
-        // Declining an invite from another server: forget it here.
-        let n = hs.db.write(|w| {
-            w.tx.execute("DELETE FROM remote_invites WHERE room_id=?1 AND user_id=?2", params![room_id.as_str(), auth.user_id.as_str()])
+        // Declining an invite from another server: tell the room (through the
+        // inviting server), then forget the invite here.
+        let inviter: Option<String> = hs.db.read(|c| {
+            c.query_row(
+                "SELECT inviter_server FROM remote_invites WHERE room_id=?1 AND user_id=?2",
+                params![room_id.as_str(), auth.user_id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
         })?;
-        if n > 0 {
+        if let Some(server) = inviter {
+            if let Ok(s) = ruma::ServerName::parse(&server) {
+                if let Err(e) = hs.remote_leave(&room_id, &auth.user_id, &s).await {
+                    tracing::info!(errcode = e.errcode, "could not tell the inviting server; forgetting the invite anyway");
+                }
+            }
+            hs.db.write(|w| {
+                w.tx.execute("DELETE FROM remote_invites WHERE room_id=?1 AND user_id=?2", params![room_id.as_str(), auth.user_id.as_str()])
+            })?;
             hs.notify_users([auth.user_id.as_str()]);
             return Ok(axum::Json(json!({})));
         }

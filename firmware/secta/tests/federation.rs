@@ -118,6 +118,7 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let mut b = start(&db, pb, tb, pa, ta);
     admin(&da, &["user", "create", "alice", "--password", "pw"]);
     admin(&db, &["user", "create", "bob", "--password", "pw"]);
+    admin(&db, &["user", "create", "carol", "--password", "pw"]);
     let alice = login(&a.base, "alice");
     let bob = login(&b.base, "bob");
     let bob_id = format!("@bob:{}", b.name);
@@ -152,6 +153,20 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     sync_until(&b.base, &bob, "A's message on B", 30, |v| timeline_has(v, &room, "привет из A"));
     send(&b.base, &bob, &room, "b1", "hello from B");
     sync_until(&a.base, &alice, "B's message on A", 30, |v| timeline_has(v, &room, "hello from B"));
+    // Carol on B declines an invite: A learns it through make_leave/send_leave.
+    let carol = login(&b.base, "carol");
+    let carol_id = format!("@carol:{}", b.name);
+    call("POST", &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)), &alice, json!({"user_id": carol_id})).unwrap();
+    sync_until(&b.base, &carol, "carol's invite", 20, |v| v["rooms"]["invite"].get(&room).is_some());
+    call("POST", &format!("{}/_matrix/client/v3/rooms/{}/leave", b.base, enc(&room)), &carol, json!({})).expect("decline");
+    let state = call(
+        "GET",
+        &format!("{}/_matrix/client/v3/rooms/{}/state/m.room.member/{}", a.base, enc(&room), enc(&carol_id)),
+        &alice,
+        json!({}),
+    )
+    .unwrap();
+    assert_eq!(state["membership"], "leave", "{state}");
     // Bob's join reached A, so A lists him as a member.
     let members = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/joined_members", a.base, enc(&room)), &alice, json!({})).unwrap();
     assert!(members["joined"].get(&bob_id).is_some(), "{members}");
@@ -161,7 +176,14 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     send(&a.base, &alice, &room, "a2", "пока тебя не было");
     std::thread::sleep(Duration::from_millis(1500));
     let status = admin(&da, &["federation"]);
-    assert!(status.contains(&format!("127.0.0.1:{pb}")) && status.contains("queued 1"), "{status}");
+    let queued: u32 = status
+        .lines()
+        .find(|l| l.starts_with(&format!("127.0.0.1:{pb}")))
+        .and_then(|l| l.split("queued ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(queued >= 1, "the message waits in A's queue: {status}");
     b = start(&db, pb, tb, pa, ta);
     let bob = login(&b.base, "bob");
     let v = sync_until(&b.base, &bob, "the message sent while B was down", 60, |v| timeline_has(v, &room, "пока тебя не было"));
