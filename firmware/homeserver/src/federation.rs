@@ -519,6 +519,7 @@ pub async fn send_transaction(
     }
     let mut results = Map::new();
     for p in pdus {
+        hs.fill_gap(&origin, &p).await;
         let id_hint = p["event_id"].as_str().map(str::to_owned);
         match hs.receive_pdu(&origin, p).await {
             Ok(id) => {
@@ -1488,6 +1489,44 @@ pub async fn backfill_endpoint(
 }
 
 impl Hs {
+    /// Before taking in a PDU whose prev_events this box does not have, asks the
+    /// sending server for the events in between (bounded) and takes those in first.
+    async fn fill_gap(&self, origin: &ServerName, pdu: &Value) {
+        let Some(room) = pdu["room_id"].as_str() else { return };
+        let prevs: Vec<String> = pdu["prev_events"].as_array().into_iter().flatten().filter_map(|p| p.as_str().map(str::to_owned)).collect();
+        let Ok(Some(version)) = self.db.read(|c| pdu::room_version(c, room)) else { return };
+        let missing = self.db.read(|c| -> rusqlite::Result<bool> {
+            for p in &prevs {
+                if pdu::get_event(c, p)?.is_none() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        });
+        if !matches!(missing, Ok(true)) {
+            return;
+        }
+        let Ok(rules) = pdu::rules_for(&version) else { return };
+        let Ok(obj) = to_canonical(pdu.clone()) else { return };
+        let Ok(hash) = reference_hash(&obj, &rules) else { return };
+        let earliest: Vec<String> = self
+            .db
+            .read(|c| -> rusqlite::Result<Vec<String>> {
+                let mut st = c.prepare_cached("SELECT event_id FROM forward_extremities WHERE room_id=?1")?;
+                let r = st.query_map([room], |r| r.get(0))?.collect();
+                r
+            })
+            .unwrap_or_default();
+        let body = json!({ "earliest_events": earliest, "latest_events": [format!("${hash}")], "limit": 20 });
+        let path = format!("/_matrix/federation/v1/get_missing_events/{}", urlenc(room));
+        let Ok(v) = self.fed_request("POST", origin, &path, Some(&body)).await else { return };
+        for e in v["events"].as_array().into_iter().flatten().take(20) {
+            if let Err(err) = self.receive_pdu(origin, e.clone()).await {
+                tracing::debug!(errcode = err.errcode, "missing event not accepted");
+            }
+        }
+    }
+
     /// Fetches older history of a room from another server in it, once we reach
     /// the beginning of what this box holds. Returns how many events were added.
     pub(crate) async fn backfill(&self, room_id: &RoomId, limit: i64) -> MxResult<usize> {
@@ -1540,4 +1579,92 @@ impl Hs {
         }
         Ok(0)
     }
+}
+
+pub async fn state_endpoint(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(room): PathArgs<String>,
+    QueryArgs(_q): QueryArgs<StateIdsQuery>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        if !server_in_room(c, &room, req.origin.as_str())? {
+            return Err(MxError::forbidden("Your server is not in this room"));
+        }
+        let mut st = c.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1")?;
+        let ids = st.query_map([&room], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let chain = auth_chain(c, &ids)?;
+        let pdus: Vec<Value> = ids.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        Ok(json!({ "pdus": pdus, "auth_chain": chain }))
+    })?;
+    Ok(axum::Json(out))
+}
+
+pub async fn event_auth(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        if !server_in_room(c, &room, req.origin.as_str())? {
+            return Err(MxError::forbidden("Your server is not in this room"));
+        }
+        pdu::get_event(c, &event_id)?.filter(|e| e.room_id == room).ok_or_else(|| MxError::not_found("Event not found"))?;
+        let chain = auth_chain(c, &[event_id.clone()])?;
+        let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        Ok(json!({ "auth_chain": chain }))
+    })?;
+    Ok(axum::Json(out))
+}
+
+#[derive(Deserialize)]
+pub struct MissingEventsBody {
+    #[serde(default)]
+    earliest_events: Vec<String>,
+    latest_events: Vec<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    min_depth: Option<i64>,
+}
+
+/// `POST /get_missing_events`: walks back from `latest_events` along prev_events,
+/// stopping at `earliest_events`, `min_depth` and `limit`.
+pub async fn get_missing_events(State(hs): State<Arc<Hs>>, PathArgs(room): PathArgs<String>, req: FedRequest) -> MxResult<J> {
+    let body: MissingEventsBody = serde_json::from_value(req.body.clone()).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let limit = body.limit.unwrap_or(10).clamp(1, 100);
+    let min_depth = body.min_depth.unwrap_or(0);
+    let out = hs.db.read(|c| -> MxResult<Value> {
+        if !server_in_room(c, &room, req.origin.as_str())? {
+            return Err(MxError::forbidden("Your server is not in this room"));
+        }
+        let stop: HashSet<&str> = body.earliest_events.iter().map(String::as_str).collect();
+        let mut seen: HashSet<String> = body.latest_events.iter().cloned().collect();
+        let mut queue: Vec<String> = Vec::new();
+        for l in &body.latest_events {
+            if let Some(p) = pdu::load_pdu(c, l) {
+                queue.extend(p.prev_events.iter().map(|e| e.to_string()));
+            }
+        }
+        let mut found: Vec<(i64, Value)> = Vec::new();
+        while let Some(id) = queue.pop() {
+            if found.len() >= limit || !seen.insert(id.clone()) || stop.contains(id.as_str()) {
+                continue;
+            }
+            let Some(ev) = pdu::get_event(c, &id)?.filter(|e| e.room_id == room) else { continue };
+            let p = pdu::load_pdu(c, &id);
+            let depth = p.as_ref().map_or(0, |p| p.depth as i64);
+            if depth < min_depth {
+                continue;
+            }
+            found.push((depth, serde_json::from_str(&ev.json)?));
+            if let Some(p) = p {
+                queue.extend(p.prev_events.iter().map(|e| e.to_string()));
+            }
+        }
+        found.sort_by_key(|(d, _)| *d);
+        Ok(json!({ "events": found.into_iter().map(|(_, v)| v).collect::<Vec<_>>() }))
+    })?;
+    Ok(axum::Json(out))
 }

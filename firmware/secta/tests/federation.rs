@@ -197,5 +197,14 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     assert!(!timeline_has(&later, &room, "только для своих"), "a blocked server still got the message");
     let status = admin(&da, &["federation"]);
     assert!(status.contains("queued 0"), "{status}");
+
+    // Unblocked again: the next message arrives, and B fills the gap before it
+    // (get_missing_events) so the message sent while blocked shows up too.
+    admin(&da, &["federation", "unblock", &b.name]);
+    send(&a.base, &alice, &room, "a4", "снова вместе");
+    sync_until(&b.base, &bob, "the gap filled", 30, |v| timeline_has(v, &room, "снова вместе") || timeline_has(v, &room, "только для своих"));
+    let history = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", b.base, enc(&room)), &bob, json!({})).unwrap();
+    let bodies: Vec<&str> = history["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert!(bodies.contains(&"снова вместе") && bodies.contains(&"только для своих"), "{bodies:?}");
     drop(b);
 }
