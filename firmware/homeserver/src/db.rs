@@ -537,9 +537,26 @@ impl Db {
         result
     }
 
-    /// Runs `f` with a read connection, in one read transaction (one snapshot).
+    /// Runs `f` with a read connection (each statement sees the latest commit).
     pub fn read<T, E: From<rusqlite::Error>>(
         &self,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.read_with(false, f)
+    }
+
+    /// Runs `f` with a read connection in one read transaction: one consistent
+    /// snapshot, and the WAL read lock taken once (for many-statement reads).
+    pub fn read_snapshot<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.read_with(true, f)
+    }
+
+    fn read_with<T, E: From<rusqlite::Error>>(
+        &self,
+        snapshot: bool,
         f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
         let conn = {
@@ -559,9 +576,7 @@ impl Db {
                 c
             }
         };
-        // One read transaction: a consistent snapshot, and the WAL read lock is
-        // taken once instead of once per statement.
-        let began = conn.execute_batch("BEGIN").is_ok();
+        let began = snapshot && conn.execute_batch("BEGIN").is_ok();
         let out = f(&conn);
         if began {
             let _ = conn.execute_batch("COMMIT");

@@ -730,7 +730,7 @@ pub async fn send_leave(
             pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
         })
         .map_err(|e| MxError::forbidden(format!("Leave not allowed: {e}")))?;
-        hs.commit_built(w, &room_id, pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() }, None, None)?;
+        hs.commit_built(w, &room_id, pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() }, None, None, Some(req.origin.as_str()))?;
         Ok(())
     })?;
     hs.notify_room(room_id.as_str());
@@ -796,7 +796,7 @@ pub async fn send_join(
             })
             .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
             let built = pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() };
-            hs.commit_built(w, &room_id, built, None, None)?;
+            hs.commit_built(w, &room_id, built, None, None, Some(req.origin.as_str()))?;
         }
         let mut st = w.prepare("SELECT event_id FROM room_state WHERE room_id=?1")?;
         let r = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
@@ -967,11 +967,12 @@ fn destinations(hs: &Hs, c: &Connection, room_id: &str, pdu: &Pdu) -> rusqlite::
 }
 
 /// Queues a local event for every other server in the room (same transaction as the event).
-pub fn enqueue_pdu(hs: &Hs, w: &mut WriteTxn<'_>, room_id: &RoomId, pdu: &Pdu, json: &str) -> MxResult<()> {
+pub fn enqueue_pdu(hs: &Hs, w: &mut WriteTxn<'_>, room_id: &RoomId, pdu: &Pdu, json: &str, skip: Option<&str>) -> MxResult<()> {
     if !hs.config.federation.enabled {
         return Ok(());
     }
-    let dests = destinations(hs, w, room_id.as_str(), pdu)?;
+    let mut dests = destinations(hs, w, room_id.as_str(), pdu)?;
+    dests.retain(|d| Some(d.as_str()) != skip);
     for d in &dests {
         w.tx.execute("INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'pdu',?2)", params![d, json])?;
         w.tx.execute("INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)", [d])?;
@@ -1269,7 +1270,9 @@ impl Hs {
         }
         let json = serde_json::to_string(&signed)?;
         let pdu = Pdu::parse(built.pdu.event_id.clone(), &json).map_err(|e| MxError::bad_json(e.to_string()))?;
-        self.db.write(|w| self.commit_built(w, room_id, pdu::Built { pdu, json, rules: built.rules }, None, None))?;
+        // The invited user's server already has the invite.
+        let target_server = target.server_name().to_string();
+        self.db.write(|w| self.commit_built(w, room_id, pdu::Built { pdu, json, rules: built.rules }, None, None, Some(&target_server)))?;
         self.notify_room(room_id.as_str());
         Ok(event_id)
     }

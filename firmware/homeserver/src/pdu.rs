@@ -336,7 +336,7 @@ impl Hs {
         plan: Option<crate::push::PushPlan>,
     ) -> MxResult<Appended> {
         let built = self.build_pdu(w, room_id, sender, &ev)?;
-        self.commit_built(w, room_id, built, ev.txn, plan)
+        self.commit_built(w, room_id, built, ev.txn, plan, None)
     }
 
     /// Builds, signs and authorises (against current state) a new event without storing it.
@@ -406,12 +406,13 @@ impl Hs {
         built: Built,
         txn: Option<(&str, &str)>,
         plan: Option<crate::push::PushPlan>,
+        skip_server: Option<&str>,
     ) -> MxResult<Appended> {
         let Built { pdu, json: pdu_json, rules } = built;
         let event_id = pdu.event_id.clone();
         let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, txn)?;
         self.after_store(w, room_id, &pdu, &pdu_json, stream, &rules, plan)?;
-        crate::federation::enqueue_pdu(self, w, room_id, &pdu, &pdu_json)?;
+        crate::federation::enqueue_pdu(self, w, room_id, &pdu, &pdu_json, skip_server)?;
         Ok(Appended { event_id, room_id: room_id.to_owned(), stream })
     }
 

@@ -585,7 +585,7 @@ pub async fn sliding_sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): Q
         } else {
             None
         };
-        let built = hs.db.read(|c| build(&hs, c, &auth, &req, prev.as_ref(), to_device, upto))?;
+        let built = hs.db.read_snapshot(|c| build(&hs, c, &auth, &req, prev.as_ref(), to_device, upto))?;
         if prev.is_none() || built.has_news || tokio::time::Instant::now() >= deadline {
             break built;
         }

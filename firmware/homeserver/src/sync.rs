@@ -55,6 +55,27 @@ fn load_sync_filter(conn: &Connection, user: &str, f: Option<&str>) -> MxResult<
     serde_json::from_value(v).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))
 }
 
+impl Hs {
+    /// A `/sync` filter: inline JSON, or a stored filter id (cached: stored filters never change).
+    fn sync_filter(&self, user: &str, f: Option<&str>) -> MxResult<Arc<Filter>> {
+        let key = f.filter(|f| !f.trim_start().starts_with('{')).map(|id| format!("{user}\u{0}{id}"));
+        if let Some(k) = &key {
+            if let Some(hit) = self.filter_cache.lock().unwrap_or_else(|p| p.into_inner()).get(k) {
+                return Ok(hit.clone());
+            }
+        }
+        let filter = Arc::new(self.db.read(|c| load_sync_filter(c, user, f))?);
+        if let Some(k) = key {
+            let mut cache = self.filter_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(k, filter.clone());
+        }
+        Ok(filter)
+    }
+}
+
 pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<SyncQuery>) -> MxResult<axum::Json<Value>> {
     let since = q.since.as_deref().map(parse_since).transpose()?;
     let timeout = match q.timeout.as_deref() {
@@ -62,7 +83,7 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
         Some(t) => t.parse::<u64>().map_err(|_| MxError::invalid_param("timeout must be an integer"))?,
     }
     .min(hs.config.max_sync_timeout_ms);
-    let filter = hs.db.read(|c| load_sync_filter(c, auth.user_id.as_str(), q.filter.as_deref()))?;
+    let filter = hs.sync_filter(auth.user_id.as_str(), q.filter.as_deref())?;
     let full_state = q.full_state.unwrap_or(false);
     let presence = q.set_presence.as_deref().unwrap_or("online");
     if !matches!(presence, "online" | "offline" | "unavailable") {
@@ -84,7 +105,7 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
             && to_device.0.is_empty()
             && since.is_some_and(|s| s.stream >= upto && s.typing >= hs.typing.version());
         if !nothing_new || expired {
-            let (resp, empty) = hs.db.read(|c| build(&hs, c, &auth, &filter, since, full_state, to_device, upto))?;
+            let (resp, empty) = hs.db.read_snapshot(|c| build(&hs, c, &auth, &filter, since, full_state, to_device, upto))?;
             if since.is_none() || !empty || full_state || expired {
                 return Ok(axum::Json(resp));
             }

@@ -74,7 +74,7 @@ impl Default for BoxConfig {
         Self {
             data_dir: PathBuf::from("/data/secta"),
             name: "Secta".to_owned(),
-            log: "info".to_owned(),
+            log: "info,ruma_state_res=warn".to_owned(),
             log_json: false,
         }
     }

@@ -252,7 +252,7 @@ fn demo(
     peers: &[String],
     federation_tls_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    secta_runtime::init_logging("info,tower_http=warn", false);
+    secta_runtime::init_logging("info,tower_http=warn,ruma_state_res=warn", false);
     secta_runtime::ensure_data_dir(data)?;
     let cfg_path = data.join("secta.toml");
     let setup = if cfg_path.exists() {

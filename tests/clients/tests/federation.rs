@@ -87,7 +87,7 @@ impl Boxes {
 
     /// On failure, add both boxes' federation status.
     fn annotate<T>(&self, r: Result<T>) -> Result<T> {
-        r.map_err(|e| e.context(self.fed_status()))
+        r.map_err(|e| anyhow!("{e:#}\n\n{}", self.fed_status()))
     }
 
     /// alice (A) creates a `private_chat` room (encrypted by the server),
@@ -421,6 +421,9 @@ async fn second_device_across_boxes() {
             let m0 = send_text(&alice_room, t0).await?;
             wait_decrypted("bob#1 (B)", &x.bob, &rid, &m0, t0).await?;
 
+            // alice's position before the new device exists.
+            let t_before = sync_once(&x.alice).await?.next_batch;
+
             let bob2 = x.b.login("bob", "bob's second device").await?;
             let bob2_dev = device_id(&bob2)?;
             sync_once(&bob2).await.context("bob#2 initial sync (box B)")?;
@@ -450,6 +453,30 @@ async fn second_device_across_boxes() {
                     x.bob_id
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+
+            // Box B told box A (m.device_list_update EDU): alice's box lists
+            // bob as changed since `t_before` (GET /keys/changes on A, which
+            // reads the same table as /sync's device_lists.changed).
+            let alice_raw = x.a.raw_as(&x.alice)?;
+            let deadline = Instant::now() + FED_WITHIN;
+            loop {
+                let now = sync_once(&x.alice).await?.next_batch;
+                let ch = alice_raw
+                    .ok("GET", &format!("/keys/changes?from={t_before}&to={now}"), None)
+                    .await?;
+                let changed = ch["changed"].as_array().cloned().unwrap_or_default();
+                if changed.iter().any(|u| u == x.bob_id.as_str()) {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "box A never listed {} in device_lists.changed within {FED_WITHIN:?} after \
+                     bob's new device {bob2_dev} uploaded its keys on box B (the \
+                     m.device_list_update EDU B -> A did not arrive or was not recorded); \
+                     last GET /keys/changes?from={t_before}&to={now}: {ch}",
+                    x.bob_id
+                );
             }
 
             // alice's client learns of it through her /sync on A.
