@@ -863,6 +863,22 @@ pub async fn invite(
     Ok(axum::Json(json!({ "event": signed })))
 }
 
+fn require_in_room(c: &Connection, room: &str, server: &str) -> MxResult<()> {
+    if server_in_room(c, room, server)? {
+        Ok(())
+    } else {
+        Err(MxError::forbidden("Your server is not in this room"))
+    }
+}
+
+/// Current state ids of a room and their auth chain.
+fn state_and_chain(c: &Connection, room: &str) -> MxResult<(Vec<String>, Vec<String>)> {
+    let mut st = c.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1")?;
+    let ids = st.query_map([room], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+    let chain = auth_chain(c, &ids)?;
+    Ok((ids, chain))
+}
+
 /// Whether any member of `server` is or was in the room (so it may see its events).
 fn server_in_room(c: &Connection, room: &str, server: &str) -> rusqlite::Result<bool> {
     let pattern = format!("%:{server}");
@@ -878,9 +894,7 @@ fn server_in_room(c: &Connection, room: &str, server: &str) -> rusqlite::Result<
 pub async fn get_event(State(hs): State<Arc<Hs>>, PathArgs(event_id): PathArgs<String>, req: FedRequest) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
         let ev = pdu::get_event(c, &event_id)?.ok_or_else(|| MxError::not_found("Event not found"))?;
-        if !server_in_room(c, &ev.room_id, req.origin.as_str())? {
-            return Err(MxError::forbidden("Your server is not in this room"));
-        }
+        require_in_room(c, &ev.room_id, req.origin.as_str())?;
         Ok(json!({ "origin": hs.server_name, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&ev.json)?] }))
     })?;
     Ok(axum::Json(out))
@@ -900,12 +914,8 @@ pub async fn state_ids(
     req: FedRequest,
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
-        if !server_in_room(c, &room, req.origin.as_str())? {
-            return Err(MxError::forbidden("Your server is not in this room"));
-        }
-        let mut st = c.prepare("SELECT event_id FROM room_state WHERE room_id=?1")?;
-        let ids = st.query_map([&room], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
-        let chain = auth_chain(c, &ids)?;
+        require_in_room(c, &room, req.origin.as_str())?;
+        let (ids, chain) = state_and_chain(c, &room)?;
         Ok(json!({ "pdu_ids": ids, "auth_chain_ids": chain }))
     })?;
     Ok(axum::Json(out))
@@ -1117,31 +1127,13 @@ impl Hs {
     async fn remote_join_via(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
         let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12", urlenc(room_id.as_str()), urlenc(user.as_str()));
         let made = self.fed_request("GET", server, &path, None).await?;
-        let version = made["room_version"]
-            .as_str()
-            .and_then(|v| RoomVersionId::try_from(v).ok())
-            .filter(|v| v.rules().is_some())
-            .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
-        let rules = pdu::rules_for(&version)?;
-        let mut template = made["event"].clone();
-        if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["sender"] != user.as_str() {
-            return Err(fed_error("M_UNKNOWN", "the join template is not for this user"));
-        }
+        let (version, rules, mut template) = check_template(&made, user, "join")?;
         let mut content = self.db.read(|c| self.member_content(c, user, "join"))?;
         if let Some(a) = template["content"]["join_authorised_via_users_server"].as_str() {
             content["join_authorised_via_users_server"] = json!(a);
         }
         template["content"] = content;
-        template["origin_server_ts"] = json!(now_ms());
-        if let Some(o) = template.as_object_mut() {
-            o.remove("hashes");
-            o.remove("signatures");
-            o.remove("event_id");
-        }
-        let mut obj = to_canonical(template)?;
-        hash_and_sign_event(self.server_name.as_str(), &self.keypair, &mut obj, &rules.redaction)
-            .map_err(|e| MxError::bad_json(e.to_string()))?;
-        let event_id = format!("${}", reference_hash(&obj, &rules).map_err(|e| MxError::bad_json(e.to_string()))?);
+        let (event_id, obj) = self.sign_template(template, &rules)?;
         let body = serde_json::to_value(&obj)?;
         let joined = self
             .fed_request("PUT", server, &format!("/_matrix/federation/v2/send_join/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)), Some(&body))
@@ -1215,25 +1207,30 @@ impl Hs {
         Ok(())
     }
 
+    /// Timestamps, hashes and signs a membership template from another server.
+    fn sign_template(&self, mut template: Value, rules: &ruma::room_version_rules::RoomVersionRules) -> MxResult<(String, CanonicalJsonObject)> {
+        template["origin_server_ts"] = json!(now_ms());
+        if let Some(o) = template.as_object_mut() {
+            o.remove("hashes");
+            o.remove("signatures");
+            o.remove("event_id");
+        }
+        let mut obj = to_canonical(template)?;
+        hash_and_sign_event(self.server_name.as_str(), &self.keypair, &mut obj, &rules.redaction)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let event_id = format!("${}", reference_hash(&obj, rules).map_err(|e| MxError::bad_json(e.to_string()))?);
+        Ok((event_id, obj))
+    }
+
     /// Leaves (declines an invite to) a room that lives on another server.
     pub(crate) async fn remote_leave(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
         let path = format!("/_matrix/federation/v1/make_leave/{}/{}", urlenc(room_id.as_str()), urlenc(user.as_str()));
         let made = self.fed_request("GET", server, &path, None).await?;
-        let version = made["room_version"]
-            .as_str()
-            .and_then(|v| RoomVersionId::try_from(v).ok())
-            .filter(|v| v.rules().is_some())
-            .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
-        let rules = pdu::rules_for(&version)?;
-        let mut template = made["event"].clone();
-        if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["content"]["membership"] != "leave" {
-            return Err(fed_error("M_UNKNOWN", "the leave template is not for this user"));
+        let (_, rules, template) = check_template(&made, user, "leave")?;
+        if template["content"]["membership"] != "leave" {
+            return Err(fed_error("M_UNKNOWN", "the leave template is not a leave"));
         }
-        template["origin_server_ts"] = json!(now_ms());
-        let mut obj = to_canonical(template)?;
-        hash_and_sign_event(self.server_name.as_str(), &self.keypair, &mut obj, &rules.redaction)
-            .map_err(|e| MxError::bad_json(e.to_string()))?;
-        let event_id = format!("${}", reference_hash(&obj, &rules).map_err(|e| MxError::bad_json(e.to_string()))?);
+        let (event_id, obj) = self.sign_template(template, &rules)?;
         let body = serde_json::to_value(&obj)?;
         self.fed_request("PUT", server, &format!("/_matrix/federation/v2/send_leave/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)), Some(&body))
             .await?;
@@ -1276,6 +1273,22 @@ impl Hs {
         self.notify_room(room_id.as_str());
         Ok(event_id)
     }
+}
+
+/// Checks a make_join/make_leave answer: a supported room version and a member
+/// event template for `user`.
+fn check_template(made: &Value, user: &UserId, what: &str) -> MxResult<(RoomVersionId, ruma::room_version_rules::RoomVersionRules, Value)> {
+    let version = made["room_version"]
+        .as_str()
+        .and_then(|v| RoomVersionId::try_from(v).ok())
+        .filter(|v| v.rules().is_some())
+        .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
+    let rules = pdu::rules_for(&version)?;
+    let template = made["event"].clone();
+    if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["sender"] != user.as_str() {
+        return Err(fed_error("M_UNKNOWN", format!("the {what} template is not for this user")));
+    }
+    Ok((version, rules, template))
 }
 
 pub(crate) fn urlenc(s: &str) -> String {
@@ -1465,9 +1478,7 @@ pub async fn backfill_endpoint(
     let from: Vec<String> = pairs.iter().filter(|(k, _)| k == "v").map(|(_, v)| v.clone()).collect();
     let limit: i64 = pairs.iter().find(|(k, _)| k == "limit").and_then(|(_, v)| v.parse().ok()).unwrap_or(50).clamp(1, 100);
     let out = hs.db.read(|c| -> MxResult<Value> {
-        if !server_in_room(c, &room, req.origin.as_str())? {
-            return Err(MxError::forbidden("Your server is not in this room"));
-        }
+        require_in_room(c, &room, req.origin.as_str())?;
         if !acl_allows(c, &room, req.origin.as_str())? {
             return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
         }
@@ -1591,12 +1602,8 @@ pub async fn state_endpoint(
     req: FedRequest,
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
-        if !server_in_room(c, &room, req.origin.as_str())? {
-            return Err(MxError::forbidden("Your server is not in this room"));
-        }
-        let mut st = c.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1")?;
-        let ids = st.query_map([&room], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
-        let chain = auth_chain(c, &ids)?;
+        require_in_room(c, &room, req.origin.as_str())?;
+        let (ids, chain) = state_and_chain(c, &room)?;
         let pdus: Vec<Value> = ids.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
         let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
         Ok(json!({ "pdus": pdus, "auth_chain": chain }))
@@ -1610,9 +1617,7 @@ pub async fn event_auth(
     req: FedRequest,
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
-        if !server_in_room(c, &room, req.origin.as_str())? {
-            return Err(MxError::forbidden("Your server is not in this room"));
-        }
+        require_in_room(c, &room, req.origin.as_str())?;
         pdu::get_event(c, &event_id)?.filter(|e| e.room_id == room).ok_or_else(|| MxError::not_found("Event not found"))?;
         let chain = auth_chain(c, &[event_id.clone()])?;
         let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
@@ -1639,9 +1644,7 @@ pub async fn get_missing_events(State(hs): State<Arc<Hs>>, PathArgs(room): PathA
     let limit = body.limit.unwrap_or(10).clamp(1, 100);
     let min_depth = body.min_depth.unwrap_or(0);
     let out = hs.db.read(|c| -> MxResult<Value> {
-        if !server_in_room(c, &room, req.origin.as_str())? {
-            return Err(MxError::forbidden("Your server is not in this room"));
-        }
+        require_in_room(c, &room, req.origin.as_str())?;
         let stop: HashSet<&str> = body.earliest_events.iter().map(String::as_str).collect();
         let mut seen: HashSet<String> = body.latest_events.iter().cloned().collect();
         let mut queue: Vec<String> = Vec::new();

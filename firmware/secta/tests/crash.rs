@@ -1,70 +1,17 @@
 //! The box loses no acknowledged write: not when killed with SIGKILL in the middle
 //! of a burst of sends, and not on a graceful SIGTERM.
 
+mod common;
+
 use std::{
-    net::TcpListener,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use common::{admin, enc, free_port, login, start, Server};
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start(data: &Path, port: u16) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_secta"))
-        .args(["demo", "--data"])
-        .arg(data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn secta");
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if ureq::get(&format!("{base}/_matrix/client/versions")).call().is_ok() {
-            return Server { child, base };
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("secta did not start within 30 s");
-}
-
-fn admin(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_secta")).args(["admin", "--data"]).arg(data).args(args).output().unwrap();
-    assert!(out.status.success(), "admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn login(base: &str, user: &str) -> String {
-    let v: Value = ureq::post(&format!("{base}/_matrix/client/v3/login"))
-        .send_json(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": "pw"}))
-        .unwrap()
-        .into_json()
-        .unwrap();
-    v["access_token"].as_str().unwrap().to_owned()
-}
-
-fn enc(s: &str) -> String {
-    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24")
-}
 
 /// Sends from 4 threads until told to stop or the server goes away; returns acknowledged event ids.
 fn burst(base: &str, token: &str, room: &str, stop: Arc<Mutex<bool>>) -> Vec<std::thread::JoinHandle<Vec<String>>> {
@@ -94,7 +41,7 @@ fn burst(base: &str, token: &str, room: &str, stop: Arc<Mutex<bool>>) -> Vec<std
 }
 
 fn setup(data: &Path) -> (Server, String, String) {
-    let server = start(data, free_port());
+    let server = start(data, free_port(), &[]);
     admin(data, &["user", "create", "alice", "--password", "pw"]);
     let token = login(&server.base, "alice");
     let v: Value = ureq::post(&format!("{}/_matrix/client/v3/createRoom", server.base))
@@ -111,7 +58,7 @@ fn check_all_present(data: &Path, acked: &[String], room: &str) {
     let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(ok, "ok");
     drop(conn);
-    let server = start(data, free_port());
+    let server = start(data, free_port(), &[]);
     let token = login(&server.base, "alice");
     for id in acked {
         let r = ureq::get(&format!("{}/_matrix/client/v3/rooms/{}/event/{}", server.base, enc(room), enc(id)))

@@ -1,83 +1,29 @@
 //! Two boxes on loopback federate over TLS: an invite across servers, a remote
 //! join, messages both ways, and store-and-forward while one box is down.
 
+mod common;
+
 use std::{
-    net::TcpListener,
     path::Path,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use common::{admin, call, enc, free_port, login, start, Server};
 use serde_json::{json, Value};
-
-struct Box_ {
-    child: Child,
-    base: String,
-    name: String,
-}
-
-impl Drop for Box_ {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// A box on `port` (client API) and `port_tls` (federation over TLS), whose peer
 /// is reached over TLS on `peer_tls`.
-fn start(data: &Path, port: u16, port_tls: u16, peer_port: u16, peer_tls: u16) -> Box_ {
-    let log = std::fs::File::create(data.with_extension("log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_secta"))
-        .args(["demo", "--data"])
-        .arg(data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--peer", &format!("127.0.0.1:{peer_port}=https://127.0.0.1:{peer_tls}")])
-        .args(["--federation-tls-listen", &format!("127.0.0.1:{port_tls}")])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn secta");
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if ureq::get(&format!("{base}/_matrix/client/versions")).call().is_ok() {
-            return Box_ { child, base, name: format!("127.0.0.1:{port}") };
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("secta did not start within 30 s");
-}
-
-fn admin(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_secta")).args(["admin", "--data"]).arg(data).args(args).output().unwrap();
-    assert!(out.status.success(), "admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn login(base: &str, user: &str) -> String {
-    let v: Value = ureq::post(&format!("{base}/_matrix/client/v3/login"))
-        .send_json(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": "pw"}))
-        .unwrap()
-        .into_json()
-        .unwrap();
-    v["access_token"].as_str().unwrap().to_owned()
-}
-
-fn enc(s: &str) -> String {
-    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('@', "%40")
-}
-
-fn call(method: &str, url: &str, token: &str, body: Value) -> Result<Value, String> {
-    let r = ureq::request(method, url).set("Authorization", &format!("Bearer {token}")).send_json(body);
-    match r {
-        Ok(r) => Ok(r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => Err(format!("{code} {}", r.into_string().unwrap_or_default())),
-        Err(e) => Err(e.to_string()),
-    }
+fn start_box(data: &Path, port: u16, port_tls: u16, peer_port: u16, peer_tls: u16) -> Server {
+    start(
+        data,
+        port,
+        &[
+            "--peer".into(),
+            format!("127.0.0.1:{peer_port}=https://127.0.0.1:{peer_tls}"),
+            "--federation-tls-listen".into(),
+            format!("127.0.0.1:{port_tls}"),
+        ],
+    )
 }
 
 /// Syncs until `pred` holds for a response (bounded in time).
@@ -114,8 +60,8 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let dir = tempfile::tempdir().unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     let (pa, pb, ta, tb) = (free_port(), free_port(), free_port(), free_port());
-    let a = start(&da, pa, ta, pb, tb);
-    let mut b = start(&db, pb, tb, pa, ta);
+    let a = start_box(&da, pa, ta, pb, tb);
+    let mut b = start_box(&db, pb, tb, pa, ta);
     admin(&da, &["user", "create", "alice", "--password", "pw"]);
     admin(&db, &["user", "create", "bob", "--password", "pw"]);
     admin(&db, &["user", "create", "carol", "--password", "pw"]);
@@ -184,7 +130,7 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(queued >= 1, "the message waits in A's queue: {status}");
-    b = start(&db, pb, tb, pa, ta);
+    b = start_box(&db, pb, tb, pa, ta);
     let bob = login(&b.base, "bob");
     let v = sync_until(&b.base, &bob, "the message sent while B was down", 60, |v| timeline_has(v, &room, "пока тебя не было"));
 
@@ -202,7 +148,7 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     // (get_missing_events) so the message sent while blocked shows up too.
     admin(&da, &["federation", "unblock", &b.name]);
     send(&a.base, &alice, &room, "a4", "снова вместе");
-    sync_until(&b.base, &bob, "the gap filled", 30, |v| timeline_has(v, &room, "снова вместе") || timeline_has(v, &room, "только для своих"));
+    sync_until(&b.base, &bob, "the message after the gap", 30, |v| timeline_has(v, &room, "снова вместе"));
     let history = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", b.base, enc(&room)), &bob, json!({})).unwrap();
     let bodies: Vec<&str> = history["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert!(bodies.contains(&"снова вместе") && bodies.contains(&"только для своих"), "{bodies:?}");
