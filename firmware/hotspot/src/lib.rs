@@ -1,0 +1,13 @@
+//! The hotspot service: the captive portal (OS probe answers, the RFC 8908 API,
+//! sessions), and the configuration of hostapd, dnsmasq and nftables that the box
+//! writes for its Wi-Fi.
+//!
+//! Network effects sit behind the [`Firewall`] trait: a simulated backend for
+//! tests and demo mode, and nftables on a real box.
+
+pub mod config;
+pub mod gen;
+pub mod portal;
+
+pub use config::HotspotConfig;
+pub use portal::{Firewall, Portal, SimFirewall};

@@ -1,0 +1,284 @@
+//! The captive portal: answers the operating systems' connectivity probes
+//! ("captive" until a client accepts, then exactly what the real services say,
+//! even offline, so phones stay on the Wi-Fi), the RFC 8908 API, the welcome page
+//! and acceptance.
+//!
+//! Clients are known by the address of their connection, never by anything they
+//! send, so one client cannot accept (or revoke) for another.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, DefaultBodyLimit, Request, State},
+    http::{header, HeaderValue, Method, StatusCode},
+    response::{IntoResponse, Response},
+    Router,
+};
+use serde_json::json;
+
+use crate::config::HotspotConfig;
+
+/// Hosts of the operating systems' captive-portal probes.
+pub const PROBE_HOSTS: &[&str] = &[
+    "connectivitycheck.gstatic.com",
+    "clients3.google.com",
+    "connectivitycheck.android.com",
+    "captive.apple.com",
+    "www.msftconnecttest.com",
+    "www.msftncsi.com",
+    "detectportal.firefox.com",
+    "nmcheck.gnome.org",
+];
+
+/// What a probe gets once its client is accepted: exactly the real service's answer.
+fn online_answer(host: &str, path: &str) -> Option<Response> {
+    let text = |ct: &'static str, body: &'static str| {
+        let mut r = Response::new(Body::from(body));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+        Some(r)
+    };
+    match (host, path) {
+        ("connectivitycheck.gstatic.com" | "clients3.google.com" | "connectivitycheck.android.com", "/generate_204" | "/gen_204") => {
+            Some(StatusCode::NO_CONTENT.into_response())
+        }
+        ("captive.apple.com", "/hotspot-detect.html" | "/library/test/success.html" | "/") => {
+            text("text/html", "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>")
+        }
+        ("www.msftconnecttest.com", "/connecttest.txt") => text("text/plain", "Microsoft Connect Test"),
+        ("www.msftncsi.com", "/ncsi.txt") => text("text/plain", "Microsoft NCSI"),
+        ("detectportal.firefox.com", "/success.txt" | "/canonical.html") => text("text/plain", "success\n"),
+        ("nmcheck.gnome.org", "/check_network_status.txt") => text("text/plain", "NetworkManager is online\n"),
+        _ => None,
+    }
+}
+
+/// Network effects of accepting a client: nftables on the box, a record in tests.
+pub trait Firewall: Send + Sync {
+    fn allow(&self, ip: Ipv4Addr) -> anyhow::Result<()>;
+    fn revoke(&self, ip: Ipv4Addr) -> anyhow::Result<()>;
+}
+
+/// A firewall that only remembers (tests and demo mode).
+#[derive(Default)]
+pub struct SimFirewall {
+    allowed: Mutex<HashSet<Ipv4Addr>>,
+}
+
+impl SimFirewall {
+    pub fn allowed(&self) -> HashSet<Ipv4Addr> {
+        self.allowed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Firewall for SimFirewall {
+    fn allow(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        self.allowed.lock().unwrap_or_else(|p| p.into_inner()).insert(ip);
+        Ok(())
+    }
+    fn revoke(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        self.allowed.lock().unwrap_or_else(|p| p.into_inner()).remove(&ip);
+        Ok(())
+    }
+}
+
+/// The portal service.
+pub struct Portal {
+    config: HotspotConfig,
+    box_name: String,
+    firewall: Arc<dyn Firewall>,
+    session: Option<Duration>,
+    sessions: Mutex<HashMap<IpAddr, Option<Instant>>>,
+}
+
+impl Portal {
+    pub fn new(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>) -> Arc<Self> {
+        let session = (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
+        Self::with_session(config, box_name, firewall, session)
+    }
+
+    /// Like [`Portal::new`] with an explicit session length (`None`: until restart).
+    pub fn with_session(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>, session: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()) })
+    }
+
+    fn portal_url(&self) -> String {
+        format!("http://{}/", self.config.hostname)
+    }
+
+    /// Seconds left of the client's session (`Some(None)`: no limit), `None` if not accepted.
+    fn remaining(&self, ip: IpAddr) -> Option<Option<u64>> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.get(&ip) {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(until)) => {
+                let now = Instant::now();
+                (*until > now).then(|| Some(until.duration_since(now).as_secs()))
+            }
+        }
+    }
+
+    pub fn is_accepted(&self, ip: IpAddr) -> bool {
+        self.remaining(ip).is_some()
+    }
+
+    /// Accepts (or extends) the client at `ip`.
+    pub fn accept(&self, ip: IpAddr) -> anyhow::Result<()> {
+        if let IpAddr::V4(v4) = ip {
+            self.firewall.allow(v4)?;
+        }
+        let until = self.session.map(|d| Instant::now() + d);
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(ip, until);
+        tracing::info!("hotspot client accepted");
+        Ok(())
+    }
+
+    /// Ends sessions that ran out; returns how many.
+    pub fn expire(&self) -> usize {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).retain(|ip, until| {
+            let keep = until.is_none_or(|u| u > now);
+            if !keep {
+                gone.push(*ip);
+            }
+            keep
+        });
+        for ip in &gone {
+            if let IpAddr::V4(v4) = ip {
+                if let Err(e) = self.firewall.revoke(*v4) {
+                    tracing::warn!(error = %e, "could not revoke an expired hotspot client");
+                }
+            }
+        }
+        gone.len()
+    }
+
+    /// Expires sessions every few seconds until shutdown.
+    pub async fn run_expiry(self: Arc<Self>, shutdown: secta_runtime::Shutdown) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => { self.expire(); }
+                _ = shutdown.clone().wait() => return,
+            }
+        }
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new().fallback(handle).layer(DefaultBodyLimit::max(MAX_BODY as usize)).with_state(self.clone())
+    }
+
+    /// Serves the portal on `addr` until shutdown.
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr, shutdown: secta_runtime::Shutdown) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "captive portal listening");
+        tokio::spawn(self.clone().run_expiry(shutdown.clone()));
+        axum::serve(listener, self.router().into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown.wait())
+            .await?;
+        Ok(())
+    }
+}
+
+fn redirect(to: &str) -> Response {
+    let mut r = (StatusCode::FOUND, format!("<a href=\"{to}\">{to}</a>")).into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    r
+}
+
+fn html(body: String) -> Response {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    r
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn welcome(p: &Portal, accepted: bool) -> Response {
+    let name = escape(&p.box_name);
+    let action = if accepted {
+        "<p lang=\"ru\">Вы подключены.</p><p lang=\"en\">You are connected.</p>".to_owned()
+    } else {
+        "<form method=\"post\" action=\"/accept\"><button type=\"submit\">Принимаю правила и вхожу / I accept</button></form>".to_owned()
+    };
+    html(format!(
+        "<!doctype html><html lang=\"ru\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>{name}</title></head><body><h1>{name}</h1>\
+         <p lang=\"ru\">Добро пожаловать. Здесь общаются без внешних серверов: чат работает и без интернета.</p>\
+         <p lang=\"en\">Welcome. This box works without the internet: chat here even offline.</p>{action}</body></html>"
+    ))
+}
+
+/// Largest request body the portal takes (its forms are tiny).
+const MAX_BODY: u64 = 16 * 1024;
+
+async fn handle(State(p): State<Arc<Portal>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+    let ip = peer.ip();
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "Слишком большой запрос / Request too large").into_response();
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.rsplit_once(':').map_or(h, |(a, b)| if b.bytes().all(|c| c.is_ascii_digit()) { a } else { h }).to_ascii_lowercase())
+        .unwrap_or_default();
+    let path = req.uri().path().to_owned();
+    let accepted = p.is_accepted(ip);
+    let is_box = host == p.config.hostname || host == p.config.address.to_string() || host == "localhost" || host == "127.0.0.1";
+    if is_box {
+        return match (req.method(), path.as_str()) {
+            (&Method::GET, "/api/captive") => {
+                // RFC 8908.
+                let mut body = json!({ "captive": !accepted, "user-portal-url": p.portal_url(), "can-extend-session": true });
+                if let Some(Some(secs)) = p.remaining(ip) {
+                    body["seconds-remaining"] = json!(secs);
+                }
+                let mut r = Response::new(Body::from(body.to_string()));
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/captive+json"));
+                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+                r
+            }
+            (&Method::POST, "/accept") | (&Method::POST, "/extend") => match p.accept(ip) {
+                Ok(()) => welcome(&p, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a hotspot client failed");
+                    (StatusCode::SERVICE_UNAVAILABLE, "Не получилось открыть доступ / Could not open access").into_response()
+                }
+            },
+            (&Method::GET, "/") => welcome(&p, accepted),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        };
+    }
+    if PROBE_HOSTS.contains(&host.as_str()) {
+        if accepted {
+            if let Some(r) = online_answer(&host, &path) {
+                return r;
+            }
+        }
+        return redirect(&p.portal_url());
+    }
+    if accepted {
+        // Offline, every name points at the box: say so instead of a broken page.
+        return html(format!(
+            "<!doctype html><meta charset=\"utf-8\"><p>Интернета сейчас нет. Коробка работает: <a href=\"{0}\">{0}</a></p>\
+             <p>No internet right now. The box works: <a href=\"{0}\">{0}</a></p>",
+            p.portal_url()
+        ));
+    }
+    redirect(&p.portal_url())
+}
