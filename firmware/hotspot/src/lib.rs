@@ -10,4 +10,4 @@ pub mod gen;
 pub mod portal;
 
 pub use config::HotspotConfig;
-pub use portal::{Firewall, Portal, SimFirewall};
+pub use portal::{Firewall, NftFirewall, Portal, SimFirewall};

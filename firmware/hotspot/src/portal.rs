@@ -95,6 +95,7 @@ pub struct Portal {
     firewall: Arc<dyn Firewall>,
     session: Option<Duration>,
     sessions: Mutex<HashMap<IpAddr, Option<Instant>>>,
+    url: String,
 }
 
 impl Portal {
@@ -105,11 +106,18 @@ impl Portal {
 
     /// Like [`Portal::new`] with an explicit session length (`None`: until restart).
     pub fn with_session(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>, session: Option<Duration>) -> Arc<Self> {
-        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()) })
+        let url = format!("http://{}/", config.hostname);
+        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url })
+    }
+
+    /// A portal reached at `url` instead of `http://{hostname}/` (the demo on localhost).
+    pub fn at_url(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>, url: String) -> Arc<Self> {
+        let session = (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
+        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url })
     }
 
     fn portal_url(&self) -> String {
-        format!("http://{}/", self.config.hostname)
+        self.url.clone()
     }
 
     /// Seconds left of the client's session (`Some(None)`: no limit), `None` if not accepted.
@@ -281,4 +289,43 @@ async fn handle(State(p): State<Arc<Portal>>, ConnectInfo(peer): ConnectInfo<Soc
         ));
     }
     redirect(&p.portal_url())
+}
+
+/// The real firewall: elements of the `accepted` set in the box's nftables table.
+pub struct NftFirewall;
+
+impl NftFirewall {
+    fn nft(script: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?.write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            anyhow::bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// Installs the hotspot rules (atomically replacing earlier ones).
+    pub fn apply(config: &HotspotConfig, accepted: &[Ipv4Addr]) -> anyhow::Result<()> {
+        Self::nft(&crate::gen::nft_ruleset(config, accepted))
+    }
+
+    /// Removes the hotspot rules.
+    pub fn teardown() -> anyhow::Result<()> {
+        Self::nft(&crate::gen::nft_teardown())
+    }
+}
+
+impl Firewall for NftFirewall {
+    fn allow(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        Self::nft(&format!("add element inet {} accepted {{ {ip} }}\n", crate::gen::NFT_TABLE))
+    }
+    fn revoke(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        Self::nft(&format!("delete element inet {} accepted {{ {ip} }}\n", crate::gen::NFT_TABLE))
+    }
 }

@@ -42,6 +42,9 @@ enum Cmd {
         /// Also serve federation over TLS (self-signed certificate) on this address.
         #[arg(long)]
         federation_tls_listen: Option<SocketAddr>,
+        /// The captive portal's address (its firewall is simulated in the demo).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        portal_listen: SocketAddr,
     },
     /// Administer the box (works while it runs).
     Admin {
@@ -127,10 +130,19 @@ enum InviteCmd {
 struct BoxSetup {
     boxcfg: BoxConfig,
     hs: HomeserverConfig,
+    hotspot: secta_hotspot::HotspotConfig,
+    /// Where the captive portal listens (demo: loopback, firewall simulated).
+    portal: Option<(SocketAddr, bool)>,
 }
 
 fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
-    Ok(BoxSetup { boxcfg: file.section("box")?, hs: file.section("homeserver")? })
+    let hotspot: secta_hotspot::HotspotConfig = file.section("hotspot")?;
+    let problems = hotspot.problems();
+    if !problems.is_empty() {
+        bail!("invalid [hotspot] settings: {}", problems.join("; "));
+    }
+    let portal = hotspot.enabled.then(|| (SocketAddr::from(([0, 0, 0, 0], hotspot.portal_port)), false));
+    Ok(BoxSetup { boxcfg: file.section("box")?, hs: file.section("homeserver")?, hotspot, portal })
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -156,8 +168,8 @@ fn main() -> anyhow::Result<()> {
             secta_runtime::init_logging(&setup.boxcfg.log, setup.boxcfg.log_json);
             run_box(setup, None)
         }
-        Cmd::Demo { data, listen, server_name, peers, federation_tls_listen } => {
-            demo(&data, listen, server_name, &peers, federation_tls_listen)
+        Cmd::Demo { data, listen, server_name, peers, federation_tls_listen, portal_listen } => {
+            demo(&data, listen, server_name, &peers, federation_tls_listen, portal_listen)
         }
         Cmd::Admin { config, data, cmd } => {
             secta_runtime::init_logging("warn", false);
@@ -221,6 +233,25 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
     runtime()?.block_on(async move {
         let (trigger, shutdown) = Shutdown::new();
         tokio::spawn(trigger.on_signals());
+        if let Some((addr, simulated)) = setup.portal {
+            let firewall: Arc<dyn secta_hotspot::Firewall> = if simulated {
+                Arc::new(secta_hotspot::SimFirewall::default())
+            } else {
+                secta_hotspot::NftFirewall::apply(&setup.hotspot, &[]).context("installing the hotspot firewall rules")?;
+                Arc::new(secta_hotspot::NftFirewall)
+            };
+            let portal = if simulated {
+                secta_hotspot::Portal::at_url(setup.hotspot.clone(), setup.boxcfg.name.clone(), firewall, format!("http://{addr}/"))
+            } else {
+                secta_hotspot::Portal::new(setup.hotspot.clone(), setup.boxcfg.name.clone(), firewall)
+            };
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = portal.serve(addr, sd).await {
+                    tracing::error!(error = %e, "captive portal failed");
+                }
+            });
+        }
         let homeserver = match listener {
             Some(l) => {
                 l.set_nonblocking(true)?;
@@ -231,6 +262,11 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
                 secta_homeserver::serve(hs, addr, shutdown.clone()).await
             }
         };
+        if setup.portal.is_some_and(|(_, simulated)| !simulated) {
+            if let Err(e) = secta_hotspot::NftFirewall::teardown() {
+                tracing::warn!(error = %e, "removing the hotspot firewall rules failed");
+            }
+        }
         homeserver
     })
 }
@@ -251,6 +287,7 @@ fn demo(
     server_name: Option<String>,
     peers: &[String],
     federation_tls_listen: Option<SocketAddr>,
+    portal_listen: SocketAddr,
 ) -> anyhow::Result<()> {
     secta_runtime::init_logging("info,tower_http=warn,ruma_state_res=warn", false);
     secta_runtime::ensure_data_dir(data)?;
@@ -281,6 +318,7 @@ fn demo(
     if let Some(a) = federation_tls_listen {
         setup.hs.federation.tls_listen = Some(a.to_string());
     }
+    setup.portal = Some((portal_listen, true));
     // Bind first so the printed URLs are live when the user reads them.
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let hs = Hs::open(setup.hs.clone(), data)?;
@@ -303,11 +341,13 @@ fn demo(
          \n  Server name:      {}\
          \n  Versions:         {base}/_matrix/client/versions\
          \n  Client discovery: {base}/.well-known/matrix/client\
+         \n  Captive portal:   http://{}/ (firewall simulated)\
          \n  Data folder:      {}\
          \n\n{}\
          \n  Create more invites: secta admin --data {} invite create --uses 5\
          \n  Stop with Ctrl-C.\n",
         setup.hs.server_name,
+        portal_listen,
         data.display(),
         creds.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"),
         data.display(),
