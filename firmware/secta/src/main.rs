@@ -58,6 +58,13 @@ enum Cmd {
     },
     /// Print a config file with every default.
     DefaultConfig,
+    /// Print the hostapd, dnsmasq or nftables configuration the box would apply.
+    HotspotConfig {
+        #[arg(long, short, default_value = "/etc/secta/secta.toml", env = "SECTA_CONFIG")]
+        config: PathBuf,
+        /// hostapd, dnsmasq (offline) or nft.
+        what: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -185,6 +192,17 @@ fn main() -> anyhow::Result<()> {
             };
             let hs = Hs::open(setup.hs, &setup.boxcfg.data_dir)?;
             admin(&hs, cmd)
+        }
+        Cmd::HotspotConfig { config, what } => {
+            let setup = load_setup(&ConfigFile::load(&config)?)?;
+            let text = match what.as_str() {
+                "hostapd" => secta_hotspot::gen::hostapd_conf(&setup.hotspot),
+                "dnsmasq" => secta_hotspot::gen::dnsmasq_conf(&setup.hotspot, false, &[], &setup.boxcfg.data_dir.join("dnsmasq.leases")),
+                "nft" => secta_hotspot::gen::nft_ruleset(&setup.hotspot, &[]),
+                _ => bail!("say hostapd, dnsmasq or nft"),
+            };
+            print!("{text}");
+            Ok(())
         }
         Cmd::DefaultConfig => {
             print!("{}", default_config_text());
