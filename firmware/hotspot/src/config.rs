@@ -41,6 +41,10 @@ pub struct HotspotConfig {
     pub web_ports: Vec<u16>,
     /// Port the portal listens on (HTTP to anywhere else is redirected there).
     pub portal_port: u16,
+    /// Run and supervise hostapd (off when the Wi-Fi is managed elsewhere).
+    pub run_hostapd: bool,
+    /// Run and supervise dnsmasq.
+    pub run_dnsmasq: bool,
 }
 
 impl Default for HotspotConfig {
@@ -65,6 +69,8 @@ impl Default for HotspotConfig {
             uplink: None,
             web_ports: vec![80, 443, 8008],
             portal_port: 80,
+            run_hostapd: true,
+            run_dnsmasq: true,
         }
     }
 }

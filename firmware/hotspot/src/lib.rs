@@ -8,6 +8,7 @@
 pub mod config;
 pub mod gen;
 pub mod portal;
+pub mod supervise;
 
 pub use config::HotspotConfig;
 pub use portal::{Firewall, NftFirewall, Portal, SimFirewall};

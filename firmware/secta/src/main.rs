@@ -258,6 +258,18 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
                 secta_hotspot::NftFirewall::apply(&setup.hotspot, &[]).context("installing the hotspot firewall rules")?;
                 Arc::new(secta_hotspot::NftFirewall)
             };
+            if !simulated {
+                let dir = setup.boxcfg.data_dir.join("hotspot");
+                let (hostapd, dnsmasq) = secta_hotspot::supervise::write_configs(&setup.hotspot, &dir)?;
+                if setup.hotspot.run_dnsmasq {
+                    let args = vec!["--no-daemon".into(), "--pid-file=".into(), format!("--conf-file={}", dnsmasq.display())];
+                    tokio::spawn(secta_hotspot::supervise::supervise("dnsmasq", "dnsmasq".into(), args, shutdown.clone()));
+                }
+                if setup.hotspot.run_hostapd {
+                    let args = vec![hostapd.display().to_string()];
+                    tokio::spawn(secta_hotspot::supervise::supervise("hostapd", "hostapd".into(), args, shutdown.clone()));
+                }
+            }
             let portal = if simulated {
                 secta_hotspot::Portal::at_url(setup.hotspot.clone(), setup.boxcfg.name.clone(), firewall, format!("http://{addr}/"))
             } else {

@@ -132,24 +132,14 @@ fn hotspot_in_network_namespaces() {
         &cfg,
         format!(
             "[box]\ndata_dir = {:?}\nname = \"Тест\"\n\n[homeserver]\nserver_name = \"secta.box\"\nlisten = \"10.42.0.1:8008\"\n\n\
-             [hotspot]\nenabled = true\ninterface = \"sbwlan\"\nuplink = \"sbup\"\ndhcp_option_114 = true\nsession_minutes = 30\n",
+             [hotspot]\nenabled = true\ninterface = \"sbwlan\"\nuplink = \"sbup\"\ndhcp_option_114 = true\nsession_minutes = 30\nrun_hostapd = false\n",
             dir.path().join("data")
         ),
     )
     .unwrap();
+    // The printed dnsmasq file is what the box runs (secta starts dnsmasq itself).
     let conf = ok(&[env!("CARGO_BIN_EXE_secta"), "hotspot-config", "--config", cfg.to_str().unwrap(), "dnsmasq"]);
-    let dconf = dir.path().join("dnsmasq.conf");
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    std::fs::write(&dconf, conf).unwrap();
-    env.children.push(
-        Command::new("ip")
-            .args(["netns", "exec", BOX, "dnsmasq", "--no-daemon", "--pid-file=", "--user=root"])
-            .arg(format!("--conf-file={}", dconf.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    assert!(conf.contains("interface=sbwlan") && conf.contains("dhcp-option=114"));
     let log = std::fs::File::create(dir.path().join("secta.log")).unwrap();
     env.children.push(
         Command::new("ip")
@@ -164,6 +154,20 @@ fn hotspot_in_network_namespaces() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ns(BOX, &["nft", "list", "table", "inet", "secta_hotspot"]).status.success() {
         assert!(Instant::now() < deadline, "secta did not install its rules: {}", std::fs::read_to_string(dir.path().join("secta.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // dnsmasq is supervised: killed, it comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ns(BOX, &["pgrep", "-x", "dnsmasq"]).status.success() {
+        assert!(Instant::now() < deadline, "secta did not start dnsmasq");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok(&["ip", "netns", "exec", BOX, "pkill", "-x", "dnsmasq"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ns(BOX, &["pgrep", "-x", "dnsmasq"]).status.success() {
+        assert!(Instant::now() < deadline, "secta did not restart dnsmasq");
         std::thread::sleep(Duration::from_millis(100));
     }
 
