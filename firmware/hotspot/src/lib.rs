@@ -11,4 +11,4 @@ pub mod portal;
 pub mod supervise;
 
 pub use config::HotspotConfig;
-pub use portal::{Firewall, NftFirewall, Portal, SimFirewall};
+pub use portal::{Firewall, NftFirewall, Portal, SimFirewall, WebUi};

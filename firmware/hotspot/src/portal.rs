@@ -96,6 +96,14 @@ pub struct Portal {
     session: Option<Duration>,
     sessions: Mutex<HashMap<IpAddr, Option<Instant>>>,
     url: String,
+    web_ui: std::sync::OnceLock<WebUi>,
+}
+
+/// The built web app (`web-ui/dist`) and what it needs to know about the box.
+pub struct WebUi {
+    pub dir: std::path::PathBuf,
+    pub homeserver: String,
+    pub server_name: String,
 }
 
 impl Portal {
@@ -107,17 +115,22 @@ impl Portal {
     /// Like [`Portal::new`] with an explicit session length (`None`: until restart).
     pub fn with_session(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>, session: Option<Duration>) -> Arc<Self> {
         let url = format!("http://{}/", config.hostname);
-        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url })
+        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url, web_ui: std::sync::OnceLock::new() })
     }
 
     /// A portal reached at `url` instead of `http://{hostname}/` (the demo on localhost).
     pub fn at_url(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>, url: String) -> Arc<Self> {
         let session = (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
-        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url })
+        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url, web_ui: std::sync::OnceLock::new() })
     }
 
     fn portal_url(&self) -> String {
         self.url.clone()
+    }
+
+    /// Serves the web app from `web.dir` on the box's own name (set once).
+    pub fn set_web_ui(&self, web: WebUi) {
+        let _ = self.web_ui.set(web);
     }
 
     /// Seconds left of the client's session (`Some(None)`: no limit), `None` if not accepted.
@@ -195,6 +208,33 @@ impl Portal {
     }
 }
 
+/// A file of the built web app; `/` is `index.html`. Paths never leave `dir`.
+async fn static_file(dir: &std::path::Path, path: &str) -> Response {
+    let rel = path.trim_start_matches('/');
+    let rel = if rel.is_empty() { "index.html" } else { rel };
+    let ok = rel.split('/').all(|c| !c.is_empty() && c != ".." && c != "." && !c.contains('\\'));
+    if !ok {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let file = dir.join(rel);
+    let Ok(bytes) = tokio::fs::read(&file).await else { return StatusCode::NOT_FOUND.into_response() };
+    let ct = match file.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("json") => "application/json",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("woff2") => "font/woff2",
+        _ => "application/octet-stream",
+    };
+    let mut r = Response::new(Body::from(bytes));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    let cache = if rel.starts_with("assets/") { "public, max-age=31536000, immutable" } else { "no-cache" };
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    r
+}
+
 fn redirect(to: &str) -> Response {
     let mut r = (StatusCode::FOUND, format!("<a href=\"{to}\">{to}</a>")).into_response();
     if let Ok(v) = HeaderValue::from_str(to) {
@@ -268,7 +308,22 @@ async fn handle(State(p): State<Arc<Portal>>, ConnectInfo(peer): ConnectInfo<Soc
                     (StatusCode::SERVICE_UNAVAILABLE, "Не получилось открыть доступ / Could not open access").into_response()
                 }
             },
-            (&Method::GET, "/") => welcome(&p, accepted),
+            (&Method::GET, "/box.json") => {
+                let mut body = json!({ "box_name": p.box_name, "accepted": accepted });
+                if let Some(w) = p.web_ui.get() {
+                    body["homeserver"] = json!(w.homeserver);
+                    body["server_name"] = json!(w.server_name);
+                }
+                let mut r = Response::new(Body::from(body.to_string()));
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
+            (&Method::GET, path) => match p.web_ui.get() {
+                Some(w) => static_file(&w.dir, path).await,
+                None if path == "/" => welcome(&p, accepted),
+                None => StatusCode::NOT_FOUND.into_response(),
+            },
             _ => StatusCode::NOT_FOUND.into_response(),
         };
     }

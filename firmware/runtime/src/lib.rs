@@ -67,6 +67,8 @@ pub struct BoxConfig {
     pub log: String,
     /// `true` for JSON log lines (for log shippers), `false` for human-readable ones.
     pub log_json: bool,
+    /// The built web app (`web-ui/dist`), served by the portal.
+    pub web_ui_dir: PathBuf,
 }
 
 impl Default for BoxConfig {
@@ -76,6 +78,7 @@ impl Default for BoxConfig {
             name: "Secta".to_owned(),
             log: "info,ruma_state_res=warn".to_owned(),
             log_json: false,
+            web_ui_dir: PathBuf::from("/usr/share/secta/web-ui"),
         }
     }
 }

@@ -140,6 +140,8 @@ struct BoxSetup {
     hotspot: secta_hotspot::HotspotConfig,
     /// Where the captive portal listens (demo: loopback, firewall simulated).
     portal: Option<(SocketAddr, bool)>,
+    /// The built web app the portal serves.
+    web_ui: Option<PathBuf>,
 }
 
 fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
@@ -149,7 +151,9 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
         bail!("invalid [hotspot] settings: {}", problems.join("; "));
     }
     let portal = hotspot.enabled.then(|| (SocketAddr::from(([0, 0, 0, 0], hotspot.portal_port)), false));
-    Ok(BoxSetup { boxcfg: file.section("box")?, hs: file.section("homeserver")?, hotspot, portal })
+    let boxcfg: BoxConfig = file.section("box")?;
+    let web_ui = Some(boxcfg.web_ui_dir.clone()).filter(|d| d.join("index.html").exists());
+    Ok(BoxSetup { boxcfg, hs: file.section("homeserver")?, hotspot, portal, web_ui })
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -275,6 +279,13 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
             } else {
                 secta_hotspot::Portal::new(setup.hotspot.clone(), setup.boxcfg.name.clone(), firewall)
             };
+            if let Some(dir) = setup.web_ui.clone() {
+                portal.set_web_ui(secta_hotspot::WebUi {
+                    dir,
+                    homeserver: setup.hs.base_url(),
+                    server_name: setup.hs.server_name.clone(),
+                });
+            }
             let sd = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(e) = portal.serve(addr, sd).await {
@@ -349,6 +360,9 @@ fn demo(
         setup.hs.federation.tls_listen = Some(a.to_string());
     }
     setup.portal = Some((portal_listen, true));
+    if setup.web_ui.is_none() && Path::new("web-ui/dist/index.html").exists() {
+        setup.web_ui = Some(PathBuf::from("web-ui/dist"));
+    }
     // Bind first so the printed URLs are live when the user reads them.
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let hs = Hs::open(setup.hs.clone(), data)?;

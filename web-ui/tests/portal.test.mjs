@@ -1,0 +1,108 @@
+// The web app in a real browser (Debian's Chromium driven by playwright-core):
+// a newcomer opens the portal, accepts, registers with an invite code; a wrong
+// code gets a clear message. Screenshots go to web-ui/test-results/.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir, homedir } from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = join(here, "..", "..");
+const secta = process.env.SECTA_BIN || join(homedir(), ".cache/secta-target/debug/secta");
+const chromium = process.env.CHROMIUM || "/usr/bin/chromium";
+const shots = join(here, "..", "test-results");
+
+function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitFor(url, ms = 30000) {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    try {
+      const r = await fetch(url);
+      if (r.ok) return;
+    } catch {}
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`${url} did not come up`);
+}
+
+test("newcomer accepts and registers in the browser", async (t) => {
+  if (!existsSync(chromium)) {
+    console.log(`SKIPPED: browser test (${chromium} not installed)`);
+    t.skip(`${chromium} not installed`);
+    return;
+  }
+  assert.ok(existsSync(secta), `secta binary missing at ${secta}: build it first`);
+  assert.ok(existsSync(join(repo, "web-ui/dist/index.html")), "web-ui is not built (npm run build)");
+  const { chromium: pw } = await import("playwright-core");
+  const data = mkdtempSync(join(tmpdir(), "secta-web-"));
+  const [hsPort, portalPort] = [await freePort(), await freePort()];
+  const box = spawn(secta, ["demo", "--data", data, "--listen", `127.0.0.1:${hsPort}`, "--portal-listen", `127.0.0.1:${portalPort}`], {
+    cwd: repo,
+    stdio: "ignore",
+  });
+  t.after(() => box.kill("SIGKILL"));
+  await waitFor(`http://127.0.0.1:${hsPort}/_matrix/client/versions`);
+  await waitFor(`http://127.0.0.1:${portalPort}/box.json`);
+  const token = execFileSync(secta, ["admin", "--data", data, "invite", "create", "--uses", "1"]).toString().trim().split("\n")[0];
+
+  const browser = await pw.launch({
+    executablePath: chromium,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  t.after(() => browser.close());
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  const started = Date.now();
+  await page.goto(`http://127.0.0.1:${portalPort}/`, { waitUntil: "load" });
+  await page.waitForSelector("#accept");
+  const loadMs = Date.now() - started;
+  // Bytes the page needed: the document and every resource (from the browser's own accounting).
+  const bytes = await page.evaluate(() =>
+    performance.getEntriesByType("navigation").concat(performance.getEntriesByType("resource")).reduce((n, e) => n + (e.encodedBodySize || 0), 0),
+  );
+  mkdirSync(shots, { recursive: true });
+  await page.screenshot({ path: join(shots, "1-welcome.png") });
+  assert.match(await page.textContent("h1"), /Добро пожаловать/);
+
+  await page.click("#accept");
+  await page.waitForSelector("#connected");
+
+  // A wrong invite code: a clear message, nobody created.
+  await page.fill("input[name=username]", "natasha");
+  await page.fill("input[name=password]", "длинный пароль");
+  await page.fill("input[name=invite]", "wrong-code");
+  await page.click("form#register button[type=submit]");
+  await page.waitForFunction(() => document.querySelector("#status")?.textContent?.includes("Код приглашения не подходит"));
+  await page.screenshot({ path: join(shots, "2-bad-code.png") });
+
+  await page.fill("input[name=invite]", token);
+  await page.click("form#register button[type=submit]");
+  await page.waitForFunction(() => document.querySelector("#status")?.textContent?.includes("@natasha:"));
+  await page.screenshot({ path: join(shots, "3-registered.png") });
+
+  // English on request.
+  await page.click("#lang");
+  assert.match(await page.textContent("h1"), /Welcome/);
+
+  // The account works: log in through the API.
+  const login = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/login`, {
+    method: "POST",
+    body: JSON.stringify({ type: "m.login.password", identifier: { type: "m.id.user", user: "natasha" }, password: "длинный пароль" }),
+  });
+  assert.equal(login.status, 200);
+  console.log(JSON.stringify({ bench: "portal_first_load", load_ms: loadMs, transferred_bytes: bytes }));
+  assert.ok(bytes < 200 * 1024, `first page is ${bytes} bytes`);
+});
