@@ -388,12 +388,13 @@ fn demo(
          \n  Captive portal:   http://{}/ (firewall simulated)\
          \n  Data folder:      {}\
          \n\n{}\
-         \n  Create more invites: secta admin --data {} invite create --uses 5\
+         \n  Create more invites: {} admin --data {} invite create --uses 5\
          \n  Stop with Ctrl-C.\n",
         setup.hs.server_name,
         portal_listen,
         data.display(),
         creds.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"),
+        std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "secta".into()),
         data.display(),
     );
     run_box(setup, Some(listener))
