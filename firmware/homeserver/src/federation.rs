@@ -126,10 +126,12 @@ impl Hs {
     /// Our key response, signed by ourselves.
     pub fn signed_server_keys(&self) -> Value {
         let (key_id, key) = self.verify_key();
+        let old: Map<String, Value> =
+            self.old_keys.iter().map(|(id, k, at)| (id.clone(), json!({ "key": k, "expired_ts": at }))).collect();
         let mut obj = to_canonical(json!({
             "server_name": self.server_name,
             "verify_keys": { key_id: { "key": key } },
-            "old_verify_keys": {},
+            "old_verify_keys": old,
             "valid_until_ts": now_ms() + KEY_VALIDITY_MS,
         }))
         .expect("key response is canonical JSON");
@@ -215,6 +217,11 @@ impl Hs {
         if server == self.server_name {
             let (id, key) = self.verify_key();
             set.insert(id, Base64::parse(&key).map_err(|e| MxError::unknown(e.to_string()))?);
+            for (id, key, _) in &self.old_keys {
+                if let Ok(k) = Base64::parse(key) {
+                    set.insert(id.clone(), k);
+                }
+            }
             return Ok(set);
         }
         if let Some((id, key)) = self.peer(server.as_str()).and_then(|p| p.pinned_key.clone()) {
@@ -250,8 +257,14 @@ impl Hs {
         map.insert(server.to_string(), fetched.clone());
         verify_json(&map, &obj).map_err(|_| fed_error("M_UNKNOWN", format!("{server}'s key response is not self-signed")))?;
         let valid_until = v["valid_until_ts"].as_i64().unwrap_or(now + 3600 * 1000).min(now + KEY_VALIDITY_MS as i64);
+        let mut all = fetched.clone();
+        for (id, k) in v["old_verify_keys"].as_object().into_iter().flatten() {
+            if let Some(key) = k["key"].as_str().and_then(|s| Base64::parse(s).ok()) {
+                all.entry(id.clone()).or_insert(key);
+            }
+        }
         self.db.write(|w| -> rusqlite::Result<()> {
-            for (id, key) in &fetched {
+            for (id, key) in &all {
                 w.tx.execute(
                     "INSERT INTO server_keys(server_name, key_id, key, valid_until) VALUES(?1,?2,?3,?4)
                      ON CONFLICT(server_name, key_id) DO UPDATE SET key=?3, valid_until=?4",
@@ -260,7 +273,7 @@ impl Hs {
             }
             Ok(())
         })?;
-        Ok(fetched)
+        Ok(all)
     }
 
     async fn fed_get_unsigned(&self, server: &ServerName, path: &str) -> MxResult<Value> {

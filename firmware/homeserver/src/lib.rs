@@ -59,6 +59,7 @@ pub struct Hs {
     pub(crate) data_dir: std::path::PathBuf,
     keypair: Ed25519KeyPair,
     key_id: String,
+    old_keys: Vec<OldKey>,
     notifier: Notifier,
     pub(crate) typing: ephemeral::Typing,
     pub(crate) push_rules: push::RulesCache,
@@ -84,6 +85,7 @@ impl Hs {
             .with_context(|| format!("unsupported default_room_version {:?}", config.default_room_version))?;
         let db = Db::open(&data_dir.join("homeserver.db"), config.durability)?;
         let (keypair, key_id) = load_or_create_signing_key(data_dir)?;
+        let old_keys = load_old_keys(data_dir);
         let shared_secret = match &config.registration_shared_secret {
             Some(s) => s.clone(),
             None => load_or_create_shared_secret(data_dir)?,
@@ -96,6 +98,7 @@ impl Hs {
             data_dir: data_dir.to_owned(),
             keypair,
             key_id,
+            old_keys,
             notifier: Notifier::default(),
             typing: ephemeral::Typing::default(),
             push_rules: push::RulesCache::default(),
@@ -163,6 +166,30 @@ impl Hs {
     pub fn router(self: &Arc<Self>) -> axum::Router {
         routes::router(self.clone())
     }
+}
+
+/// A signing key this server used before a rotation: (key id, public key, expired at ms).
+pub type OldKey = (String, String, u64);
+
+fn load_old_keys(dir: &Path) -> Vec<OldKey> {
+    std::fs::read_to_string(dir.join("old_signing_keys.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Replaces the server's signing key: the old public key stays published (in
+/// `old_verify_keys`, expired now) so events signed with it still verify. Run
+/// while the box is stopped; the new key is used from the next start.
+pub fn rotate_signing_key(dir: &Path) -> anyhow::Result<String> {
+    use base64::Engine;
+    let (old, old_id) = load_or_create_signing_key(dir)?;
+    let mut olds = load_old_keys(dir);
+    olds.push((old_id, base64::engine::general_purpose::STANDARD_NO_PAD.encode(old.public_key()), now_ms()));
+    secta_runtime::write_secret_file(&dir.join("old_signing_keys.json"), serde_json::to_string(&olds)?.as_bytes())?;
+    std::fs::remove_file(dir.join("signing.key"))?;
+    let (_, new_id) = load_or_create_signing_key(dir)?;
+    Ok(new_id)
 }
 
 fn load_or_create_signing_key(dir: &Path) -> anyhow::Result<(Ed25519KeyPair, String)> {

@@ -775,3 +775,37 @@ async fn notifications_reach_an_http_push_gateway() {
     assert_eq!(n["content"]["body"], "привет");
     trigger.trigger();
 }
+
+#[tokio::test]
+async fn rotated_signing_keys_still_verify_old_events() {
+    use ruma::{signatures::verify_event, CanonicalJsonObject, RoomVersionId};
+    let dir = tempfile::tempdir().unwrap();
+    let config = HomeserverConfig { server_name: "test.box".into(), ..Default::default() };
+    let (event_id, old_id) = {
+        let hs = Hs::open(config.clone(), dir.path()).unwrap();
+        let b = Box_ { _dir: tempfile::tempdir().unwrap(), app: hs.router(), hs };
+        let (_, t) = b.register("alice").await;
+        let room = b.room(&t).await;
+        let (_, v) = b
+            .call("PUT", &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/1", enc(&room)), Some(&t), json!({"body": "old"}))
+            .await;
+        (v["event_id"].as_str().unwrap().to_owned(), b.hs.verify_key().0)
+    };
+    let new_id = secta_homeserver::rotate_signing_key(dir.path()).unwrap();
+    assert_ne!(new_id, old_id);
+    let hs = Hs::open(config, dir.path()).unwrap();
+    let b = Box_ { _dir: tempfile::tempdir().unwrap(), app: hs.router(), hs };
+    let (s, keys) = b.call("GET", "/_matrix/key/v2/server", None, json!({})).await;
+    assert_eq!(s, 200);
+    assert!(keys["verify_keys"].get(&new_id).is_some());
+    let old = &keys["old_verify_keys"][&old_id];
+    assert!(old["expired_ts"].is_u64(), "{keys}");
+    // The old event verifies with the published old key.
+    let stored = b.hs.db.read(|c| secta_homeserver::pdu::get_event(c, &event_id)).unwrap().unwrap();
+    let obj: CanonicalJsonObject = serde_json::from_str(&stored.json).unwrap();
+    let mut set = std::collections::BTreeMap::new();
+    set.insert(old_id, ruma::serde::Base64::parse(old["key"].as_str().unwrap()).unwrap());
+    let map = std::collections::BTreeMap::from([("test.box".to_owned(), set)]);
+    let rules = RoomVersionId::V12.rules().unwrap();
+    assert!(verify_event(&map, &obj, &rules).is_ok());
+}

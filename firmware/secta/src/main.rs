@@ -94,6 +94,8 @@ enum FedCmd {
     Block { server: String },
     /// Talk to a blocked server again.
     Unblock { server: String },
+    /// Replace the signing key (stop the box first; the old key stays published).
+    RotateKey,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +196,11 @@ fn main() -> anyhow::Result<()> {
                 }
                 (None, None) => load_setup(&ConfigFile::load(Path::new("/etc/secta/secta.toml"))?)?,
             };
+            if let AdminCmd::Federation { cmd: Some(FedCmd::RotateKey) } = cmd {
+                let id = secta_homeserver::rotate_signing_key(&setup.boxcfg.data_dir)?;
+                println!("new signing key {id}; start the box to use it");
+                return Ok(());
+            }
             let hs = Hs::open(setup.hs, &setup.boxcfg.data_dir)?;
             admin(&hs, cmd)
         }
@@ -446,6 +453,7 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
             hs.set_server_blocked(&server, false).map_err(mx)?;
             println!("unblocked {server}");
         }
+        AdminCmd::Federation { cmd: Some(FedCmd::RotateKey) } => unreachable!("handled before opening the database"),
         AdminCmd::Federation { cmd: None | Some(FedCmd::Status) } => {
             let peers = hs.federation_status().map_err(mx)?;
             if peers.is_empty() {
