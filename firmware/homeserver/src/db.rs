@@ -460,35 +460,59 @@ impl Db {
             st.next = self.stream.load(Ordering::Acquire);
         }
         let my_generation = st.generation;
+        let mut panicked = None;
         let out = match st.conn.execute_batch("SAVEPOINT op") {
             Err(e) => Err(E::from(e)),
             Ok(()) => {
-                let mut w = WriteTxn { tx: &st.conn, next: st.next };
-                let out = f(&mut w);
-                let next = w.next;
-                match &out {
-                    Ok(_) => match st.conn.execute_batch("RELEASE op") {
+                let start_next = st.next;
+                // A panic inside `f` must not leave the shared transaction half-written.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut w = WriteTxn { tx: &st.conn, next: start_next };
+                    let out = f(&mut w);
+                    (out, w.next)
+                }));
+                match run {
+                    Ok((Ok(v), next)) => match st.conn.execute_batch("RELEASE op") {
                         Ok(()) => {
                             st.next = next;
                             st.batch += 1;
-                            out
+                            Ok(v)
                         }
                         Err(e) => {
                             let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
                             Err(e.into())
                         }
                     },
-                    Err(_) => {
+                    Ok((Err(e), _)) => {
                         let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
-                        out
+                        Err(e)
+                    }
+                    Err(p) => {
+                        let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                        panicked = Some(p);
+                        Err(E::from(rusqlite::Error::InvalidQuery))
                     }
                 }
             }
         };
+        // Some errors (disk full, I/O) make SQLite roll back the whole transaction:
+        // then the batch is lost, and everyone waiting on it must hear so.
+        if out.is_err() && st.in_txn && st.conn.is_autocommit() {
+            st.in_txn = false;
+            self.fail_batch(&mut st, "the transaction was rolled back by SQLite");
+            drop(st);
+            if let Some(p) = panicked {
+                std::panic::resume_unwind(p);
+            }
+            return out;
+        }
         let succeeded = out.is_ok();
         if self.queued.load(Ordering::Acquire) == 0 || st.batch >= MAX_BATCH {
             let commit = self.commit_locked(&mut st);
             drop(st);
+            if let Some(p) = panicked {
+                std::panic::resume_unwind(p);
+            }
             return match (out, commit) {
                 (Ok(v), Ok(())) => Ok(v),
                 (Err(e), _) => Err(e),
@@ -496,6 +520,9 @@ impl Db {
             };
         }
         drop(st);
+        if let Some(p) = panicked {
+            std::panic::resume_unwind(p);
+        }
         if !succeeded {
             return out;
         }
@@ -514,6 +541,20 @@ impl Db {
         out
     }
 
+    /// Ends the open batch as failed (writer lock held) and wakes its waiters.
+    fn fail_batch(&self, st: &mut Writer, why: &str) {
+        st.batch = 0;
+        st.next = self.stream.load(Ordering::Acquire);
+        let generation = st.generation;
+        st.generation += 1;
+        let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        commits.done = generation + 1;
+        commits.failed.retain(|(g, _)| generation.saturating_sub(*g) < 1024);
+        commits.failed.push((generation, why.to_owned()));
+        drop(commits);
+        self.committed.notify_all();
+    }
+
     /// Commits the open batch (writer lock held) and wakes its waiters.
     fn commit_locked(&self, st: &mut Writer) -> rusqlite::Result<()> {
         let result = if st.in_txn { st.conn.execute_batch("COMMIT") } else { Ok(()) };
@@ -528,7 +569,7 @@ impl Db {
         st.generation += 1;
         let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
         commits.done = generation + 1;
-        commits.failed.retain(|(g, _)| generation.saturating_sub(*g) < 16);
+        commits.failed.retain(|(g, _)| generation.saturating_sub(*g) < 1024);
         if let Err(e) = &result {
             commits.failed.push((generation, e.to_string()));
         }
@@ -635,5 +676,39 @@ impl std::ops::Deref for WriteTxn<'_> {
     type Target = Connection;
     fn deref(&self) -> &Connection {
         self.tx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_and_panicking_writes_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db"), Durability::Normal).unwrap();
+        let put = |k: &str| format!("INSERT INTO meta(key, value) VALUES('{k}', 'v')");
+        db.write(|w| w.tx.execute(&put("a"), [])).unwrap();
+        let err: Result<(), rusqlite::Error> = db.write(|w| {
+            w.tx.execute(&put("b"), [])?;
+            Err(rusqlite::Error::InvalidQuery)
+        });
+        assert!(err.is_err());
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _: Result<(), rusqlite::Error> = db.write(|w| {
+                w.tx.execute(&put("c"), [])?;
+                panic!("boom");
+            });
+        }));
+        assert!(caught.is_err(), "the panic reaches the caller");
+        db.write(|w| w.tx.execute(&put("d"), [])).unwrap();
+        let keys: Vec<String> = db
+            .read(|c| {
+                let mut st = c.prepare("SELECT key FROM meta WHERE value='v' ORDER BY key")?;
+                let r = st.query_map([], |r| r.get(0))?.collect();
+                r
+            })
+            .unwrap();
+        assert_eq!(keys, vec!["a", "d"]);
     }
 }

@@ -64,11 +64,18 @@ impl PresenceState {
 }
 
 impl Typing {
+    /// Versions start at the clock (ms), so tokens from before a restart never
+    /// look newer than what comes after it.
+    pub fn new() -> Self {
+        let t = Self::default();
+        t.inner.lock().unwrap_or_else(|p| p.into_inner()).version = now_ms();
+        t
+    }
+
     /// Sets or clears `user` typing in `room`. Returns whether anything changed.
     fn set(&self, room: &str, user: &str, until: Option<Instant>) -> bool {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        t.version += 1;
-        let v = t.version;
+        let v = t.version + 1;
         let entry = t.rooms.entry(room.to_owned()).or_default();
         let changed = match until {
             Some(u) => entry.1.insert(user.to_owned(), u).is_none(),
@@ -76,6 +83,7 @@ impl Typing {
         };
         if changed {
             entry.0 = v;
+            t.version = v;
         }
         changed
     }
@@ -135,8 +143,7 @@ impl Typing {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let mut changed = Vec::new();
-        t.version += 1;
-        let v = t.version;
+        let v = t.version + 1;
         for (room, (ver, users)) in t.rooms.iter_mut() {
             let before = users.len();
             users.retain(|_, until| *until > now);
@@ -144,6 +151,9 @@ impl Typing {
                 *ver = v;
                 changed.push(room.clone());
             }
+        }
+        if !changed.is_empty() {
+            t.version = v;
         }
         t.rooms.retain(|_, (_, users)| !users.is_empty() || true);
         changed

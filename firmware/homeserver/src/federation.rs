@@ -523,11 +523,14 @@ pub async fn send_transaction(
     if pdus.len() > MAX_PDUS as usize || edus.len() > MAX_EDUS as usize {
         return Err(MxError::bad_json("too many PDUs or EDUs in one transaction"));
     }
-    let seen = hs.db.read(|c| {
-        c.query_row("SELECT 1 FROM fed_txns WHERE origin=?1 AND txn_id=?2", params![origin.as_str(), txn_id], |_| Ok(()))
-            .optional()
+    // Claimed before processing, so a retry of a slow transaction is not taken in twice.
+    let fresh = hs.db.write(|w| {
+        w.tx.execute(
+            "INSERT OR IGNORE INTO fed_txns(origin, txn_id, ts) VALUES(?1,?2,?3)",
+            params![origin.as_str(), txn_id, now_ms() as i64],
+        )
     })?;
-    if seen.is_some() {
+    if fresh == 0 {
         return Ok(axum::Json(json!({ "pdus": {} })));
     }
     let mut results = Map::new();
@@ -547,12 +550,6 @@ pub async fn send_transaction(
     for e in edus {
         receive_edu(&hs, &origin, &e);
     }
-    hs.db.write(|w| {
-        w.tx.execute(
-            "INSERT OR IGNORE INTO fed_txns(origin, txn_id, ts) VALUES(?1,?2,?3)",
-            params![origin.as_str(), txn_id, now_ms() as i64],
-        )
-    })?;
     Ok(axum::Json(json!({ "pdus": results })))
 }
 
@@ -587,7 +584,11 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
                         let thread = data["data"]["thread_id"].as_str().unwrap_or("");
                         let ts = data["data"]["ts"].as_i64().unwrap_or(now_ms() as i64);
                         let stored = hs.db.write(|w| -> rusqlite::Result<bool> {
-                            if pdu::membership(w, room, user)?.as_deref() != Some("join") || pdu::get_event(w, event_id)?.is_none() {
+                            let in_this_room = pdu::get_event(w, event_id)?.is_some_and(|e| e.room_id == *room);
+                            if pdu::membership(w, room, user)?.as_deref() != Some("join") || !in_this_room {
+                                return Ok(false);
+                            }
+                            if !acl_allows(w, room, origin.as_str()).unwrap_or(false) {
                                 return Ok(false);
                             }
                             let stream = w.next_stream();
@@ -739,6 +740,8 @@ pub async fn send_leave(
         if pdu::get_event(w, &id)?.is_some() {
             return Ok(());
         }
+        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &parsed, |e: &EventId| pdu::load_pdu(w, e.as_str()))
+            .map_err(|e| MxError::forbidden(format!("Leave not allowed: {e}")))?;
         ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
             pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
         })
@@ -804,6 +807,8 @@ pub async fn send_join(
     let parsed = Pdu::parse(EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
     let state_ids: Vec<String> = hs.db.write(|w| -> MxResult<Vec<String>> {
         if pdu::get_event(w, &id)?.is_none() {
+            ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &parsed, |e: &EventId| pdu::load_pdu(w, e.as_str()))
+                .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
             ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
                 pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
             })
@@ -877,11 +882,13 @@ pub async fn invite(
 }
 
 fn require_in_room(c: &Connection, room: &str, server: &str) -> MxResult<()> {
-    if server_in_room(c, room, server)? {
-        Ok(())
-    } else {
-        Err(MxError::forbidden("Your server is not in this room"))
+    if !server_in_room(c, room, server)? {
+        return Err(MxError::forbidden("Your server is not in this room"));
     }
+    if !acl_allows(c, room, server)? {
+        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    }
+    Ok(())
 }
 
 /// Current state ids of a room and their auth chain.
@@ -1140,7 +1147,7 @@ impl Hs {
     async fn remote_join_via(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
         let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12", urlenc(room_id.as_str()), urlenc(user.as_str()));
         let made = self.fed_request("GET", server, &path, None).await?;
-        let (version, rules, mut template) = check_template(&made, user, "join")?;
+        let (version, rules, mut template) = check_template(&made, room_id, user, "join")?;
         let mut content = self.db.read(|c| self.member_content(c, user, "join"))?;
         if let Some(a) = template["content"]["join_authorised_via_users_server"].as_str() {
             content["join_authorised_via_users_server"] = json!(a);
@@ -1171,6 +1178,27 @@ impl Hs {
         };
         let join_pdu = Pdu::parse(EventId::parse(&event_id).map_err(|e| MxError::bad_json(e.to_string()))?, &join_json)
             .map_err(|e| MxError::bad_json(e.to_string()))?;
+        // Everything must belong to this room and pass the auth rules against its own
+        // auth events, oldest first: a resident server cannot hand us a made-up room.
+        let mut parsed: Vec<Pdu> = Vec::new();
+        for (id, o, _) in &verified {
+            let p = Pdu::parse(EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?, &serde_json::to_string(o)?)
+                .map_err(|e| MxError::bad_json(e.to_string()))?;
+            if !in_room(&p, room_id) {
+                return Err(fed_error("M_UNKNOWN", "the resident server sent events of another room"));
+            }
+            parsed.push(p);
+        }
+        parsed.sort_by_key(|p| p.depth);
+        let mut known: HashMap<String, Pdu> = HashMap::new();
+        self.db.read(|c| -> MxResult<()> {
+            for p in &parsed {
+                auth_by_auth_events(c, &rules, p, &known).map_err(|e| fed_error("M_UNKNOWN", format!("room state does not pass the auth rules: {e}")))?;
+                known.insert(p.event_id.to_string(), p.clone());
+            }
+            auth_by_auth_events(c, &rules, &join_pdu, &known).map_err(|e| fed_error("M_UNKNOWN", format!("our join does not pass the auth rules: {e}")))?;
+            Ok(())
+        })?;
         self.db.write(|w| -> MxResult<()> {
             w.tx.execute(
                 "INSERT OR IGNORE INTO rooms(room_id, room_version, created_ts) VALUES(?1,?2,?3)",
@@ -1239,7 +1267,7 @@ impl Hs {
     pub(crate) async fn remote_leave(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
         let path = format!("/_matrix/federation/v1/make_leave/{}/{}", urlenc(room_id.as_str()), urlenc(user.as_str()));
         let made = self.fed_request("GET", server, &path, None).await?;
-        let (_, rules, template) = check_template(&made, user, "leave")?;
+        let (_, rules, template) = check_template(&made, room_id, user, "leave")?;
         if template["content"]["membership"] != "leave" {
             return Err(fed_error("M_UNKNOWN", "the leave template is not a leave"));
         }
@@ -1288,9 +1316,45 @@ impl Hs {
     }
 }
 
+/// Authorises an event against its own auth events (the spec's first check on
+/// receipt), looking them up among `known` and then in the database.
+fn auth_by_auth_events(
+    c: &Connection,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    pdu: &Pdu,
+    known: &HashMap<String, Pdu>,
+) -> Result<(), String> {
+    let fetch = |id: &str| known.get(id).cloned().or_else(|| pdu::load_pdu(c, id));
+    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id: &EventId| fetch(id.as_str()))?;
+    let auth: Vec<Pdu> = pdu.auth_events.iter().filter_map(|id| fetch(id.as_str())).collect();
+    // v12 rooms leave the create event out of auth_events: it is the room id.
+    let create = pdu
+        .room_id
+        .as_ref()
+        .and_then(|r| fetch(&format!("${}", &r.as_str()[1..])))
+        .filter(|_| rules.authorization.room_create_event_id_as_room_id);
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |ty, key| {
+        if *ty == ruma::events::StateEventType::RoomCreate {
+            if let Some(c) = &create {
+                return Some(c.clone());
+            }
+        }
+        auth.iter().find(|a| a.kind.to_string() == ty.to_string() && a.state_key.as_deref() == Some(key)).cloned()
+    })
+}
+
+/// Whether an event belongs to `room` (v12 create events carry no room id: their
+/// id is the room's).
+fn in_room(p: &Pdu, room: &RoomId) -> bool {
+    match &p.room_id {
+        Some(r) => r == room,
+        None => format!("!{}", &p.event_id.as_str()[1..]) == room.as_str(),
+    }
+}
+
 /// Checks a make_join/make_leave answer: a supported room version and a member
 /// event template for `user`.
-fn check_template(made: &Value, user: &UserId, what: &str) -> MxResult<(RoomVersionId, ruma::room_version_rules::RoomVersionRules, Value)> {
+fn check_template(made: &Value, room_id: &RoomId, user: &UserId, what: &str) -> MxResult<(RoomVersionId, ruma::room_version_rules::RoomVersionRules, Value)> {
     let version = made["room_version"]
         .as_str()
         .and_then(|v| RoomVersionId::try_from(v).ok())
@@ -1300,6 +1364,9 @@ fn check_template(made: &Value, user: &UserId, what: &str) -> MxResult<(RoomVers
     let template = made["event"].clone();
     if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["sender"] != user.as_str() {
         return Err(fed_error("M_UNKNOWN", format!("the {what} template is not for this user")));
+    }
+    if template["room_id"] != room_id.as_str() {
+        return Err(fed_error("M_UNKNOWN", format!("the {what} template is for another room")));
     }
     Ok((version, rules, template))
 }
@@ -1570,6 +1637,7 @@ impl Hs {
             Ok((earliest, servers, pdu::room_version(c, room_id.as_str())?))
         })?;
         let (Some((earliest, kind)), Some(version)) = (earliest, version) else { return Ok(0) };
+        let rules = pdu::rules_for(&version)?;
         if kind == "m.room.create" {
             return Ok(0); // the whole history is here
         }
@@ -1595,6 +1663,10 @@ impl Hs {
                     let p = Pdu::parse(EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?, &json)
                         .map_err(|e| MxError::bad_json(e.to_string()))?;
                     if p.room_id.as_deref() != Some(room_id) {
+                        continue;
+                    }
+                    if let Err(e) = auth_by_auth_events(w, &rules, &p, &HashMap::new()) {
+                        tracing::info!(reason = %e, "backfilled event rejected");
                         continue;
                     }
                     self.store_pdu_as(w, room_id.as_str(), &p, &json, None, Placement::Backfill)?;

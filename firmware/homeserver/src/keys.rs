@@ -305,11 +305,13 @@ fn split_by_server<T: Clone>(hs: &Hs, map: &BTreeMap<String, T>) -> MxResult<(BT
     Ok((local, remote))
 }
 
-fn merge_into(out: &mut Value, part: &Value, keys: &[&str]) {
+/// Merges a remote server's answer, taking only the users that were asked of it
+/// (a server may speak for its own users, never for anyone else's).
+fn merge_into(out: &mut Value, part: &Value, keys: &[&str], asked: &HashSet<String>) {
     for k in keys {
         if let (Some(dst), Some(src)) = (out[*k].as_object_mut(), part[*k].as_object()) {
-            for (a, b) in src {
-                dst.insert(a.clone(), b.clone());
+            for (user, v) in src.iter().filter(|(u, _)| asked.contains(*u)) {
+                dst.insert(user.clone(), v.clone());
             }
         }
     }
@@ -323,9 +325,10 @@ pub async fn query(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<Query
     let mut out = hs.db.read(|c| local_query(&hs, c, auth.user_id.as_str(), &local))?;
     for (server, users) in remote {
         let Ok(name) = ruma::ServerName::parse(&server) else { continue };
+        let asked: HashSet<String> = users.keys().cloned().collect();
         let req = json!({ "device_keys": users });
         match hs.fed_request("POST", &name, "/_matrix/federation/v1/user/keys/query", Some(&req)).await {
-            Ok(v) => merge_into(&mut out, &v, &["device_keys", "master_keys", "self_signing_keys"]),
+            Ok(v) => merge_into(&mut out, &v, &["device_keys", "master_keys", "self_signing_keys"], &asked),
             Err(e) => {
                 out["failures"][&server] = json!({ "errcode": e.errcode, "error": e.message });
             }
@@ -407,9 +410,10 @@ pub async fn claim(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<Clai
     let mut out = local_claim(&hs, &local)?;
     for (server, users) in remote {
         let Ok(name) = ruma::ServerName::parse(&server) else { continue };
+        let asked: HashSet<String> = users.keys().cloned().collect();
         let req = json!({ "one_time_keys": users });
         match hs.fed_request("POST", &name, "/_matrix/federation/v1/user/keys/claim", Some(&req)).await {
-            Ok(v) => merge_into(&mut out, &v, &["one_time_keys"]),
+            Ok(v) => merge_into(&mut out, &v, &["one_time_keys"], &asked),
             Err(e) => {
                 out["failures"][&server] = json!({ "errcode": e.errcode, "error": e.message });
             }

@@ -100,7 +100,7 @@ impl Hs {
             key_id,
             old_keys,
             notifier: Notifier::default(),
-            typing: ephemeral::Typing::default(),
+            typing: ephemeral::Typing::new(),
             push_rules: push::RulesCache::default(),
             pusher_users: pushers::PusherUsers::default(),
             push_wakeup: tokio::sync::Notify::new(),

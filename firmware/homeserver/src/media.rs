@@ -36,6 +36,7 @@ const THUMB_SIZES: &[(u32, u32, &str)] =
 /// Largest image the thumbnailer decodes, in pixels per side and bytes of memory.
 const MAX_DECODE_SIDE: u32 = 12_000;
 const MAX_DECODE_ALLOC: u64 = 128 * 1024 * 1024;
+static THUMBNAILING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 fn valid_media_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -413,7 +414,7 @@ fn make_thumbnail(src: &Path, dst: &Path, w: u32, h: u32, method: &str) -> MxRes
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(|e| MxError::unknown(e.to_string()))?;
     }
-    let tmp = dst.with_extension("part");
+    let tmp = dst.with_extension(format!("{}.part", random_string(8)));
     let mut f = std::fs::File::create(&tmp).map_err(|e| MxError::unknown(e.to_string()))?;
     f.write_all(buf.get_ref()).map_err(|e| MxError::unknown(e.to_string()))?;
     std::fs::rename(&tmp, dst).map_err(|e| MxError::unknown(e.to_string()))?;
@@ -452,6 +453,8 @@ async fn thumbnail_inner(hs: Arc<Hs>, server: &str, id: &str, q: ThumbQuery) -> 
     }
     let src = hs.media_path(&id);
     let dst2 = dst.clone();
+    // Decoding takes memory (up to MAX_DECODE_ALLOC): one at a time.
+    let _permit = THUMBNAILING.acquire().await.map_err(|e| MxError::unknown(e.to_string()))?;
     let ct = tokio::task::spawn_blocking(move || make_thumbnail(&src, &dst2, tw, th, tm))
         .await
         .map_err(|e| MxError::unknown(e.to_string()))??;

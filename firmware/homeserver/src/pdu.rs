@@ -442,7 +442,9 @@ impl Hs {
         let ts = u64::from(pdu.origin_server_ts.0) as i64;
         crate::push::store_plan(self, w, room_id, &plan, pdu.event_id.as_str(), stream, thread_root.as_deref(), ts)?;
         if let Some(target) = &pdu.redacts {
-            apply_redaction(w, target.as_str(), &pdu.event_id, pdu_json, rules)?;
+            if may_redact(w, room_id.as_str(), pdu, target.as_str())? {
+                apply_redaction(w, target.as_str(), &pdu.event_id, pdu_json, rules)?;
+            }
         }
         Ok(())
     }
@@ -561,6 +563,21 @@ impl Hs {
         }
         Ok(stream)
     }
+}
+
+/// Whether a redaction may take effect (the auth rules leave this to the server
+/// since room version 3): the target is in the same room, and the redacting user
+/// is on the same server as the original sender or has the `redact` power level.
+fn may_redact(c: &Connection, room_id: &str, redaction: &Pdu, target: &str) -> MxResult<bool> {
+    let Some(t) = load_pdu(c, target) else { return Ok(false) };
+    if t.room_id.as_deref().map(|r| r.as_str()) != Some(room_id) {
+        return Ok(false);
+    }
+    if t.sender.server_name() == redaction.sender.server_name() {
+        return Ok(true);
+    }
+    let pl = power_levels(c, room_id)?;
+    Ok(pl.user(redaction.sender.as_str()) >= pl.action("redact", 50))
 }
 
 fn apply_redaction(
