@@ -58,6 +58,7 @@ pub struct Fed {
     /// For peers configured with `accept_self_signed`.
     http_self_signed: reqwest::Client,
     resolved: Mutex<HashMap<String, (String, bool, Instant)>>,
+    key_failures: Mutex<HashMap<String, Instant>>,
     pub(crate) wakeup: tokio::sync::Notify,
 }
 
@@ -72,6 +73,7 @@ impl Fed {
                 .danger_accept_invalid_certs(true)
                 .build()?,
             resolved: Mutex::new(HashMap::new()),
+            key_failures: Mutex::new(HashMap::new()),
             wakeup: tokio::sync::Notify::new(),
         })
     }
@@ -242,7 +244,24 @@ impl Hs {
             }
             return Ok(set);
         }
-        let v = self.fed_get_unsigned(server, "/_matrix/key/v2/server").await?;
+        // A server that just failed to give its keys is not asked again for a minute
+        // (requests naming any origin must not turn us into a hammer).
+        if let Some(at) = self.fed.key_failures.lock().unwrap_or_else(|p| p.into_inner()).get(server.as_str()) {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Err(fed_error("M_UNKNOWN", format!("{server}'s keys are unavailable (recently failed)")));
+            }
+        }
+        let v = match self.fed_get_unsigned(server, "/_matrix/key/v2/server").await {
+            Ok(v) => v,
+            Err(e) => {
+                let mut f = self.fed.key_failures.lock().unwrap_or_else(|p| p.into_inner());
+                if f.len() > 10_000 {
+                    f.clear();
+                }
+                f.insert(server.to_string(), Instant::now());
+                return Err(e);
+            }
+        };
         if v["server_name"] != server.as_str() {
             return Err(fed_error("M_UNKNOWN", format!("{server} answered with keys of another server")));
         }
@@ -502,7 +521,7 @@ pub struct KeyQueryBody {
 }
 
 pub async fn key_query(State(hs): State<Arc<Hs>>, crate::extract::Json(body): crate::extract::Json<KeyQueryBody>) -> MxResult<J> {
-    notary_response(&hs, body.server_keys.into_keys().take(50).collect()).await
+    notary_response(&hs, body.server_keys.into_keys().take(10).collect()).await
 }
 
 pub async fn key_query_one(State(hs): State<Arc<Hs>>, PathArgs(server): PathArgs<String>) -> MxResult<J> {

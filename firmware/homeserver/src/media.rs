@@ -191,7 +191,7 @@ pub async fn upload_to(
     req: Request,
 ) -> MxResult<Response> {
     let id = hs.local_media_id(&server, &id)?;
-    let row: Option<(String, bool, i64)> = hs.db.read(|c| {
+    let row: Option<(String, i64, i64)> = hs.db.read(|c| {
         c.query_row("SELECT user_id, uploaded, created_ts FROM media WHERE media_id=?1", [&id], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
@@ -201,23 +201,31 @@ pub async fn upload_to(
     if owner != auth.user_id.as_str() {
         return Err(MxError::forbidden("This media id belongs to someone else"));
     }
-    if uploaded {
+    if uploaded != 0 {
         return Err(MxError::new(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded"));
     }
     if (now_ms() as i64) - created > UNUSED_EXPIRY_MS as i64 {
         return Err(MxError::not_found("The media id has expired"));
     }
+    // Claim the id first (uploaded=2: in progress), so two uploads cannot race.
+    let claimed = hs.db.write(|w| w.tx.execute("UPDATE media SET uploaded=2 WHERE media_id=?1 AND uploaded=0", [&id]))?;
+    if claimed == 0 {
+        return Err(MxError::new(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded"));
+    }
     let ctype = content_type(req.headers());
-    let size = store_body(&hs, &id, req.into_body(), ctype.as_deref()).await?;
-    let n = hs.db.write(|w| {
+    let size = match store_body(&hs, &id, req.into_body(), ctype.as_deref()).await {
+        Ok(s) => s,
+        Err(e) => {
+            hs.db.write(|w| w.tx.execute("UPDATE media SET uploaded=0 WHERE media_id=?1 AND uploaded=2", [&id]))?;
+            return Err(e);
+        }
+    };
+    hs.db.write(|w| {
         w.tx.execute(
-            "UPDATE media SET content_type=?1, filename=?2, size=?3, uploaded=1 WHERE media_id=?4 AND uploaded=0",
+            "UPDATE media SET content_type=?1, filename=?2, size=?3, uploaded=1 WHERE media_id=?4 AND uploaded=2",
             params![ctype, q.filename, size as i64, id],
         )
     })?;
-    if n == 0 {
-        return Err(MxError::new(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded"));
-    }
     Ok(axum::Json(json!({})).into_response())
 }
 
@@ -245,7 +253,7 @@ struct MediaRow {
 async fn media_row(hs: &Hs, id: &str, timeout_ms: Option<u64>) -> MxResult<MediaRow> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(20_000).min(60_000));
     loop {
-        let row: Option<(Option<String>, Option<String>, Option<i64>, bool)> = hs.db.read(|c| {
+        let row: Option<(Option<String>, Option<String>, Option<i64>, i64)> = hs.db.read(|c| {
             c.query_row("SELECT content_type, filename, size, uploaded FROM media WHERE media_id=?1", [id], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
@@ -253,7 +261,7 @@ async fn media_row(hs: &Hs, id: &str, timeout_ms: Option<u64>) -> MxResult<Media
         })?;
         match row {
             None => return Err(MxError::not_found("Media not found")),
-            Some((content_type, filename, size, true)) => {
+            Some((content_type, filename, size, 1)) => {
                 return Ok(MediaRow { content_type, filename, size: size.unwrap_or(0) })
             }
             Some(_) if tokio::time::Instant::now() >= deadline => {
