@@ -918,11 +918,12 @@ fn state_and_chain(c: &Connection, room: &str) -> MxResult<(Vec<String>, Vec<Str
     Ok((ids, chain))
 }
 
-/// Whether any member of `server` is or was in the room (so it may see its events).
+/// Whether a user of `server` is joined to the room now (so it may read its events
+/// and state; a server whose users all left reads nothing new).
 fn server_in_room(c: &Connection, room: &str, server: &str) -> rusqlite::Result<bool> {
     let pattern = format!("%:{server}");
     c.query_row(
-        "SELECT 1 FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key LIKE ?2 AND membership IN ('join','invite','leave') LIMIT 1",
+        "SELECT 1 FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key LIKE ?2 AND membership='join' LIMIT 1",
         params![room, pattern],
         |_| Ok(true),
     )
