@@ -303,6 +303,8 @@ CREATE TABLE IF NOT EXISTS remote_invites (
     invite_state TEXT NOT NULL,
     stream INTEGER NOT NULL,
     inviter_server TEXT NOT NULL,
+    -- 1 once the user declined: kept (with the leave event) so other devices hear of it.
+    declined INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (room_id, user_id)
 );
 CREATE TABLE IF NOT EXISTS blocked_servers (server_name TEXT PRIMARY KEY, ts INTEGER NOT NULL);
@@ -322,6 +324,10 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let has_outlier: bool = conn.prepare("SELECT 1 FROM pragma_table_info('events') WHERE name='outlier'")?.exists([])?;
     if !has_outlier {
         conn.execute_batch("ALTER TABLE events ADD COLUMN outlier INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    let has_declined: bool = conn.prepare("SELECT 1 FROM pragma_table_info('remote_invites') WHERE name='declined'")?.exists([])?;
+    if !has_declined {
+        conn.execute_batch("ALTER TABLE remote_invites ADD COLUMN declined INTEGER NOT NULL DEFAULT 0;")?;
     }
     let txn_scoped: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('txns') WHERE name='request' AND pk>0")?

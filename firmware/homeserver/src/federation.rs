@@ -891,7 +891,7 @@ pub async fn invite(
         w.tx.execute(
             "INSERT INTO remote_invites(room_id, user_id, room_version, event_json, invite_state, stream, inviter_server)
              VALUES(?1,?2,?3,?4,?5,?6,?7)
-             ON CONFLICT(room_id, user_id) DO UPDATE SET event_json=?4, invite_state=?5, stream=?6, inviter_server=?7",
+             ON CONFLICT(room_id, user_id) DO UPDATE SET event_json=?4, invite_state=?5, stream=?6, inviter_server=?7, declined=0",
             params![room, target.as_str(), version.as_str(), signed.to_string(), stripped.to_string(), stream, req.origin.as_str()],
         )?;
         w.persist_stream()
@@ -1284,7 +1284,7 @@ impl Hs {
     }
 
     /// Leaves (declines an invite to) a room that lives on another server.
-    pub(crate) async fn remote_leave(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
+    pub(crate) async fn remote_leave(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<Value> {
         let path = format!("/_matrix/federation/v1/make_leave/{}/{}", urlenc(room_id.as_str()), urlenc(user.as_str()));
         let made = self.fed_request("GET", server, &path, None).await?;
         let (_, rules, template) = check_template(&made, room_id, user, "leave")?;
@@ -1295,7 +1295,9 @@ impl Hs {
         let body = serde_json::to_value(&obj)?;
         self.fed_request("PUT", server, &format!("/_matrix/federation/v2/send_leave/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)), Some(&body))
             .await?;
-        Ok(())
+        let mut ev = body;
+        ev["event_id"] = json!(event_id);
+        Ok(ev)
     }
 
     /// Invites a user of another server: their server countersigns the invite first.

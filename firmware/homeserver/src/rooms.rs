@@ -449,7 +449,7 @@ async fn join_any(hs: &Hs, room_id: &RoomId, user: &UserId, reason: Option<&str>
     // Through the server that invited us, the room id's server and the given ones.
     let inviter: Option<String> = hs.db.read(|c| {
         c.query_row(
-            "SELECT inviter_server FROM remote_invites WHERE room_id=?1 AND user_id=?2",
+            "SELECT inviter_server FROM remote_invites WHERE room_id=?1 AND user_id=?2 AND declined=0",
             params![room_id.as_str(), user.as_str()],
             |r| r.get(0),
         )
@@ -558,20 +558,29 @@ pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathAr
         // inviting server), then forget the invite here.
         let inviter: Option<String> = hs.db.read(|c| {
             c.query_row(
-                "SELECT inviter_server FROM remote_invites WHERE room_id=?1 AND user_id=?2",
+                "SELECT inviter_server FROM remote_invites WHERE room_id=?1 AND user_id=?2 AND declined=0",
                 params![room_id.as_str(), auth.user_id.as_str()],
                 |r| r.get(0),
             )
             .optional()
         })?;
         if let Some(server) = inviter {
+            let mut leave = json!({ "type": "m.room.member", "state_key": auth.user_id, "sender": auth.user_id,
+                                    "content": { "membership": "leave" }, "origin_server_ts": crate::now_ms() });
             if let Ok(s) = ruma::ServerName::parse(&server) {
-                if let Err(e) = hs.remote_leave(&room_id, &auth.user_id, &s).await {
-                    tracing::info!(errcode = e.errcode, "could not tell the inviting server; forgetting the invite anyway");
+                match hs.remote_leave(&room_id, &auth.user_id, &s).await {
+                    Ok(ev) => leave = ev,
+                    Err(e) => tracing::info!(errcode = e.errcode, "could not tell the inviting server; declining here anyway"),
                 }
             }
-            hs.db.write(|w| {
-                w.tx.execute("DELETE FROM remote_invites WHERE room_id=?1 AND user_id=?2", params![room_id.as_str(), auth.user_id.as_str()])
+            // Kept as declined, with a new stream position, so the user's other devices hear of it.
+            hs.db.write(|w| -> rusqlite::Result<()> {
+                let stream = w.next_stream();
+                w.tx.execute(
+                    "UPDATE remote_invites SET declined=1, event_json=?1, stream=?2 WHERE room_id=?3 AND user_id=?4",
+                    params![leave.to_string(), stream, room_id.as_str(), auth.user_id.as_str()],
+                )?;
+                w.persist_stream()
             })?;
             hs.notify_users([auth.user_id.as_str()]);
             return Ok(axum::Json(json!({})));

@@ -366,18 +366,28 @@ fn build(
     // Invites from other servers to rooms this box does not hold yet.
     {
         let mut st = c.prepare_cached(
-            "SELECT room_id, event_json, invite_state, stream FROM remote_invites WHERE user_id=?1 AND stream>?2 AND stream<=?3",
+            "SELECT room_id, event_json, invite_state, declined FROM remote_invites WHERE user_id=?1 AND stream>?2 AND stream<=?3",
         )?;
         let rows = st
             .query_map(params![user, if since.is_some() { from } else { 0 }, upto], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, bool>(3)?))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        for (room, ev, state) in rows {
+        for (room, ev, state, declined) in rows {
             if invite.contains_key(&room) || join.contains_key(&room) || !rf.allows_room(&room) {
                 continue;
             }
             let ev: Value = serde_json::from_str(&ev).unwrap_or_default();
+            if declined {
+                // Declined since the token: the other devices drop the invite.
+                if since.is_some() {
+                    let mut e = json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"],
+                                        "content": ev["content"], "origin_server_ts": ev["origin_server_ts"] });
+                    e["event_id"] = ev.get("event_id").cloned().unwrap_or_else(|| json!(format!("$declined-{room}")));
+                    leave.insert(room, json!({ "timeline": { "events": [e], "limited": false }, "state": { "events": [] } }));
+                }
+                continue;
+            }
             let mut events: Vec<Value> = serde_json::from_str(&state).unwrap_or_default();
             events.retain(|e| e.is_object());
             events.push(json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"], "content": ev["content"] }));

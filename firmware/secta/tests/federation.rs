@@ -103,8 +103,12 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let carol = login(&b.base, "carol");
     let carol_id = format!("@carol:{}", b.name);
     call("POST", &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)), &alice, json!({"user_id": carol_id})).unwrap();
-    sync_until(&b.base, &carol, "carol's invite", 20, |v| v["rooms"]["invite"].get(&room).is_some());
+    let invited = sync_until(&b.base, &carol, "carol's invite", 20, |v| v["rooms"]["invite"].get(&room).is_some());
     call("POST", &format!("{}/_matrix/client/v3/rooms/{}/leave", b.base, enc(&room)), &carol, json!({})).expect("decline");
+    // Carol's other devices hear of the decline.
+    let since = invited["next_batch"].as_str().unwrap();
+    let after = call("GET", &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.base), &carol, json!({})).unwrap();
+    assert_eq!(after["rooms"]["leave"][&room]["timeline"]["events"][0]["content"]["membership"], "leave", "{after}");
     let state = call(
         "GET",
         &format!("{}/_matrix/client/v3/rooms/{}/state/m.room.member/{}", a.base, enc(&room), enc(&carol_id)),
