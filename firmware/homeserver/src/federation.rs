@@ -861,11 +861,7 @@ pub async fn invite(
     PathArgs((room, event_id)): PathArgs<(String, String)>,
     req: FedRequest,
 ) -> MxResult<J> {
-    let version = req.body["room_version"]
-        .as_str()
-        .and_then(|v| RoomVersionId::try_from(v).ok())
-        .filter(|v| v.rules().is_some())
-        .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
+    let version = supported_version(&req.body["room_version"])?;
     let ev = req.body["event"].clone();
     if ev["type"] != "m.room.member" || ev["content"]["membership"] != "invite" || ev["room_id"] != room.as_str() {
         return Err(MxError::bad_json("not an invite for this room"));
@@ -1374,14 +1370,18 @@ fn in_room(p: &Pdu, room: &RoomId) -> bool {
     }
 }
 
+/// A room version this server can take part in, or `M_INCOMPATIBLE_ROOM_VERSION`.
+fn supported_version(v: &Value) -> MxResult<RoomVersionId> {
+    v.as_str()
+        .and_then(|v| RoomVersionId::try_from(v).ok())
+        .filter(|v| v.rules().is_some())
+        .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))
+}
+
 /// Checks a make_join/make_leave answer: a supported room version and a member
 /// event template for `user`.
 fn check_template(made: &Value, room_id: &RoomId, user: &UserId, what: &str) -> MxResult<(RoomVersionId, ruma::room_version_rules::RoomVersionRules, Value)> {
-    let version = made["room_version"]
-        .as_str()
-        .and_then(|v| RoomVersionId::try_from(v).ok())
-        .filter(|v| v.rules().is_some())
-        .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))?;
+    let version = supported_version(&made["room_version"])?;
     let rules = pdu::rules_for(&version)?;
     let template = made["event"].clone();
     if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["sender"] != user.as_str() {
