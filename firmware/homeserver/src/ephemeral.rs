@@ -155,7 +155,6 @@ impl Typing {
         if !changed.is_empty() {
             t.version = v;
         }
-        t.rooms.retain(|_, (_, users)| !users.is_empty() || true);
         changed
     }
 
