@@ -219,3 +219,141 @@ pub async fn register_with_secret(
         "home_server": hs.server_name,
     })))
 }
+
+// ---- Synapse-compatible admin API for registration tokens (what admin tools use) ----
+
+fn require_admin(auth: &crate::extract::Auth) -> MxResult<()> {
+    if auth.is_admin {
+        Ok(())
+    } else {
+        Err(MxError::forbidden("You are not a server admin"))
+    }
+}
+
+fn token_json(i: &Invite) -> Value {
+    json!({
+        "token": i.token,
+        "uses_allowed": i.uses_allowed,
+        "pending": 0,
+        "completed": i.completed,
+        "expiry_time": i.expiry_ts,
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct TokenListQuery {
+    valid: Option<bool>,
+}
+
+fn invite_valid(i: &Invite) -> bool {
+    !i.revoked && i.uses_allowed.is_none_or(|u| i.completed < u) && i.expiry_ts.is_none_or(|e| (now_ms() as i64) < e)
+}
+
+pub async fn list_tokens(
+    State(hs): State<Arc<Hs>>,
+    auth: crate::extract::Auth,
+    crate::extract::QueryArgs(q): crate::extract::QueryArgs<TokenListQuery>,
+) -> MxResult<axum::Json<Value>> {
+    require_admin(&auth)?;
+    let tokens: Vec<Value> = hs
+        .admin_list_invites()?
+        .iter()
+        .filter(|i| !i.revoked && q.valid.is_none_or(|v| invite_valid(i) == v))
+        .map(token_json)
+        .collect();
+    Ok(axum::Json(json!({ "registration_tokens": tokens })))
+}
+
+fn find_token(hs: &Hs, token: &str) -> MxResult<Invite> {
+    hs.admin_list_invites()?
+        .into_iter()
+        .find(|i| i.token == token && !i.revoked)
+        .ok_or_else(|| MxError::not_found("No such registration token"))
+}
+
+pub async fn get_token(
+    State(hs): State<Arc<Hs>>,
+    auth: crate::extract::Auth,
+    crate::extract::PathArgs(token): crate::extract::PathArgs<String>,
+) -> MxResult<axum::Json<Value>> {
+    require_admin(&auth)?;
+    Ok(axum::Json(token_json(&find_token(&hs, &token)?)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct NewToken {
+    token: Option<String>,
+    uses_allowed: Option<i64>,
+    expiry_time: Option<i64>,
+    length: Option<usize>,
+}
+
+pub async fn new_token(
+    State(hs): State<Arc<Hs>>,
+    auth: crate::extract::Auth,
+    Json(body): Json<NewToken>,
+) -> MxResult<axum::Json<Value>> {
+    require_admin(&auth)?;
+    if body.uses_allowed.is_some_and(|u| u < 0) {
+        return Err(MxError::invalid_param("uses_allowed must be a non-negative integer or null"));
+    }
+    if body.expiry_time.is_some_and(|e| e < now_ms() as i64) {
+        return Err(MxError::invalid_param("expiry_time must not be in the past"));
+    }
+    let token = match body.token {
+        Some(t) => {
+            if t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b)) {
+                return Err(MxError::invalid_param("token must be 1-64 characters of A-Z a-z 0-9 . _ ~ -"));
+            }
+            t
+        }
+        None => random_string(body.length.unwrap_or(16).clamp(1, 64)),
+    };
+    let inserted = hs.db.write(|w| {
+        w.tx.execute(
+            "INSERT OR IGNORE INTO registration_tokens(token, uses_allowed, expiry_ts, created_ts) VALUES(?1,?2,?3,?4)",
+            params![token, body.uses_allowed, body.expiry_time, now_ms() as i64],
+        )
+    })?;
+    if inserted == 0 {
+        return Err(MxError::invalid_param("This token already exists"));
+    }
+    Ok(axum::Json(token_json(&find_token(&hs, &token)?)))
+}
+
+pub async fn update_token(
+    State(hs): State<Arc<Hs>>,
+    auth: crate::extract::Auth,
+    crate::extract::PathArgs(token): crate::extract::PathArgs<String>,
+    Json(body): Json<Value>,
+) -> MxResult<axum::Json<Value>> {
+    require_admin(&auth)?;
+    find_token(&hs, &token)?;
+    // A field that is absent stays; `null` clears it.
+    let uses = body.get("uses_allowed").map(Value::as_i64);
+    let expiry = body.get("expiry_time").map(Value::as_i64);
+    hs.db.write(|w| -> rusqlite::Result<()> {
+        if let Some(u) = uses {
+            w.tx.execute("UPDATE registration_tokens SET uses_allowed=?1 WHERE token=?2", params![u, token])?;
+        }
+        if let Some(e) = expiry {
+            w.tx.execute("UPDATE registration_tokens SET expiry_ts=?1 WHERE token=?2", params![e, token])?;
+        }
+        Ok(())
+    })?;
+    Ok(axum::Json(token_json(&find_token(&hs, &token)?)))
+}
+
+pub async fn delete_token(
+    State(hs): State<Arc<Hs>>,
+    auth: crate::extract::Auth,
+    crate::extract::PathArgs(token): crate::extract::PathArgs<String>,
+) -> MxResult<axum::Json<Value>> {
+    require_admin(&auth)?;
+    if !hs.admin_revoke_invite(&token)? {
+        return Err(MxError::not_found("No such registration token"));
+    }
+    Ok(axum::Json(json!({})))
+}

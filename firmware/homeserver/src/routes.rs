@@ -248,6 +248,12 @@ pub fn router(hs: Arc<Hs>) -> Router {
         .route("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", post(ssync::sliding_sync))
         .route("/_matrix/client/v5/sync", post(ssync::sliding_sync))
         .route("/_synapse/admin/v1/register", get(admin::register_nonce).post(admin::register_with_secret))
+        .route("/_synapse/admin/v1/registration_tokens", get(admin::list_tokens))
+        .route("/_synapse/admin/v1/registration_tokens/new", post(admin::new_token))
+        .route(
+            "/_synapse/admin/v1/registration_tokens/{token}",
+            get(admin::get_token).put(admin::update_token).delete(admin::delete_token),
+        )
         .route("/_matrix/key/v2/query", post(federation::key_query))
         .route("/_matrix/key/v2/query/{server}", get(federation::key_query_one))
         .nest("/_matrix/federation", federation_routes())

@@ -809,3 +809,36 @@ async fn rotated_signing_keys_still_verify_old_events() {
     let rules = RoomVersionId::V12.rules().unwrap();
     assert!(verify_event(&map, &obj, &rules).is_ok());
 }
+
+#[tokio::test]
+async fn admin_registration_token_api() {
+    let b = new_box();
+    b.hs.admin_create_user("boss", "pw", true).unwrap();
+    let (s, v) = b
+        .call("POST", "/_matrix/client/v3/login", None, json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "boss"}, "password": "pw"}))
+        .await;
+    assert_eq!(s, 200);
+    let admin = v["access_token"].as_str().unwrap().to_owned();
+    let (_, member) = b.register("alice").await;
+    let api = "/_synapse/admin/v1/registration_tokens";
+    assert_err(&b.call("GET", api, Some(&member), json!({})).await, 403, "M_FORBIDDEN");
+    let (s, t) = b.call("POST", &format!("{api}/new"), Some(&admin), json!({"token": "welcome-2026", "uses_allowed": 1})).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!((t["token"].as_str(), t["uses_allowed"].as_i64(), t["completed"].as_i64()), (Some("welcome-2026"), Some(1), Some(0)));
+    assert_err(&b.call("POST", &format!("{api}/new"), Some(&admin), json!({"token": "welcome-2026"})).await, 400, "M_INVALID_PARAM");
+    assert_err(&b.call("POST", &format!("{api}/new"), Some(&admin), json!({"uses_allowed": -1})).await, 400, "M_INVALID_PARAM");
+    // The token works for registration, then counts as used.
+    let (s, v) = b.call("POST", "/_matrix/client/v3/register", None, json!({"username": "bob", "password": "pw"})).await;
+    assert_eq!(s, 401);
+    let (s, _) = b
+        .call("POST", "/_matrix/client/v3/register", None, json!({"username": "bob", "password": "pw",
+            "auth": {"type": "m.login.registration_token", "token": "welcome-2026", "session": v["session"]}}))
+        .await;
+    assert_eq!(s, 200);
+    let (_, list) = b.call("GET", &format!("{api}?valid=false"), Some(&admin), json!({})).await;
+    assert!(list["registration_tokens"].as_array().unwrap().iter().any(|t| t["token"] == "welcome-2026" && t["completed"] == 1), "{list}");
+    let (s, t) = b.call("PUT", &format!("{api}/welcome-2026"), Some(&admin), json!({"uses_allowed": 5})).await;
+    assert_eq!((s, t["uses_allowed"].as_i64()), (200, Some(5)));
+    assert_eq!(b.call("DELETE", &format!("{api}/welcome-2026"), Some(&admin), json!({})).await.0, 200);
+    assert_err(&b.call("GET", &format!("{api}/welcome-2026"), Some(&admin), json!({})).await, 404, "M_NOT_FOUND");
+}
