@@ -23,6 +23,15 @@ const ru = {
   errRate: "Слишком много попыток. Подождите немного.",
   errOther: "Не получилось:",
   lang: "English",
+  adminTitle: "Для администратора",
+  adminLogin: "Войти",
+  adminNotAdmin: "Эта учётная запись не администратор.",
+  adminBadLogin: "Неверное имя или пароль.",
+  invitesTitle: "Коды приглашения",
+  invitesUses: "Сколько раз можно использовать",
+  invitesCreate: "Создать код",
+  invitesUsed: "использован",
+  invitesOf: "из",
 };
 
 const en: typeof ru = {
@@ -47,6 +56,15 @@ const en: typeof ru = {
   errRate: "Too many attempts. Wait a little.",
   errOther: "That did not work:",
   lang: "Русский",
+  adminTitle: "For the admin",
+  adminLogin: "Log in",
+  adminNotAdmin: "This account is not an admin.",
+  adminBadLogin: "Wrong name or password.",
+  invitesTitle: "Invite codes",
+  invitesUses: "How many times it can be used",
+  invitesCreate: "Create a code",
+  invitesUsed: "used",
+  invitesOf: "of",
 };
 
 export const texts = { ru, en };

@@ -1,5 +1,6 @@
 import { texts, type Lang, type Texts } from "./i18n";
 import { register } from "./matrix";
+import { adminSection } from "./admin";
 
 type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean };
 
@@ -83,6 +84,7 @@ async function render(info: BoxInfo) {
   };
   app.append(form);
   app.append(el("h2", {}, t.appsTitle), el("p", {}, t.apps, " ", el("code", { id: "server" }, info.homeserver)));
+  app.append(adminSection(t, info.homeserver));
 }
 
 async function start() {

@@ -93,6 +93,28 @@ test("newcomer accepts and registers in the browser", async (t) => {
   await page.waitForFunction(() => document.querySelector("#status")?.textContent?.includes("@natasha:"));
   await page.screenshot({ path: join(shots, "3-registered.png") });
 
+  // The admin logs in on the same page and makes a new invite code.
+  execFileSync(secta, ["admin", "--data", data, "user", "create", "boss", "--password", "admin-pass-1", "--admin"]);
+  await page.fill("input[name=admin-user]", "boss");
+  await page.fill("input[name=admin-password]", "admin-pass-1");
+  await page.click("form#admin-login button[type=submit]");
+  await page.waitForSelector("#invite-create");
+  await page.fill("input[name=invite-uses]", "2");
+  await page.click("#invite-create");
+  await page.waitForFunction(() => (document.querySelector("#admin-status")?.textContent ?? "").length > 8);
+  const code = (await page.textContent("#admin-status")).trim();
+  await page.waitForFunction((c) => document.querySelector("#invite-list")?.textContent?.includes(c), code);
+  assert.match(await page.textContent("#invite-list"), /из 2/);
+  await page.screenshot({ path: join(shots, "4-admin-invites.png"), fullPage: true });
+  // The new code lets someone else in.
+  const first = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/register`, { method: "POST", body: JSON.stringify({ username: "oleg", password: "password-2" }) });
+  const session = (await first.json()).session;
+  const second = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/register`, {
+    method: "POST",
+    body: JSON.stringify({ username: "oleg", password: "password-2", auth: { type: "m.login.registration_token", token: code, session } }),
+  });
+  assert.equal(second.status, 200);
+
   // English on request.
   await page.click("#lang");
   assert.match(await page.textContent("h1"), /Welcome/);
