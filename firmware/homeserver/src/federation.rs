@@ -714,7 +714,16 @@ pub async fn make_join(
 /// against the auth rules) here, without our hashes and signatures.
 fn membership_template(hs: &Hs, room_id: &RoomId, user: &str, membership: &str) -> MxResult<Value> {
     let user_id = UserId::parse(user).map_err(|_| MxError::invalid_param("bad user id"))?;
-    let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(user_id.as_str()), content: json!({ "membership": membership }), txn: None };
+    let mut content = json!({ "membership": membership });
+    if membership == "join" && hs.db.read(|c| pdu::membership(c, room_id.as_str(), user))?.as_deref() != Some("invite") {
+        // Restricted rooms: we authorise joins of members of the allowed rooms.
+        if let Some(Value::Object(extra)) = hs.restricted_join_extra(room_id, &user_id)? {
+            for (k, v) in extra {
+                content[k] = v;
+            }
+        }
+    }
+    let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(user_id.as_str()), content, txn: None };
     let built = hs.db.read(|c| hs.build_pdu_for(c, room_id, &user_id, &ev))?;
     let mut template: Value = serde_json::from_str(&built.json)?;
     if let Some(o) = template.as_object_mut() {
@@ -815,13 +824,16 @@ pub async fn send_join(
     if ev["sender"] != user.as_str() {
         return Err(MxError::bad_json("join sender and state_key differ"));
     }
-    // Countersign as the resident server before storing (restricted joins need it; harmless otherwise).
     let rules = pdu::rules_for(&version)?;
-    let (id, mut obj) = hs.verify_pdu(&version, ev.clone()).await?;
+    // Countersigned (as an event: over its redacted form) before checking: a
+    // restricted join needs the authorising server's signature, which is ours.
+    let mut signed = to_canonical(ev.clone())?;
+    ruma::signatures::sign_event(hs.server_name.as_str(), &hs.keypair, &mut signed, &rules.redaction)
+        .map_err(|e| MxError::unknown(e.to_string()))?;
+    let (id, obj) = hs.verify_pdu(&version, serde_json::to_value(&signed)?).await?;
     if id != event_id {
         return Err(MxError::bad_json("event id does not match the event"));
     }
-    ruma::signatures::sign_json(hs.server_name.as_str(), &hs.keypair, &mut obj).map_err(|e| MxError::unknown(e.to_string()))?;
     let json = serde_json::to_string(&obj)?;
     let parsed = Pdu::parse(EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
     let state_ids: Vec<String> = hs.db.write(|w| -> MxResult<Vec<String>> {
@@ -879,7 +891,9 @@ pub async fn invite(
     if id != event_id {
         return Err(MxError::bad_json("event id does not match the event"));
     }
-    sign_json(hs.server_name.as_str(), &hs.keypair, &mut obj).map_err(|e| MxError::unknown(e.to_string()))?;
+    let rules = pdu::rules_for(&version)?;
+    ruma::signatures::sign_event(hs.server_name.as_str(), &hs.keypair, &mut obj, &rules.redaction)
+        .map_err(|e| MxError::unknown(e.to_string()))?;
     let signed = serde_json::to_value(&obj)?;
     let stripped = req.body["invite_room_state"].clone();
     hs.db.write(|w| -> rusqlite::Result<()> {

@@ -162,6 +162,39 @@ impl Hs {
         room.map(|r| parse_room(&r)).transpose()?.ok_or_else(|| MxError::not_found("Room alias not found"))
     }
 
+    /// For a restricted room: when `user` is in one of the allowed rooms, the content
+    /// that names a local user with invite power as the join's authoriser.
+    pub(crate) fn restricted_join_extra(&self, room_id: &RoomId, user: &UserId) -> MxResult<Option<Value>> {
+        let jr = self.db.read(|c| pdu::state_content(c, room_id.as_str(), "m.room.join_rules", ""))?;
+        let rule = jr.as_ref().and_then(|c| c["join_rule"].as_str()).unwrap_or("invite");
+        if rule != "restricted" && rule != "knock_restricted" {
+            return Ok(None);
+        }
+        let allowed = jr.as_ref().and_then(|c| c["allow"].as_array().cloned()).unwrap_or_default();
+        let ok = self.db.read(|c| -> MxResult<bool> {
+            for a in &allowed {
+                if let Some(r) = a["room_id"].as_str() {
+                    if pdu::membership(c, r, user.as_str())?.as_deref() == Some("join") {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
+        })?;
+        if !ok {
+            return Ok(None);
+        }
+        let authoriser = self.db.read(|c| -> MxResult<Option<String>> {
+            let pl = pdu::power_levels(c, room_id.as_str())?;
+            let need = pl.action("invite", 0);
+            Ok(pdu::local_members(c, room_id.as_str(), false)?
+                .into_iter()
+                .filter(|m| UserId::parse(m).is_ok_and(|u| u.server_name() == self.server_name))
+                .find(|m| pl.user(m) >= need))
+        })?;
+        Ok(authoriser.map(|a| json!({ "join_authorised_via_users_server": a })))
+    }
+
     fn do_join(&self, room_id: &RoomId, user: &UserId, reason: Option<&str>) -> MxResult<()> {
         let exists = self.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_some();
         if !exists {
@@ -171,38 +204,7 @@ impl Hs {
         if current.as_deref() == Some("join") {
             return Ok(());
         }
-        // Restricted rooms: a member of an allowed room may join; a local user with
-        // invite power authorises it.
-        let mut extra = None;
-        if current.as_deref() != Some("invite") {
-            let jr = self.db.read(|c| pdu::state_content(c, room_id.as_str(), "m.room.join_rules", ""))?;
-            let rule = jr.as_ref().and_then(|c| c["join_rule"].as_str()).unwrap_or("invite");
-            if rule == "restricted" || rule == "knock_restricted" {
-                let allowed = jr.as_ref().and_then(|c| c["allow"].as_array().cloned()).unwrap_or_default();
-                let ok = self.db.read(|c| -> MxResult<bool> {
-                    for a in &allowed {
-                        if let Some(r) = a["room_id"].as_str() {
-                            if pdu::membership(c, r, user.as_str())?.as_deref() == Some("join") {
-                                return Ok(true);
-                            }
-                        }
-                    }
-                    Ok(false)
-                })?;
-                if ok {
-                    let authoriser = self.db.read(|c| -> MxResult<Option<String>> {
-                        let pl = pdu::power_levels(c, room_id.as_str())?;
-                        let need = pl.action("invite", 0);
-                        Ok(pdu::local_members(c, room_id.as_str(), false)?
-                            .into_iter()
-                            .find(|m| pl.user(m) >= need))
-                    })?;
-                    if let Some(a) = authoriser {
-                        extra = Some(json!({ "join_authorised_via_users_server": a }));
-                    }
-                }
-            }
-        }
+        let extra = if current.as_deref() != Some("invite") { self.restricted_join_extra(room_id, user)? } else { None };
         self.set_membership(room_id, user, user, "join", reason, extra)?;
         Ok(())
     }

@@ -117,6 +117,22 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     )
     .unwrap();
     assert_eq!(state["membership"], "leave", "{state}");
+    // A restricted room on A that members of `room` may join: bob (on B) joins
+    // without an invite, authorised by A (join_authorised_via_users_server).
+    let restricted = call(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.base),
+        &alice,
+        json!({"preset": "private_chat", "room_version": "10",
+               "initial_state": [{"type": "m.room.join_rules", "state_key": "",
+                                  "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": room}]}}]}),
+    )
+    .unwrap()["room_id"]
+    .as_str()
+    .unwrap()
+    .to_owned();
+    call("POST", &format!("{}/_matrix/client/v3/join/{}?server_name={}", b.base, enc(&restricted), a.name), &bob, json!({}))
+        .expect("restricted join through the authorising server");
     // Bob's join reached A, so A lists him as a member.
     let members = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/joined_members", a.base, enc(&room)), &alice, json!({})).unwrap();
     assert!(members["joined"].get(&bob_id).is_some(), "{members}");
