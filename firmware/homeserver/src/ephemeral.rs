@@ -652,8 +652,29 @@ pub fn update_presence(hs: &Hs, user: &str, presence: &str, status_msg: Option<O
         return Ok(());
     }
     if hs.typing.set_presence(user, presence, status_msg) {
-        for room in hs.db.read(|c| crate::rooms::joined_room_ids(c, user))? {
-            hs.notify_room(&room);
+        let rooms = hs.db.read(|c| crate::rooms::joined_room_ids(c, user))?;
+        for room in &rooms {
+            hs.notify_room(room);
+        }
+        // Other servers sharing a room hear of it (`m.presence` EDU), local users only.
+        let local = ruma::UserId::parse(user).is_ok_and(|u| u.server_name() == hs.server_name);
+        if local && hs.config.federation.enabled {
+            if let Some(content) = hs.typing.presence_of(user) {
+                let servers: std::collections::HashSet<String> = hs
+                    .db
+                    .read(|c| crate::keys::users_sharing_rooms(c, user))?
+                    .iter()
+                    .filter_map(|u| ruma::UserId::parse(u).ok())
+                    .map(|u| u.server_name().to_string())
+                    .filter(|s| s != hs.server_name.as_str())
+                    .collect();
+                let mut push = content.clone();
+                push["user_id"] = json!(user);
+                let edu = json!({ "edu_type": "m.presence", "content": { "push": [push] } });
+                for s in servers {
+                    crate::federation::enqueue_server_edu(hs, &s, edu.clone())?;
+                }
+            }
         }
     }
     Ok(())

@@ -661,6 +661,17 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
                 hs.notify_users(woken.iter().map(String::as_str));
             }
         }
+        Some("m.presence") if hs.config.presence => {
+            for p in content["push"].as_array().into_iter().flatten().take(100) {
+                let Some(user) = p["user_id"].as_str().filter(|u| UserId::parse(u).is_ok_and(|u| u.server_name() == origin)) else { continue };
+                let presence = p["presence"].as_str().unwrap_or("offline");
+                if !matches!(presence, "online" | "offline" | "unavailable") {
+                    continue;
+                }
+                let status = p.get("status_msg").map(|s| s.as_str().map(str::to_owned));
+                let _ = crate::ephemeral::update_presence(hs, user, presence, status);
+            }
+        }
         Some("m.device_list_update") | Some("m.signing_key_update") => {
             let Some(user) = content["user_id"].as_str().filter(|s| UserId::parse(s).is_ok_and(|u| u.server_name() == origin)) else { return };
             let r = hs.db.write(|w| -> rusqlite::Result<()> {

@@ -60,6 +60,15 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let dir = tempfile::tempdir().unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     let (pa, pb, ta, tb) = (free_port(), free_port(), free_port(), free_port());
+    // Both boxes track presence (off by default), to see it cross over.
+    for (d, p) in [(&da, pa), (&db, pb)] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(
+            d.join("secta.toml"),
+            format!("[box]\nname = \"box\"\n\n[homeserver]\nserver_name = \"127.0.0.1:{p}\"\nlisten = \"127.0.0.1:{p}\"\npresence = true\n"),
+        )
+        .unwrap();
+    }
     let a = start_box(&da, pa, ta, pb, tb);
     let mut b = start_box(&db, pb, tb, pa, ta);
     admin(&da, &["user", "create", "alice", "--password", "pw"]);
@@ -133,6 +142,17 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     .to_owned();
     call("POST", &format!("{}/_matrix/client/v3/join/{}?server_name={}", b.base, enc(&restricted), a.name), &bob, json!({}))
         .expect("restricted join through the authorising server");
+    // Presence crosses over (m.presence EDU).
+    call(
+        "PUT",
+        &format!("{}/_matrix/client/v3/presence/{}/status", b.base, enc(&bob_id)),
+        &bob,
+        json!({"presence": "unavailable", "status_msg": "в эфире"}),
+    )
+    .unwrap();
+    sync_until(&a.base, &alice, "bob's presence on A", 30, |v| {
+        v["presence"]["events"].as_array().is_some_and(|evs| evs.iter().any(|e| e["sender"] == bob_id.as_str() && e["content"]["status_msg"] == "в эфире"))
+    });
     // Bob's join reached A, so A lists him as a member.
     let members = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/joined_members", a.base, enc(&room)), &alice, json!({})).unwrap();
     assert!(members["joined"].get(&bob_id).is_some(), "{members}");
