@@ -757,16 +757,47 @@ pub async fn send_leave(
     PathArgs((room, event_id)): PathArgs<(String, String)>,
     req: FedRequest,
 ) -> MxResult<J> {
+    send_membership(&hs, &room, &event_id, &req, "leave").await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn make_knock(State(hs): State<Arc<Hs>>, PathArgs((room, user)): PathArgs<(String, String)>, req: FedRequest) -> MxResult<J> {
+    origin_owns(&user, &req.origin)?;
     let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
     let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
+        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    }
+    let template = membership_template(&hs, &room_id, &user, "knock")?;
+    Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+}
+
+pub async fn send_knock(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, event_id)): PathArgs<(String, String)>,
+    req: FedRequest,
+) -> MxResult<J> {
+    send_membership(&hs, &room, &event_id, &req, "knock").await?;
+    let state = hs.db.read(|c| pdu::stripped_state(c, &room))?;
+    Ok(axum::Json(json!({ "knock_room_state": state })))
+}
+
+/// Takes in a leave or knock another server built from our template: checked,
+/// authorised against current state, stored and sent to the room's other servers.
+async fn send_membership(hs: &Hs, room: &str, event_id: &str, req: &FedRequest, membership: &str) -> MxResult<()> {
+    let room_id = RoomId::parse(room).map_err(|_| MxError::invalid_param("bad room id"))?;
+    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
+        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    }
     let ev = &req.body;
-    if ev["type"] != "m.room.member" || ev["content"]["membership"] != "leave" || ev["room_id"] != room_id.as_str() {
-        return Err(MxError::bad_json("not a leave event for this room"));
+    if ev["type"] != "m.room.member" || ev["content"]["membership"] != membership || ev["room_id"] != room_id.as_str() {
+        return Err(MxError::bad_json(format!("not a {membership} event for this room")));
     }
     let user = ev["state_key"].as_str().unwrap_or_default().to_owned();
     origin_owns(&user, &req.origin)?;
     if ev["sender"] != user.as_str() {
-        return Err(MxError::bad_json("leave sender and state_key differ"));
+        return Err(MxError::bad_json("sender and state_key differ"));
     }
     let (id, obj) = hs.verify_pdu(&version, ev.clone()).await?;
     if id != event_id {
@@ -780,16 +811,16 @@ pub async fn send_leave(
             return Ok(());
         }
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &parsed, |e: &EventId| pdu::load_pdu(w, e.as_str()))
-            .map_err(|e| MxError::forbidden(format!("Leave not allowed: {e}")))?;
+            .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
         ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
             pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
         })
-        .map_err(|e| MxError::forbidden(format!("Leave not allowed: {e}")))?;
+        .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
         hs.commit_built(w, &room_id, pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() }, None, None, Some(req.origin.as_str()))?;
         Ok(())
     })?;
     hs.notify_room(room_id.as_str());
-    Ok(axum::Json(json!({})))
+    Ok(())
 }
 
 /// The auth chain of a set of events (ids), breadth first, bounded.

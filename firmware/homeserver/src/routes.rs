@@ -127,6 +127,8 @@ fn federation_routes() -> Router<Arc<Hs>> {
         .route("/v2/invite/{room_id}/{event_id}", put(federation::invite))
         .route("/v1/make_leave/{room_id}/{user_id}", get(federation::make_leave))
         .route("/v2/send_leave/{room_id}/{event_id}", put(federation::send_leave))
+        .route("/v1/make_knock/{room_id}/{user_id}", get(federation::make_knock))
+        .route("/v1/send_knock/{room_id}/{event_id}", put(federation::send_knock))
         .route("/v1/event/{event_id}", get(federation::get_event))
         .route("/v1/state_ids/{room_id}", get(federation::state_ids))
         .route("/v1/backfill/{room_id}", get(federation::backfill_endpoint))
