@@ -744,12 +744,20 @@ fn membership_template(hs: &Hs, room_id: &RoomId, user: &str, membership: &str) 
     Ok(template)
 }
 
-pub async fn make_leave(State(hs): State<Arc<Hs>>, PathArgs((room, user)): PathArgs<(String, String)>, req: FedRequest) -> MxResult<J> {
-    origin_owns(&user, &req.origin)?;
-    let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
+/// make_leave / make_knock: a template for another server's user.
+fn make_membership(hs: &Hs, room: &str, user: &str, req: &FedRequest, membership: &str) -> MxResult<J> {
+    origin_owns(user, &req.origin)?;
+    let room_id = RoomId::parse(room).map_err(|_| MxError::invalid_param("bad room id"))?;
     let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
-    let template = membership_template(&hs, &room_id, &user, "leave")?;
+    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
+        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    }
+    let template = membership_template(hs, &room_id, user, membership)?;
     Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+}
+
+pub async fn make_leave(State(hs): State<Arc<Hs>>, PathArgs((room, user)): PathArgs<(String, String)>, req: FedRequest) -> MxResult<J> {
+    make_membership(&hs, &room, &user, &req, "leave")
 }
 
 pub async fn send_leave(
@@ -762,14 +770,7 @@ pub async fn send_leave(
 }
 
 pub async fn make_knock(State(hs): State<Arc<Hs>>, PathArgs((room, user)): PathArgs<(String, String)>, req: FedRequest) -> MxResult<J> {
-    origin_owns(&user, &req.origin)?;
-    let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
-    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
-    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
-        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
-    }
-    let template = membership_template(&hs, &room_id, &user, "knock")?;
-    Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+    make_membership(&hs, &room, &user, &req, "knock")
 }
 
 pub async fn send_knock(
