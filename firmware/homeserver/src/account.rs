@@ -30,14 +30,20 @@ const UIA_TTL_SECS: u64 = 15 * 60;
 pub fn valid_localpart(l: &str) -> bool {
     !l.is_empty()
         && l.len() <= 200
-        && l.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+        && l.bytes().all(
+            |b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'),
+        )
 }
 
 /// Argon2id with OWASP's lower-memory setting of equal strength (7 MiB, 5 passes)
 /// instead of the crate default (19 MiB, 2 passes): boxes have little RAM.
 fn argon2() -> argon2::Argon2<'static> {
     use argon2::{Algorithm, Argon2, Params, Version};
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(7 * 1024, 5, 1, None).expect("valid argon2 params"))
+    Argon2::new(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        Params::new(7 * 1024, 5, 1, None).expect("valid argon2 params"),
+    )
 }
 
 pub fn hash_password(password: &str) -> MxResult<String> {
@@ -60,13 +66,22 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
 static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 pub async fn hash_password_async(password: String) -> MxResult<String> {
-    let _permit = HASHING.acquire().await.map_err(|e| MxError::unknown(e.to_string()))?;
-    tokio::task::spawn_blocking(move || hash_password(&password)).await.map_err(|e| MxError::unknown(e.to_string()))?
+    let _permit = HASHING
+        .acquire()
+        .await
+        .map_err(|e| MxError::unknown(e.to_string()))?;
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| MxError::unknown(e.to_string()))?
 }
 
 pub async fn verify_password_async(hash: String, password: String) -> bool {
-    let Ok(_permit) = HASHING.acquire().await else { return false };
-    tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await.unwrap_or(false)
+    let Ok(_permit) = HASHING.acquire().await else {
+        return false;
+    };
+    tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+        .await
+        .unwrap_or(false)
 }
 
 /// Creates a user row. Fails with `M_USER_IN_USE` when taken.
@@ -77,8 +92,14 @@ pub fn insert_user(
     admin: bool,
     displayname: Option<&str>,
 ) -> MxResult<()> {
-    let exists: bool =
-        conn.query_row("SELECT 1 FROM users WHERE user_id=?1", [user_id.as_str()], |_| Ok(true)).optional()?.is_some();
+    let exists: bool = conn
+        .query_row(
+            "SELECT 1 FROM users WHERE user_id=?1",
+            [user_id.as_str()],
+            |_| Ok(true),
+        )
+        .optional()?
+        .is_some();
     if exists {
         return Err(MxError::user_in_use("User ID already taken"));
     }
@@ -103,13 +124,18 @@ pub fn new_session(
     device_id: Option<&str>,
     display_name: Option<&str>,
 ) -> MxResult<(String, String)> {
-    let device_id = device_id.map(str::to_owned).unwrap_or_else(|| random_string(10).to_uppercase());
+    let device_id = device_id
+        .map(str::to_owned)
+        .unwrap_or_else(|| random_string(10).to_uppercase());
     conn.execute(
         "INSERT INTO devices(user_id, device_id, display_name, last_seen_ts) VALUES(?1,?2,?3,?4)
          ON CONFLICT(user_id, device_id) DO UPDATE SET last_seen_ts=?4, display_name=COALESCE(?3, display_name)",
         params![user_id, device_id, display_name, now_ms() as i64],
     )?;
-    conn.execute("DELETE FROM access_tokens WHERE user_id=?1 AND device_id=?2", params![user_id, device_id])?;
+    conn.execute(
+        "DELETE FROM access_tokens WHERE user_id=?1 AND device_id=?2",
+        params![user_id, device_id],
+    )?;
     let token = format!("syt_{}", random_string(40));
     conn.execute(
         "INSERT INTO access_tokens(token_hash, user_id, device_id) VALUES(?1,?2,?3)",
@@ -119,24 +145,43 @@ pub fn new_session(
 }
 
 /// Removes a device with its tokens, keys and pending to-device messages.
-pub fn delete_device_rows(w: &mut WriteTxn<'_>, user_id: &str, device_id: &str) -> rusqlite::Result<()> {
-    w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1 AND device_id=?2", params![user_id, device_id])?;
-    w.tx.execute("DELETE FROM devices WHERE user_id=?1 AND device_id=?2", params![user_id, device_id])?;
+pub fn delete_device_rows(
+    w: &mut WriteTxn<'_>,
+    user_id: &str,
+    device_id: &str,
+) -> rusqlite::Result<()> {
+    w.tx.execute(
+        "DELETE FROM access_tokens WHERE user_id=?1 AND device_id=?2",
+        params![user_id, device_id],
+    )?;
+    w.tx.execute(
+        "DELETE FROM devices WHERE user_id=?1 AND device_id=?2",
+        params![user_id, device_id],
+    )?;
     crate::keys::delete_device_keys(w, user_id, device_id)?;
     w.persist_stream()
 }
 
 /// Removes every device of a user except `keep`.
-pub fn delete_other_devices(w: &mut WriteTxn<'_>, user_id: &str, keep: Option<&str>) -> rusqlite::Result<()> {
+pub fn delete_other_devices(
+    w: &mut WriteTxn<'_>,
+    user_id: &str,
+    keep: Option<&str>,
+) -> rusqlite::Result<()> {
     let devices: Vec<String> = {
         let mut st = w.prepare("SELECT device_id FROM devices WHERE user_id=?1")?;
-        let r = st.query_map([user_id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let r = st
+            .query_map([user_id], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
         r
     };
     for d in devices.iter().filter(|d| Some(d.as_str()) != keep) {
         delete_device_rows(w, user_id, d)?;
     }
-    w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1 AND device_id IS NOT ?2", params![user_id, keep])?;
+    w.tx.execute(
+        "DELETE FROM access_tokens WHERE user_id=?1 AND device_id IS NOT ?2",
+        params![user_id, keep],
+    )?;
     Ok(())
 }
 
@@ -145,7 +190,12 @@ impl Hs {
         let id = random_string(24);
         let mut map = self.uia.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, s| s.created.elapsed().as_secs() < UIA_TTL_SECS);
-        map.insert(id.clone(), UiaSession { created: Instant::now() });
+        map.insert(
+            id.clone(),
+            UiaSession {
+                created: Instant::now(),
+            },
+        );
         id
     }
 
@@ -157,8 +207,20 @@ impl Hs {
         json!(flows)
     }
 
-    fn uia_challenge(&self, session: &str, flows: Value, completed: &[String], err: Option<MxError>) -> MxError {
-        let mut e = err.unwrap_or_else(|| MxError::new(StatusCode::UNAUTHORIZED, "M_FORBIDDEN", "Authentication required"));
+    fn uia_challenge(
+        &self,
+        session: &str,
+        flows: Value,
+        completed: &[String],
+        err: Option<MxError>,
+    ) -> MxError {
+        let mut e = err.unwrap_or_else(|| {
+            MxError::new(
+                StatusCode::UNAUTHORIZED,
+                "M_FORBIDDEN",
+                "Authentication required",
+            )
+        });
         let show_err = e.errcode != "M_FORBIDDEN" || e.message != "Authentication required";
         e.status = StatusCode::UNAUTHORIZED;
         let mut extra = serde_json::Map::new();
@@ -181,17 +243,32 @@ impl Hs {
             let s = self.new_uia_session();
             return Err(self.uia_challenge(&s, flows, &[], None));
         };
-        let session = auth["session"].as_str().map(str::to_owned).unwrap_or_else(|| self.new_uia_session());
+        let session = auth["session"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.new_uia_session());
         if auth["type"].as_str() != Some("m.login.password") {
-            return Err(self.uia_challenge(&session, flows, &[], Some(MxError::forbidden("Unsupported auth type"))));
+            return Err(self.uia_challenge(
+                &session,
+                flows,
+                &[],
+                Some(MxError::forbidden("Unsupported auth type")),
+            ));
         }
-        let who = auth["identifier"]["user"].as_str().or(auth["user"].as_str()).unwrap_or(user.user_id.as_str());
+        let who = auth["identifier"]["user"]
+            .as_str()
+            .or(auth["user"].as_str())
+            .unwrap_or(user.user_id.as_str());
         let who = self.resolve_user(who);
         let password = auth["password"].as_str().unwrap_or_default().to_owned();
         let hash: Option<String> = self.db.read(|c| {
-            c.query_row("SELECT password_hash FROM users WHERE user_id=?1", [user.user_id.as_str()], |r| r.get(0))
-                .optional()
-                .map(Option::flatten)
+            c.query_row(
+                "SELECT password_hash FROM users WHERE user_id=?1",
+                [user.user_id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
         })?;
         let ok = who.as_deref() == Some(user.user_id.as_str())
             && match hash {
@@ -199,7 +276,12 @@ impl Hs {
                 None => false,
             };
         if !ok {
-            return Err(self.uia_challenge(&session, flows, &[], Some(MxError::forbidden("Invalid password"))));
+            return Err(self.uia_challenge(
+                &session,
+                flows,
+                &[],
+                Some(MxError::forbidden("Invalid password")),
+            ));
         }
         Ok(())
     }
@@ -209,7 +291,9 @@ impl Hs {
         if who.starts_with('@') {
             UserId::parse(who).ok().map(|u| u.to_string())
         } else {
-            UserId::parse_with_server_name(who.to_lowercase(), &self.server_name).ok().map(|u| u.to_string())
+            UserId::parse_with_server_name(who.to_lowercase(), &self.server_name)
+                .ok()
+                .map(|u| u.to_string())
         }
     }
 
@@ -223,15 +307,21 @@ impl Hs {
             r
         })?;
         for room in rooms {
-            let room_id = ruma::RoomId::parse(&room).map_err(|e| MxError::unknown(e.to_string()))?;
+            let room_id =
+                ruma::RoomId::parse(&room).map_err(|e| MxError::unknown(e.to_string()))?;
             let content = self.db.read(|c| self.member_content(c, user_id, "join"))?;
             self.db.write(|w| {
-                self.append_event(w, &room_id, user_id, NewEvent {
-                    kind: "m.room.member",
-                    state_key: Some(user_id.as_str()),
-                    content,
-                    txn: None,
-                })
+                self.append_event(
+                    w,
+                    &room_id,
+                    user_id,
+                    NewEvent {
+                        kind: "m.room.member",
+                        state_key: Some(user_id.as_str()),
+                        content,
+                        txn: None,
+                    },
+                )
             })?;
             self.notify_room(&room);
         }
@@ -239,11 +329,18 @@ impl Hs {
     }
 
     /// `m.room.member` content with the user's profile.
-    pub(crate) fn member_content(&self, conn: &Connection, user_id: &UserId, membership: &str) -> rusqlite::Result<Value> {
+    pub(crate) fn member_content(
+        &self,
+        conn: &Connection,
+        user_id: &UserId,
+        membership: &str,
+    ) -> rusqlite::Result<Value> {
         let (name, avatar): (Option<String>, Option<String>) = conn
-            .query_row("SELECT displayname, avatar_url FROM users WHERE user_id=?1", [user_id.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT displayname, avatar_url FROM users WHERE user_id=?1",
+                [user_id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?
             .unwrap_or((None, None));
         let mut c = json!({ "membership": membership });
@@ -285,7 +382,9 @@ fn token_usable(conn: &Connection, token: &str) -> rusqlite::Result<bool> {
     Ok(match row {
         None => false,
         Some((uses, completed, expiry, revoked)) => {
-            !revoked && uses.is_none_or(|u| completed < u) && expiry.is_none_or(|e| (now_ms() as i64) < e)
+            !revoked
+                && uses.is_none_or(|u| completed < u)
+                && expiry.is_none_or(|e| (now_ms() as i64) < e)
         }
     })
 }
@@ -297,7 +396,9 @@ pub async fn register(
     Json(body): Json<RegisterBody>,
 ) -> MxResult<J> {
     if q.kind.as_deref() == Some("guest") {
-        return Err(MxError::guest_forbidden("Guest access is disabled on this box"));
+        return Err(MxError::guest_forbidden(
+            "Guest access is disabled on this box",
+        ));
     }
     if let Some(k) = q.kind.as_deref() {
         if k != "user" {
@@ -309,7 +410,9 @@ pub async fn register(
         Some(u) => {
             let l = u.to_lowercase();
             if !valid_localpart(&l) {
-                return Err(MxError::invalid_username("Username may contain only a-z, 0-9, and . _ = - / +"));
+                return Err(MxError::invalid_username(
+                    "Username may contain only a-z, 0-9, and . _ = - / +",
+                ));
             }
             l
         }
@@ -318,7 +421,13 @@ pub async fn register(
     let user_id = UserId::parse_with_server_name(localpart.as_str(), &hs.server_name)
         .map_err(|_| MxError::invalid_username("Invalid username"))?;
     let taken: bool = hs.db.read(|c| {
-        c.query_row("SELECT 1 FROM users WHERE localpart=?1", [&localpart], |_| Ok(true)).optional().map(|o| o.is_some())
+        c.query_row(
+            "SELECT 1 FROM users WHERE localpart=?1",
+            [&localpart],
+            |_| Ok(true),
+        )
+        .optional()
+        .map(|o| o.is_some())
     })?;
     if taken {
         return Err(MxError::user_in_use("User ID already taken"));
@@ -329,26 +438,49 @@ pub async fn register(
         return Err(hs.uia_challenge(&s, flows, &[], None));
     };
     let session = auth["session"].as_str().unwrap_or_default().to_owned();
-    let known = hs.uia.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&session);
+    let known = hs
+        .uia
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains_key(&session);
     if !known {
         let s = hs.new_uia_session();
-        return Err(hs.uia_challenge(&s, flows, &[], Some(MxError::forbidden("Unknown or expired auth session"))));
+        return Err(hs.uia_challenge(
+            &s,
+            flows,
+            &[],
+            Some(MxError::forbidden("Unknown or expired auth session")),
+        ));
     }
     let mut used_token: Option<String> = None;
     match auth["type"].as_str() {
         Some("m.login.registration_token") => {
             let token = auth["token"].as_str().unwrap_or_default().to_owned();
             if !hs.db.read(|c| token_usable(c, &token))? {
-                return Err(hs.uia_challenge(&session, flows, &[], Some(MxError::forbidden("Invalid registration token"))));
+                return Err(hs.uia_challenge(
+                    &session,
+                    flows,
+                    &[],
+                    Some(MxError::forbidden("Invalid registration token")),
+                ));
             }
             used_token = Some(token);
         }
         Some("m.login.dummy") if hs.config.open_registration => {}
         _ => {
-            return Err(hs.uia_challenge(&session, flows, &[], Some(MxError::forbidden("Unsupported auth type"))));
+            return Err(hs.uia_challenge(
+                &session,
+                flows,
+                &[],
+                Some(MxError::forbidden("Unsupported auth type")),
+            ));
         }
     }
-    let password = body.password.clone().filter(|p| !p.is_empty()).ok_or_else(|| MxError::missing_param("password is required"))?;
+    let password = body
+        .password
+        .clone()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| MxError::missing_param("password is required"))?;
     if password.len() > 512 {
         return Err(MxError::invalid_param("password too long"));
     }
@@ -359,17 +491,28 @@ pub async fn register(
             if !token_usable(w, t)? {
                 return Err(MxError::forbidden("Invalid registration token"));
             }
-            w.tx.execute("UPDATE registration_tokens SET completed=completed+1 WHERE token=?1", [t])?;
+            w.tx.execute(
+                "UPDATE registration_tokens SET completed=completed+1 WHERE token=?1",
+                [t],
+            )?;
         }
         insert_user(w, &user_id, Some(&hash), false, None)?;
         if body.inhibit_login {
             Ok((None, None))
         } else {
-            let (d, t) = new_session(w, user_id.as_str(), body.device_id.as_deref(), body.initial_device_display_name.as_deref())?;
+            let (d, t) = new_session(
+                w,
+                user_id.as_str(),
+                body.device_id.as_deref(),
+                body.initial_device_display_name.as_deref(),
+            )?;
             Ok((Some(d), Some(t)))
         }
     })?;
-    hs.uia.lock().unwrap_or_else(|p| p.into_inner()).remove(&session);
+    hs.uia
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&session);
     tracing::info!(user = %user_id, "registered new user");
     let mut out = json!({ "user_id": user_id, "home_server": hs.server_name });
     if let (Some(d), Some(t)) = (device, token) {
@@ -395,7 +538,9 @@ pub async fn username_available(
         return Err(MxError::invalid_username("Invalid username"));
     }
     let taken: bool = hs.db.read(|c| {
-        c.query_row("SELECT 1 FROM users WHERE localpart=?1", [&l], |_| Ok(true)).optional().map(|o| o.is_some())
+        c.query_row("SELECT 1 FROM users WHERE localpart=?1", [&l], |_| Ok(true))
+            .optional()
+            .map(|o| o.is_some())
     })?;
     if taken {
         return Err(MxError::user_in_use("User ID already taken"));
@@ -433,36 +578,64 @@ pub struct LoginBody {
     initial_device_display_name: Option<String>,
 }
 
-pub async fn login(State(hs): State<Arc<Hs>>, ClientAddr(addr): ClientAddr, Json(body): Json<LoginBody>) -> MxResult<J> {
+pub async fn login(
+    State(hs): State<Arc<Hs>>,
+    ClientAddr(addr): ClientAddr,
+    Json(body): Json<LoginBody>,
+) -> MxResult<J> {
     hs.check_rate(&format!("login:{addr}"))?;
     if body.kind != "m.login.password" {
-        return Err(MxError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Unsupported login type"));
+        return Err(MxError::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            "Unsupported login type",
+        ));
     }
     let who = match &body.identifier {
         Some(id) if id["type"] == "m.id.user" => id["user"].as_str().map(str::to_owned),
-        Some(_) => return Err(MxError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Unsupported identifier type")),
+        Some(_) => {
+            return Err(MxError::new(
+                StatusCode::BAD_REQUEST,
+                "M_UNKNOWN",
+                "Unsupported identifier type",
+            ))
+        }
         None => body.user.clone(),
     }
     .ok_or_else(|| MxError::missing_param("identifier.user is required"))?;
-    let password = body.password.clone().ok_or_else(|| MxError::missing_param("password is required"))?;
+    let password = body
+        .password
+        .clone()
+        .ok_or_else(|| MxError::missing_param("password is required"))?;
     let forbidden = || MxError::forbidden("Invalid username or password");
     let user_id = hs.resolve_user(&who).ok_or_else(forbidden)?;
     let row: Option<(Option<String>, bool)> = hs.db.read(|c| {
-        c.query_row("SELECT password_hash, deactivated FROM users WHERE user_id=?1", [&user_id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        c.query_row(
+            "SELECT password_hash, deactivated FROM users WHERE user_id=?1",
+            [&user_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
     })?;
-    let Some((Some(hash), deactivated)) = row else { return Err(forbidden()) };
+    let Some((Some(hash), deactivated)) = row else {
+        return Err(forbidden());
+    };
     let ok = verify_password_async(hash, password).await;
     if !ok {
         return Err(forbidden());
     }
     if deactivated {
-        return Err(MxError::user_deactivated("This account has been deactivated"));
+        return Err(MxError::user_deactivated(
+            "This account has been deactivated",
+        ));
     }
     let (device_id, token) = hs.db.write(|w| {
-        new_session(w, &user_id, body.device_id.as_deref(), body.initial_device_display_name.as_deref())
+        new_session(
+            w,
+            &user_id,
+            body.device_id.as_deref(),
+            body.initial_device_display_name.as_deref(),
+        )
     })?;
     tracing::info!(user = %user_id, device = %device_id, "login");
     Ok(axum::Json(json!({
@@ -475,13 +648,15 @@ pub async fn login(State(hs): State<Arc<Hs>>, ClientAddr(addr): ClientAddr, Json
 }
 
 pub async fn logout(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
-    hs.db.write(|w| delete_device_rows(w, auth.user_id.as_str(), auth.device_id.as_str()))?;
+    hs.db
+        .write(|w| delete_device_rows(w, auth.user_id.as_str(), auth.device_id.as_str()))?;
     hs.notify_device_change(auth.user_id.as_str());
     Ok(axum::Json(json!({})))
 }
 
 pub async fn logout_all(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
-    hs.db.write(|w| delete_other_devices(w, auth.user_id.as_str(), None))?;
+    hs.db
+        .write(|w| delete_other_devices(w, auth.user_id.as_str(), None))?;
     hs.notify_device_change(auth.user_id.as_str());
     Ok(axum::Json(json!({})))
 }
@@ -497,14 +672,25 @@ pub struct PasswordBody {
     auth: Option<Value>,
 }
 
-pub async fn change_password(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<PasswordBody>) -> MxResult<J> {
+pub async fn change_password(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<PasswordBody>,
+) -> MxResult<J> {
     hs.require_password(&auth, body.auth.as_ref()).await?;
     if body.new_password.is_empty() || body.new_password.len() > 512 {
-        return Err(MxError::new(StatusCode::BAD_REQUEST, "M_WEAK_PASSWORD", "Password must be 1 to 512 characters"));
+        return Err(MxError::new(
+            StatusCode::BAD_REQUEST,
+            "M_WEAK_PASSWORD",
+            "Password must be 1 to 512 characters",
+        ));
     }
     let hash = hash_password_async(body.new_password).await?;
     hs.db.write(|w| {
-        w.tx.execute("UPDATE users SET password_hash=?1 WHERE user_id=?2", params![hash, auth.user_id.as_str()])?;
+        w.tx.execute(
+            "UPDATE users SET password_hash=?1 WHERE user_id=?2",
+            params![hash, auth.user_id.as_str()],
+        )?;
         if body.logout_devices.unwrap_or(true) {
             delete_other_devices(w, auth.user_id.as_str(), Some(auth.device_id.as_str()))?;
         }
@@ -518,10 +704,16 @@ pub struct AuthOnlyBody {
     auth: Option<Value>,
 }
 
-pub async fn deactivate(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<AuthOnlyBody>) -> MxResult<J> {
+pub async fn deactivate(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<AuthOnlyBody>,
+) -> MxResult<J> {
     hs.require_password(&auth, body.auth.as_ref()).await?;
     crate::admin::deactivate_user(&hs, &auth.user_id)?;
-    Ok(axum::Json(json!({ "id_server_unbind_result": "no-support" })))
+    Ok(axum::Json(
+        json!({ "id_server_unbind_result": "no-support" }),
+    ))
 }
 
 pub async fn capabilities(State(hs): State<Arc<Hs>>, _auth: Auth) -> J {
@@ -559,7 +751,11 @@ pub async fn list_devices(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> 
     Ok(axum::Json(json!({ "devices": devices })))
 }
 
-pub async fn get_device(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(device_id): PathArgs<String>) -> MxResult<J> {
+pub async fn get_device(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(device_id): PathArgs<String>,
+) -> MxResult<J> {
     hs.db
         .read(|c| {
             c.query_row(
@@ -614,7 +810,8 @@ pub async fn delete_device(
         return Err(MxError::not_found("Unknown device"));
     }
     hs.require_password(&auth, body.auth.as_ref()).await?;
-    hs.db.write(|w| delete_device_rows(w, auth.user_id.as_str(), &device_id))?;
+    hs.db
+        .write(|w| delete_device_rows(w, auth.user_id.as_str(), &device_id))?;
     hs.notify_device_change(auth.user_id.as_str());
     Ok(axum::Json(json!({})))
 }
@@ -625,7 +822,11 @@ pub struct DeleteDevices {
     auth: Option<Value>,
 }
 
-pub async fn delete_devices(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<DeleteDevices>) -> MxResult<J> {
+pub async fn delete_devices(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<DeleteDevices>,
+) -> MxResult<J> {
     hs.require_password(&auth, body.auth.as_ref()).await?;
     hs.db.write(|w| {
         for d in &body.devices {
@@ -641,7 +842,10 @@ fn parse_user(s: &str) -> MxResult<OwnedUserId> {
     UserId::parse(s).map_err(|_| MxError::invalid_param(format!("Invalid user id: {s}")))
 }
 
-fn profile_of(conn: &Connection, user_id: &str) -> rusqlite::Result<Option<(Option<String>, Option<String>)>> {
+fn profile_of(
+    conn: &Connection,
+    user_id: &str,
+) -> rusqlite::Result<Option<(Option<String>, Option<String>)>> {
     conn.query_row(
         "SELECT displayname, avatar_url FROM users WHERE user_id=?1 AND deactivated=0",
         [user_id],
@@ -650,11 +854,20 @@ fn profile_of(conn: &Connection, user_id: &str) -> rusqlite::Result<Option<(Opti
     .optional()
 }
 
-pub async fn get_profile(State(hs): State<Arc<Hs>>, PathArgs(user_id): PathArgs<String>) -> MxResult<J> {
+pub async fn get_profile(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(user_id): PathArgs<String>,
+) -> MxResult<J> {
     let user_id = parse_user(&user_id)?;
     if user_id.server_name() != hs.server_name {
-        let path = format!("/_matrix/federation/v1/query/profile?user_id={}", crate::federation::urlenc(user_id.as_str()));
-        return hs.fed_request("GET", user_id.server_name(), &path, None).await.map(axum::Json);
+        let path = format!(
+            "/_matrix/federation/v1/query/profile?user_id={}",
+            crate::federation::urlenc(user_id.as_str())
+        );
+        return hs
+            .fed_request("GET", user_id.server_name(), &path, None)
+            .await
+            .map(axum::Json);
     }
     let (name, avatar) = hs
         .db
@@ -703,7 +916,11 @@ pub async fn set_profile_field(
     let column = match field.as_str() {
         "displayname" => "displayname",
         "avatar_url" => "avatar_url",
-        _ => return Err(MxError::forbidden("This profile field cannot be set on this server")),
+        _ => {
+            return Err(MxError::forbidden(
+                "This profile field cannot be set on this server",
+            ))
+        }
     };
     let value = match &body[&field] {
         Value::String(s) => {
@@ -716,7 +933,10 @@ pub async fn set_profile_field(
         _ => return Err(MxError::bad_json(format!("{field} must be a string"))),
     };
     hs.db.write(|w| {
-        w.tx.execute(&format!("UPDATE users SET {column}=?1 WHERE user_id=?2"), params![value, user_id.as_str()])
+        w.tx.execute(
+            &format!("UPDATE users SET {column}=?1 WHERE user_id=?2"),
+            params![value, user_id.as_str()],
+        )
     })?;
     hs.refresh_member_events(&user_id)?;
     Ok(axum::Json(json!({})))
@@ -734,7 +954,13 @@ pub async fn user_directory_search(
     Json(body): Json<DirectorySearch>,
 ) -> MxResult<J> {
     let limit = body.limit.unwrap_or(10).clamp(1, 50) as i64;
-    let term = format!("%{}%", body.search_term.to_lowercase().replace('%', "\\%").replace('_', "\\_"));
+    let term = format!(
+        "%{}%",
+        body.search_term
+            .to_lowercase()
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    );
     let mut results = hs.db.read(|c| {
         let mut st = c.prepare(
             "SELECT user_id, displayname, avatar_url FROM users WHERE deactivated=0
@@ -754,6 +980,7 @@ pub async fn user_directory_search(
     })?;
     let limited = results.len() as i64 > limit;
     results.truncate(limit as usize);
-    Ok(axum::Json(json!({ "results": results, "limited": limited })))
+    Ok(axum::Json(
+        json!({ "results": results, "limited": limited }),
+    ))
 }
-

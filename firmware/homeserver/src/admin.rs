@@ -4,7 +4,10 @@
 //! The CLI functions here touch only rows without stream positions (users,
 //! tokens, invite codes), so they are safe while the server runs.
 
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::extract::State;
 use hmac::{Hmac, Mac};
@@ -42,20 +45,32 @@ pub struct UserInfo {
 
 impl Hs {
     /// Creates a user with a password. Returns the full user id.
-    pub fn admin_create_user(&self, localpart: &str, password: &str, admin: bool) -> MxResult<String> {
+    pub fn admin_create_user(
+        &self,
+        localpart: &str,
+        password: &str,
+        admin: bool,
+    ) -> MxResult<String> {
         let l = localpart.to_lowercase();
         if !valid_localpart(&l) {
-            return Err(MxError::invalid_username("Username may contain only a-z, 0-9, and . _ = - / +"));
+            return Err(MxError::invalid_username(
+                "Username may contain only a-z, 0-9, and . _ = - / +",
+            ));
         }
         let user_id = UserId::parse_with_server_name(l.as_str(), &self.server_name)
             .map_err(|_| MxError::invalid_username("Invalid username"))?;
         let hash = hash_password(password)?;
-        self.db.write(|w| insert_user(w, &user_id, Some(&hash), admin, None))?;
+        self.db
+            .write(|w| insert_user(w, &user_id, Some(&hash), admin, None))?;
         Ok(user_id.to_string())
     }
 
     /// Issues an invite token valid for `uses` registrations (None: unlimited) until `expires_in`.
-    pub fn admin_create_invite(&self, uses: Option<u32>, expires_in: Option<Duration>) -> MxResult<String> {
+    pub fn admin_create_invite(
+        &self,
+        uses: Option<u32>,
+        expires_in: Option<Duration>,
+    ) -> MxResult<String> {
         let token = random_string(16);
         let expiry = expires_in.map(|d| now_ms() as i64 + d.as_millis() as i64);
         self.db.write(|w| {
@@ -89,7 +104,12 @@ impl Hs {
 
     /// Revokes a token; false if there was no such token.
     pub fn admin_revoke_invite(&self, token: &str) -> MxResult<bool> {
-        Ok(self.db.write(|w| w.tx.execute("UPDATE registration_tokens SET revoked=1 WHERE token=?1", [token]))? > 0)
+        Ok(self.db.write(|w| {
+            w.tx.execute(
+                "UPDATE registration_tokens SET revoked=1 WHERE token=?1",
+                [token],
+            )
+        })? > 0)
     }
 
     pub fn admin_list_users(&self) -> MxResult<Vec<UserInfo>> {
@@ -121,7 +141,10 @@ impl Hs {
         };
         let hash = hash_password(password)?;
         Ok(self.db.write(|w| -> rusqlite::Result<usize> {
-            let n = w.tx.execute("UPDATE users SET password_hash=?1 WHERE user_id=?2", params![hash, user_id])?;
+            let n = w.tx.execute(
+                "UPDATE users SET password_hash=?1 WHERE user_id=?2",
+                params![hash, user_id],
+            )?;
             w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1", [&user_id])?;
             Ok(n)
         })? > 0)
@@ -131,7 +154,12 @@ impl Hs {
     pub fn has_admin(&self) -> MxResult<bool> {
         Ok(self
             .db
-            .read(|c| c.query_row("SELECT 1 FROM users WHERE is_admin=1 LIMIT 1", [], |_| Ok(())).optional())?
+            .read(|c| {
+                c.query_row("SELECT 1 FROM users WHERE is_admin=1 LIMIT 1", [], |_| {
+                    Ok(())
+                })
+                .optional()
+            })?
             .is_some())
     }
 }
@@ -153,7 +181,10 @@ pub fn deactivate_user(hs: &Hs, user_id: &UserId) -> MxResult<()> {
     }
     hs.db.write(|w| {
         crate::account::delete_other_devices(w, user_id.as_str(), None)?;
-        w.tx.execute("UPDATE users SET deactivated=1, password_hash=NULL WHERE user_id=?1", [user_id.as_str()])
+        w.tx.execute(
+            "UPDATE users SET deactivated=1, password_hash=NULL WHERE user_id=?1",
+            [user_id.as_str()],
+        )
     })?;
     tracing::info!(user = %user_id, "user deactivated");
     Ok(())
@@ -184,19 +215,28 @@ pub async fn register_with_secret(
     ClientAddr(addr): ClientAddr,
     Json(body): Json<SharedSecretRegister>,
 ) -> MxResult<axum::Json<Value>> {
-    let fresh = hs.admin_nonces.lock().unwrap_or_else(|p| p.into_inner()).remove(&body.nonce);
+    let fresh = hs
+        .admin_nonces
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&body.nonce);
     if fresh.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
         hs.check_rate(&format!("admin-register:{addr}"))?;
         return Err(MxError::invalid_param("Unrecognised nonce"));
     }
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(hs.shared_secret.as_bytes()).map_err(|e| MxError::unknown(e.to_string()))?;
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(hs.shared_secret.as_bytes())
+        .map_err(|e| MxError::unknown(e.to_string()))?;
     mac.update(body.nonce.as_bytes());
     mac.update(b"\0");
     mac.update(body.username.as_bytes());
     mac.update(b"\0");
     mac.update(body.password.as_bytes());
     mac.update(b"\0");
-    mac.update(if body.admin { b"admin" as &[u8] } else { b"notadmin" });
+    mac.update(if body.admin {
+        b"admin" as &[u8]
+    } else {
+        b"notadmin"
+    });
     let want = hex::decode(body.mac.trim()).map_err(|_| MxError::forbidden("HMAC incorrect"))?;
     if mac.verify_slice(&want).is_err() {
         hs.check_rate(&format!("admin-register:{addr}"))?;
@@ -206,10 +246,17 @@ pub async fn register_with_secret(
     if !valid_localpart(&l) {
         return Err(MxError::invalid_username("Invalid username"));
     }
-    let user_id = UserId::parse_with_server_name(l.as_str(), &hs.server_name).map_err(|_| MxError::invalid_username("Invalid username"))?;
+    let user_id = UserId::parse_with_server_name(l.as_str(), &hs.server_name)
+        .map_err(|_| MxError::invalid_username("Invalid username"))?;
     let hash = crate::account::hash_password_async(body.password.clone()).await?;
     let (device, token) = hs.db.write(|w| -> MxResult<_> {
-        insert_user(w, &user_id, Some(&hash), body.admin, body.displayname.as_deref())?;
+        insert_user(
+            w,
+            &user_id,
+            Some(&hash),
+            body.admin,
+            body.displayname.as_deref(),
+        )?;
         new_session(w, user_id.as_str(), None, None)
     })?;
     Ok(axum::Json(json!({
@@ -247,7 +294,9 @@ pub struct TokenListQuery {
 }
 
 fn invite_valid(i: &Invite) -> bool {
-    !i.revoked && i.uses_allowed.is_none_or(|u| i.completed < u) && i.expiry_ts.is_none_or(|e| (now_ms() as i64) < e)
+    !i.revoked
+        && i.uses_allowed.is_none_or(|u| i.completed < u)
+        && i.expiry_ts.is_none_or(|e| (now_ms() as i64) < e)
 }
 
 pub async fn list_tokens(
@@ -297,15 +346,26 @@ pub async fn new_token(
 ) -> MxResult<axum::Json<Value>> {
     require_admin(&auth)?;
     if body.uses_allowed.is_some_and(|u| u < 0) {
-        return Err(MxError::invalid_param("uses_allowed must be a non-negative integer or null"));
+        return Err(MxError::invalid_param(
+            "uses_allowed must be a non-negative integer or null",
+        ));
     }
     if body.expiry_time.is_some_and(|e| e < now_ms() as i64) {
-        return Err(MxError::invalid_param("expiry_time must not be in the past"));
+        return Err(MxError::invalid_param(
+            "expiry_time must not be in the past",
+        ));
     }
     let token = match body.token {
         Some(t) => {
-            if t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b)) {
-                return Err(MxError::invalid_param("token must be 1-64 characters of A-Z a-z 0-9 . _ ~ -"));
+            if t.is_empty()
+                || t.len() > 64
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+            {
+                return Err(MxError::invalid_param(
+                    "token must be 1-64 characters of A-Z a-z 0-9 . _ ~ -",
+                ));
             }
             t
         }
@@ -336,10 +396,16 @@ pub async fn update_token(
     let expiry = body.get("expiry_time").map(Value::as_i64);
     hs.db.write(|w| -> rusqlite::Result<()> {
         if let Some(u) = uses {
-            w.tx.execute("UPDATE registration_tokens SET uses_allowed=?1 WHERE token=?2", params![u, token])?;
+            w.tx.execute(
+                "UPDATE registration_tokens SET uses_allowed=?1 WHERE token=?2",
+                params![u, token],
+            )?;
         }
         if let Some(e) = expiry {
-            w.tx.execute("UPDATE registration_tokens SET expiry_ts=?1 WHERE token=?2", params![e, token])?;
+            w.tx.execute(
+                "UPDATE registration_tokens SET expiry_ts=?1 WHERE token=?2",
+                params![e, token],
+            )?;
         }
         Ok(())
     })?;

@@ -18,7 +18,11 @@ type J = axum::Json<Value>;
 
 /// Latest live backup version of a user.
 fn current_version(c: &Connection, user: &str) -> rusqlite::Result<Option<i64>> {
-    c.query_row("SELECT MAX(version) FROM backup_versions WHERE user_id=?1 AND deleted=0", [user], |r| r.get(0))
+    c.query_row(
+        "SELECT MAX(version) FROM backup_versions WHERE user_id=?1 AND deleted=0",
+        [user],
+        |r| r.get(0),
+    )
 }
 
 fn version_info(c: &Connection, user: &str, version: i64) -> MxResult<Value> {
@@ -29,7 +33,8 @@ fn version_info(c: &Connection, user: &str, version: i64) -> MxResult<Value> {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    let (algorithm, auth_data, etag) = row.ok_or_else(|| MxError::not_found("Unknown backup version"))?;
+    let (algorithm, auth_data, etag) =
+        row.ok_or_else(|| MxError::not_found("Unknown backup version"))?;
     let count: i64 = c.query_row(
         "SELECT COUNT(*) FROM backup_keys WHERE user_id=?1 AND version=?2",
         params![user, version],
@@ -45,7 +50,8 @@ fn version_info(c: &Connection, user: &str, version: i64) -> MxResult<Value> {
 }
 
 fn parse_version(v: &str) -> MxResult<i64> {
-    v.parse().map_err(|_| MxError::not_found("Unknown backup version"))
+    v.parse()
+        .map_err(|_| MxError::not_found("Unknown backup version"))
 }
 
 #[derive(Deserialize)]
@@ -55,7 +61,11 @@ pub struct VersionBody {
     version: Option<String>,
 }
 
-pub async fn create_version(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<VersionBody>) -> MxResult<J> {
+pub async fn create_version(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<VersionBody>,
+) -> MxResult<J> {
     if !body.auth_data.is_object() {
         return Err(MxError::bad_json("auth_data must be an object"));
     }
@@ -78,14 +88,20 @@ pub async fn create_version(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): J
 pub async fn get_current_version(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
     let user = auth.user_id.as_str();
     hs.db.read(|c| {
-        let v = current_version(c, user)?.ok_or_else(|| MxError::not_found("No current backup version"))?;
+        let v = current_version(c, user)?
+            .ok_or_else(|| MxError::not_found("No current backup version"))?;
         version_info(c, user, v).map(axum::Json)
     })
 }
 
-pub async fn get_version(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(version): PathArgs<String>) -> MxResult<J> {
+pub async fn get_version(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(version): PathArgs<String>,
+) -> MxResult<J> {
     let v = parse_version(&version)?;
-    hs.db.read(|c| version_info(c, auth.user_id.as_str(), v).map(axum::Json))
+    hs.db
+        .read(|c| version_info(c, auth.user_id.as_str(), v).map(axum::Json))
 }
 
 pub async fn update_version(
@@ -96,7 +112,9 @@ pub async fn update_version(
 ) -> MxResult<J> {
     let v = parse_version(&version)?;
     if body.version.as_deref().is_some_and(|bv| bv != version) {
-        return Err(MxError::invalid_param("version in body does not match the path"));
+        return Err(MxError::invalid_param(
+            "version in body does not match the path",
+        ));
     }
     let user = auth.user_id.as_str();
     hs.db.write(|w| -> MxResult<()> {
@@ -122,12 +140,22 @@ pub async fn update_version(
     Ok(axum::Json(json!({})))
 }
 
-pub async fn delete_version(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(version): PathArgs<String>) -> MxResult<J> {
+pub async fn delete_version(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(version): PathArgs<String>,
+) -> MxResult<J> {
     let v = parse_version(&version)?;
     let user = auth.user_id.as_str();
     let n = hs.db.write(|w| -> rusqlite::Result<usize> {
-        w.tx.execute("DELETE FROM backup_keys WHERE user_id=?1 AND version=?2", params![user, v])?;
-        w.tx.execute("UPDATE backup_versions SET deleted=1 WHERE user_id=?1 AND version=?2 AND deleted=0", params![user, v])
+        w.tx.execute(
+            "DELETE FROM backup_keys WHERE user_id=?1 AND version=?2",
+            params![user, v],
+        )?;
+        w.tx.execute(
+            "UPDATE backup_versions SET deleted=1 WHERE user_id=?1 AND version=?2 AND deleted=0",
+            params![user, v],
+        )
     })?;
     if n == 0 {
         return Err(MxError::not_found("Unknown backup version"));
@@ -145,16 +173,26 @@ fn check_current(c: &Connection, user: &str, version: &str, for_write: bool) -> 
     let v = parse_version(version)?;
     let current = current_version(c, user)?;
     if for_write && current != Some(v) {
-        let mut e = MxError::new(http::StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION", "Wrong backup version");
+        let mut e = MxError::new(
+            http::StatusCode::FORBIDDEN,
+            "M_WRONG_ROOM_KEYS_VERSION",
+            "Wrong backup version",
+        );
         if let Some(cur) = current {
             e = e.with_extra("current_version", json!(cur.to_string()));
         }
         return Err(e);
     }
     let exists: Option<i64> = c
-        .query_row("SELECT 1 FROM backup_versions WHERE user_id=?1 AND version=?2 AND deleted=0", params![user, v], |r| r.get(0))
+        .query_row(
+            "SELECT 1 FROM backup_versions WHERE user_id=?1 AND version=?2 AND deleted=0",
+            params![user, v],
+            |r| r.get(0),
+        )
         .optional()?;
-    exists.map(|_| v).ok_or_else(|| MxError::not_found("Unknown backup version"))
+    exists
+        .map(|_| v)
+        .ok_or_else(|| MxError::not_found("Unknown backup version"))
 }
 
 /// Whether `new` should replace `old` (the spec's preference order).
@@ -167,18 +205,28 @@ fn better(new: &Value, old: &Value) -> bool {
     if idx(new) != idx(old) {
         return idx(new) < idx(old);
     }
-    new["forwarded_count"].as_u64().unwrap_or(u64::MAX) < old["forwarded_count"].as_u64().unwrap_or(u64::MAX)
+    new["forwarded_count"].as_u64().unwrap_or(u64::MAX)
+        < old["forwarded_count"].as_u64().unwrap_or(u64::MAX)
 }
 
 fn valid_session(v: &Value) -> MxResult<()> {
-    if v["first_message_index"].is_u64() && v["forwarded_count"].is_u64() && v["is_verified"].is_boolean() && v["session_data"].is_object() {
+    if v["first_message_index"].is_u64()
+        && v["forwarded_count"].is_u64()
+        && v["is_verified"].is_boolean()
+        && v["session_data"].is_object()
+    {
         Ok(())
     } else {
         Err(MxError::bad_json("KeyBackupData needs first_message_index, forwarded_count, is_verified and session_data"))
     }
 }
 
-fn store_keys(hs: &Hs, user: &str, version: &str, rooms: BTreeMap<String, BTreeMap<String, Value>>) -> MxResult<J> {
+fn store_keys(
+    hs: &Hs,
+    user: &str,
+    version: &str,
+    rooms: BTreeMap<String, BTreeMap<String, Value>>,
+) -> MxResult<J> {
     for (room, sessions) in &rooms {
         parse_room(room)?;
         for s in sessions.values() {
@@ -230,7 +278,12 @@ pub struct RoomSessions {
     sessions: BTreeMap<String, Value>,
 }
 
-pub async fn put_all(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<VersionQuery>, Json(b): Json<RoomsBody>) -> MxResult<J> {
+pub async fn put_all(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<VersionQuery>,
+    Json(b): Json<RoomsBody>,
+) -> MxResult<J> {
     let rooms = b.rooms.into_iter().map(|(r, s)| (r, s.sessions)).collect();
     store_keys(&hs, auth.user_id.as_str(), &q.version, rooms)
 }
@@ -242,7 +295,12 @@ pub async fn put_room(
     QueryArgs(q): QueryArgs<VersionQuery>,
     Json(b): Json<RoomSessions>,
 ) -> MxResult<J> {
-    store_keys(&hs, auth.user_id.as_str(), &q.version, BTreeMap::from([(room, b.sessions)]))
+    store_keys(
+        &hs,
+        auth.user_id.as_str(),
+        &q.version,
+        BTreeMap::from([(room, b.sessions)]),
+    )
 }
 
 pub async fn put_session(
@@ -252,36 +310,70 @@ pub async fn put_session(
     QueryArgs(q): QueryArgs<VersionQuery>,
     Json(b): Json<Value>,
 ) -> MxResult<J> {
-    store_keys(&hs, auth.user_id.as_str(), &q.version, BTreeMap::from([(room, BTreeMap::from([(session, b)]))]))
+    store_keys(
+        &hs,
+        auth.user_id.as_str(),
+        &q.version,
+        BTreeMap::from([(room, BTreeMap::from([(session, b)]))]),
+    )
 }
 
-fn load_keys(c: &Connection, user: &str, v: i64, room: Option<&str>, session: Option<&str>) -> MxResult<Map<String, Value>> {
+fn load_keys(
+    c: &Connection,
+    user: &str,
+    v: i64,
+    room: Option<&str>,
+    session: Option<&str>,
+) -> MxResult<Map<String, Value>> {
     let mut st = c.prepare_cached(
         "SELECT room_id, session_id, json FROM backup_keys WHERE user_id=?1 AND version=?2
          AND (?3 IS NULL OR room_id=?3) AND (?4 IS NULL OR session_id=?4)",
     )?;
     let mut rooms: Map<String, Value> = Map::new();
-    for row in st.query_map(params![user, v, room, session], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
+    for row in st.query_map(params![user, v, room, session], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })? {
         let (r, s, j) = row?;
-        rooms.entry(r).or_insert_with(|| json!({ "sessions": {} }))["sessions"][&s] = serde_json::from_str(&j)?;
+        rooms.entry(r).or_insert_with(|| json!({ "sessions": {} }))["sessions"][&s] =
+            serde_json::from_str(&j)?;
     }
     Ok(rooms)
 }
 
-pub async fn get_all(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<VersionQuery>) -> MxResult<J> {
+pub async fn get_all(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<VersionQuery>,
+) -> MxResult<J> {
     let user = auth.user_id.as_str();
     hs.db.read(|c| {
         let v = check_current(c, user, &q.version, false)?;
-        Ok(axum::Json(json!({ "rooms": load_keys(c, user, v, None, None)? })))
+        Ok(axum::Json(
+            json!({ "rooms": load_keys(c, user, v, None, None)? }),
+        ))
     })
 }
 
-pub async fn get_room(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, QueryArgs(q): QueryArgs<VersionQuery>) -> MxResult<J> {
+pub async fn get_room(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    QueryArgs(q): QueryArgs<VersionQuery>,
+) -> MxResult<J> {
     let user = auth.user_id.as_str();
     hs.db.read(|c| {
         let v = check_current(c, user, &q.version, false)?;
         let rooms = load_keys(c, user, v, Some(&room), None)?;
-        Ok(axum::Json(rooms.get(&room).cloned().unwrap_or_else(|| json!({ "sessions": {} }))))
+        Ok(axum::Json(
+            rooms
+                .get(&room)
+                .cloned()
+                .unwrap_or_else(|| json!({ "sessions": {} })),
+        ))
     })
 }
 
@@ -303,7 +395,13 @@ pub async fn get_session(
     })
 }
 
-fn delete_keys(hs: &Hs, user: &str, version: &str, room: Option<&str>, session: Option<&str>) -> MxResult<J> {
+fn delete_keys(
+    hs: &Hs,
+    user: &str,
+    version: &str,
+    room: Option<&str>,
+    session: Option<&str>,
+) -> MxResult<J> {
     let out = hs.db.write(|w| -> MxResult<Value> {
         let v = check_current(w, user, version, false)?;
         let n = w.tx.execute(
@@ -319,11 +417,20 @@ fn delete_keys(hs: &Hs, user: &str, version: &str, room: Option<&str>, session: 
     Ok(axum::Json(out))
 }
 
-pub async fn delete_all(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<VersionQuery>) -> MxResult<J> {
+pub async fn delete_all(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<VersionQuery>,
+) -> MxResult<J> {
     delete_keys(&hs, auth.user_id.as_str(), &q.version, None, None)
 }
 
-pub async fn delete_room(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, QueryArgs(q): QueryArgs<VersionQuery>) -> MxResult<J> {
+pub async fn delete_room(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    QueryArgs(q): QueryArgs<VersionQuery>,
+) -> MxResult<J> {
     delete_keys(&hs, auth.user_id.as_str(), &q.version, Some(&room), None)
 }
 
@@ -333,5 +440,11 @@ pub async fn delete_session(
     PathArgs((room, session)): PathArgs<(String, String)>,
     QueryArgs(q): QueryArgs<VersionQuery>,
 ) -> MxResult<J> {
-    delete_keys(&hs, auth.user_id.as_str(), &q.version, Some(&room), Some(&session))
+    delete_keys(
+        &hs,
+        auth.user_id.as_str(),
+        &q.version,
+        Some(&room),
+        Some(&session),
+    )
 }

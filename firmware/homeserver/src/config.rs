@@ -66,7 +66,14 @@ pub struct FederationConfig {
 
 impl Default for FederationConfig {
     fn default() -> Self {
-        Self { enabled: true, tls_listen: None, tls_cert: None, tls_key: None, blocked_servers: Vec::new(), peers: Vec::new() }
+        Self {
+            enabled: true,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            blocked_servers: Vec::new(),
+            peers: Vec::new(),
+        }
     }
 }
 

@@ -321,13 +321,19 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_bump {
         conn.execute_batch("ALTER TABLE rooms ADD COLUMN bump_stamp INTEGER NOT NULL DEFAULT 0;")?;
     }
-    let has_outlier: bool = conn.prepare("SELECT 1 FROM pragma_table_info('events') WHERE name='outlier'")?.exists([])?;
+    let has_outlier: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name='outlier'")?
+        .exists([])?;
     if !has_outlier {
         conn.execute_batch("ALTER TABLE events ADD COLUMN outlier INTEGER NOT NULL DEFAULT 0;")?;
     }
-    let has_declined: bool = conn.prepare("SELECT 1 FROM pragma_table_info('remote_invites') WHERE name='declined'")?.exists([])?;
+    let has_declined: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('remote_invites') WHERE name='declined'")?
+        .exists([])?;
     if !has_declined {
-        conn.execute_batch("ALTER TABLE remote_invites ADD COLUMN declined INTEGER NOT NULL DEFAULT 0;")?;
+        conn.execute_batch(
+            "ALTER TABLE remote_invites ADD COLUMN declined INTEGER NOT NULL DEFAULT 0;",
+        )?;
     }
     let txn_scoped: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('txns') WHERE name='request' AND pk>0")?
@@ -423,7 +429,13 @@ impl Db {
             |r| r.get(0),
         )?;
         Ok(Self {
-            writer: Mutex::new(Writer { conn, in_txn: false, next: stream, generation: 0, batch: 0 }),
+            writer: Mutex::new(Writer {
+                conn,
+                in_txn: false,
+                next: stream,
+                generation: 0,
+                batch: 0,
+            }),
             queued: AtomicUsize::new(0),
             commits: Mutex::new(Commits::default()),
             committed: Condvar::new(),
@@ -473,7 +485,10 @@ impl Db {
                 let start_next = st.next;
                 // A panic inside `f` must not leave the shared transaction half-written.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let mut w = WriteTxn { tx: &st.conn, next: start_next };
+                    let mut w = WriteTxn {
+                        tx: &st.conn,
+                        next: start_next,
+                    };
                     let out = f(&mut w);
                     (out, w.next)
                 }));
@@ -535,7 +550,10 @@ impl Db {
         // Someone queued behind us will commit this batch.
         let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
         while commits.done <= my_generation {
-            commits = self.committed.wait(commits).unwrap_or_else(|p| p.into_inner());
+            commits = self
+                .committed
+                .wait(commits)
+                .unwrap_or_else(|p| p.into_inner());
         }
         if let Some((_, msg)) = commits.failed.iter().find(|(g, _)| *g == my_generation) {
             return Err(rusqlite::Error::SqliteFailure(
@@ -555,7 +573,9 @@ impl Db {
         st.generation += 1;
         let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
         commits.done = generation + 1;
-        commits.failed.retain(|(g, _)| generation.saturating_sub(*g) < 1024);
+        commits
+            .failed
+            .retain(|(g, _)| generation.saturating_sub(*g) < 1024);
         commits.failed.push((generation, why.to_owned()));
         drop(commits);
         self.committed.notify_all();
@@ -563,7 +583,11 @@ impl Db {
 
     /// Commits the open batch (writer lock held) and wakes its waiters.
     fn commit_locked(&self, st: &mut Writer) -> rusqlite::Result<()> {
-        let result = if st.in_txn { st.conn.execute_batch("COMMIT") } else { Ok(()) };
+        let result = if st.in_txn {
+            st.conn.execute_batch("COMMIT")
+        } else {
+            Ok(())
+        };
         if result.is_err() {
             let _ = st.conn.execute_batch("ROLLBACK");
         } else if st.in_txn {
@@ -575,7 +599,9 @@ impl Db {
         st.generation += 1;
         let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
         commits.done = generation + 1;
-        commits.failed.retain(|(g, _)| generation.saturating_sub(*g) < 1024);
+        commits
+            .failed
+            .retain(|(g, _)| generation.saturating_sub(*g) < 1024);
         if let Err(e) = &result {
             commits.failed.push((generation, e.to_string()));
         }

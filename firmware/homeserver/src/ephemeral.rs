@@ -50,7 +50,11 @@ const IDLE_AFTER: Duration = Duration::from_secs(5 * 60);
 impl PresenceState {
     fn content(&self) -> Value {
         let idle = self.last_active.elapsed();
-        let presence = if self.presence == "online" && idle > IDLE_AFTER { "unavailable" } else { self.presence.as_str() };
+        let presence = if self.presence == "online" && idle > IDLE_AFTER {
+            "unavailable"
+        } else {
+            self.presence.as_str()
+        };
         let mut c = json!({
             "presence": presence,
             "last_active_ago": idle.as_millis() as u64,
@@ -94,13 +98,21 @@ impl Typing {
     }
 
     /// Records a presence update; returns whether others should hear of it.
-    pub fn set_presence(&self, user: &str, presence: &str, status_msg: Option<Option<String>>) -> bool {
+    pub fn set_presence(
+        &self,
+        user: &str,
+        presence: &str,
+        status_msg: Option<Option<String>>,
+    ) -> bool {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let old = t.presence.get(user).cloned();
-        let status_msg = status_msg.unwrap_or_else(|| old.as_ref().and_then(|o| o.status_msg.clone()));
+        let status_msg =
+            status_msg.unwrap_or_else(|| old.as_ref().and_then(|o| o.status_msg.clone()));
         let changed = old.as_ref().is_none_or(|o| {
-            o.presence != presence || o.status_msg != status_msg || (presence == "online" && o.last_active.elapsed() > IDLE_AFTER)
+            o.presence != presence
+                || o.status_msg != status_msg
+                || (presence == "online" && o.last_active.elapsed() > IDLE_AFTER)
         });
         let version = if changed {
             t.version += 1;
@@ -108,7 +120,15 @@ impl Typing {
         } else {
             old.as_ref().map_or(0, |o| o.version)
         };
-        t.presence.insert(user.to_owned(), PresenceState { presence: presence.to_owned(), status_msg, last_active: now, version });
+        t.presence.insert(
+            user.to_owned(),
+            PresenceState {
+                presence: presence.to_owned(),
+                status_msg,
+                last_active: now,
+                version,
+            },
+        );
         changed
     }
 
@@ -119,7 +139,11 @@ impl Typing {
     }
 
     /// `m.presence` events of these users changed after `since` (all known when `since` is None).
-    pub fn presence_events<'a>(&self, users: impl IntoIterator<Item = &'a str>, since: Option<u64>) -> Vec<Value> {
+    pub fn presence_events<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a str>,
+        since: Option<u64>,
+    ) -> Vec<Value> {
         let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         users
             .into_iter()
@@ -166,7 +190,11 @@ impl Typing {
         if since.is_some_and(|s| *ver <= s) {
             return None;
         }
-        let list: Vec<String> = users.iter().filter(|(_, u)| **u > now).map(|(k, _)| k.clone()).collect();
+        let list: Vec<String> = users
+            .iter()
+            .filter(|(_, u)| **u > now)
+            .map(|(k, _)| k.clone())
+            .collect();
         if since.is_none() && list.is_empty() {
             return None;
         }
@@ -199,8 +227,14 @@ pub async fn housekeeping(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
 fn prune(hs: &Hs) -> MxResult<()> {
     let now = now_ms() as i64;
     let (n, m) = hs.db.write(|w| -> rusqlite::Result<(usize, usize)> {
-        let n = w.tx.execute("DELETE FROM notifications WHERE ts<?1", [now - 30 * 24 * 3600 * 1000])?;
-        let m = w.tx.execute("DELETE FROM media WHERE uploaded=0 AND created_ts<?1", [now - 24 * 3600 * 1000])?;
+        let n = w.tx.execute(
+            "DELETE FROM notifications WHERE ts<?1",
+            [now - 30 * 24 * 3600 * 1000],
+        )?;
+        let m = w.tx.execute(
+            "DELETE FROM media WHERE uploaded=0 AND created_ts<?1",
+            [now - 24 * 3600 * 1000],
+        )?;
         Ok((n, m))
     })?;
     tracing::debug!(notifications = n, media_ids = m, "pruned");
@@ -223,12 +257,20 @@ pub async fn typing(
     if user != auth.user_id.as_str() {
         return Err(MxError::forbidden("You may only set your own typing state"));
     }
-    let joined = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
+    let joined = hs
+        .db
+        .read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
     if joined.as_deref() != Some("join") {
         return Err(MxError::forbidden("You are not in this room"));
     }
-    let until = body.typing.then(|| Instant::now() + Duration::from_millis(body.timeout.unwrap_or(30_000).min(120_000)));
-    if hs.typing.set(room_id.as_str(), auth.user_id.as_str(), until) || body.typing {
+    let until = body.typing.then(|| {
+        Instant::now() + Duration::from_millis(body.timeout.unwrap_or(30_000).min(120_000))
+    });
+    if hs
+        .typing
+        .set(room_id.as_str(), auth.user_id.as_str(), until)
+        || body.typing
+    {
         crate::federation::enqueue_room_edu(
             &hs,
             room_id.as_str(),
@@ -318,7 +360,14 @@ pub async fn receipt(
     if kind == "m.fully_read" && body.thread_id.is_some() {
         return Err(MxError::invalid_param("m.fully_read takes no thread_id"));
     }
-    store_receipt(&hs, &room_id, &auth.user_id, &kind, &event_id, body.thread_id.as_deref())?;
+    store_receipt(
+        &hs,
+        &room_id,
+        &auth.user_id,
+        &kind,
+        &event_id,
+        body.thread_id.as_deref(),
+    )?;
     Ok(axum::Json(json!({})))
 }
 
@@ -339,7 +388,11 @@ pub async fn read_markers(
     Json(body): Json<ReadMarkers>,
 ) -> MxResult<J> {
     let room_id = parse_room(&room)?;
-    for (kind, ev) in [("m.fully_read", &body.fully_read), ("m.read", &body.read), ("m.read.private", &body.read_private)] {
+    for (kind, ev) in [
+        ("m.fully_read", &body.fully_read),
+        ("m.read", &body.read),
+        ("m.read.private", &body.read_private),
+    ] {
         if let Some(ev) = ev {
             store_receipt(&hs, &room_id, &auth.user_id, kind, ev, None)?;
         }
@@ -347,7 +400,13 @@ pub async fn read_markers(
     Ok(axum::Json(json!({})))
 }
 
-pub fn set_account_data_row(conn: &mut crate::db::WriteTxn<'_>, user: &str, room: &str, kind: &str, content: &Value) -> rusqlite::Result<()> {
+pub fn set_account_data_row(
+    conn: &mut crate::db::WriteTxn<'_>,
+    user: &str,
+    room: &str,
+    kind: &str,
+    content: &Value,
+) -> rusqlite::Result<()> {
     let stream = conn.next_stream();
     conn.tx.execute(
         "INSERT INTO account_data(user_id, room_id, type, content, stream) VALUES(?1,?2,?3,?4,?5)
@@ -357,7 +416,12 @@ pub fn set_account_data_row(conn: &mut crate::db::WriteTxn<'_>, user: &str, room
     conn.persist_stream()
 }
 
-pub fn get_account_data_row(conn: &Connection, user: &str, room: &str, kind: &str) -> rusqlite::Result<Option<Value>> {
+pub fn get_account_data_row(
+    conn: &Connection,
+    user: &str,
+    room: &str,
+    kind: &str,
+) -> rusqlite::Result<Option<Value>> {
     let s: Option<String> = conn
         .query_row(
             "SELECT content FROM account_data WHERE user_id=?1 AND room_id=?2 AND type=?3",
@@ -383,7 +447,8 @@ fn put_account_data(hs: &Hs, auth: &Auth, room: &str, kind: &str, content: Value
             format!("{kind} cannot be set through account data"),
         ));
     }
-    hs.db.write(|w| set_account_data_row(w, auth.user_id.as_str(), room, kind, &content))?;
+    hs.db
+        .write(|w| set_account_data_row(w, auth.user_id.as_str(), room, kind, &content))?;
     hs.notify_users([auth.user_id.as_str()]);
     Ok(axum::Json(json!({})))
 }
@@ -441,7 +506,8 @@ pub async fn create_filter(
     Json(filter): Json<Value>,
 ) -> MxResult<J> {
     own(&auth, &user)?;
-    serde_json::from_value::<crate::filter::Filter>(filter.clone()).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))?;
+    serde_json::from_value::<crate::filter::Filter>(filter.clone())
+        .map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))?;
     let id = hs.db.write(|w| -> rusqlite::Result<i64> {
         let next: i64 = w.query_row(
             "SELECT COALESCE(MAX(filter_id),-1)+1 FROM filters WHERE user_id=?1",
@@ -458,9 +524,15 @@ pub async fn create_filter(
 }
 
 pub fn load_filter(conn: &Connection, user: &str, id: &str) -> MxResult<Option<Value>> {
-    let Ok(n) = id.parse::<i64>() else { return Ok(None) };
+    let Ok(n) = id.parse::<i64>() else {
+        return Ok(None);
+    };
     let s: Option<String> = conn
-        .query_row("SELECT json FROM filters WHERE user_id=?1 AND filter_id=?2", params![user, n], |r| r.get(0))
+        .query_row(
+            "SELECT json FROM filters WHERE user_id=?1 AND filter_id=?2",
+            params![user, n],
+            |r| r.get(0),
+        )
         .optional()?;
     Ok(s.and_then(|s| serde_json::from_str(&s).ok()))
 }
@@ -481,14 +553,16 @@ pub async fn get_filter(
 
 pub fn push_rules(conn: &Connection, user: &UserId) -> MxResult<Ruleset> {
     match get_account_data_row(conn, user.as_str(), "", "m.push_rules")? {
-        Some(v) => serde_json::from_value(v["global"].clone()).map_err(|e| MxError::unknown(format!("stored push rules: {e}"))),
+        Some(v) => serde_json::from_value(v["global"].clone())
+            .map_err(|e| MxError::unknown(format!("stored push rules: {e}"))),
         None => Ok(Ruleset::server_default(user)),
     }
 }
 
 fn save_push_rules(hs: &Hs, user: &UserId, rules: &Ruleset) -> MxResult<()> {
     let v = json!({ "global": rules });
-    hs.db.write(|w| set_account_data_row(w, user.as_str(), "", "m.push_rules", &v))?;
+    hs.db
+        .write(|w| set_account_data_row(w, user.as_str(), "", "m.push_rules", &v))?;
     hs.push_rules.invalidate(user.as_str());
     hs.notify_users([user.as_str()]);
     Ok(())
@@ -551,15 +625,27 @@ pub async fn put_push_rule(
     use ruma::push::NewPushRule;
     rule_kind(&kind)?;
     if rule_id.starts_with('.') {
-        return Err(MxError::invalid_param("Server-default rules cannot be replaced"));
+        return Err(MxError::invalid_param(
+            "Server-default rules cannot be replaced",
+        ));
     }
     body["rule_id"] = json!(rule_id);
     let new_rule: NewPushRule = match kind.as_str() {
-        "override" => NewPushRule::Override(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
-        "underride" => NewPushRule::Underride(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
-        "sender" => NewPushRule::Sender(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
-        "room" => NewPushRule::Room(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
-        _ => NewPushRule::Content(serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?),
+        "override" => NewPushRule::Override(
+            serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?,
+        ),
+        "underride" => NewPushRule::Underride(
+            serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?,
+        ),
+        "sender" => NewPushRule::Sender(
+            serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?,
+        ),
+        "room" => NewPushRule::Room(
+            serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?,
+        ),
+        _ => NewPushRule::Content(
+            serde_json::from_value(body).map_err(|e| MxError::bad_json(e.to_string()))?,
+        ),
     };
     let mut rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
     rules
@@ -578,7 +664,11 @@ pub async fn delete_push_rule(
     let mut rules = hs.db.read(|c| push_rules(c, &auth.user_id))?;
     rules.remove(k, &rule_id).map_err(|e| match e {
         ruma::push::RemovePushRuleError::NotFound => MxError::not_found("Push rule not found"),
-        other => MxError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", other.to_string()),
+        other => MxError::new(
+            http::StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            other.to_string(),
+        ),
     })?;
     save_push_rules(&hs, &auth.user_id, &rules)?;
     Ok(axum::Json(json!({})))
@@ -610,11 +700,14 @@ pub async fn put_push_rule_attr(
     let not_found = |_| MxError::not_found("Push rule not found");
     match attr.as_str() {
         "enabled" => {
-            let enabled = body["enabled"].as_bool().ok_or_else(|| MxError::bad_json("enabled must be a boolean"))?;
+            let enabled = body["enabled"]
+                .as_bool()
+                .ok_or_else(|| MxError::bad_json("enabled must be a boolean"))?;
             rules.set_enabled(k, &rule_id, enabled).map_err(not_found)?;
         }
         "actions" => {
-            let actions = serde_json::from_value(body["actions"].clone()).map_err(|e| MxError::bad_json(e.to_string()))?;
+            let actions = serde_json::from_value(body["actions"].clone())
+                .map_err(|e| MxError::bad_json(e.to_string()))?;
             rules.set_actions(k, &rule_id, actions).map_err(not_found)?;
         }
         _ => return Err(MxError::unrecognized("Unknown push rule attribute")),
@@ -625,14 +718,31 @@ pub async fn put_push_rule_attr(
 
 // ---- Presence: when disabled in config, it is accepted and costs nothing. ----
 
-pub async fn get_presence(State(hs): State<Arc<Hs>>, _auth: Auth, PathArgs(user): PathArgs<String>) -> MxResult<J> {
+pub async fn get_presence(
+    State(hs): State<Arc<Hs>>,
+    _auth: Auth,
+    PathArgs(user): PathArgs<String>,
+) -> MxResult<J> {
     let user = UserId::parse(&user).map_err(|_| MxError::invalid_param("Invalid user id"))?;
-    let exists = hs.db.read(|c| c.query_row("SELECT 1 FROM users WHERE user_id=?1", [user.as_str()], |_| Ok(())).optional())?;
+    let exists = hs.db.read(|c| {
+        c.query_row(
+            "SELECT 1 FROM users WHERE user_id=?1",
+            [user.as_str()],
+            |_| Ok(()),
+        )
+        .optional()
+    })?;
     if exists.is_none() {
         return Err(MxError::not_found("Unknown user"));
     }
-    let content = if hs.config.presence { hs.typing.presence_of(user.as_str()) } else { None };
-    Ok(axum::Json(content.unwrap_or_else(|| json!({ "presence": "offline" }))))
+    let content = if hs.config.presence {
+        hs.typing.presence_of(user.as_str())
+    } else {
+        None
+    };
+    Ok(axum::Json(
+        content.unwrap_or_else(|| json!({ "presence": "offline" })),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -642,12 +752,19 @@ pub struct PresenceBody {
     status_msg: Option<Option<String>>,
 }
 
-fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+fn double_option<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
 /// Records presence and tells the user's rooms; nothing at all when presence is off.
-pub fn update_presence(hs: &Hs, user: &str, presence: &str, status_msg: Option<Option<String>>) -> MxResult<()> {
+pub fn update_presence(
+    hs: &Hs,
+    user: &str,
+    presence: &str,
+    status_msg: Option<Option<String>>,
+) -> MxResult<()> {
     if !hs.config.presence {
         return Ok(());
     }
@@ -688,7 +805,9 @@ pub async fn set_presence(
 ) -> MxResult<J> {
     own(&auth, &user)?;
     if !matches!(body.presence.as_str(), "online" | "offline" | "unavailable") {
-        return Err(MxError::invalid_param("presence must be online, offline or unavailable"));
+        return Err(MxError::invalid_param(
+            "presence must be online, offline or unavailable",
+        ));
     }
     update_presence(&hs, auth.user_id.as_str(), &body.presence, body.status_msg)?;
     Ok(axum::Json(json!({})))
@@ -699,9 +818,15 @@ pub async fn set_presence(
 
 pub async fn get_pushers(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<J> {
     let pushers = hs.db.read(|c| -> MxResult<Vec<Value>> {
-        let mut st = c.prepare_cached("SELECT json FROM pushers WHERE user_id=?1 ORDER BY app_id, pushkey")?;
-        let rows = st.query_map([auth.user_id.as_str()], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
-        Ok(rows.iter().filter_map(|j| serde_json::from_str(j).ok()).collect())
+        let mut st =
+            c.prepare_cached("SELECT json FROM pushers WHERE user_id=?1 ORDER BY app_id, pushkey")?;
+        let rows = st
+            .query_map([auth.user_id.as_str()], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .iter()
+            .filter_map(|j| serde_json::from_str(j).ok())
+            .collect())
     })?;
     Ok(axum::Json(json!({ "pushers": pushers })))
 }
@@ -720,7 +845,11 @@ pub struct PusherBody {
     append: bool,
 }
 
-pub async fn set_pusher(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<PusherBody>) -> MxResult<J> {
+pub async fn set_pusher(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<PusherBody>,
+) -> MxResult<J> {
     let user = auth.user_id.as_str();
     if body.pushkey.len() > 512 || body.app_id.len() > 64 {
         return Err(MxError::invalid_param("pushkey or app_id too long"));
@@ -738,17 +867,26 @@ pub async fn set_pusher(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<
             if kind != "http" && kind != "email" {
                 return Err(MxError::invalid_param("kind must be http or email"));
             }
-            let (Some(app_name), Some(device_name), Some(lang), Some(data)) =
-                (&body.app_display_name, &body.device_display_name, &body.lang, &body.data)
-            else {
-                return Err(MxError::missing_param("app_display_name, device_display_name, lang and data are required"));
+            let (Some(app_name), Some(device_name), Some(lang), Some(data)) = (
+                &body.app_display_name,
+                &body.device_display_name,
+                &body.lang,
+                &body.data,
+            ) else {
+                return Err(MxError::missing_param(
+                    "app_display_name, device_display_name, lang and data are required",
+                ));
             };
             if kind == "http" {
-                let url = data["url"].as_str().ok_or_else(|| MxError::invalid_param("http pushers need data.url"))?;
+                let url = data["url"]
+                    .as_str()
+                    .ok_or_else(|| MxError::invalid_param("http pushers need data.url"))?;
                 let ok = (url.starts_with("https://") || url.starts_with("http://"))
                     && url.ends_with("/_matrix/push/v1/notify");
                 if !ok {
-                    return Err(MxError::invalid_param("data.url must be an http(s) URL ending in /_matrix/push/v1/notify"));
+                    return Err(MxError::invalid_param(
+                        "data.url must be an http(s) URL ending in /_matrix/push/v1/notify",
+                    ));
                 }
             }
             let json = json!({

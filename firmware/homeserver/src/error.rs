@@ -28,7 +28,12 @@ macro_rules! ctor {
 
 impl MxError {
     pub fn new(status: StatusCode, errcode: &'static str, msg: impl Into<String>) -> Self {
-        Self { status, errcode, message: msg.into(), extra: None }
+        Self {
+            status,
+            errcode,
+            message: msg.into(),
+            extra: None,
+        }
     }
     ctor!(forbidden, FORBIDDEN, "M_FORBIDDEN");
     ctor!(not_found, NOT_FOUND, "M_NOT_FOUND");
@@ -42,7 +47,11 @@ impl MxError {
     ctor!(user_in_use, BAD_REQUEST, "M_USER_IN_USE");
     ctor!(invalid_username, BAD_REQUEST, "M_INVALID_USERNAME");
     ctor!(room_in_use, BAD_REQUEST, "M_ROOM_IN_USE");
-    ctor!(unsupported_room_version, BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION");
+    ctor!(
+        unsupported_room_version,
+        BAD_REQUEST,
+        "M_UNSUPPORTED_ROOM_VERSION"
+    );
     ctor!(guest_forbidden, FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN");
     ctor!(user_deactivated, FORBIDDEN, "M_USER_DEACTIVATED");
     ctor!(unknown, INTERNAL_SERVER_ERROR, "M_UNKNOWN");
@@ -52,11 +61,19 @@ impl MxError {
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed for this endpoint")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "M_UNRECOGNIZED",
+            "Method not allowed for this endpoint",
+        )
     }
 
     pub fn limit_exceeded(retry_after_ms: u64) -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "Too many requests");
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "M_LIMIT_EXCEEDED",
+            "Too many requests",
+        );
         let mut extra = serde_json::Map::new();
         extra.insert("retry_after_ms".into(), json!(retry_after_ms));
         e.extra = Some(extra);
@@ -64,7 +81,9 @@ impl MxError {
     }
 
     pub fn with_extra(mut self, key: &str, value: Value) -> Self {
-        self.extra.get_or_insert_with(Default::default).insert(key.to_owned(), value);
+        self.extra
+            .get_or_insert_with(Default::default)
+            .insert(key.to_owned(), value);
         self
     }
 }

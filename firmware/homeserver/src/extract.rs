@@ -30,9 +30,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
                 })
             }
         };
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| MxError::not_json(format!("Content not JSON: {e}")))?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        let value: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| MxError::not_json(format!("Content not JSON: {e}")))?;
         if !value.is_object() {
             return Err(MxError::bad_json("Request body must be a JSON object"));
         }
@@ -67,9 +71,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryArgs<T> {
 }
 
 fn serde_html_form_like<T: DeserializeOwned>(q: &str) -> Result<T, MxError> {
-    axum::extract::Query::<T>::try_from_uri(&format!("/?{q}").parse().map_err(|_| MxError::invalid_param("bad query"))?)
-        .map(|q| q.0)
-        .map_err(|e| MxError::invalid_param(e.body_text()))
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("/?{q}")
+            .parse()
+            .map_err(|_| MxError::invalid_param("bad query"))?,
+    )
+    .map(|q| q.0)
+    .map_err(|e| MxError::invalid_param(e.body_text()))
 }
 
 /// An authenticated user, from `Authorization: Bearer` or `?access_token=`.
@@ -100,9 +108,11 @@ pub fn access_token(parts: &Parts) -> Option<String> {
 impl FromRequestParts<Arc<Hs>> for Auth {
     type Rejection = MxError;
     async fn from_request_parts(parts: &mut Parts, hs: &Arc<Hs>) -> Result<Self, Self::Rejection> {
-        let token = access_token(parts).ok_or_else(|| MxError::missing_token("Missing access token"))?;
-        hs.lookup_token(&token)?
-            .ok_or_else(|| MxError::unknown_token("Unknown access token").with_extra("soft_logout", false.into()))
+        let token =
+            access_token(parts).ok_or_else(|| MxError::missing_token("Missing access token"))?;
+        hs.lookup_token(&token)?.ok_or_else(|| {
+            MxError::unknown_token("Unknown access token").with_extra("soft_logout", false.into())
+        })
     }
 }
 

@@ -23,8 +23,8 @@ use ruma::{
     canonical_json::{redact, CanonicalJsonObject},
     serde::Base64,
     signatures::{
-        hash_and_sign_event, reference_hash, required_server_signatures_to_verify_event, sign_json, verify_event,
-        verify_json, PublicKeyMap, PublicKeySet, Verified,
+        hash_and_sign_event, reference_hash, required_server_signatures_to_verify_event, sign_json,
+        verify_event, verify_json, PublicKeyMap, PublicKeySet, Verified,
     },
     EventId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
 };
@@ -66,7 +66,10 @@ impl Fed {
     pub fn new() -> anyhow::Result<Self> {
         let ua = concat!("Secta/", env!("CARGO_PKG_VERSION"));
         Ok(Self {
-            http: reqwest::Client::builder().user_agent(ua).timeout(Duration::from_secs(30)).build()?,
+            http: reqwest::Client::builder()
+                .user_agent(ua)
+                .timeout(Duration::from_secs(30))
+                .build()?,
             http_self_signed: reqwest::Client::builder()
                 .user_agent(ua)
                 .timeout(Duration::from_secs(30))
@@ -85,15 +88,25 @@ fn fed_error(code: &'static str, msg: impl Into<String>) -> MxError {
 
 impl Hs {
     fn peer(&self, server: &str) -> Option<&Peer> {
-        self.config.federation.peers.iter().find(|p| p.server_name == server)
+        self.config
+            .federation
+            .peers
+            .iter()
+            .find(|p| p.server_name == server)
     }
 
     fn is_blocked(&self, server: &str) -> bool {
-        self.config.federation.blocked_servers.iter().any(|b| b == server)
+        self.config
+            .federation
+            .blocked_servers
+            .iter()
+            .any(|b| b == server)
             || self
                 .db
                 .read(|c| {
-                    c.prepare_cached("SELECT 1 FROM blocked_servers WHERE server_name=?1")?.query_row([server], |_| Ok(())).optional()
+                    c.prepare_cached("SELECT 1 FROM blocked_servers WHERE server_name=?1")?
+                        .query_row([server], |_| Ok(()))
+                        .optional()
                 })
                 .ok()
                 .flatten()
@@ -105,7 +118,10 @@ impl Hs {
         ServerName::parse(server).map_err(|_| MxError::invalid_param("not a server name"))?;
         self.db.write(|w| -> rusqlite::Result<()> {
             if blocked {
-                w.tx.execute("INSERT OR IGNORE INTO blocked_servers(server_name, ts) VALUES(?1,?2)", params![server, now_ms() as i64])?;
+                w.tx.execute(
+                    "INSERT OR IGNORE INTO blocked_servers(server_name, ts) VALUES(?1,?2)",
+                    params![server, now_ms() as i64],
+                )?;
                 w.tx.execute("DELETE FROM fed_queue WHERE destination=?1", [server])?;
             } else {
                 w.tx.execute("DELETE FROM blocked_servers WHERE server_name=?1", [server])?;
@@ -128,8 +144,11 @@ impl Hs {
     /// Our key response, signed by ourselves.
     pub fn signed_server_keys(&self) -> Value {
         let (key_id, key) = self.verify_key();
-        let old: Map<String, Value> =
-            self.old_keys.iter().map(|(id, k, at)| (id.clone(), json!({ "key": k, "expired_ts": at }))).collect();
+        let old: Map<String, Value> = self
+            .old_keys
+            .iter()
+            .map(|(id, k, at)| (id.clone(), json!({ "key": k, "expired_ts": at })))
+            .collect();
         let mut obj = to_canonical(json!({
             "server_name": self.server_name,
             "verify_keys": { key_id: { "key": key } },
@@ -137,7 +156,8 @@ impl Hs {
             "valid_until_ts": now_ms() + KEY_VALIDITY_MS,
         }))
         .expect("key response is canonical JSON");
-        sign_json(self.server_name.as_str(), &self.keypair, &mut obj).expect("signing our key response");
+        sign_json(self.server_name.as_str(), &self.keypair, &mut obj)
+            .expect("signing our key response");
         serde_json::to_value(obj).unwrap_or_default()
     }
 
@@ -146,7 +166,13 @@ impl Hs {
         if let Some(p) = self.peer(server.as_str()) {
             return Ok((p.url.trim_end_matches('/').to_owned(), p.accept_self_signed));
         }
-        if let Some((url, ss, at)) = self.fed.resolved.lock().unwrap_or_else(|p| p.into_inner()).get(server.as_str()) {
+        if let Some((url, ss, at)) = self
+            .fed
+            .resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server.as_str())
+        {
             if at.elapsed() < Duration::from_secs(3600) {
                 return Ok((url.clone(), *ss));
             }
@@ -154,19 +180,33 @@ impl Hs {
         // Spec discovery: IP literals and explicit ports are used as they are;
         // otherwise `.well-known/matrix/server`, then port 8448.
         let url = if server.is_ip_literal() || server.port().is_some() {
-            format!("https://{}", if server.port().is_some() { server.to_string() } else { format!("{}:8448", server.host()) })
+            format!(
+                "https://{}",
+                if server.port().is_some() {
+                    server.to_string()
+                } else {
+                    format!("{}:8448", server.host())
+                }
+            )
         } else {
             let wk = self
                 .fed
                 .http
-                .get(format!("https://{}/.well-known/matrix/server", server.host()))
+                .get(format!(
+                    "https://{}/.well-known/matrix/server",
+                    server.host()
+                ))
                 .timeout(Duration::from_secs(10))
                 .send()
                 .await
                 .ok()
                 .filter(|r| r.status().is_success());
             let delegated = match wk {
-                Some(r) => r.json::<Value>().await.ok().and_then(|v| v["m.server"].as_str().map(str::to_owned)),
+                Some(r) => r
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["m.server"].as_str().map(str::to_owned)),
                 None => None,
             };
             match delegated.and_then(|d| ServerName::parse(&d).ok()) {
@@ -175,31 +215,59 @@ impl Hs {
                 None => format!("https://{}:8448", server.host()),
             }
         };
-        self.fed.resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(server.to_string(), (url.clone(), false, Instant::now()));
+        self.fed
+            .resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(server.to_string(), (url.clone(), false, Instant::now()));
         Ok((url, false))
     }
 
     /// Sends a signed federation request and returns the JSON answer.
-    pub(crate) async fn fed_request(&self, method: &str, dest: &ServerName, path: &str, body: Option<&Value>) -> MxResult<Value> {
+    pub(crate) async fn fed_request(
+        &self,
+        method: &str,
+        dest: &ServerName,
+        path: &str,
+        body: Option<&Value>,
+    ) -> MxResult<Value> {
         self.check_federation(dest.as_str())?;
         let (base, self_signed) = self.base_url(dest).await?;
-        let body_bytes = body.map(|b| serde_json::to_vec(b)).transpose()?.unwrap_or_default();
+        let body_bytes = body
+            .map(|b| serde_json::to_vec(b))
+            .transpose()?
+            .unwrap_or_default();
         let req = http::Request::builder()
             .method(method)
             .uri(path)
             .body(body_bytes.clone())
             .map_err(|e| MxError::unknown(e.to_string()))?;
-        let x = XMatrix::sign_http_request(&req, XMatrixSigningInput::new(self.server_name.clone(), dest.to_owned(), &self.keypair))
-            .map_err(|e| MxError::unknown(format!("signing request: {e}")))?;
-        let client = if self_signed { &self.fed.http_self_signed } else { &self.fed.http };
-        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| MxError::unknown(e.to_string()))?;
+        let x = XMatrix::sign_http_request(
+            &req,
+            XMatrixSigningInput::new(self.server_name.clone(), dest.to_owned(), &self.keypair),
+        )
+        .map_err(|e| MxError::unknown(format!("signing request: {e}")))?;
+        let client = if self_signed {
+            &self.fed.http_self_signed
+        } else {
+            &self.fed.http
+        };
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| MxError::unknown(e.to_string()))?;
         let mut rb = client
             .request(method, format!("{base}{path}"))
             .header(http::header::AUTHORIZATION, http::HeaderValue::from(&x));
         if body.is_some() {
-            rb = rb.header(http::header::CONTENT_TYPE, "application/json").body(body_bytes);
+            rb = rb
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body_bytes);
         }
-        let resp = rb.send().await.map_err(|e| fed_error("M_UNKNOWN", format!("{dest} unreachable: {}", short_reason(&e))))?;
+        let resp = rb.send().await.map_err(|e| {
+            fed_error(
+                "M_UNKNOWN",
+                format!("{dest} unreachable: {}", short_reason(&e)),
+            )
+        })?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -207,7 +275,10 @@ impl Hs {
             return Err(MxError::new(
                 StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
                 leak_code(&code),
-                format!("{dest}: {}", v["error"].as_str().unwrap_or("request failed")),
+                format!(
+                    "{dest}: {}",
+                    v["error"].as_str().unwrap_or("request failed")
+                ),
             ));
         }
         Ok(v)
@@ -218,7 +289,10 @@ impl Hs {
         let mut set = PublicKeySet::new();
         if server == self.server_name {
             let (id, key) = self.verify_key();
-            set.insert(id, Base64::parse(&key).map_err(|e| MxError::unknown(e.to_string()))?);
+            set.insert(
+                id,
+                Base64::parse(&key).map_err(|e| MxError::unknown(e.to_string()))?,
+            );
             for (id, key, _) in &self.old_keys {
                 if let Ok(k) = Base64::parse(key) {
                     set.insert(id.clone(), k);
@@ -226,14 +300,26 @@ impl Hs {
             }
             return Ok(set);
         }
-        if let Some((id, key)) = self.peer(server.as_str()).and_then(|p| p.pinned_key.clone()) {
-            set.insert(id, Base64::parse(&key).map_err(|_| MxError::unknown("bad pinned key in config"))?);
+        if let Some((id, key)) = self
+            .peer(server.as_str())
+            .and_then(|p| p.pinned_key.clone())
+        {
+            set.insert(
+                id,
+                Base64::parse(&key).map_err(|_| MxError::unknown("bad pinned key in config"))?,
+            );
             return Ok(set);
         }
         let now = now_ms() as i64;
         let cached: Vec<(String, String)> = self.db.read(|c| {
-            let mut st = c.prepare_cached("SELECT key_id, key FROM server_keys WHERE server_name=?1 AND valid_until>?2")?;
-            let r = st.query_map(params![server.as_str(), now], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>();
+            let mut st = c.prepare_cached(
+                "SELECT key_id, key FROM server_keys WHERE server_name=?1 AND valid_until>?2",
+            )?;
+            let r = st
+                .query_map(params![server.as_str(), now], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>();
             r
         })?;
         if !cached.is_empty() {
@@ -246,15 +332,31 @@ impl Hs {
         }
         // A server that just failed to give its keys is not asked again for a minute
         // (requests naming any origin must not turn us into a hammer).
-        if let Some(at) = self.fed.key_failures.lock().unwrap_or_else(|p| p.into_inner()).get(server.as_str()) {
+        if let Some(at) = self
+            .fed
+            .key_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server.as_str())
+        {
             if at.elapsed() < Duration::from_secs(60) {
-                return Err(fed_error("M_UNKNOWN", format!("{server}'s keys are unavailable (recently failed)")));
+                return Err(fed_error(
+                    "M_UNKNOWN",
+                    format!("{server}'s keys are unavailable (recently failed)"),
+                ));
             }
         }
-        let v = match self.fed_get_unsigned(server, "/_matrix/key/v2/server").await {
+        let v = match self
+            .fed_get_unsigned(server, "/_matrix/key/v2/server")
+            .await
+        {
             Ok(v) => v,
             Err(e) => {
-                let mut f = self.fed.key_failures.lock().unwrap_or_else(|p| p.into_inner());
+                let mut f = self
+                    .fed
+                    .key_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 if f.len() > 10_000 {
                     f.clear();
                 }
@@ -263,7 +365,10 @@ impl Hs {
             }
         };
         if v["server_name"] != server.as_str() {
-            return Err(fed_error("M_UNKNOWN", format!("{server} answered with keys of another server")));
+            return Err(fed_error(
+                "M_UNKNOWN",
+                format!("{server} answered with keys of another server"),
+            ));
         }
         let mut fetched = PublicKeySet::new();
         for (id, k) in v["verify_keys"].as_object().into_iter().flatten() {
@@ -274,8 +379,16 @@ impl Hs {
         let obj: CanonicalJsonObject = serde_json::from_value(v.clone())?;
         let mut map = PublicKeyMap::new();
         map.insert(server.to_string(), fetched.clone());
-        verify_json(&map, &obj).map_err(|_| fed_error("M_UNKNOWN", format!("{server}'s key response is not self-signed")))?;
-        let valid_until = v["valid_until_ts"].as_i64().unwrap_or(now + 3600 * 1000).min(now + KEY_VALIDITY_MS as i64);
+        verify_json(&map, &obj).map_err(|_| {
+            fed_error(
+                "M_UNKNOWN",
+                format!("{server}'s key response is not self-signed"),
+            )
+        })?;
+        let valid_until = v["valid_until_ts"]
+            .as_i64()
+            .unwrap_or(now + 3600 * 1000)
+            .min(now + KEY_VALIDITY_MS as i64);
         let mut all = fetched.clone();
         for (id, k) in v["old_verify_keys"].as_object().into_iter().flatten() {
             if let Some(key) = k["key"].as_str().and_then(|s| Base64::parse(s).ok()) {
@@ -298,21 +411,39 @@ impl Hs {
     async fn fed_get_unsigned(&self, server: &ServerName, path: &str) -> MxResult<Value> {
         self.check_federation(server.as_str())?;
         let (base, self_signed) = self.base_url(server).await?;
-        let client = if self_signed { &self.fed.http_self_signed } else { &self.fed.http };
+        let client = if self_signed {
+            &self.fed.http_self_signed
+        } else {
+            &self.fed.http
+        };
         let resp = client
             .get(format!("{base}{path}"))
             .send()
             .await
-            .map_err(|e| fed_error("M_UNKNOWN", format!("{server} unreachable: {}", short_reason(&e))))?;
+            .map_err(|e| {
+                fed_error(
+                    "M_UNKNOWN",
+                    format!("{server} unreachable: {}", short_reason(&e)),
+                )
+            })?;
         if !resp.status().is_success() {
-            return Err(fed_error("M_UNKNOWN", format!("{server} answered {}", resp.status())));
+            return Err(fed_error(
+                "M_UNKNOWN",
+                format!("{server} answered {}", resp.status()),
+            ));
         }
-        resp.json().await.map_err(|_| fed_error("M_UNKNOWN", format!("{server} sent bad JSON")))
+        resp.json()
+            .await
+            .map_err(|_| fed_error("M_UNKNOWN", format!("{server} sent bad JSON")))
     }
 
     /// Checks signatures and hashes of a PDU; a PDU whose content hash does not
     /// match is redacted (as the spec says). Returns the event id and the PDU to store.
-    async fn verify_pdu(&self, version: &RoomVersionId, value: Value) -> MxResult<(String, CanonicalJsonObject)> {
+    async fn verify_pdu(
+        &self,
+        version: &RoomVersionId,
+        value: Value,
+    ) -> MxResult<(String, CanonicalJsonObject)> {
         let rules = pdu::rules_for(version)?;
         let obj = to_canonical(value)?;
         let servers = required_server_signatures_to_verify_event(&obj, &rules.signatures)
@@ -321,12 +452,19 @@ impl Hs {
         for s in servers {
             map.insert(s.to_string(), self.server_keys(&s).await?);
         }
-        let hash = reference_hash(&obj, &rules).map_err(|e| MxError::bad_json(format!("PDU: {e}")))?;
+        let hash =
+            reference_hash(&obj, &rules).map_err(|e| MxError::bad_json(format!("PDU: {e}")))?;
         let event_id = format!("${hash}");
         let obj = match verify_event(&map, &obj, &rules) {
             Ok(Verified::All) => obj,
-            Ok(Verified::Signatures) => redact(obj, &rules.redaction, None).map_err(|e| MxError::bad_json(e.to_string()))?,
-            Err(e) => return Err(MxError::forbidden(format!("PDU signature check failed: {e}"))),
+            Ok(Verified::Signatures) => {
+                redact(obj, &rules.redaction, None).map_err(|e| MxError::bad_json(e.to_string()))?
+            }
+            Err(e) => {
+                return Err(MxError::forbidden(format!(
+                    "PDU signature check failed: {e}"
+                )))
+            }
         };
         Ok((event_id, obj))
     }
@@ -334,9 +472,15 @@ impl Hs {
     /// Takes in a PDU for a room we are in: checks, authorises against the current
     /// state, stores it in the timeline and tells local members.
     async fn receive_pdu(&self, origin: &ServerName, value: Value) -> MxResult<String> {
-        let room_id = value["room_id"].as_str().ok_or_else(|| MxError::bad_json("PDU without room_id"))?.to_owned();
+        let room_id = value["room_id"]
+            .as_str()
+            .ok_or_else(|| MxError::bad_json("PDU without room_id"))?
+            .to_owned();
         let room = RoomId::parse(&room_id).map_err(|_| MxError::bad_json("bad room_id"))?;
-        let version = self.db.read(|c| pdu::room_version(c, &room_id))?.ok_or_else(|| MxError::not_found("Room unknown here"))?;
+        let version = self
+            .db
+            .read(|c| pdu::room_version(c, &room_id))?
+            .ok_or_else(|| MxError::not_found("Room unknown here"))?;
         let sender_server = value["sender"]
             .as_str()
             .and_then(|s| UserId::parse(s).ok())
@@ -345,24 +489,44 @@ impl Hs {
         if self.is_blocked(sender_server.as_str()) {
             return Err(MxError::forbidden("sender's server is blocked"));
         }
-        if !self.db.read(|c| acl_allows(c, &room_id, sender_server.as_str()))? || !self.db.read(|c| acl_allows(c, &room_id, origin.as_str()))? {
-            return Err(MxError::forbidden("server is denied by the room's server ACL"));
+        if !self
+            .db
+            .read(|c| acl_allows(c, &room_id, sender_server.as_str()))?
+            || !self.db.read(|c| acl_allows(c, &room_id, origin.as_str()))?
+        {
+            return Err(MxError::forbidden(
+                "server is denied by the room's server ACL",
+            ));
         }
         let (event_id, obj) = self.verify_pdu(&version, value).await?;
         if self.db.read(|c| pdu::get_event(c, &event_id))?.is_some() {
             return Ok(event_id);
         }
         let json = serde_json::to_string(&obj)?;
-        let parsed = Pdu::parse(EventId::parse(&event_id).map_err(|e| MxError::bad_json(e.to_string()))?, &json)
-            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let parsed = Pdu::parse(
+            EventId::parse(&event_id).map_err(|e| MxError::bad_json(e.to_string()))?,
+            &json,
+        )
+        .map_err(|e| MxError::bad_json(e.to_string()))?;
         let rules = pdu::rules_for(&version)?;
         let _ = origin;
         let stream = self.db.write(|w| -> MxResult<i64> {
-            ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &parsed, |id: &EventId| pdu::load_pdu(w, id.as_str()))
-                .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
-            ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
-                pdu::state_event_id(w, &room_id, &ty.to_string(), key).ok().flatten().and_then(|id| pdu::load_pdu(w, &id))
-            })
+            ruma::state_res::check_state_independent_auth_rules(
+                &rules.authorization,
+                &parsed,
+                |id: &EventId| pdu::load_pdu(w, id.as_str()),
+            )
+            .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
+            ruma::state_res::check_state_dependent_auth_rules(
+                &rules.authorization,
+                &parsed,
+                |ty, key| {
+                    pdu::state_event_id(w, &room_id, &ty.to_string(), key)
+                        .ok()
+                        .flatten()
+                        .and_then(|id| pdu::load_pdu(w, &id))
+                },
+            )
             .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
             let stream = self.store_pdu(w, &room_id, &parsed, &json, None)?;
             self.after_store(w, &room, &parsed, &json, stream, &rules, None)?;
@@ -379,17 +543,30 @@ impl Hs {
 
 /// Whether the room's `m.room.server_acl` lets `server` take part.
 pub(crate) fn acl_allows(c: &Connection, room: &str, server: &str) -> MxResult<bool> {
-    let Some(acl) = pdu::state_content(c, room, "m.room.server_acl", "")? else { return Ok(true) };
+    let Some(acl) = pdu::state_content(c, room, "m.room.server_acl", "")? else {
+        return Ok(true);
+    };
     let name = ServerName::parse(server).ok();
     let host = name.as_ref().map_or(server, |s| s.host());
     if acl["allow_ip_literals"] == false && name.as_ref().is_some_and(|s| s.is_ip_literal()) {
         return Ok(false);
     }
     let matches = |p: &str| glob_match(p.as_bytes(), host.as_bytes());
-    if acl["deny"].as_array().into_iter().flatten().filter_map(Value::as_str).any(matches) {
+    if acl["deny"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .any(matches)
+    {
         return Ok(false);
     }
-    Ok(acl["allow"].as_array().into_iter().flatten().filter_map(Value::as_str).any(matches))
+    Ok(acl["allow"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .any(matches))
 }
 
 /// Server ACL globs: `*` any run, `?` one character, case-insensitive.
@@ -452,8 +629,13 @@ impl FromRequest<Arc<Hs>> for FedRequest {
 
     async fn from_request(req: Request, hs: &Arc<Hs>) -> Result<Self, Self::Rejection> {
         let (parts, body) = req.into_parts();
-        let x = XMatrix::extract_from_http_headers(&parts.headers)
-            .map_err(|_| MxError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Missing or malformed X-Matrix authorization"))?;
+        let x = XMatrix::extract_from_http_headers(&parts.headers).map_err(|_| {
+            MxError::new(
+                StatusCode::UNAUTHORIZED,
+                "M_UNAUTHORIZED",
+                "Missing or malformed X-Matrix authorization",
+            )
+        })?;
         hs.check_federation(x.origin.as_str())?;
         let bytes = axum::body::to_bytes(body, hs.config.max_request_bytes)
             .await
@@ -462,11 +644,25 @@ impl FromRequest<Arc<Hs>> for FedRequest {
         let mut map = PublicKeyMap::new();
         map.insert(x.origin.to_string(), keys);
         // Nested routers strip their prefix from `uri`; the signature covers the full path.
-        let uri = parts.extensions.get::<axum::extract::OriginalUri>().map(|u| u.0.clone()).unwrap_or_else(|| parts.uri.clone());
+        let uri = parts
+            .extensions
+            .get::<axum::extract::OriginalUri>()
+            .map(|u| u.0.clone())
+            .unwrap_or_else(|| parts.uri.clone());
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let check = http::Request::builder().method(parts.method.clone()).uri(path).body(bytes.to_vec()).map_err(|e| MxError::unknown(e.to_string()))?;
+        let check = http::Request::builder()
+            .method(parts.method.clone())
+            .uri(path)
+            .body(bytes.to_vec())
+            .map_err(|e| MxError::unknown(e.to_string()))?;
         x.verify_http_request(&check, &hs.server_name, &map)
-            .map_err(|_| MxError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "X-Matrix signature does not verify"))?;
+            .map_err(|_| {
+                MxError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "M_UNAUTHORIZED",
+                    "X-Matrix signature does not verify",
+                )
+            })?;
         let body = if bytes.is_empty() {
             Value::Null
         } else {
@@ -475,10 +671,16 @@ impl FromRequest<Arc<Hs>> for FedRequest {
         // A server that talks to us is up: retry its queue now, not at the end of its back-off.
         let origin = x.origin.clone();
         let _ = hs.db.write(|w| {
-            w.tx.execute("UPDATE fed_destinations SET retry_at=0 WHERE server_name=?1 AND failures>0", [origin.as_str()])
+            w.tx.execute(
+                "UPDATE fed_destinations SET retry_at=0 WHERE server_name=?1 AND failures>0",
+                [origin.as_str()],
+            )
         });
         hs.fed.wakeup.notify_one();
-        Ok(FedRequest { origin: x.origin, body })
+        Ok(FedRequest {
+            origin: x.origin,
+            body,
+        })
     }
 }
 
@@ -496,12 +698,16 @@ pub async fn server_keys_endpoint(State(hs): State<Arc<Hs>>) -> J {
 async fn notary_response(hs: &Hs, servers: Vec<String>) -> MxResult<J> {
     let mut out = Vec::new();
     for s in servers {
-        let Ok(name) = ServerName::parse(&s) else { continue };
+        let Ok(name) = ServerName::parse(&s) else {
+            continue;
+        };
         if name == hs.server_name {
             out.push(hs.signed_server_keys());
             continue;
         }
-        let Ok(keys) = hs.server_keys(&name).await else { continue };
+        let Ok(keys) = hs.server_keys(&name).await else {
+            continue;
+        };
         let mut verify = Map::new();
         for (id, k) in keys {
             verify.insert(id, json!({ "key": k.encode() }));
@@ -509,7 +715,8 @@ async fn notary_response(hs: &Hs, servers: Vec<String>) -> MxResult<J> {
         let mut obj = to_canonical(json!({
             "server_name": s, "verify_keys": verify, "old_verify_keys": {}, "valid_until_ts": now_ms() + 3600 * 1000,
         }))?;
-        sign_json(hs.server_name.as_str(), &hs.keypair, &mut obj).map_err(|e| MxError::unknown(e.to_string()))?;
+        sign_json(hs.server_name.as_str(), &hs.keypair, &mut obj)
+            .map_err(|e| MxError::unknown(e.to_string()))?;
         out.push(serde_json::to_value(obj)?);
     }
     Ok(axum::Json(json!({ "server_keys": out })))
@@ -520,11 +727,17 @@ pub struct KeyQueryBody {
     server_keys: BTreeMap<String, Value>,
 }
 
-pub async fn key_query(State(hs): State<Arc<Hs>>, crate::extract::Json(body): crate::extract::Json<KeyQueryBody>) -> MxResult<J> {
+pub async fn key_query(
+    State(hs): State<Arc<Hs>>,
+    crate::extract::Json(body): crate::extract::Json<KeyQueryBody>,
+) -> MxResult<J> {
     notary_response(&hs, body.server_keys.into_keys().take(10).collect()).await
 }
 
-pub async fn key_query_one(State(hs): State<Arc<Hs>>, PathArgs(server): PathArgs<String>) -> MxResult<J> {
+pub async fn key_query_one(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(server): PathArgs<String>,
+) -> MxResult<J> {
     notary_response(&hs, vec![server]).await
 }
 
@@ -534,13 +747,20 @@ pub async fn send_transaction(
     req: FedRequest,
 ) -> MxResult<J> {
     let origin = req.origin.clone();
-    if req.body["origin"].as_str().is_some_and(|o| o != origin.as_str()) {
-        return Err(MxError::forbidden("origin in body does not match the request signature"));
+    if req.body["origin"]
+        .as_str()
+        .is_some_and(|o| o != origin.as_str())
+    {
+        return Err(MxError::forbidden(
+            "origin in body does not match the request signature",
+        ));
     }
     let pdus = req.body["pdus"].as_array().cloned().unwrap_or_default();
     let edus = req.body["edus"].as_array().cloned().unwrap_or_default();
     if pdus.len() > MAX_PDUS as usize || edus.len() > MAX_EDUS as usize {
-        return Err(MxError::bad_json("too many PDUs or EDUs in one transaction"));
+        return Err(MxError::bad_json(
+            "too many PDUs or EDUs in one transaction",
+        ));
     }
     // Claimed before processing, so a retry of a slow transaction is not taken in twice.
     let fresh = hs.db.write(|w| {
@@ -562,7 +782,10 @@ pub async fn send_transaction(
             }
             Err(e) => {
                 tracing::info!(%origin, errcode = e.errcode, reason = %e.message, "PDU not accepted");
-                results.insert(id_hint.unwrap_or_else(|| "unknown".into()), json!({ "error": e.message }));
+                results.insert(
+                    id_hint.unwrap_or_else(|| "unknown".into()),
+                    json!({ "error": e.message }),
+                );
             }
         }
     }
@@ -576,16 +799,32 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
     let content = &edu["content"];
     match edu["edu_type"].as_str() {
         Some("m.typing") => {
-            let (Some(room), Some(user)) = (content["room_id"].as_str(), content["user_id"].as_str()) else { return };
+            let (Some(room), Some(user)) =
+                (content["room_id"].as_str(), content["user_id"].as_str())
+            else {
+                return;
+            };
             if !UserId::parse(user).is_ok_and(|u| u.server_name() == origin) {
                 return;
             }
-            if hs.db.read(|c| pdu::membership(c, room, user)).ok().flatten().as_deref() != Some("join")
-                || !hs.db.read(|c| acl_allows(c, room, origin.as_str())).unwrap_or(false)
+            if hs
+                .db
+                .read(|c| pdu::membership(c, room, user))
+                .ok()
+                .flatten()
+                .as_deref()
+                != Some("join")
+                || !hs
+                    .db
+                    .read(|c| acl_allows(c, room, origin.as_str()))
+                    .unwrap_or(false)
             {
                 return;
             }
-            let until = content["typing"].as_bool().unwrap_or(false).then(|| Instant::now() + Duration::from_secs(30));
+            let until = content["typing"]
+                .as_bool()
+                .unwrap_or(false)
+                .then(|| Instant::now() + Duration::from_secs(30));
             hs.typing.set_remote(room, user, until);
             hs.notify_room(room);
         }
@@ -599,7 +838,13 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
                         if !UserId::parse(user).is_ok_and(|u| u.server_name() == origin) {
                             continue;
                         }
-                        let Some(event_id) = data["event_ids"].as_array().and_then(|a| a.first()).and_then(Value::as_str) else { continue };
+                        let Some(event_id) = data["event_ids"]
+                            .as_array()
+                            .and_then(|a| a.first())
+                            .and_then(Value::as_str)
+                        else {
+                            continue;
+                        };
                         let thread = data["data"]["thread_id"].as_str().unwrap_or("");
                         let ts = data["data"]["ts"].as_i64().unwrap_or(now_ms() as i64);
                         let stored = hs.db.write(|w| -> rusqlite::Result<bool> {
@@ -627,7 +872,12 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
             }
         }
         Some("m.direct_to_device") => {
-            let Some(sender) = content["sender"].as_str().filter(|s| UserId::parse(s).is_ok_and(|u| u.server_name() == origin)) else { return };
+            let Some(sender) = content["sender"]
+                .as_str()
+                .filter(|s| UserId::parse(s).is_ok_and(|u| u.server_name() == origin))
+            else {
+                return;
+            };
             let kind = content["type"].as_str().unwrap_or_default();
             let mut woken = Vec::new();
             let r = hs.db.write(|w| -> rusqlite::Result<()> {
@@ -663,7 +913,12 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
         }
         Some("m.presence") if hs.config.presence => {
             for p in content["push"].as_array().into_iter().flatten().take(100) {
-                let Some(user) = p["user_id"].as_str().filter(|u| UserId::parse(u).is_ok_and(|u| u.server_name() == origin)) else { continue };
+                let Some(user) = p["user_id"]
+                    .as_str()
+                    .filter(|u| UserId::parse(u).is_ok_and(|u| u.server_name() == origin))
+                else {
+                    continue;
+                };
                 let presence = p["presence"].as_str().unwrap_or("offline");
                 if !matches!(presence, "online" | "offline" | "unavailable") {
                     continue;
@@ -673,7 +928,12 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
             }
         }
         Some("m.device_list_update") | Some("m.signing_key_update") => {
-            let Some(user) = content["user_id"].as_str().filter(|s| UserId::parse(s).is_ok_and(|u| u.server_name() == origin)) else { return };
+            let Some(user) = content["user_id"]
+                .as_str()
+                .filter(|s| UserId::parse(s).is_ok_and(|u| u.server_name() == origin))
+            else {
+                return;
+            };
             let r = hs.db.write(|w| -> rusqlite::Result<()> {
                 crate::keys::mark_device_list_change(w, user)?;
                 w.persist_stream()
@@ -691,7 +951,9 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
 fn origin_owns(user: &str, origin: &ServerName) -> MxResult<()> {
     match UserId::parse(user) {
         Ok(u) if u.server_name() == origin => Ok(()),
-        _ => Err(MxError::forbidden("The user does not belong to the requesting server")),
+        _ => Err(MxError::forbidden(
+            "The user does not belong to the requesting server",
+        )),
     }
 }
 
@@ -702,23 +964,38 @@ pub async fn make_join(
     req: FedRequest,
 ) -> MxResult<J> {
     origin_owns(&user, &req.origin)?;
-    let vers: Vec<String> = serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or(""))
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, _)| k == "ver")
-        .map(|(_, v)| v)
-        .collect();
+    let vers: Vec<String> =
+        serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or(""))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k == "ver")
+            .map(|(_, v)| v)
+            .collect();
     let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
-    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
-    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
-        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    let version = hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs
+        .db
+        .read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))?
+    {
+        return Err(MxError::forbidden(
+            "Your server is denied by the room's server ACL",
+        ));
     }
     if !vers.is_empty() && !vers.iter().any(|v| v == version.as_str()) {
-        return Err(MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Your server does not support this room's version")
-            .with_extra("room_version", json!(version.as_str())));
+        return Err(MxError::new(
+            StatusCode::BAD_REQUEST,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+            "Your server does not support this room's version",
+        )
+        .with_extra("room_version", json!(version.as_str())));
     }
     let template = membership_template(&hs, &room_id, &user, "join")?;
-    Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+    Ok(axum::Json(
+        json!({ "event": template, "room_version": version.as_str() }),
+    ))
 }
 
 /// A membership event for a user of another server, built (and so checked
@@ -726,7 +1003,13 @@ pub async fn make_join(
 fn membership_template(hs: &Hs, room_id: &RoomId, user: &str, membership: &str) -> MxResult<Value> {
     let user_id = UserId::parse(user).map_err(|_| MxError::invalid_param("bad user id"))?;
     let mut content = json!({ "membership": membership });
-    if membership == "join" && hs.db.read(|c| pdu::membership(c, room_id.as_str(), user))?.as_deref() != Some("invite") {
+    if membership == "join"
+        && hs
+            .db
+            .read(|c| pdu::membership(c, room_id.as_str(), user))?
+            .as_deref()
+            != Some("invite")
+    {
         // Restricted rooms: we authorise joins of members of the allowed rooms.
         if let Some(Value::Object(extra)) = hs.restricted_join_extra(room_id, &user_id)? {
             for (k, v) in extra {
@@ -734,8 +1017,15 @@ fn membership_template(hs: &Hs, room_id: &RoomId, user: &str, membership: &str) 
             }
         }
     }
-    let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(user_id.as_str()), content, txn: None };
-    let built = hs.db.read(|c| hs.build_pdu_for(c, room_id, &user_id, &ev))?;
+    let ev = pdu::NewEvent {
+        kind: "m.room.member",
+        state_key: Some(user_id.as_str()),
+        content,
+        txn: None,
+    };
+    let built = hs
+        .db
+        .read(|c| hs.build_pdu_for(c, room_id, &user_id, &ev))?;
     let mut template: Value = serde_json::from_str(&built.json)?;
     if let Some(o) = template.as_object_mut() {
         o.remove("hashes");
@@ -745,18 +1035,38 @@ fn membership_template(hs: &Hs, room_id: &RoomId, user: &str, membership: &str) 
 }
 
 /// make_leave / make_knock: a template for another server's user.
-fn make_membership(hs: &Hs, room: &str, user: &str, req: &FedRequest, membership: &str) -> MxResult<J> {
+fn make_membership(
+    hs: &Hs,
+    room: &str,
+    user: &str,
+    req: &FedRequest,
+    membership: &str,
+) -> MxResult<J> {
     origin_owns(user, &req.origin)?;
     let room_id = RoomId::parse(room).map_err(|_| MxError::invalid_param("bad room id"))?;
-    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
-    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
-        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    let version = hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs
+        .db
+        .read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))?
+    {
+        return Err(MxError::forbidden(
+            "Your server is denied by the room's server ACL",
+        ));
     }
     let template = membership_template(hs, &room_id, user, membership)?;
-    Ok(axum::Json(json!({ "event": template, "room_version": version.as_str() })))
+    Ok(axum::Json(
+        json!({ "event": template, "room_version": version.as_str() }),
+    ))
 }
 
-pub async fn make_leave(State(hs): State<Arc<Hs>>, PathArgs((room, user)): PathArgs<(String, String)>, req: FedRequest) -> MxResult<J> {
+pub async fn make_leave(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, user)): PathArgs<(String, String)>,
+    req: FedRequest,
+) -> MxResult<J> {
     make_membership(&hs, &room, &user, &req, "leave")
 }
 
@@ -769,7 +1079,11 @@ pub async fn send_leave(
     Ok(axum::Json(json!({})))
 }
 
-pub async fn make_knock(State(hs): State<Arc<Hs>>, PathArgs((room, user)): PathArgs<(String, String)>, req: FedRequest) -> MxResult<J> {
+pub async fn make_knock(
+    State(hs): State<Arc<Hs>>,
+    PathArgs((room, user)): PathArgs<(String, String)>,
+    req: FedRequest,
+) -> MxResult<J> {
     make_membership(&hs, &room, &user, &req, "knock")
 }
 
@@ -785,15 +1099,34 @@ pub async fn send_knock(
 
 /// Takes in a leave or knock another server built from our template: checked,
 /// authorised against current state, stored and sent to the room's other servers.
-async fn send_membership(hs: &Hs, room: &str, event_id: &str, req: &FedRequest, membership: &str) -> MxResult<()> {
+async fn send_membership(
+    hs: &Hs,
+    room: &str,
+    event_id: &str,
+    req: &FedRequest,
+    membership: &str,
+) -> MxResult<()> {
     let room_id = RoomId::parse(room).map_err(|_| MxError::invalid_param("bad room id"))?;
-    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
-    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
-        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    let version = hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs
+        .db
+        .read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))?
+    {
+        return Err(MxError::forbidden(
+            "Your server is denied by the room's server ACL",
+        ));
     }
     let ev = &req.body;
-    if ev["type"] != "m.room.member" || ev["content"]["membership"] != membership || ev["room_id"] != room_id.as_str() {
-        return Err(MxError::bad_json(format!("not a {membership} event for this room")));
+    if ev["type"] != "m.room.member"
+        || ev["content"]["membership"] != membership
+        || ev["room_id"] != room_id.as_str()
+    {
+        return Err(MxError::bad_json(format!(
+            "not a {membership} event for this room"
+        )));
     }
     let user = ev["state_key"].as_str().unwrap_or_default().to_owned();
     origin_owns(&user, &req.origin)?;
@@ -806,18 +1139,44 @@ async fn send_membership(hs: &Hs, room: &str, event_id: &str, req: &FedRequest, 
     }
     let rules = pdu::rules_for(&version)?;
     let json = serde_json::to_string(&obj)?;
-    let parsed = Pdu::parse(EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let parsed = Pdu::parse(
+        EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?,
+        &json,
+    )
+    .map_err(|e| MxError::bad_json(e.to_string()))?;
     hs.db.write(|w| -> MxResult<()> {
         if pdu::get_event(w, &id)?.is_some() {
             return Ok(());
         }
-        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &parsed, |e: &EventId| pdu::load_pdu(w, e.as_str()))
-            .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
-        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
-            pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
-        })
+        ruma::state_res::check_state_independent_auth_rules(
+            &rules.authorization,
+            &parsed,
+            |e: &EventId| pdu::load_pdu(w, e.as_str()),
+        )
         .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
-        hs.commit_built(w, &room_id, pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() }, None, None, Some(req.origin.as_str()))?;
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            &parsed,
+            |ty, key| {
+                pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key)
+                    .ok()
+                    .flatten()
+                    .and_then(|e| pdu::load_pdu(w, &e))
+            },
+        )
+        .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
+        hs.commit_built(
+            w,
+            &room_id,
+            pdu::Built {
+                pdu: parsed.clone(),
+                json: json.clone(),
+                rules: rules.clone(),
+            },
+            None,
+            None,
+            Some(req.origin.as_str()),
+        )?;
         Ok(())
     })?;
     hs.notify_room(room_id.as_str());
@@ -833,7 +1192,9 @@ fn auth_chain(c: &Connection, start: &[String]) -> rusqlite::Result<Vec<String>>
         if out.len() > 50_000 {
             break;
         }
-        let Some(p) = pdu::load_pdu(c, &id) else { continue };
+        let Some(p) = pdu::load_pdu(c, &id) else {
+            continue;
+        };
         for a in p.auth_events {
             if seen.insert(a.to_string()) {
                 out.push(a.to_string());
@@ -854,12 +1215,23 @@ pub async fn send_join(
     req: FedRequest,
 ) -> MxResult<J> {
     let room_id = RoomId::parse(&room).map_err(|_| MxError::invalid_param("bad room id"))?;
-    let version = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
-    if !hs.db.read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))? {
-        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+    let version = hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .ok_or_else(|| MxError::not_found("Unknown room"))?;
+    if !hs
+        .db
+        .read(|c| acl_allows(c, room_id.as_str(), req.origin.as_str()))?
+    {
+        return Err(MxError::forbidden(
+            "Your server is denied by the room's server ACL",
+        ));
     }
     let ev = &req.body;
-    if ev["type"] != "m.room.member" || ev["content"]["membership"] != "join" || ev["room_id"] != room_id.as_str() {
+    if ev["type"] != "m.room.member"
+        || ev["content"]["membership"] != "join"
+        || ev["room_id"] != room_id.as_str()
+    {
         return Err(MxError::bad_json("not a join event for this room"));
     }
     let user = ev["state_key"].as_str().unwrap_or_default().to_owned();
@@ -871,35 +1243,69 @@ pub async fn send_join(
     // Countersigned (as an event: over its redacted form) before checking: a
     // restricted join needs the authorising server's signature, which is ours.
     let mut signed = to_canonical(ev.clone())?;
-    ruma::signatures::sign_event(hs.server_name.as_str(), &hs.keypair, &mut signed, &rules.redaction)
-        .map_err(|e| MxError::unknown(e.to_string()))?;
-    let (id, obj) = hs.verify_pdu(&version, serde_json::to_value(&signed)?).await?;
+    ruma::signatures::sign_event(
+        hs.server_name.as_str(),
+        &hs.keypair,
+        &mut signed,
+        &rules.redaction,
+    )
+    .map_err(|e| MxError::unknown(e.to_string()))?;
+    let (id, obj) = hs
+        .verify_pdu(&version, serde_json::to_value(&signed)?)
+        .await?;
     if id != event_id {
         return Err(MxError::bad_json("event id does not match the event"));
     }
     let json = serde_json::to_string(&obj)?;
-    let parsed = Pdu::parse(EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let parsed = Pdu::parse(
+        EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?,
+        &json,
+    )
+    .map_err(|e| MxError::bad_json(e.to_string()))?;
     let state_ids: Vec<String> = hs.db.write(|w| -> MxResult<Vec<String>> {
         if pdu::get_event(w, &id)?.is_none() {
-            ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &parsed, |e: &EventId| pdu::load_pdu(w, e.as_str()))
-                .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
-            ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &parsed, |ty, key| {
-                pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|e| pdu::load_pdu(w, &e))
-            })
+            ruma::state_res::check_state_independent_auth_rules(
+                &rules.authorization,
+                &parsed,
+                |e: &EventId| pdu::load_pdu(w, e.as_str()),
+            )
             .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
-            let built = pdu::Built { pdu: parsed.clone(), json: json.clone(), rules: rules.clone() };
+            ruma::state_res::check_state_dependent_auth_rules(
+                &rules.authorization,
+                &parsed,
+                |ty, key| {
+                    pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key)
+                        .ok()
+                        .flatten()
+                        .and_then(|e| pdu::load_pdu(w, &e))
+                },
+            )
+            .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
+            let built = pdu::Built {
+                pdu: parsed.clone(),
+                json: json.clone(),
+                rules: rules.clone(),
+            };
             hs.commit_built(w, &room_id, built, None, None, Some(req.origin.as_str()))?;
         }
         let mut st = w.prepare("SELECT event_id FROM room_state WHERE room_id=?1")?;
-        let r = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let r = st
+            .query_map([room_id.as_str()], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
         Ok(r)
     })?;
     hs.notify_room(room_id.as_str());
     hs.fed.wakeup.notify_one();
     let out = hs.db.read(|c| -> MxResult<Value> {
         let chain = auth_chain(c, &state_ids)?;
-        let state: Vec<Value> = state_ids.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
-        let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        let state: Vec<Value> = state_ids
+            .iter()
+            .filter_map(|i| pdu_value(c, i).ok().flatten())
+            .collect();
+        let chain: Vec<Value> = chain
+            .iter()
+            .filter_map(|i| pdu_value(c, i).ok().flatten())
+            .collect();
         Ok(json!({
             "origin": hs.server_name,
             "state": state,
@@ -918,14 +1324,27 @@ pub async fn invite(
 ) -> MxResult<J> {
     let version = supported_version(&req.body["room_version"])?;
     let ev = req.body["event"].clone();
-    if ev["type"] != "m.room.member" || ev["content"]["membership"] != "invite" || ev["room_id"] != room.as_str() {
+    if ev["type"] != "m.room.member"
+        || ev["content"]["membership"] != "invite"
+        || ev["room_id"] != room.as_str()
+    {
         return Err(MxError::bad_json("not an invite for this room"));
     }
-    let target = ev["state_key"].as_str().and_then(|s| UserId::parse(s).ok()).ok_or_else(|| MxError::bad_json("bad state_key"))?;
+    let target = ev["state_key"]
+        .as_str()
+        .and_then(|s| UserId::parse(s).ok())
+        .ok_or_else(|| MxError::bad_json("bad state_key"))?;
     if target.server_name() != hs.server_name {
         return Err(MxError::forbidden("The invited user is not on this server"));
     }
-    let exists = hs.db.read(|c| c.query_row("SELECT 1 FROM users WHERE user_id=?1 AND deactivated=0", [target.as_str()], |_| Ok(())).optional())?;
+    let exists = hs.db.read(|c| {
+        c.query_row(
+            "SELECT 1 FROM users WHERE user_id=?1 AND deactivated=0",
+            [target.as_str()],
+            |_| Ok(()),
+        )
+        .optional()
+    })?;
     if exists.is_none() {
         return Err(MxError::not_found("No such user"));
     }
@@ -935,8 +1354,13 @@ pub async fn invite(
         return Err(MxError::bad_json("event id does not match the event"));
     }
     let rules = pdu::rules_for(&version)?;
-    ruma::signatures::sign_event(hs.server_name.as_str(), &hs.keypair, &mut obj, &rules.redaction)
-        .map_err(|e| MxError::unknown(e.to_string()))?;
+    ruma::signatures::sign_event(
+        hs.server_name.as_str(),
+        &hs.keypair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(|e| MxError::unknown(e.to_string()))?;
     let signed = serde_json::to_value(&obj)?;
     let stripped = req.body["invite_room_state"].clone();
     hs.db.write(|w| -> rusqlite::Result<()> {
@@ -958,7 +1382,9 @@ fn require_in_room(c: &Connection, room: &str, server: &str) -> MxResult<()> {
         return Err(MxError::forbidden("Your server is not in this room"));
     }
     if !acl_allows(c, room, server)? {
-        return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+        return Err(MxError::forbidden(
+            "Your server is denied by the room's server ACL",
+        ));
     }
     Ok(())
 }
@@ -966,7 +1392,9 @@ fn require_in_room(c: &Connection, room: &str, server: &str) -> MxResult<()> {
 /// Current state ids of a room and their auth chain.
 fn state_and_chain(c: &Connection, room: &str) -> MxResult<(Vec<String>, Vec<String>)> {
     let mut st = c.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1")?;
-    let ids = st.query_map([room], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+    let ids = st
+        .query_map([room], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
     let chain = auth_chain(c, &ids)?;
     Ok((ids, chain))
 }
@@ -984,7 +1412,11 @@ fn server_in_room(c: &Connection, room: &str, server: &str) -> rusqlite::Result<
     .map(|o| o.unwrap_or(false))
 }
 
-pub async fn get_event(State(hs): State<Arc<Hs>>, PathArgs(event_id): PathArgs<String>, req: FedRequest) -> MxResult<J> {
+pub async fn get_event(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(event_id): PathArgs<String>,
+    req: FedRequest,
+) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
         let ev = pdu::get_event(c, &event_id)?.ok_or_else(|| MxError::not_found("Event not found"))?;
         require_in_room(c, &ev.room_id, req.origin.as_str())?;
@@ -1020,10 +1452,18 @@ pub struct ProfileQuery {
     field: Option<String>,
 }
 
-pub async fn query_profile(State(hs): State<Arc<Hs>>, QueryArgs(q): QueryArgs<ProfileQuery>, _req: FedRequest) -> MxResult<J> {
+pub async fn query_profile(
+    State(hs): State<Arc<Hs>>,
+    QueryArgs(q): QueryArgs<ProfileQuery>,
+    _req: FedRequest,
+) -> MxResult<J> {
     let row: Option<(Option<String>, Option<String>)> = hs.db.read(|c| {
-        c.query_row("SELECT displayname, avatar_url FROM users WHERE user_id=?1 AND deactivated=0", [&q.user_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()
+        c.query_row(
+            "SELECT displayname, avatar_url FROM users WHERE user_id=?1 AND deactivated=0",
+            [&q.user_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
     })?;
     let (name, avatar) = row.ok_or_else(|| MxError::not_found("No such user"))?;
     let mut out = json!({});
@@ -1045,21 +1485,41 @@ pub struct DirectoryQuery {
     room_alias: String,
 }
 
-pub async fn query_directory(State(hs): State<Arc<Hs>>, QueryArgs(q): QueryArgs<DirectoryQuery>, _req: FedRequest) -> MxResult<J> {
-    let room: Option<String> = hs.db.read(|c| c.query_row("SELECT room_id FROM room_aliases WHERE alias=?1", [&q.room_alias], |r| r.get(0)).optional())?;
+pub async fn query_directory(
+    State(hs): State<Arc<Hs>>,
+    QueryArgs(q): QueryArgs<DirectoryQuery>,
+    _req: FedRequest,
+) -> MxResult<J> {
+    let room: Option<String> = hs.db.read(|c| {
+        c.query_row(
+            "SELECT room_id FROM room_aliases WHERE alias=?1",
+            [&q.room_alias],
+            |r| r.get(0),
+        )
+        .optional()
+    })?;
     let room = room.ok_or_else(|| MxError::not_found("Room alias not found"))?;
-    Ok(axum::Json(json!({ "room_id": room, "servers": [hs.server_name] })))
+    Ok(axum::Json(
+        json!({ "room_id": room, "servers": [hs.server_name] }),
+    ))
 }
 
 // ---- Outbound queue ----
 
 /// Servers (other than ours) that must receive an event of this room.
-fn destinations(hs: &Hs, c: &Connection, room_id: &str, pdu: &Pdu) -> rusqlite::Result<Vec<String>> {
+fn destinations(
+    hs: &Hs,
+    c: &Connection,
+    room_id: &str,
+    pdu: &Pdu,
+) -> rusqlite::Result<Vec<String>> {
     let mut st = c.prepare_cached(
         "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
          WHERE room_id=?1 AND type='m.room.member' AND membership IN ('join','invite','knock')",
     )?;
-    let mut out: HashSet<String> = st.query_map([room_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let mut out: HashSet<String> = st
+        .query_map([room_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
     if pdu.kind.to_string() == "m.room.member" {
         if let Some(u) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) {
             out.insert(u.server_name().to_string());
@@ -1070,15 +1530,28 @@ fn destinations(hs: &Hs, c: &Connection, room_id: &str, pdu: &Pdu) -> rusqlite::
 }
 
 /// Queues a local event for every other server in the room (same transaction as the event).
-pub fn enqueue_pdu(hs: &Hs, w: &mut WriteTxn<'_>, room_id: &RoomId, pdu: &Pdu, json: &str, skip: Option<&str>) -> MxResult<()> {
+pub fn enqueue_pdu(
+    hs: &Hs,
+    w: &mut WriteTxn<'_>,
+    room_id: &RoomId,
+    pdu: &Pdu,
+    json: &str,
+    skip: Option<&str>,
+) -> MxResult<()> {
     if !hs.config.federation.enabled {
         return Ok(());
     }
     let mut dests = destinations(hs, w, room_id.as_str(), pdu)?;
     dests.retain(|d| Some(d.as_str()) != skip);
     for d in &dests {
-        w.tx.execute("INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'pdu',?2)", params![d, json])?;
-        w.tx.execute("INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)", [d])?;
+        w.tx.execute(
+            "INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'pdu',?2)",
+            params![d, json],
+        )?;
+        w.tx.execute(
+            "INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)",
+            [d],
+        )?;
     }
     if !dests.is_empty() {
         hs.fed.wakeup.notify_one();
@@ -1096,10 +1569,21 @@ pub fn enqueue_room_edu(hs: &Hs, room_id: &str, edu: Value) -> MxResult<()> {
             "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
              WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
         )?;
-        let servers: Vec<String> = st.query_map([room_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
-        for s in servers.iter().filter(|s| s.as_str() != hs.server_name.as_str() && !hs.is_blocked(s)) {
-            w.tx.execute("INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'edu',?2)", params![s, edu.to_string()])?;
-            w.tx.execute("INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)", [s])?;
+        let servers: Vec<String> = st
+            .query_map([room_id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for s in servers
+            .iter()
+            .filter(|s| s.as_str() != hs.server_name.as_str() && !hs.is_blocked(s))
+        {
+            w.tx.execute(
+                "INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'edu',?2)",
+                params![s, edu.to_string()],
+            )?;
+            w.tx.execute(
+                "INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)",
+                [s],
+            )?;
         }
         Ok(())
     })?;
@@ -1135,7 +1619,9 @@ pub async fn sender(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
         let mut tasks = Vec::new();
         for (dest, failures) in due {
             let hs = hs.clone();
-            tasks.push(tokio::spawn(async move { send_one(&hs, &dest, failures).await }));
+            tasks.push(tokio::spawn(
+                async move { send_one(&hs, &dest, failures).await },
+            ));
         }
         for t in tasks {
             let _ = t.await;
@@ -1144,7 +1630,9 @@ pub async fn sender(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
 }
 
 async fn send_one(hs: &Hs, dest: &str, failures: i64) {
-    let Ok(server) = ServerName::parse(dest) else { return };
+    let Ok(server) = ServerName::parse(dest) else {
+        return;
+    };
     let items: Vec<(i64, String, String)> = match hs.db.read(|c| {
         let mut st = c.prepare_cached(
             "SELECT id, kind, json FROM (SELECT id, kind, json FROM fed_queue WHERE destination=?1 AND kind='pdu' ORDER BY id LIMIT ?2)
@@ -1159,11 +1647,26 @@ async fn send_one(hs: &Hs, dest: &str, failures: i64) {
     if items.is_empty() {
         return;
     }
-    let pdus: Vec<Value> = items.iter().filter(|i| i.1 == "pdu").filter_map(|i| serde_json::from_str(&i.2).ok()).collect();
-    let edus: Vec<Value> = items.iter().filter(|i| i.1 == "edu").filter_map(|i| serde_json::from_str(&i.2).ok()).collect();
+    let pdus: Vec<Value> = items
+        .iter()
+        .filter(|i| i.1 == "pdu")
+        .filter_map(|i| serde_json::from_str(&i.2).ok())
+        .collect();
+    let edus: Vec<Value> = items
+        .iter()
+        .filter(|i| i.1 == "edu")
+        .filter_map(|i| serde_json::from_str(&i.2).ok())
+        .collect();
     let txn = format!("{}-{}", now_ms(), random_string(6));
     let body = json!({ "origin": hs.server_name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": edus });
-    let result = hs.fed_request("PUT", &server, &format!("/_matrix/federation/v1/send/{txn}"), Some(&body)).await;
+    let result = hs
+        .fed_request(
+            "PUT",
+            &server,
+            &format!("/_matrix/federation/v1/send/{txn}"),
+            Some(&body),
+        )
+        .await;
     let now = now_ms() as i64;
     let ids: Vec<i64> = items.iter().map(|i| i.0).collect();
     let _ = hs.db.write(|w| -> rusqlite::Result<()> {
@@ -1189,7 +1692,12 @@ async fn send_one(hs: &Hs, dest: &str, failures: i64) {
     });
     match result {
         Ok(_) => hs.fed.wakeup.notify_one(),
-        Err(e) => tracing::info!(destination = dest, failures = failures + 1, errcode = e.errcode, "federation send failed; will retry"),
+        Err(e) => tracing::info!(
+            destination = dest,
+            failures = failures + 1,
+            errcode = e.errcode,
+            "federation send failed; will retry"
+        ),
     }
 }
 
@@ -1197,13 +1705,24 @@ async fn send_one(hs: &Hs, dest: &str, failures: i64) {
 
 impl Hs {
     /// `build_pdu` for events we only template (make_join).
-    pub(crate) fn build_pdu_for(&self, c: &Connection, room: &RoomId, sender: &UserId, ev: &pdu::NewEvent<'_>) -> MxResult<pdu::Built> {
+    pub(crate) fn build_pdu_for(
+        &self,
+        c: &Connection,
+        room: &RoomId,
+        sender: &UserId,
+        ev: &pdu::NewEvent<'_>,
+    ) -> MxResult<pdu::Built> {
         self.build_pdu(c, room, sender, ev)
     }
 
     /// Joins a room that lives on other servers: make_join, sign, send_join, then
     /// store the room's state and our join.
-    pub(crate) async fn remote_join(&self, room_id: &RoomId, user: &UserId, via: &[OwnedServerName]) -> MxResult<()> {
+    pub(crate) async fn remote_join(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        via: &[OwnedServerName],
+    ) -> MxResult<()> {
         let mut last_err = MxError::not_found("No server to join the room through");
         for server in via.iter().filter(|s| **s != self.server_name) {
             match self.remote_join_via(room_id, user, server).await {
@@ -1217,8 +1736,17 @@ impl Hs {
         Err(last_err)
     }
 
-    async fn remote_join_via(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<()> {
-        let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12", urlenc(room_id.as_str()), urlenc(user.as_str()));
+    async fn remote_join_via(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        server: &ServerName,
+    ) -> MxResult<()> {
+        let path = format!(
+            "/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12",
+            urlenc(room_id.as_str()),
+            urlenc(user.as_str())
+        );
         let made = self.fed_request("GET", server, &path, None).await?;
         let (version, rules, mut template) = check_template(&made, room_id, user, "join")?;
         let mut content = self.db.read(|c| self.member_content(c, user, "join"))?;
@@ -1229,7 +1757,16 @@ impl Hs {
         let (event_id, obj) = self.sign_template(template, &rules)?;
         let body = serde_json::to_value(&obj)?;
         let joined = self
-            .fed_request("PUT", server, &format!("/_matrix/federation/v2/send_join/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)), Some(&body))
+            .fed_request(
+                "PUT",
+                server,
+                &format!(
+                    "/_matrix/federation/v2/send_join/{}/{}",
+                    urlenc(room_id.as_str()),
+                    urlenc(&event_id)
+                ),
+                Some(&body),
+            )
             .await?;
         // Check everything we were given before storing any of it.
         let mut verified: Vec<(String, CanonicalJsonObject, bool)> = Vec::new();
@@ -1243,22 +1780,34 @@ impl Hs {
             Some(e) => {
                 let (id, o) = self.verify_pdu(&version, e.clone()).await?;
                 if id != event_id {
-                    return Err(fed_error("M_UNKNOWN", "resident server returned another join event"));
+                    return Err(fed_error(
+                        "M_UNKNOWN",
+                        "resident server returned another join event",
+                    ));
                 }
                 serde_json::to_string(&o)?
             }
             None => serde_json::to_string(&obj)?,
         };
-        let join_pdu = Pdu::parse(EventId::parse(&event_id).map_err(|e| MxError::bad_json(e.to_string()))?, &join_json)
-            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let join_pdu = Pdu::parse(
+            EventId::parse(&event_id).map_err(|e| MxError::bad_json(e.to_string()))?,
+            &join_json,
+        )
+        .map_err(|e| MxError::bad_json(e.to_string()))?;
         // Everything must belong to this room and pass the auth rules against its own
         // auth events, oldest first: a resident server cannot hand us a made-up room.
         let mut parsed: Vec<Pdu> = Vec::new();
         for (id, o, _) in &verified {
-            let p = Pdu::parse(EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?, &serde_json::to_string(o)?)
-                .map_err(|e| MxError::bad_json(e.to_string()))?;
+            let p = Pdu::parse(
+                EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?,
+                &serde_json::to_string(o)?,
+            )
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
             if !in_room(&p, room_id) {
-                return Err(fed_error("M_UNKNOWN", "the resident server sent events of another room"));
+                return Err(fed_error(
+                    "M_UNKNOWN",
+                    "the resident server sent events of another room",
+                ));
             }
             parsed.push(p);
         }
@@ -1266,10 +1815,20 @@ impl Hs {
         let mut known: HashMap<String, Pdu> = HashMap::new();
         self.db.read(|c| -> MxResult<()> {
             for p in &parsed {
-                auth_by_auth_events(c, &rules, p, &known).map_err(|e| fed_error("M_UNKNOWN", format!("room state does not pass the auth rules: {e}")))?;
+                auth_by_auth_events(c, &rules, p, &known).map_err(|e| {
+                    fed_error(
+                        "M_UNKNOWN",
+                        format!("room state does not pass the auth rules: {e}"),
+                    )
+                })?;
                 known.insert(p.event_id.to_string(), p.clone());
             }
-            auth_by_auth_events(c, &rules, &join_pdu, &known).map_err(|e| fed_error("M_UNKNOWN", format!("our join does not pass the auth rules: {e}")))?;
+            auth_by_auth_events(c, &rules, &join_pdu, &known).map_err(|e| {
+                fed_error(
+                    "M_UNKNOWN",
+                    format!("our join does not pass the auth rules: {e}"),
+                )
+            })?;
             Ok(())
         })?;
         self.db.write(|w| -> MxResult<()> {
@@ -1322,7 +1881,11 @@ impl Hs {
     }
 
     /// Timestamps, hashes and signs a membership template from another server.
-    fn sign_template(&self, mut template: Value, rules: &ruma::room_version_rules::RoomVersionRules) -> MxResult<(String, CanonicalJsonObject)> {
+    fn sign_template(
+        &self,
+        mut template: Value,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+    ) -> MxResult<(String, CanonicalJsonObject)> {
         template["origin_server_ts"] = json!(now_ms());
         if let Some(o) = template.as_object_mut() {
             o.remove("hashes");
@@ -1330,15 +1893,32 @@ impl Hs {
             o.remove("event_id");
         }
         let mut obj = to_canonical(template)?;
-        hash_and_sign_event(self.server_name.as_str(), &self.keypair, &mut obj, &rules.redaction)
-            .map_err(|e| MxError::bad_json(e.to_string()))?;
-        let event_id = format!("${}", reference_hash(&obj, rules).map_err(|e| MxError::bad_json(e.to_string()))?);
+        hash_and_sign_event(
+            self.server_name.as_str(),
+            &self.keypair,
+            &mut obj,
+            &rules.redaction,
+        )
+        .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let event_id = format!(
+            "${}",
+            reference_hash(&obj, rules).map_err(|e| MxError::bad_json(e.to_string()))?
+        );
         Ok((event_id, obj))
     }
 
     /// Leaves (declines an invite to) a room that lives on another server.
-    pub(crate) async fn remote_leave(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> MxResult<Value> {
-        let path = format!("/_matrix/federation/v1/make_leave/{}/{}", urlenc(room_id.as_str()), urlenc(user.as_str()));
+    pub(crate) async fn remote_leave(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        server: &ServerName,
+    ) -> MxResult<Value> {
+        let path = format!(
+            "/_matrix/federation/v1/make_leave/{}/{}",
+            urlenc(room_id.as_str()),
+            urlenc(user.as_str())
+        );
         let made = self.fed_request("GET", server, &path, None).await?;
         let (_, rules, template) = check_template(&made, room_id, user, "leave")?;
         if template["content"]["membership"] != "leave" {
@@ -1346,22 +1926,45 @@ impl Hs {
         }
         let (event_id, obj) = self.sign_template(template, &rules)?;
         let body = serde_json::to_value(&obj)?;
-        self.fed_request("PUT", server, &format!("/_matrix/federation/v2/send_leave/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)), Some(&body))
-            .await?;
+        self.fed_request(
+            "PUT",
+            server,
+            &format!(
+                "/_matrix/federation/v2/send_leave/{}/{}",
+                urlenc(room_id.as_str()),
+                urlenc(&event_id)
+            ),
+            Some(&body),
+        )
+        .await?;
         let mut ev = body;
         ev["event_id"] = json!(event_id);
         Ok(ev)
     }
 
     /// Invites a user of another server: their server countersigns the invite first.
-    pub(crate) async fn remote_invite(&self, room_id: &RoomId, sender: &UserId, target: &UserId, reason: Option<&str>) -> MxResult<String> {
+    pub(crate) async fn remote_invite(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        reason: Option<&str>,
+    ) -> MxResult<String> {
         let mut content = json!({ "membership": "invite" });
         if let Some(r) = reason {
             content["reason"] = json!(r);
         }
-        let ev = pdu::NewEvent { kind: "m.room.member", state_key: Some(target.as_str()), content, txn: None };
+        let ev = pdu::NewEvent {
+            kind: "m.room.member",
+            state_key: Some(target.as_str()),
+            content,
+            txn: None,
+        };
         let built = self.db.read(|c| self.build_pdu(c, room_id, sender, &ev))?;
-        let version = self.db.read(|c| pdu::room_version(c, room_id.as_str()))?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+        let version = self
+            .db
+            .read(|c| pdu::room_version(c, room_id.as_str()))?
+            .ok_or_else(|| MxError::not_found("Unknown room"))?;
         let stripped = self.db.read(|c| pdu::stripped_state(c, room_id.as_str()))?;
         let body = json!({
             "room_version": version.as_str(),
@@ -1373,19 +1976,40 @@ impl Hs {
             .fed_request(
                 "PUT",
                 target.server_name(),
-                &format!("/_matrix/federation/v2/invite/{}/{}", urlenc(room_id.as_str()), urlenc(&event_id)),
+                &format!(
+                    "/_matrix/federation/v2/invite/{}/{}",
+                    urlenc(room_id.as_str()),
+                    urlenc(&event_id)
+                ),
                 Some(&body),
             )
             .await?;
         let (id, signed) = self.verify_pdu(&version, answer["event"].clone()).await?;
         if id != event_id {
-            return Err(fed_error("M_UNKNOWN", "the invited user's server changed the event"));
+            return Err(fed_error(
+                "M_UNKNOWN",
+                "the invited user's server changed the event",
+            ));
         }
         let json = serde_json::to_string(&signed)?;
-        let pdu = Pdu::parse(built.pdu.event_id.clone(), &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+        let pdu = Pdu::parse(built.pdu.event_id.clone(), &json)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
         // The invited user's server already has the invite.
         let target_server = target.server_name().to_string();
-        self.db.write(|w| self.commit_built(w, room_id, pdu::Built { pdu, json, rules: built.rules }, None, None, Some(&target_server)))?;
+        self.db.write(|w| {
+            self.commit_built(
+                w,
+                room_id,
+                pdu::Built {
+                    pdu,
+                    json,
+                    rules: built.rules,
+                },
+                None,
+                None,
+                Some(&target_server),
+            )
+        })?;
         self.notify_room(room_id.as_str());
         Ok(event_id)
     }
@@ -1400,8 +2024,16 @@ fn auth_by_auth_events(
     known: &HashMap<String, Pdu>,
 ) -> Result<(), String> {
     let fetch = |id: &str| known.get(id).cloned().or_else(|| pdu::load_pdu(c, id));
-    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id: &EventId| fetch(id.as_str()))?;
-    let auth: Vec<Pdu> = pdu.auth_events.iter().filter_map(|id| fetch(id.as_str())).collect();
+    ruma::state_res::check_state_independent_auth_rules(
+        &rules.authorization,
+        pdu,
+        |id: &EventId| fetch(id.as_str()),
+    )?;
+    let auth: Vec<Pdu> = pdu
+        .auth_events
+        .iter()
+        .filter_map(|id| fetch(id.as_str()))
+        .collect();
     // v12 rooms leave the create event out of auth_events: it is the room id.
     let create = pdu
         .room_id
@@ -1414,7 +2046,9 @@ fn auth_by_auth_events(
                 return Some(c.clone());
             }
         }
-        auth.iter().find(|a| a.kind.to_string() == ty.to_string() && a.state_key.as_deref() == Some(key)).cloned()
+        auth.iter()
+            .find(|a| a.kind.to_string() == ty.to_string() && a.state_key.as_deref() == Some(key))
+            .cloned()
     })
 }
 
@@ -1432,20 +2066,44 @@ fn supported_version(v: &Value) -> MxResult<RoomVersionId> {
     v.as_str()
         .and_then(|v| RoomVersionId::try_from(v).ok())
         .filter(|v| v.rules().is_some())
-        .ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version"))
+        .ok_or_else(|| {
+            MxError::new(
+                StatusCode::BAD_REQUEST,
+                "M_INCOMPATIBLE_ROOM_VERSION",
+                "Unsupported room version",
+            )
+        })
 }
 
 /// Checks a make_join/make_leave answer: a supported room version and a member
 /// event template for `user`.
-fn check_template(made: &Value, room_id: &RoomId, user: &UserId, what: &str) -> MxResult<(RoomVersionId, ruma::room_version_rules::RoomVersionRules, Value)> {
+fn check_template(
+    made: &Value,
+    room_id: &RoomId,
+    user: &UserId,
+    what: &str,
+) -> MxResult<(
+    RoomVersionId,
+    ruma::room_version_rules::RoomVersionRules,
+    Value,
+)> {
     let version = supported_version(&made["room_version"])?;
     let rules = pdu::rules_for(&version)?;
     let template = made["event"].clone();
-    if template["type"] != "m.room.member" || template["state_key"] != user.as_str() || template["sender"] != user.as_str() {
-        return Err(fed_error("M_UNKNOWN", format!("the {what} template is not for this user")));
+    if template["type"] != "m.room.member"
+        || template["state_key"] != user.as_str()
+        || template["sender"] != user.as_str()
+    {
+        return Err(fed_error(
+            "M_UNKNOWN",
+            format!("the {what} template is not for this user"),
+        ));
     }
     if template["room_id"] != room_id.as_str() {
-        return Err(fed_error("M_UNKNOWN", format!("the {what} template is for another room")));
+        return Err(fed_error(
+            "M_UNKNOWN",
+            format!("the {what} template is for another room"),
+        ));
     }
     Ok((version, rules, template))
 }
@@ -1501,29 +2159,45 @@ fn tls_config(hs: &Hs) -> anyhow::Result<rustls::ServerConfig> {
             let c = hs.data_dir.join("federation-tls.crt");
             let k = hs.data_dir.join("federation-tls.key");
             if !c.exists() || !k.exists() {
-                let host = hs.server_name.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-                let cert = rcgen::generate_simple_self_signed(vec![host]).context("making a self-signed certificate")?;
+                let host = hs
+                    .server_name
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                let cert = rcgen::generate_simple_self_signed(vec![host])
+                    .context("making a self-signed certificate")?;
                 std::fs::write(&c, cert.cert.pem())?;
                 secta_runtime::write_secret_file(&k, cert.signing_key.serialize_pem().as_bytes())?;
             }
             (c, k)
         }
     };
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(&cert_path)?))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading {}", cert_path.display()))?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(&key_path)?))?
-        .with_context(|| format!("no private key in {}", key_path.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(
+        &cert_path,
+    )?))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading {}", cert_path.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(
+        &key_path,
+    )?))?
+    .with_context(|| format!("no private key in {}", key_path.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
 /// Serves the API over TLS on the federation port until shutdown.
-pub async fn serve_tls(hs: Arc<Hs>, addr: std::net::SocketAddr, shutdown: secta_runtime::Shutdown) -> anyhow::Result<()> {
+pub async fn serve_tls(
+    hs: Arc<Hs>,
+    addr: std::net::SocketAddr,
+    shutdown: secta_runtime::Shutdown,
+) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&hs)?));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "federation TLS listening");
@@ -1536,13 +2210,18 @@ pub async fn serve_tls(hs: Arc<Hs>, addr: std::net::SocketAddr, shutdown: secta_
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
             let service = hyper_util::service::TowerToHyperService::new(
                 app.layer(axum::Extension(axum::extract::ConnectInfo(peer))),
             );
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
         });
     }
 }
@@ -1553,8 +2232,14 @@ pub fn enqueue_server_edu(hs: &Hs, server: &str, edu: Value) -> MxResult<()> {
         return Ok(());
     }
     hs.db.write(|w| -> rusqlite::Result<()> {
-        w.tx.execute("INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'edu',?2)", params![server, edu.to_string()])?;
-        w.tx.execute("INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)", [server])?;
+        w.tx.execute(
+            "INSERT INTO fed_queue(destination, kind, json) VALUES(?1,'edu',?2)",
+            params![server, edu.to_string()],
+        )?;
+        w.tx.execute(
+            "INSERT OR IGNORE INTO fed_destinations(server_name) VALUES(?1)",
+            [server],
+        )?;
         Ok(())
     })?;
     hs.fed.wakeup.notify_one();
@@ -1569,13 +2254,16 @@ pub struct UserKeysQuery {
 }
 
 pub async fn user_keys_query(State(hs): State<Arc<Hs>>, req: FedRequest) -> MxResult<J> {
-    let body: UserKeysQuery = serde_json::from_value(req.body).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let body: UserKeysQuery =
+        serde_json::from_value(req.body).map_err(|e| MxError::bad_json(e.to_string()))?;
     let local: BTreeMap<String, Vec<String>> = body
         .device_keys
         .into_iter()
         .filter(|(u, _)| UserId::parse(u).is_ok_and(|u| u.server_name() == hs.server_name))
         .collect();
-    let mut v = hs.db.read(|c| crate::keys::local_query(&hs, c, "", &local))?;
+    let mut v = hs
+        .db
+        .read(|c| crate::keys::local_query(&hs, c, "", &local))?;
     if let Some(o) = v.as_object_mut() {
         o.remove("user_signing_keys");
         o.remove("failures");
@@ -1589,7 +2277,8 @@ pub struct UserKeysClaim {
 }
 
 pub async fn user_keys_claim(State(hs): State<Arc<Hs>>, req: FedRequest) -> MxResult<J> {
-    let body: UserKeysClaim = serde_json::from_value(req.body).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let body: UserKeysClaim =
+        serde_json::from_value(req.body).map_err(|e| MxError::bad_json(e.to_string()))?;
     let local: BTreeMap<String, BTreeMap<String, String>> = body
         .one_time_keys
         .into_iter()
@@ -1602,7 +2291,11 @@ pub async fn user_keys_claim(State(hs): State<Arc<Hs>>, req: FedRequest) -> MxRe
     Ok(axum::Json(v))
 }
 
-pub async fn user_devices(State(hs): State<Arc<Hs>>, PathArgs(user): PathArgs<String>, _req: FedRequest) -> MxResult<J> {
+pub async fn user_devices(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(user): PathArgs<String>,
+    _req: FedRequest,
+) -> MxResult<J> {
     let u = UserId::parse(&user).map_err(|_| MxError::invalid_param("bad user id"))?;
     if u.server_name() != hs.server_name {
         return Err(MxError::invalid_param("not a user of this server"));
@@ -1615,7 +2308,8 @@ pub async fn user_devices(State(hs): State<Arc<Hs>>, PathArgs(user): PathArgs<St
         .flatten()
         .map(|(d, k)| json!({ "device_id": d, "keys": k, "device_display_name": k["unsigned"]["device_display_name"] }))
         .collect();
-    let mut out = json!({ "user_id": user, "stream_id": hs.db.current_stream(), "devices": devices });
+    let mut out =
+        json!({ "user_id": user, "stream_id": hs.db.current_stream(), "devices": devices });
     if let Some(m) = v["master_keys"].get(&user) {
         out["master_key"] = m.clone();
     }
@@ -1633,9 +2327,19 @@ pub async fn backfill_endpoint(
     axum::extract::RawQuery(q): axum::extract::RawQuery,
     req: FedRequest,
 ) -> MxResult<J> {
-    let pairs = serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or("")).unwrap_or_default();
-    let from: Vec<String> = pairs.iter().filter(|(k, _)| k == "v").map(|(_, v)| v.clone()).collect();
-    let limit: i64 = pairs.iter().find(|(k, _)| k == "limit").and_then(|(_, v)| v.parse().ok()).unwrap_or(50).clamp(1, 100);
+    let pairs = serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or(""))
+        .unwrap_or_default();
+    let from: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "v")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let limit: i64 = pairs
+        .iter()
+        .find(|(k, _)| k == "limit")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(50)
+        .clamp(1, 100);
     let out = hs.db.read(|c| -> MxResult<Value> {
         require_in_room(c, &room, req.origin.as_str())?;
         if !acl_allows(c, &room, req.origin.as_str())? {
@@ -1665,9 +2369,18 @@ impl Hs {
     /// Before taking in a PDU whose prev_events this box does not have, asks the
     /// sending server for the events in between (bounded) and takes those in first.
     async fn fill_gap(&self, origin: &ServerName, pdu: &Value) {
-        let Some(room) = pdu["room_id"].as_str() else { return };
-        let prevs: Vec<String> = pdu["prev_events"].as_array().into_iter().flatten().filter_map(|p| p.as_str().map(str::to_owned)).collect();
-        let Ok(Some(version)) = self.db.read(|c| pdu::room_version(c, room)) else { return };
+        let Some(room) = pdu["room_id"].as_str() else {
+            return;
+        };
+        let prevs: Vec<String> = pdu["prev_events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_owned))
+            .collect();
+        let Ok(Some(version)) = self.db.read(|c| pdu::room_version(c, room)) else {
+            return;
+        };
         let missing = self.db.read(|c| -> rusqlite::Result<bool> {
             for p in &prevs {
                 if pdu::get_event(c, p)?.is_none() {
@@ -1679,20 +2392,29 @@ impl Hs {
         if !matches!(missing, Ok(true)) {
             return;
         }
-        let Ok(rules) = pdu::rules_for(&version) else { return };
-        let Ok(obj) = to_canonical(pdu.clone()) else { return };
-        let Ok(hash) = reference_hash(&obj, &rules) else { return };
+        let Ok(rules) = pdu::rules_for(&version) else {
+            return;
+        };
+        let Ok(obj) = to_canonical(pdu.clone()) else {
+            return;
+        };
+        let Ok(hash) = reference_hash(&obj, &rules) else {
+            return;
+        };
         let earliest: Vec<String> = self
             .db
             .read(|c| -> rusqlite::Result<Vec<String>> {
-                let mut st = c.prepare_cached("SELECT event_id FROM forward_extremities WHERE room_id=?1")?;
+                let mut st =
+                    c.prepare_cached("SELECT event_id FROM forward_extremities WHERE room_id=?1")?;
                 let r = st.query_map([room], |r| r.get(0))?.collect();
                 r
             })
             .unwrap_or_default();
         let body = json!({ "earliest_events": earliest, "latest_events": [format!("${hash}")], "limit": 20 });
         let path = format!("/_matrix/federation/v1/get_missing_events/{}", urlenc(room));
-        let Ok(v) = self.fed_request("POST", origin, &path, Some(&body)).await else { return };
+        let Ok(v) = self.fed_request("POST", origin, &path, Some(&body)).await else {
+            return;
+        };
         for e in v["events"].as_array().into_iter().flatten().take(20) {
             if let Err(err) = self.receive_pdu(origin, e.clone()).await {
                 tracing::debug!(errcode = err.errcode, "missing event not accepted");
@@ -1715,23 +2437,48 @@ impl Hs {
             let servers: Vec<String> = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
             Ok((earliest, servers, pdu::room_version(c, room_id.as_str())?))
         })?;
-        let (Some((earliest, kind)), Some(version)) = (earliest, version) else { return Ok(0) };
+        let (Some((earliest, kind)), Some(version)) = (earliest, version) else {
+            return Ok(0);
+        };
         let rules = pdu::rules_for(&version)?;
         if kind == "m.room.create" {
             return Ok(0); // the whole history is here
         }
-        for server in servers.iter().filter(|s| s.as_str() != self.server_name.as_str()) {
-            let Ok(name) = ServerName::parse(server) else { continue };
-            let path = format!("/_matrix/federation/v1/backfill/{}?v={}&limit={limit}", urlenc(room_id.as_str()), urlenc(&earliest));
-            let Ok(v) = self.fed_request("GET", &name, &path, None).await else { continue };
+        for server in servers
+            .iter()
+            .filter(|s| s.as_str() != self.server_name.as_str())
+        {
+            let Ok(name) = ServerName::parse(server) else {
+                continue;
+            };
+            let path = format!(
+                "/_matrix/federation/v1/backfill/{}?v={}&limit={limit}",
+                urlenc(room_id.as_str()),
+                urlenc(&earliest)
+            );
+            let Ok(v) = self.fed_request("GET", &name, &path, None).await else {
+                continue;
+            };
             let mut fetched = Vec::new();
-            for p in v["pdus"].as_array().into_iter().flatten().take(limit as usize + 1) {
+            for p in v["pdus"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(limit as usize + 1)
+            {
                 if let Ok((id, obj)) = self.verify_pdu(&version, p.clone()).await {
                     fetched.push((id, obj));
                 }
             }
             // Newest first, so each gets a stream position before the one stored earlier.
-            fetched.sort_by_key(|(_, o)| std::cmp::Reverse(o.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap_or(0)));
+            fetched.sort_by_key(|(_, o)| {
+                std::cmp::Reverse(
+                    o.get("depth")
+                        .and_then(|d| d.as_integer())
+                        .map(i64::from)
+                        .unwrap_or(0),
+                )
+            });
             let added = self.db.write(|w| -> MxResult<usize> {
                 let mut n = 0;
                 for (id, obj) in &fetched {
@@ -1739,8 +2486,11 @@ impl Hs {
                         continue;
                     }
                     let json = serde_json::to_string(obj)?;
-                    let p = Pdu::parse(EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?, &json)
-                        .map_err(|e| MxError::bad_json(e.to_string()))?;
+                    let p = Pdu::parse(
+                        EventId::parse(id).map_err(|e| MxError::bad_json(e.to_string()))?,
+                        &json,
+                    )
+                    .map_err(|e| MxError::bad_json(e.to_string()))?;
                     if p.room_id.as_deref() != Some(room_id) {
                         continue;
                     }
@@ -1768,8 +2518,14 @@ pub async fn state_endpoint(
     let out = hs.db.read(|c| -> MxResult<Value> {
         require_in_room(c, &room, req.origin.as_str())?;
         let (ids, chain) = state_and_chain(c, &room)?;
-        let pdus: Vec<Value> = ids.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
-        let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        let pdus: Vec<Value> = ids
+            .iter()
+            .filter_map(|i| pdu_value(c, i).ok().flatten())
+            .collect();
+        let chain: Vec<Value> = chain
+            .iter()
+            .filter_map(|i| pdu_value(c, i).ok().flatten())
+            .collect();
         Ok(json!({ "pdus": pdus, "auth_chain": chain }))
     })?;
     Ok(axum::Json(out))
@@ -1782,9 +2538,14 @@ pub async fn event_auth(
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
         require_in_room(c, &room, req.origin.as_str())?;
-        pdu::get_event(c, &event_id)?.filter(|e| e.room_id == room).ok_or_else(|| MxError::not_found("Event not found"))?;
+        pdu::get_event(c, &event_id)?
+            .filter(|e| e.room_id == room)
+            .ok_or_else(|| MxError::not_found("Event not found"))?;
         let chain = auth_chain(c, &[event_id.clone()])?;
-        let chain: Vec<Value> = chain.iter().filter_map(|i| pdu_value(c, i).ok().flatten()).collect();
+        let chain: Vec<Value> = chain
+            .iter()
+            .filter_map(|i| pdu_value(c, i).ok().flatten())
+            .collect();
         Ok(json!({ "auth_chain": chain }))
     })?;
     Ok(axum::Json(out))
@@ -1803,8 +2564,13 @@ pub struct MissingEventsBody {
 
 /// `POST /get_missing_events`: walks back from `latest_events` along prev_events,
 /// stopping at `earliest_events`, `min_depth` and `limit`.
-pub async fn get_missing_events(State(hs): State<Arc<Hs>>, PathArgs(room): PathArgs<String>, req: FedRequest) -> MxResult<J> {
-    let body: MissingEventsBody = serde_json::from_value(req.body.clone()).map_err(|e| MxError::bad_json(e.to_string()))?;
+pub async fn get_missing_events(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(room): PathArgs<String>,
+    req: FedRequest,
+) -> MxResult<J> {
+    let body: MissingEventsBody =
+        serde_json::from_value(req.body.clone()).map_err(|e| MxError::bad_json(e.to_string()))?;
     let limit = body.limit.unwrap_or(10).clamp(1, 100);
     let min_depth = body.min_depth.unwrap_or(0);
     let out = hs.db.read(|c| -> MxResult<Value> {
@@ -1822,7 +2588,9 @@ pub async fn get_missing_events(State(hs): State<Arc<Hs>>, PathArgs(room): PathA
             if found.len() >= limit || !seen.insert(id.clone()) || stop.contains(id.as_str()) {
                 continue;
             }
-            let Some(ev) = pdu::get_event(c, &id)?.filter(|e| e.room_id == room) else { continue };
+            let Some(ev) = pdu::get_event(c, &id)?.filter(|e| e.room_id == room) else {
+                continue;
+            };
             let p = pdu::load_pdu(c, &id);
             let depth = p.as_ref().map_or(0, |p| p.depth as i64);
             if depth < min_depth {

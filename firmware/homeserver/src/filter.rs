@@ -66,11 +66,19 @@ fn glob(pattern: &str, s: &str) -> bool {
 
 impl EventFilter {
     pub fn allows_room(&self, room_id: &str) -> bool {
-        !self.not_rooms.iter().any(|r| r == room_id) && self.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r == room_id))
+        !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|rs| rs.iter().any(|r| r == room_id))
     }
 
     pub fn allows_type(&self, kind: &str) -> bool {
-        !self.not_types.iter().any(|t| glob(t, kind)) && self.types.as_ref().is_none_or(|ts| ts.iter().any(|t| glob(t, kind)))
+        !self.not_types.iter().any(|t| glob(t, kind))
+            && self
+                .types
+                .as_ref()
+                .is_none_or(|ts| ts.iter().any(|t| glob(t, kind)))
     }
 
     /// Whether a client-formatted (or PDU) event passes.
@@ -99,7 +107,11 @@ impl EventFilter {
 
 impl RoomFilter {
     pub fn allows_room(&self, room_id: &str) -> bool {
-        !self.not_rooms.iter().any(|r| r == room_id) && self.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r == room_id))
+        !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|rs| rs.iter().any(|r| r == room_id))
     }
 }
 
@@ -110,7 +122,9 @@ mod tests {
 
     #[test]
     fn filters_by_type_sender_and_globs() {
-        let f: EventFilter = serde_json::from_value(json!({"types": ["m.room.*"], "not_senders": ["@b:x"]})).unwrap();
+        let f: EventFilter =
+            serde_json::from_value(json!({"types": ["m.room.*"], "not_senders": ["@b:x"]}))
+                .unwrap();
         assert!(f.allows(&json!({"type": "m.room.message", "sender": "@a:x"})));
         assert!(!f.allows(&json!({"type": "m.room.message", "sender": "@b:x"})));
         assert!(!f.allows(&json!({"type": "m.reaction", "sender": "@a:x"})));

@@ -47,34 +47,56 @@ fn decode_b64(s: &str) -> Option<Vec<u8>> {
 
 /// Checks that `object` carries a valid ed25519 signature by `signer`'s key `key_id`
 /// (e.g. `ed25519:DEVICEID`) made with `public_key` (unpadded base64).
-pub fn check_signature(object: &Value, signer: &str, key_id: &str, public_key: &str) -> MxResult<()> {
+pub fn check_signature(
+    object: &Value,
+    signer: &str,
+    key_id: &str,
+    public_key: &str,
+) -> MxResult<()> {
     let sig = object["signatures"][signer][key_id]
         .as_str()
         .ok_or_else(|| invalid_signature(format!("missing signature {signer} {key_id}")))?;
-    let obj: CanonicalJsonObject =
-        serde_json::from_value(object.clone()).map_err(|e| MxError::bad_json(format!("keys are not canonical JSON: {e}")))?;
-    let canonical = to_canonical_json_string_for_signing(&obj).map_err(|e| MxError::bad_json(e.to_string()))?;
-    let key = decode_b64(public_key).ok_or_else(|| MxError::bad_json("public key is not base64"))?;
+    let obj: CanonicalJsonObject = serde_json::from_value(object.clone())
+        .map_err(|e| MxError::bad_json(format!("keys are not canonical JSON: {e}")))?;
+    let canonical =
+        to_canonical_json_string_for_signing(&obj).map_err(|e| MxError::bad_json(e.to_string()))?;
+    let key =
+        decode_b64(public_key).ok_or_else(|| MxError::bad_json("public key is not base64"))?;
     let sig = decode_b64(sig).ok_or_else(|| invalid_signature("signature is not base64"))?;
-    verify_canonical_json_bytes(&SigningKeyAlgorithm::Ed25519, &key, &sig, canonical.as_bytes())
-        .map_err(|_| invalid_signature(format!("signature {signer} {key_id} does not verify")))
+    verify_canonical_json_bytes(
+        &SigningKeyAlgorithm::Ed25519,
+        &key,
+        &sig,
+        canonical.as_bytes(),
+    )
+    .map_err(|_| invalid_signature(format!("signature {signer} {key_id} does not verify")))
 }
 
 /// Records that `user`'s device list changed (new keys, removed device, cross-signing).
 pub fn mark_device_list_change(w: &mut WriteTxn<'_>, user: &str) -> rusqlite::Result<()> {
     let stream = w.next_stream();
-    w.tx.execute("INSERT INTO device_list_updates(user_id, stream) VALUES(?1,?2)", params![user, stream])?;
+    w.tx.execute(
+        "INSERT INTO device_list_updates(user_id, stream) VALUES(?1,?2)",
+        params![user, stream],
+    )?;
     Ok(())
 }
 
 /// Removes everything a device had: keys, pending to-device messages.
 pub fn delete_device_keys(w: &mut WriteTxn<'_>, user: &str, device: &str) -> rusqlite::Result<()> {
     let had: bool = w
-        .query_row("SELECT 1 FROM device_keys WHERE user_id=?1 AND device_id=?2", params![user, device], |_| Ok(true))
+        .query_row(
+            "SELECT 1 FROM device_keys WHERE user_id=?1 AND device_id=?2",
+            params![user, device],
+            |_| Ok(true),
+        )
         .optional()?
         .unwrap_or(false);
     for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
-        w.tx.execute(&format!("DELETE FROM {table} WHERE user_id=?1 AND device_id=?2"), params![user, device])?;
+        w.tx.execute(
+            &format!("DELETE FROM {table} WHERE user_id=?1 AND device_id=?2"),
+            params![user, device],
+        )?;
     }
     if had {
         mark_device_list_change(w, user)?;
@@ -114,13 +136,19 @@ impl Hs {
 }
 
 /// One-time key counts of a device, by algorithm (always with `signed_curve25519`).
-pub fn otk_counts(c: &Connection, user: &str, device: &str) -> rusqlite::Result<Map<String, Value>> {
+pub fn otk_counts(
+    c: &Connection,
+    user: &str,
+    device: &str,
+) -> rusqlite::Result<Map<String, Value>> {
     let mut st = c.prepare_cached(
         "SELECT algorithm, COUNT(*) FROM one_time_keys WHERE user_id=?1 AND device_id=?2 GROUP BY algorithm",
     )?;
     let mut m = Map::new();
     m.insert("signed_curve25519".into(), json!(0));
-    for row in st.query_map(params![user, device], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+    for row in st.query_map(params![user, device], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })? {
         let (a, n) = row?;
         m.insert(a, json!(n));
     }
@@ -128,8 +156,14 @@ pub fn otk_counts(c: &Connection, user: &str, device: &str) -> rusqlite::Result<
 }
 
 /// Algorithms of the device's fallback keys not yet used.
-pub fn unused_fallback_types(c: &Connection, user: &str, device: &str) -> rusqlite::Result<Vec<String>> {
-    let mut st = c.prepare_cached("SELECT algorithm FROM fallback_keys WHERE user_id=?1 AND device_id=?2 AND used=0")?;
+pub fn unused_fallback_types(
+    c: &Connection,
+    user: &str,
+    device: &str,
+) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT algorithm FROM fallback_keys WHERE user_id=?1 AND device_id=?2 AND used=0",
+    )?;
     let r = st.query_map(params![user, device], |r| r.get(0))?.collect();
     r
 }
@@ -145,24 +179,40 @@ pub struct UploadBody {
 
 fn device_ed25519(c: &Connection, user: &str, device: &str) -> rusqlite::Result<Option<String>> {
     let json: Option<String> = c
-        .query_row("SELECT json FROM device_keys WHERE user_id=?1 AND device_id=?2", params![user, device], |r| r.get(0))
+        .query_row(
+            "SELECT json FROM device_keys WHERE user_id=?1 AND device_id=?2",
+            params![user, device],
+            |r| r.get(0),
+        )
         .optional()?;
     Ok(json
         .and_then(|j| serde_json::from_str::<Value>(&j).ok())
-        .and_then(|v| v["keys"][format!("ed25519:{device}")].as_str().map(str::to_owned)))
+        .and_then(|v| {
+            v["keys"][format!("ed25519:{device}")]
+                .as_str()
+                .map(str::to_owned)
+        }))
 }
 
-pub async fn upload(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<UploadBody>) -> MxResult<J> {
+pub async fn upload(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<UploadBody>,
+) -> MxResult<J> {
     let user = auth.user_id.as_str();
     let device = auth.device_id.as_str();
     if body.one_time_keys.len() + body.fallback_keys.len() > MAX_KEYS_PER_UPLOAD {
-        return Err(MxError::too_large(format!("at most {MAX_KEYS_PER_UPLOAD} keys per upload")));
+        return Err(MxError::too_large(format!(
+            "at most {MAX_KEYS_PER_UPLOAD} keys per upload"
+        )));
     }
     // Validate everything before storing anything.
     let mut signing_key = hs.db.read(|c| device_ed25519(c, user, device))?;
     if let Some(dk) = &body.device_keys {
         if dk["user_id"] != user || dk["device_id"] != device {
-            return Err(MxError::invalid_param("device_keys must be for the requesting user and device"));
+            return Err(MxError::invalid_param(
+                "device_keys must be for the requesting user and device",
+            ));
         }
         if !dk["algorithms"].is_array() || !dk["keys"].is_object() {
             return Err(MxError::bad_json("device_keys needs algorithms and keys"));
@@ -174,16 +224,22 @@ pub async fn upload(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<Uplo
         check_signature(dk, user, &format!("ed25519:{device}"), &ed)?;
         if let Some(old) = &signing_key {
             if *old != ed {
-                return Err(MxError::invalid_param("the device's identity key cannot change; log in as a new device"));
+                return Err(MxError::invalid_param(
+                    "the device's identity key cannot change; log in as a new device",
+                ));
             }
         }
         signing_key = Some(ed);
     }
     let check_key = |key_id: &str, key: &Value| -> MxResult<String> {
-        let (algorithm, _) = key_id.split_once(':').ok_or_else(|| MxError::bad_json("key ids look like algorithm:id"))?;
+        let (algorithm, _) = key_id
+            .split_once(':')
+            .ok_or_else(|| MxError::bad_json("key ids look like algorithm:id"))?;
         if key.is_object() && algorithm.starts_with("signed_") {
             let Some(ed) = &signing_key else {
-                return Err(MxError::invalid_param("upload device keys before signed one-time keys"));
+                return Err(MxError::invalid_param(
+                    "upload device keys before signed one-time keys",
+                ));
             };
             check_signature(key, user, &format!("ed25519:{device}"), ed)?;
         } else if !key.is_string() && !key.is_object() {
@@ -257,12 +313,22 @@ pub async fn upload(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<Uplo
 }
 
 /// Merges stored third-party signatures into a key object for the viewer.
-fn with_signatures(c: &Connection, mut key: Value, target_user: &str, target_key: &str, viewer: &str) -> rusqlite::Result<Value> {
+fn with_signatures(
+    c: &Connection,
+    mut key: Value,
+    target_user: &str,
+    target_key: &str,
+    viewer: &str,
+) -> rusqlite::Result<Value> {
     let mut st = c.prepare_cached(
         "SELECT signer_user, signer_key, signature FROM key_signatures WHERE target_user=?1 AND target_key=?2",
     )?;
     for row in st.query_map(params![target_user, target_key], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
     })? {
         let (signer, key_id, sig) = row?;
         // Signatures by other users (user-signing) are shown only to the signer.
@@ -275,14 +341,22 @@ fn with_signatures(c: &Connection, mut key: Value, target_user: &str, target_key
 
 fn cross_signing_key(c: &Connection, user: &str, kind: &str) -> rusqlite::Result<Option<Value>> {
     let j: Option<String> = c
-        .query_row("SELECT json FROM cross_signing_keys WHERE user_id=?1 AND key_type=?2", params![user, kind], |r| r.get(0))
+        .query_row(
+            "SELECT json FROM cross_signing_keys WHERE user_id=?1 AND key_type=?2",
+            params![user, kind],
+            |r| r.get(0),
+        )
         .optional()?;
     Ok(j.and_then(|j| serde_json::from_str(&j).ok()))
 }
 
 /// The public key (unpadded base64) and key id of a cross-signing key object.
 fn cs_public(key: &Value) -> Option<(String, String)> {
-    key["keys"].as_object()?.iter().next().and_then(|(id, v)| Some((id.clone(), v.as_str()?.to_owned())))
+    key["keys"]
+        .as_object()?
+        .iter()
+        .next()
+        .and_then(|(id, v)| Some((id.clone(), v.as_str()?.to_owned())))
 }
 
 #[derive(Deserialize)]
@@ -291,15 +365,22 @@ pub struct QueryBody {
 }
 
 /// Splits a per-user map into this server's users and other servers' users.
-fn split_by_server<T: Clone>(hs: &Hs, map: &BTreeMap<String, T>) -> MxResult<(BTreeMap<String, T>, BTreeMap<String, BTreeMap<String, T>>)> {
+fn split_by_server<T: Clone>(
+    hs: &Hs,
+    map: &BTreeMap<String, T>,
+) -> MxResult<(BTreeMap<String, T>, BTreeMap<String, BTreeMap<String, T>>)> {
     let mut local = BTreeMap::new();
     let mut remote: BTreeMap<String, BTreeMap<String, T>> = BTreeMap::new();
     for (user, v) in map {
-        let u = UserId::parse(user).map_err(|_| MxError::invalid_param(format!("invalid user id {user}")))?;
+        let u = UserId::parse(user)
+            .map_err(|_| MxError::invalid_param(format!("invalid user id {user}")))?;
         if u.server_name() == hs.server_name {
             local.insert(user.clone(), v.clone());
         } else {
-            remote.entry(u.server_name().to_string()).or_default().insert(user.clone(), v.clone());
+            remote
+                .entry(u.server_name().to_string())
+                .or_default()
+                .insert(user.clone(), v.clone());
         }
     }
     Ok((local, remote))
@@ -317,18 +398,39 @@ fn merge_into(out: &mut Value, part: &Value, keys: &[&str], asked: &HashSet<Stri
     }
 }
 
-pub async fn query(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<QueryBody>) -> MxResult<J> {
+pub async fn query(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<QueryBody>,
+) -> MxResult<J> {
     if body.device_keys.len() > 1000 {
         return Err(MxError::too_large("too many users in one query"));
     }
     let (local, remote) = split_by_server(&hs, &body.device_keys)?;
-    let mut out = hs.db.read(|c| local_query(&hs, c, auth.user_id.as_str(), &local))?;
+    let mut out = hs
+        .db
+        .read(|c| local_query(&hs, c, auth.user_id.as_str(), &local))?;
     for (server, users) in remote {
-        let Ok(name) = ruma::ServerName::parse(&server) else { continue };
+        let Ok(name) = ruma::ServerName::parse(&server) else {
+            continue;
+        };
         let asked: HashSet<String> = users.keys().cloned().collect();
         let req = json!({ "device_keys": users });
-        match hs.fed_request("POST", &name, "/_matrix/federation/v1/user/keys/query", Some(&req)).await {
-            Ok(v) => merge_into(&mut out, &v, &["device_keys", "master_keys", "self_signing_keys"], &asked),
+        match hs
+            .fed_request(
+                "POST",
+                &name,
+                "/_matrix/federation/v1/user/keys/query",
+                Some(&req),
+            )
+            .await
+        {
+            Ok(v) => merge_into(
+                &mut out,
+                &v,
+                &["device_keys", "master_keys", "self_signing_keys"],
+                &asked,
+            ),
             Err(e) => {
                 out["failures"][&server] = json!({ "errcode": e.errcode, "error": e.message });
             }
@@ -338,8 +440,15 @@ pub async fn query(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<Query
 }
 
 /// Keys of this server's users, as `/keys/query` shows them to `viewer`.
-pub(crate) fn local_query(hs: &Hs, c: &Connection, viewer: &str, wanted_keys: &BTreeMap<String, Vec<String>>) -> MxResult<Value> {
-    let body = QueryBody { device_keys: wanted_keys.clone() };
+pub(crate) fn local_query(
+    hs: &Hs,
+    c: &Connection,
+    viewer: &str,
+    wanted_keys: &BTreeMap<String, Vec<String>>,
+) -> MxResult<Value> {
+    let body = QueryBody {
+        device_keys: wanted_keys.clone(),
+    };
     {
         let mut device_keys = Map::new();
         let mut master = Map::new();
@@ -351,7 +460,10 @@ pub(crate) fn local_query(hs: &Hs, c: &Connection, viewer: &str, wanted_keys: &B
                 return Err(MxError::invalid_param(format!("invalid user id {user}")));
             }
             if UserId::parse(user).is_ok_and(|u| u.server_name() != hs.server_name) {
-                failures.insert(user.rsplit(':').next().unwrap_or_default().to_owned(), json!({"errcode": "M_UNAVAILABLE"}));
+                failures.insert(
+                    user.rsplit(':').next().unwrap_or_default().to_owned(),
+                    json!({"errcode": "M_UNAVAILABLE"}),
+                );
                 continue;
             }
             let mut devices = Map::new();
@@ -360,7 +472,13 @@ pub(crate) fn local_query(hs: &Hs, c: &Connection, viewer: &str, wanted_keys: &B
                  LEFT JOIN devices d ON d.user_id=k.user_id AND d.device_id=k.device_id WHERE k.user_id=?1",
             )?;
             let rows = st
-                .query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?)))?
+                .query_map([user], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
             for (device, json, name) in rows {
                 if !wanted.is_empty() && !wanted.contains(&device) {
@@ -402,17 +520,37 @@ pub struct ClaimBody {
     pub(crate) one_time_keys: BTreeMap<String, BTreeMap<String, String>>,
 }
 
-pub async fn claim(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<ClaimBody>) -> MxResult<J> {
-    if body.one_time_keys.values().map(BTreeMap::len).sum::<usize>() > 5000 {
+pub async fn claim(
+    State(hs): State<Arc<Hs>>,
+    _auth: Auth,
+    Json(body): Json<ClaimBody>,
+) -> MxResult<J> {
+    if body
+        .one_time_keys
+        .values()
+        .map(BTreeMap::len)
+        .sum::<usize>()
+        > 5000
+    {
         return Err(MxError::too_large("too many devices in one claim"));
     }
     let (local, remote) = split_by_server(&hs, &body.one_time_keys)?;
     let mut out = local_claim(&hs, &local)?;
     for (server, users) in remote {
-        let Ok(name) = ruma::ServerName::parse(&server) else { continue };
+        let Ok(name) = ruma::ServerName::parse(&server) else {
+            continue;
+        };
         let asked: HashSet<String> = users.keys().cloned().collect();
         let req = json!({ "one_time_keys": users });
-        match hs.fed_request("POST", &name, "/_matrix/federation/v1/user/keys/claim", Some(&req)).await {
+        match hs
+            .fed_request(
+                "POST",
+                &name,
+                "/_matrix/federation/v1/user/keys/claim",
+                Some(&req),
+            )
+            .await
+        {
             Ok(v) => merge_into(&mut out, &v, &["one_time_keys"], &asked),
             Err(e) => {
                 out["failures"][&server] = json!({ "errcode": e.errcode, "error": e.message });
@@ -423,8 +561,13 @@ pub async fn claim(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<Clai
 }
 
 /// Claims one-time keys (or fallback keys) of this server's users.
-pub(crate) fn local_claim(hs: &Hs, wanted: &BTreeMap<String, BTreeMap<String, String>>) -> MxResult<Value> {
-    let body = ClaimBody { one_time_keys: wanted.clone() };
+pub(crate) fn local_claim(
+    hs: &Hs,
+    wanted: &BTreeMap<String, BTreeMap<String, String>>,
+) -> MxResult<Value> {
+    let body = ClaimBody {
+        one_time_keys: wanted.clone(),
+    };
     hs.db.write(|w| -> MxResult<Value> {
         let mut keys = Map::new();
         let mut failures = Map::new();
@@ -484,7 +627,12 @@ pub(crate) fn local_claim(hs: &Hs, wanted: &BTreeMap<String, BTreeMap<String, St
 
 /// Users whose device lists changed (or who started/stopped sharing a room with
 /// `user`) between two stream positions.
-pub fn device_list_delta(c: &Connection, user: &str, from: i64, to: i64) -> rusqlite::Result<(Vec<String>, Vec<String>)> {
+pub fn device_list_delta(
+    c: &Connection,
+    user: &str,
+    from: i64,
+    to: i64,
+) -> rusqlite::Result<(Vec<String>, Vec<String>)> {
     // Cheap check first: most syncs see neither key changes nor membership changes.
     let any: bool = c
         .prepare_cached(
@@ -498,7 +646,9 @@ pub fn device_list_delta(c: &Connection, user: &str, from: i64, to: i64) -> rusq
     let sharing = users_sharing_rooms(c, user)?;
     let mut changed: HashSet<String> = HashSet::new();
     let mut left: HashSet<String> = HashSet::new();
-    let mut st = c.prepare_cached("SELECT DISTINCT user_id FROM device_list_updates WHERE stream>?1 AND stream<=?2")?;
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT user_id FROM device_list_updates WHERE stream>?1 AND stream<=?2",
+    )?;
     for u in st.query_map(params![from, to], |r| r.get::<_, String>(0))? {
         let u = u?;
         if sharing.contains(&u) {
@@ -511,10 +661,18 @@ pub fn device_list_delta(c: &Connection, user: &str, from: i64, to: i64) -> rusq
          AND EXISTS (SELECT 1 FROM room_state s WHERE s.room_id=e.room_id AND s.type='m.room.member' AND s.state_key=?3)",
     )?;
     let rows = st
-        .query_map(params![from, to, user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+        .query_map(params![from, to, user], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     for (room, target, json) in rows {
-        let membership = serde_json::from_str::<Value>(&json).ok().and_then(|v| v["content"]["membership"].as_str().map(str::to_owned));
+        let membership = serde_json::from_str::<Value>(&json)
+            .ok()
+            .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned));
         let joined = membership.as_deref() == Some("join");
         if target == user {
             // The user joined or left a room: everyone in it.
@@ -554,10 +712,16 @@ pub struct ChangesQuery {
     to: String,
 }
 
-pub async fn changes(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<ChangesQuery>) -> MxResult<J> {
+pub async fn changes(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<ChangesQuery>,
+) -> MxResult<J> {
     let from = parse_token(&q.from)?;
     let to = parse_token(&q.to)?;
-    let (changed, left) = hs.db.read(|c| device_list_delta(c, auth.user_id.as_str(), from, to))?;
+    let (changed, left) = hs
+        .db
+        .read(|c| device_list_delta(c, auth.user_id.as_str(), from, to))?;
     Ok(axum::Json(json!({ "changed": changed, "left": left })))
 }
 
@@ -571,19 +735,33 @@ pub struct SigningUpload {
 
 fn check_cs_key(key: &Value, user: &str, usage: &str) -> MxResult<(String, String)> {
     if key["user_id"] != user {
-        return Err(MxError::invalid_param(format!("{usage} key must belong to the uploading user")));
+        return Err(MxError::invalid_param(format!(
+            "{usage} key must belong to the uploading user"
+        )));
     }
-    if !key["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
-        return Err(MxError::invalid_param(format!("{usage} key must have usage {usage}")));
+    if !key["usage"]
+        .as_array()
+        .is_some_and(|u| u.iter().any(|x| x == usage))
+    {
+        return Err(MxError::invalid_param(format!(
+            "{usage} key must have usage {usage}"
+        )));
     }
-    let (id, public) = cs_public(key).ok_or_else(|| MxError::bad_json(format!("{usage} key has no keys")))?;
+    let (id, public) =
+        cs_public(key).ok_or_else(|| MxError::bad_json(format!("{usage} key has no keys")))?;
     if id != format!("ed25519:{public}") {
-        return Err(MxError::invalid_param("cross-signing key ids are ed25519:<public key>"));
+        return Err(MxError::invalid_param(
+            "cross-signing key ids are ed25519:<public key>",
+        ));
     }
     Ok((id, public))
 }
 
-pub async fn upload_signing_keys(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<SigningUpload>) -> MxResult<J> {
+pub async fn upload_signing_keys(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<SigningUpload>,
+) -> MxResult<J> {
     let user = auth.user_id.as_str();
     let existing = hs.db.read(|c| cross_signing_key(c, user, "master"))?;
     // The first upload needs no extra auth (MSC3967); replacing keys does.
@@ -597,17 +775,26 @@ pub async fn upload_signing_keys(State(hs): State<Arc<Hs>>, auth: Auth, Json(bod
     }
     let master = match &body.master_key {
         Some(m) => m.clone(),
-        None => existing.clone().ok_or_else(|| MxError::missing_param("master_key is required for the first upload"))?,
+        None => existing
+            .clone()
+            .ok_or_else(|| MxError::missing_param("master_key is required for the first upload"))?,
     };
     let (master_id, master_pub) = check_cs_key(&master, user, "master")?;
-    for (key, usage) in [(&body.self_signing_key, "self_signing"), (&body.user_signing_key, "user_signing")] {
+    for (key, usage) in [
+        (&body.self_signing_key, "self_signing"),
+        (&body.user_signing_key, "user_signing"),
+    ] {
         if let Some(k) = key {
             check_cs_key(k, user, usage)?;
             check_signature(k, user, &master_id, &master_pub)?;
         }
     }
     hs.db.write(|w| -> rusqlite::Result<()> {
-        for (key, kind) in [(&body.master_key, "master"), (&body.self_signing_key, "self_signing"), (&body.user_signing_key, "user_signing")] {
+        for (key, kind) in [
+            (&body.master_key, "master"),
+            (&body.self_signing_key, "self_signing"),
+            (&body.user_signing_key, "user_signing"),
+        ] {
             if let Some(k) = key {
                 w.tx.execute(
                     "INSERT INTO cross_signing_keys(user_id, key_type, json) VALUES(?1,?2,?3)
@@ -638,7 +825,9 @@ pub async fn upload_signatures(
         for (target_user, keys) in &body {
             for (target_key, signed) in keys {
                 let mut fail = |code: &str, msg: String| {
-                    failures.entry(target_user.clone()).or_insert_with(|| json!({}))[target_key] =
+                    failures
+                        .entry(target_user.clone())
+                        .or_insert_with(|| json!({}))[target_key] =
                         json!({ "errcode": code, "error": msg });
                 };
                 // What is being signed, as stored.
@@ -655,7 +844,8 @@ pub async fn upload_signatures(
                             .and_then(|j| serde_json::from_str(&j).ok()),
                     }
                 } else {
-                    cross_signing_key(c, target_user, "master")?.filter(|m| cs_public(m).is_some_and(|(_, p)| &p == target_key))
+                    cross_signing_key(c, target_user, "master")?
+                        .filter(|m| cs_public(m).is_some_and(|(_, p)| &p == target_key))
                 };
                 let Some(stored) = stored else {
                     fail("M_NOT_FOUND", "no such key".into());
@@ -670,7 +860,10 @@ pub async fn upload_signatures(
                     v
                 };
                 if strip(&stored) != strip(signed) {
-                    fail("M_INVALID_SIGNATURE", "signed object differs from the stored key".into());
+                    fail(
+                        "M_INVALID_SIGNATURE",
+                        "signed object differs from the stored key".into(),
+                    );
                     continue;
                 }
                 let Some(sigs) = signed["signatures"][me].as_object() else {
@@ -682,26 +875,39 @@ pub async fn upload_signatures(
                         continue; // already there
                     }
                     // Which of the uploader's keys made it?
-                    let signer_pub = if let Some(dev) = key_id.strip_prefix("ed25519:").filter(|_| target_user == me) {
+                    let signer_pub = if let Some(dev) = key_id
+                        .strip_prefix("ed25519:")
+                        .filter(|_| target_user == me)
+                    {
                         if ssk.as_ref().is_some_and(|(id, _)| id == key_id) {
                             ssk.as_ref().map(|(_, p)| p.clone())
                         } else {
                             device_ed25519(c, me, dev)?
                         }
-                    } else if target_user != me && usk.as_ref().is_some_and(|(id, _)| id == key_id) {
+                    } else if target_user != me && usk.as_ref().is_some_and(|(id, _)| id == key_id)
+                    {
                         usk.as_ref().map(|(_, p)| p.clone())
                     } else {
                         None
                     };
                     let Some(public) = signer_pub else {
-                        fail("M_INVALID_SIGNATURE", format!("unknown signing key {key_id}"));
+                        fail(
+                            "M_INVALID_SIGNATURE",
+                            format!("unknown signing key {key_id}"),
+                        );
                         continue;
                     };
                     if let Err(e) = check_signature(signed, me, key_id, &public) {
                         fail("M_INVALID_SIGNATURE", e.message);
                         continue;
                     }
-                    accepted.push((target_user.clone(), target_key.clone(), me.to_owned(), key_id.clone(), sig.as_str().unwrap_or_default().to_owned()));
+                    accepted.push((
+                        target_user.clone(),
+                        target_key.clone(),
+                        me.to_owned(),
+                        key_id.clone(),
+                        sig.as_str().unwrap_or_default().to_owned(),
+                    ));
                     touched.insert(target_user.clone());
                 }
             }
@@ -744,9 +950,13 @@ pub async fn send_to_device(
     let mut recipients = Vec::new();
     let mut remote: BTreeMap<String, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
     for (user, devices) in &body.messages {
-        let u = UserId::parse(user).map_err(|_| MxError::invalid_param(format!("invalid user id {user}")))?;
+        let u = UserId::parse(user)
+            .map_err(|_| MxError::invalid_param(format!("invalid user id {user}")))?;
         if u.server_name() != hs.server_name {
-            remote.entry(u.server_name().to_string()).or_default().insert(user.clone(), devices.clone());
+            remote
+                .entry(u.server_name().to_string())
+                .or_default()
+                .insert(user.clone(), devices.clone());
         } else {
             recipients.push(user.clone());
         }
@@ -805,7 +1015,13 @@ pub async fn send_to_device(
 
 /// Acknowledges to-device messages up to `acked` and returns the next batch for
 /// the device with the highest id handed out.
-pub fn take_to_device(hs: &Hs, user: &str, device: &str, acked: i64, limit: i64) -> MxResult<(Vec<Value>, i64)> {
+pub fn take_to_device(
+    hs: &Hs,
+    user: &str,
+    device: &str,
+    acked: i64,
+    limit: i64,
+) -> MxResult<(Vec<Value>, i64)> {
     if acked > 0 {
         let pending_ack = hs.db.read(|c| {
             c.query_row(
@@ -817,7 +1033,10 @@ pub fn take_to_device(hs: &Hs, user: &str, device: &str, acked: i64, limit: i64)
         })?;
         if pending_ack.is_some() {
             hs.db.write(|w| {
-                w.tx.execute("DELETE FROM to_device WHERE user_id=?1 AND device_id=?2 AND id<=?3", params![user, device, acked])
+                w.tx.execute(
+                    "DELETE FROM to_device WHERE user_id=?1 AND device_id=?2 AND id<=?3",
+                    params![user, device, acked],
+                )
             })?;
         }
     }

@@ -3,9 +3,10 @@
 //! Public surface: [`HomeserverConfig`], [`Hs::open`], [`Hs::router`], [`serve`] and
 //! the [`admin`] functions that the `secta` CLI uses on the same database.
 
-pub mod admin;
-pub mod config;
 mod account;
+pub mod admin;
+mod backup;
+pub mod config;
 mod db;
 mod ephemeral;
 mod error;
@@ -14,12 +15,11 @@ mod federation;
 mod filter;
 mod keys;
 mod media;
-mod backup;
 pub mod pdu;
-mod rooms;
-mod routes;
 mod push;
 mod pushers;
+mod rooms;
+mod routes;
 mod search;
 mod ssync;
 mod sync;
@@ -33,22 +33,23 @@ use std::{
 };
 
 use anyhow::Context;
-use ruma::{
-    signatures::Ed25519KeyPair, DeviceId, OwnedServerName, ServerName,
-};
+use ruma::{signatures::Ed25519KeyPair, DeviceId, OwnedServerName, ServerName};
 use rusqlite::OptionalExtension;
 use secta_runtime::Shutdown;
 use tokio::sync::watch;
 
 pub use config::{Durability, FederationConfig, HomeserverConfig, Peer};
-pub use federation::PeerStatus;
 pub use db::Db;
 pub use error::{MxError, MxResult};
 use extract::Auth;
+pub use federation::PeerStatus;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The homeserver: config, database, signing key and in-memory ephemeral state.
@@ -82,7 +83,12 @@ impl Hs {
         ruma::RoomVersionId::try_from(config.default_room_version.as_str())
             .ok()
             .and_then(|v| v.rules())
-            .with_context(|| format!("unsupported default_room_version {:?}", config.default_room_version))?;
+            .with_context(|| {
+                format!(
+                    "unsupported default_room_version {:?}",
+                    config.default_room_version
+                )
+            })?;
         let db = Db::open(&data_dir.join("homeserver.db"), config.durability)?;
         let (keypair, key_id) = load_or_create_signing_key(data_dir)?;
         let old_keys = load_old_keys(data_dir);
@@ -133,7 +139,11 @@ impl Hs {
             .optional()
         })?;
         Ok(row.and_then(|(u, d, a)| {
-            Some(Auth { user_id: u.try_into().ok()?, device_id: <&DeviceId>::from(d.as_str()).to_owned(), is_admin: a })
+            Some(Auth {
+                user_id: u.try_into().ok()?,
+                device_id: <&DeviceId>::from(d.as_str()).to_owned(),
+                is_admin: a,
+            })
         }))
     }
 
@@ -185,8 +195,15 @@ pub fn rotate_signing_key(dir: &Path) -> anyhow::Result<String> {
     use base64::Engine;
     let (old, old_id) = load_or_create_signing_key(dir)?;
     let mut olds = load_old_keys(dir);
-    olds.push((old_id, base64::engine::general_purpose::STANDARD_NO_PAD.encode(old.public_key()), now_ms()));
-    secta_runtime::write_secret_file(&dir.join("old_signing_keys.json"), serde_json::to_string(&olds)?.as_bytes())?;
+    olds.push((
+        old_id,
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(old.public_key()),
+        now_ms(),
+    ));
+    secta_runtime::write_secret_file(
+        &dir.join("old_signing_keys.json"),
+        serde_json::to_string(&olds)?.as_bytes(),
+    )?;
     std::fs::remove_file(dir.join("signing.key"))?;
     let (_, new_id) = load_or_create_signing_key(dir)?;
     Ok(new_id)
@@ -197,18 +214,27 @@ fn load_or_create_signing_key(dir: &Path) -> anyhow::Result<(Ed25519KeyPair, Str
     let path = dir.join("signing.key");
     let b64 = base64::engine::general_purpose::STANDARD;
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let (version, der) = text.trim().split_once(' ').context("malformed signing.key")?;
+        let (version, der) = text
+            .trim()
+            .split_once(' ')
+            .context("malformed signing.key")?;
         let der = b64.decode(der).context("malformed signing.key")?;
-        let kp = Ed25519KeyPair::from_der(&der, version.to_owned()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let kp = Ed25519KeyPair::from_der(&der, version.to_owned())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         return Ok((kp, format!("ed25519:{version}")));
     }
     let der = Ed25519KeyPair::generate();
     let version: String = {
         use rand::Rng;
         let mut rng = rand::thread_rng();
-        (0..6).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect()
+        (0..6)
+            .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+            .collect()
     };
-    secta_runtime::write_secret_file(&path, format!("{version} {}\n", b64.encode(&der)).as_bytes())?;
+    secta_runtime::write_secret_file(
+        &path,
+        format!("{version} {}\n", b64.encode(&der)).as_bytes(),
+    )?;
     let kp = Ed25519KeyPair::from_der(&der, version.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((kp, format!("ed25519:{version}")))
 }
@@ -230,7 +256,9 @@ fn load_or_create_shared_secret(dir: &Path) -> anyhow::Result<String> {
 pub fn random_string(len: usize) -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
-    (0..len).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect()
+    (0..len)
+        .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+        .collect()
 }
 
 /// Per-user wake-up channels for long-polling `/sync`.
@@ -242,7 +270,9 @@ struct Notifier {
 impl Notifier {
     fn subscribe(&self, user: &str) -> watch::Receiver<i64> {
         let mut map = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(user.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+        map.entry(user.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     fn notify<'a>(&self, users: impl IntoIterator<Item = &'a str>, pos: i64) {
@@ -264,7 +294,11 @@ struct RateLimiter {
 
 impl RateLimiter {
     fn new(burst: u32, per_second: f64) -> Self {
-        Self { burst: f64::from(burst.max(1)), per_second: per_second.max(0.0), buckets: Mutex::new(HashMap::new()) }
+        Self {
+            burst: f64::from(burst.max(1)),
+            per_second: per_second.max(0.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     fn check(&self, key: &str) -> MxResult<()> {
@@ -272,7 +306,9 @@ impl RateLimiter {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             let (burst, rate) = (self.burst, self.per_second);
-            map.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+            map.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
         }
         let entry = map.entry(key.to_owned()).or_insert((self.burst, now));
         let refill = now.duration_since(entry.1).as_secs_f64() * self.per_second;
@@ -282,7 +318,11 @@ impl RateLimiter {
             entry.0 -= 1.0;
             Ok(())
         } else {
-            let wait = if self.per_second > 0.0 { (1.0 - entry.0) / self.per_second } else { 60.0 };
+            let wait = if self.per_second > 0.0 {
+                (1.0 - entry.0) / self.per_second
+            } else {
+                60.0
+            };
             Err(MxError::limit_exceeded((wait * 1000.0).ceil() as u64))
         }
     }
@@ -291,17 +331,33 @@ impl RateLimiter {
 /// Serves the homeserver on `addr` until `shutdown`; in-flight requests finish,
 /// then the database is checkpointed.
 pub async fn serve(hs: Arc<Hs>, addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     serve_on(hs, listener, shutdown).await
 }
 
 /// Like [`serve`], on a listener the caller bound.
-pub async fn serve_on(hs: Arc<Hs>, listener: tokio::net::TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    let app = hs.router().into_make_service_with_connect_info::<SocketAddr>();
+pub async fn serve_on(
+    hs: Arc<Hs>,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let app = hs
+        .router()
+        .into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = %listener.local_addr()?, server_name = %hs.server_name, "homeserver listening");
     hs.start_background(shutdown.clone());
-    if let Some(addr) = hs.config.federation.tls_listen.clone().filter(|_| hs.config.federation.enabled) {
-        let addr: SocketAddr = addr.parse().with_context(|| format!("bad federation.tls_listen {addr:?}"))?;
+    if let Some(addr) = hs
+        .config
+        .federation
+        .tls_listen
+        .clone()
+        .filter(|_| hs.config.federation.enabled)
+    {
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("bad federation.tls_listen {addr:?}"))?;
         let (hs2, sd) = (hs.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = federation::serve_tls(hs2, addr, sd).await {

@@ -31,15 +31,24 @@ const UNUSED_EXPIRY_MS: u64 = 24 * 3600 * 1000;
 /// Pending (created, not uploaded) media ids per user.
 const MAX_PENDING: i64 = 50;
 /// Thumbnail sizes the box generates: (width, height, method).
-const THUMB_SIZES: &[(u32, u32, &str)] =
-    &[(32, 32, "crop"), (96, 96, "crop"), (320, 240, "scale"), (640, 480, "scale"), (800, 600, "scale")];
+const THUMB_SIZES: &[(u32, u32, &str)] = &[
+    (32, 32, "crop"),
+    (96, 96, "crop"),
+    (320, 240, "scale"),
+    (640, 480, "scale"),
+    (800, 600, "scale"),
+];
 /// Largest image the thumbnailer decodes, in pixels per side and bytes of memory.
 const MAX_DECODE_SIDE: u32 = 12_000;
 const MAX_DECODE_ALLOC: u64 = 128 * 1024 * 1024;
 static THUMBNAILING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 fn valid_media_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !id.is_empty()
+        && id.len() <= 255
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Hs {
@@ -53,7 +62,9 @@ impl Hs {
     }
 
     fn thumb_path(&self, id: &str, w: u32, h: u32, method: &str) -> PathBuf {
-        self.media_dir().join("thumbnails").join(format!("{id}-{w}x{h}-{method}"))
+        self.media_dir()
+            .join("thumbnails")
+            .join(format!("{id}-{w}x{h}-{method}"))
     }
 
     /// Checks a `server/media_id` pair from a path and returns the id.
@@ -62,7 +73,9 @@ impl Hs {
             return Err(MxError::invalid_param("Invalid media id"));
         }
         if server != self.server_name.as_str() {
-            return Err(MxError::not_found("Media from other servers is not available yet"));
+            return Err(MxError::not_found(
+                "Media from other servers is not available yet",
+            ));
         }
         Ok(id.to_owned())
     }
@@ -84,8 +97,15 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
 
 /// An image type claimed by the uploader must match the content's magic bytes.
 fn check_declared_type(declared: Option<&str>, head: &[u8]) -> MxResult<()> {
-    let Some(declared) = declared else { return Ok(()) };
-    let mime = declared.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let Some(declared) = declared else {
+        return Ok(());
+    };
+    let mime = declared
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let expect = match mime.as_str() {
         "image/png" => image::ImageFormat::Png,
         "image/jpeg" | "image/jpg" => image::ImageFormat::Jpeg,
@@ -95,7 +115,9 @@ fn check_declared_type(declared: Option<&str>, head: &[u8]) -> MxResult<()> {
     };
     match image::guess_format(head) {
         Ok(f) if f == expect => Ok(()),
-        _ => Err(MxError::invalid_param(format!("The content is not {mime} as declared"))),
+        _ => Err(MxError::invalid_param(format!(
+            "The content is not {mime} as declared"
+        ))),
     }
 }
 
@@ -103,10 +125,17 @@ fn check_declared_type(declared: Option<&str>, head: &[u8]) -> MxResult<()> {
 async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> MxResult<u64> {
     let limit = hs.config.media_max_bytes;
     let final_path = hs.media_path(id);
-    let dir = final_path.parent().map(Path::to_owned).unwrap_or_else(|| hs.media_dir());
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| MxError::unknown(format!("media dir: {e}")))?;
+    let dir = final_path
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| hs.media_dir());
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| MxError::unknown(format!("media dir: {e}")))?;
     let tmp = dir.join(format!(".{id}.{}.part", random_string(6)));
-    let file = tokio::fs::File::create(&tmp).await.map_err(|e| MxError::unknown(format!("media file: {e}")))?;
+    let file = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(|e| MxError::unknown(format!("media file: {e}")))?;
     // Few large writes: each tokio file write is a trip to the blocking pool.
     let mut file = tokio::io::BufWriter::with_capacity(512 * 1024, file);
     let mut stream = body.into_data_stream();
@@ -118,16 +147,25 @@ async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> Mx
             let chunk = chunk.map_err(|e| MxError::unknown(format!("upload interrupted: {e}")))?;
             size += chunk.len() as u64;
             if size > limit {
-                return Err(MxError::too_large(format!("Media is larger than the limit of {limit} bytes")));
+                return Err(MxError::too_large(format!(
+                    "Media is larger than the limit of {limit} bytes"
+                )));
             }
             if head.len() < 64 {
                 head.extend_from_slice(&chunk[..chunk.len().min(64 - head.len())]);
             }
-            file.write_all(&chunk).await.map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
         }
         check_declared_type(declared, &head)?;
-        file.flush().await.map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
-        file.get_ref().sync_all().await.map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
+        file.flush()
+            .await
+            .map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
+        file.get_ref()
+            .sync_all()
+            .await
+            .map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
         Ok(())
     }
     .await;
@@ -136,7 +174,9 @@ async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> Mx
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e);
     }
-    tokio::fs::rename(&tmp, &final_path).await.map_err(|e| MxError::unknown(format!("storing media: {e}")))?;
+    tokio::fs::rename(&tmp, &final_path)
+        .await
+        .map_err(|e| MxError::unknown(format!("storing media: {e}")))?;
     Ok(size)
 }
 
@@ -144,11 +184,24 @@ fn mxc(hs: &Hs, id: &str) -> String {
     format!("mxc://{}/{id}", hs.server_name)
 }
 
-pub async fn upload(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<UploadQuery>, req: Request) -> MxResult<Response> {
+pub async fn upload(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<UploadQuery>,
+    req: Request,
+) -> MxResult<Response> {
     let ctype = content_type(req.headers());
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > hs.config.media_max_bytes {
-            return Err(MxError::too_large(format!("Media is larger than the limit of {} bytes", hs.config.media_max_bytes)));
+            return Err(MxError::too_large(format!(
+                "Media is larger than the limit of {} bytes",
+                hs.config.media_max_bytes
+            )));
         }
     }
     let id = random_string(24);
@@ -180,7 +233,9 @@ pub async fn create(State(hs): State<Arc<Hs>>, auth: Auth) -> MxResult<axum::Jso
         )?;
         Ok(())
     })?;
-    Ok(axum::Json(json!({ "content_uri": mxc(&hs, &id), "unused_expires_at": now as u64 + UNUSED_EXPIRY_MS })))
+    Ok(axum::Json(
+        json!({ "content_uri": mxc(&hs, &id), "unused_expires_at": now as u64 + UNUSED_EXPIRY_MS }),
+    ))
 }
 
 pub async fn upload_to(
@@ -192,31 +247,53 @@ pub async fn upload_to(
 ) -> MxResult<Response> {
     let id = hs.local_media_id(&server, &id)?;
     let row: Option<(String, i64, i64)> = hs.db.read(|c| {
-        c.query_row("SELECT user_id, uploaded, created_ts FROM media WHERE media_id=?1", [&id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        c.query_row(
+            "SELECT user_id, uploaded, created_ts FROM media WHERE media_id=?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .optional()
     })?;
-    let Some((owner, uploaded, created)) = row else { return Err(MxError::not_found("Unknown media id")) };
+    let Some((owner, uploaded, created)) = row else {
+        return Err(MxError::not_found("Unknown media id"));
+    };
     if owner != auth.user_id.as_str() {
         return Err(MxError::forbidden("This media id belongs to someone else"));
     }
     if uploaded != 0 {
-        return Err(MxError::new(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded"));
+        return Err(MxError::new(
+            StatusCode::CONFLICT,
+            "M_CANNOT_OVERWRITE_MEDIA",
+            "Media already uploaded",
+        ));
     }
     if (now_ms() as i64) - created > UNUSED_EXPIRY_MS as i64 {
         return Err(MxError::not_found("The media id has expired"));
     }
     // Claim the id first (uploaded=2: in progress), so two uploads cannot race.
-    let claimed = hs.db.write(|w| w.tx.execute("UPDATE media SET uploaded=2 WHERE media_id=?1 AND uploaded=0", [&id]))?;
+    let claimed = hs.db.write(|w| {
+        w.tx.execute(
+            "UPDATE media SET uploaded=2 WHERE media_id=?1 AND uploaded=0",
+            [&id],
+        )
+    })?;
     if claimed == 0 {
-        return Err(MxError::new(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded"));
+        return Err(MxError::new(
+            StatusCode::CONFLICT,
+            "M_CANNOT_OVERWRITE_MEDIA",
+            "Media already uploaded",
+        ));
     }
     let ctype = content_type(req.headers());
     let size = match store_body(&hs, &id, req.into_body(), ctype.as_deref()).await {
         Ok(s) => s,
         Err(e) => {
-            hs.db.write(|w| w.tx.execute("UPDATE media SET uploaded=0 WHERE media_id=?1 AND uploaded=2", [&id]))?;
+            hs.db.write(|w| {
+                w.tx.execute(
+                    "UPDATE media SET uploaded=0 WHERE media_id=?1 AND uploaded=2",
+                    [&id],
+                )
+            })?;
             return Err(e);
         }
     };
@@ -234,7 +311,9 @@ pub async fn config(State(hs): State<Arc<Hs>>, _auth: Auth) -> axum::Json<Value>
 }
 
 pub async fn preview_url(_auth: Auth) -> MxError {
-    MxError::forbidden("URL previews are disabled on this box: it fetches nothing from outside on anyone's behalf")
+    MxError::forbidden(
+        "URL previews are disabled on this box: it fetches nothing from outside on anyone's behalf",
+    )
 }
 
 #[derive(Deserialize, Default)]
@@ -251,21 +330,32 @@ struct MediaRow {
 
 /// Waits (bounded) for content of an async upload.
 async fn media_row(hs: &Hs, id: &str, timeout_ms: Option<u64>) -> MxResult<MediaRow> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(20_000).min(60_000));
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(timeout_ms.unwrap_or(20_000).min(60_000));
     loop {
         let row: Option<(Option<String>, Option<String>, Option<i64>, i64)> = hs.db.read(|c| {
-            c.query_row("SELECT content_type, filename, size, uploaded FROM media WHERE media_id=?1", [id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
+            c.query_row(
+                "SELECT content_type, filename, size, uploaded FROM media WHERE media_id=?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
             .optional()
         })?;
         match row {
             None => return Err(MxError::not_found("Media not found")),
             Some((content_type, filename, size, 1)) => {
-                return Ok(MediaRow { content_type, filename, size: size.unwrap_or(0) })
+                return Ok(MediaRow {
+                    content_type,
+                    filename,
+                    size: size.unwrap_or(0),
+                })
             }
             Some(_) if tokio::time::Instant::now() >= deadline => {
-                return Err(MxError::new(StatusCode::GATEWAY_TIMEOUT, "M_NOT_YET_UPLOADED", "Media has not been uploaded yet"))
+                return Err(MxError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "M_NOT_YET_UPLOADED",
+                    "Media has not been uploaded yet",
+                ))
             }
             Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -274,12 +364,35 @@ async fn media_row(hs: &Hs, id: &str, timeout_ms: Option<u64>) -> MxResult<Media
 
 /// Types a browser may show inline; everything else is served as an attachment.
 fn inline_safe(ct: &str) -> bool {
-    let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let ct = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     matches!(
         ct.as_str(),
-        "text/plain" | "image/jpeg" | "image/png" | "image/gif" | "image/webp" | "image/apng" | "image/avif"
-            | "video/mp4" | "video/webm" | "video/ogg" | "video/quicktime" | "audio/mp4" | "audio/webm" | "audio/aac"
-            | "audio/mpeg" | "audio/ogg" | "audio/wave" | "audio/wav" | "audio/x-wav" | "audio/x-pn-wav" | "audio/flac"
+        "text/plain"
+            | "image/jpeg"
+            | "image/png"
+            | "image/gif"
+            | "image/webp"
+            | "image/apng"
+            | "image/avif"
+            | "video/mp4"
+            | "video/webm"
+            | "video/ogg"
+            | "video/quicktime"
+            | "audio/mp4"
+            | "audio/webm"
+            | "audio/aac"
+            | "audio/mpeg"
+            | "audio/ogg"
+            | "audio/wave"
+            | "audio/wav"
+            | "audio/x-wav"
+            | "audio/x-pn-wav"
+            | "audio/flac"
             | "audio/x-flac"
     )
 }
@@ -302,13 +415,28 @@ fn disposition(kind: &str, filename: Option<&str>) -> String {
     }
 }
 
-async fn serve_file(path: &Path, content_type: &str, filename: Option<&str>, size: u64) -> MxResult<Response> {
-    let file = tokio::fs::File::open(path).await.map_err(|_| MxError::not_found("Media content is missing"))?;
+async fn serve_file(
+    path: &Path,
+    content_type: &str,
+    filename: Option<&str>,
+    size: u64,
+) -> MxResult<Response> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|_| MxError::not_found("Media content is missing"))?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-    let kind = if inline_safe(content_type) { "inline" } else { "attachment" };
+    let kind = if inline_safe(content_type) {
+        "inline"
+    } else {
+        "attachment"
+    };
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     if let Ok(v) = HeaderValue::from_str(&disposition(kind, filename)) {
         h.insert(header::CONTENT_DISPOSITION, v);
@@ -317,17 +445,41 @@ async fn serve_file(path: &Path, content_type: &str, filename: Option<&str>, siz
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; style-src 'unsafe-inline'; media-src 'self'; object-src 'self';"),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert("cross-origin-resource-policy", HeaderValue::from_static("cross-origin"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("cross-origin"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
     Ok(resp)
 }
 
-async fn download_inner(hs: &Hs, server: &str, id: &str, filename: Option<String>, q: DownloadQuery) -> MxResult<Response> {
+async fn download_inner(
+    hs: &Hs,
+    server: &str,
+    id: &str,
+    filename: Option<String>,
+    q: DownloadQuery,
+) -> MxResult<Response> {
     let id = hs.local_media_id(server, id)?;
     let row = media_row(hs, &id, q.timeout_ms).await?;
-    let ct = row.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
-    serve_file(&hs.media_path(&id), &ct, filename.as_deref().or(row.filename.as_deref()), row.size as u64).await
+    let ct = row
+        .content_type
+        .clone()
+        .unwrap_or_else(|| "application/octet-stream".into());
+    serve_file(
+        &hs.media_path(&id),
+        &ct,
+        filename.as_deref().or(row.filename.as_deref()),
+        row.size as u64,
+    )
+    .await
 }
 
 pub async fn download(
@@ -386,14 +538,33 @@ fn pick_size(w: u32, h: u32, method: &str) -> (u32, u32, &'static str) {
 }
 
 fn make_thumbnail(src: &Path, dst: &Path, w: u32, h: u32, method: &str) -> MxResult<&'static str> {
-    use image::{ImageReader, ImageFormat};
+    use image::{ImageFormat, ImageReader};
     let mut reader = ImageReader::open(src)
         .map_err(|_| MxError::not_found("Media content is missing"))?
         .with_guessed_format()
-        .map_err(|_| MxError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Cannot read the media"))?;
-    let format = reader.format().ok_or_else(|| MxError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "This media is not an image the box can thumbnail"))?;
-    if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Gif | ImageFormat::WebP) {
-        return Err(MxError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "This media is not an image the box can thumbnail"));
+        .map_err(|_| {
+            MxError::new(
+                StatusCode::BAD_REQUEST,
+                "M_UNKNOWN",
+                "Cannot read the media",
+            )
+        })?;
+    let format = reader.format().ok_or_else(|| {
+        MxError::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            "This media is not an image the box can thumbnail",
+        )
+    })?;
+    if !matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Gif | ImageFormat::WebP
+    ) {
+        return Err(MxError::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            "This media is not an image the box can thumbnail",
+        ));
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_DECODE_SIDE);
@@ -402,29 +573,48 @@ fn make_thumbnail(src: &Path, dst: &Path, w: u32, h: u32, method: &str) -> MxRes
     reader.limits(limits);
     let img = reader.decode().map_err(|e| match e {
         image::ImageError::Limits(_) => MxError::too_large("The image is too large to thumbnail"),
-        _ => MxError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "The image cannot be decoded"),
+        _ => MxError::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            "The image cannot be decoded",
+        ),
     })?;
     let thumb = if method == "crop" {
         if img.width() <= w && img.height() <= h {
             img
         } else {
-            img.resize_to_fill(w.min(img.width()), h.min(img.height()), image::imageops::FilterType::Triangle)
+            img.resize_to_fill(
+                w.min(img.width()),
+                h.min(img.height()),
+                image::imageops::FilterType::Triangle,
+            )
         }
     } else if img.width() <= w && img.height() <= h {
         img
     } else {
         img.resize(w, h, image::imageops::FilterType::Triangle)
     };
-    let (out_format, ct) = if format == ImageFormat::Jpeg { (ImageFormat::Jpeg, "image/jpeg") } else { (ImageFormat::Png, "image/png") };
-    let thumb = if out_format == ImageFormat::Jpeg { image::DynamicImage::ImageRgb8(thumb.to_rgb8()) } else { thumb };
+    let (out_format, ct) = if format == ImageFormat::Jpeg {
+        (ImageFormat::Jpeg, "image/jpeg")
+    } else {
+        (ImageFormat::Png, "image/png")
+    };
+    let thumb = if out_format == ImageFormat::Jpeg {
+        image::DynamicImage::ImageRgb8(thumb.to_rgb8())
+    } else {
+        thumb
+    };
     let mut buf = std::io::Cursor::new(Vec::new());
-    thumb.write_to(&mut buf, out_format).map_err(|e| MxError::unknown(format!("encoding thumbnail: {e}")))?;
+    thumb
+        .write_to(&mut buf, out_format)
+        .map_err(|e| MxError::unknown(format!("encoding thumbnail: {e}")))?;
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(|e| MxError::unknown(e.to_string()))?;
     }
     let tmp = dst.with_extension(format!("{}.part", random_string(8)));
     let mut f = std::fs::File::create(&tmp).map_err(|e| MxError::unknown(e.to_string()))?;
-    f.write_all(buf.get_ref()).map_err(|e| MxError::unknown(e.to_string()))?;
+    f.write_all(buf.get_ref())
+        .map_err(|e| MxError::unknown(e.to_string()))?;
     std::fs::rename(&tmp, dst).map_err(|e| MxError::unknown(e.to_string()))?;
     Ok(ct)
 }
@@ -432,10 +622,16 @@ fn make_thumbnail(src: &Path, dst: &Path, w: u32, h: u32, method: &str) -> MxRes
 async fn thumbnail_inner(hs: Arc<Hs>, server: &str, id: &str, q: ThumbQuery) -> MxResult<Response> {
     let id = hs.local_media_id(server, id)?;
     let parse = |v: &Option<String>, name: &str| -> MxResult<u32> {
-        let v = v.as_deref().ok_or_else(|| MxError::missing_param(format!("{name} is required")))?;
-        let n: u64 = v.parse().map_err(|_| MxError::invalid_param(format!("{name} must be a positive integer")))?;
+        let v = v
+            .as_deref()
+            .ok_or_else(|| MxError::missing_param(format!("{name} is required")))?;
+        let n: u64 = v
+            .parse()
+            .map_err(|_| MxError::invalid_param(format!("{name} must be a positive integer")))?;
         if n == 0 || n > 10_000 {
-            return Err(MxError::invalid_param(format!("{name} must be between 1 and 10000")));
+            return Err(MxError::invalid_param(format!(
+                "{name} must be between 1 and 10000"
+            )));
         }
         Ok(n as u32)
     };
@@ -462,7 +658,10 @@ async fn thumbnail_inner(hs: Arc<Hs>, server: &str, id: &str, q: ThumbQuery) -> 
     let src = hs.media_path(&id);
     let dst2 = dst.clone();
     // Decoding takes memory (up to MAX_DECODE_ALLOC): one at a time.
-    let _permit = THUMBNAILING.acquire().await.map_err(|e| MxError::unknown(e.to_string()))?;
+    let _permit = THUMBNAILING
+        .acquire()
+        .await
+        .map_err(|e| MxError::unknown(e.to_string()))?;
     let ct = tokio::task::spawn_blocking(move || make_thumbnail(&src, &dst2, tw, th, tm))
         .await
         .map_err(|e| MxError::unknown(e.to_string()))??;
@@ -509,7 +708,10 @@ mod tests {
     fn sizes_and_headers() {
         assert_eq!(pick_size(50, 50, "crop"), (96, 96, "crop"));
         assert_eq!(pick_size(5000, 5000, "scale"), (800, 600, "scale"));
-        assert_eq!(disposition("inline", Some("отчёт 1.pdf")), "inline; filename*=utf-8''%D0%BE%D1%82%D1%87%D1%91%D1%82%201.pdf");
+        assert_eq!(
+            disposition("inline", Some("отчёт 1.pdf")),
+            "inline; filename*=utf-8''%D0%BE%D1%82%D1%87%D1%91%D1%82%201.pdf"
+        );
         assert!(inline_safe("image/png"));
         assert!(!inline_safe("text/html"));
         assert!(check_declared_type(Some("image/png"), b"GIF89a....").is_err());

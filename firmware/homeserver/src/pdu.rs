@@ -7,7 +7,8 @@ use ruma::{
     room_version_rules::RoomVersionRules,
     signatures::{hash_and_sign_event, reference_hash},
     state_res::{auth_types_for_event, check_state_dependent_auth_rules},
-    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
+    RoomVersionId, UserId,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
@@ -65,7 +66,9 @@ impl Pdu {
                 redacts: Option<OwnedEventId>,
             }
             if raw.kind == TimelineEventType::RoomRedaction {
-                serde_json::from_str::<C>(raw.content.get()).ok().and_then(|c| c.redacts)
+                serde_json::from_str::<C>(raw.content.get())
+                    .ok()
+                    .and_then(|c| c.redacts)
             } else {
                 None
             }
@@ -136,7 +139,8 @@ pub struct StoredEvent {
     pub prev_state: Option<String>,
 }
 
-pub const EVENT_COLS: &str = "stream, event_id, room_id, json, redacted_by, txn_id, txn_device, prev_state";
+pub const EVENT_COLS: &str =
+    "stream, event_id, room_id, json, redacted_by, txn_id, txn_device, prev_state";
 
 pub fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     Ok(StoredEvent {
@@ -152,35 +156,56 @@ pub fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 }
 
 pub fn get_event(conn: &Connection, event_id: &str) -> rusqlite::Result<Option<StoredEvent>> {
-    conn.prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_id=?1"))?
-        .query_row([event_id], row_to_event)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLS} FROM events WHERE event_id=?1"
+    ))?
+    .query_row([event_id], row_to_event)
+    .optional()
 }
 
 pub fn load_pdu(conn: &Connection, event_id: &str) -> Option<Pdu> {
-    let json: String =
-        conn.prepare_cached("SELECT json FROM events WHERE event_id=?1").ok()?.query_row([event_id], |r| r.get(0)).ok()?;
+    let json: String = conn
+        .prepare_cached("SELECT json FROM events WHERE event_id=?1")
+        .ok()?
+        .query_row([event_id], |r| r.get(0))
+        .ok()?;
     Pdu::parse(EventId::parse(event_id).ok()?, &json).ok()
 }
 
 pub fn room_version(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<RoomVersionId>> {
-    let v: Option<String> =
-        conn.prepare_cached("SELECT room_version FROM rooms WHERE room_id=?1")?.query_row([room_id], |r| r.get(0)).optional()?;
+    let v: Option<String> = conn
+        .prepare_cached("SELECT room_version FROM rooms WHERE room_id=?1")?
+        .query_row([room_id], |r| r.get(0))
+        .optional()?;
     Ok(v.and_then(|v| RoomVersionId::try_from(v.as_str()).ok()))
 }
 
 pub fn rules_for(version: &RoomVersionId) -> MxResult<RoomVersionRules> {
-    version.rules().ok_or_else(|| MxError::unsupported_room_version("Unsupported room version"))
+    version
+        .rules()
+        .ok_or_else(|| MxError::unsupported_room_version("Unsupported room version"))
 }
 
-pub fn state_event_id(conn: &Connection, room_id: &str, kind: &str, key: &str) -> rusqlite::Result<Option<String>> {
-    conn.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1 AND type=?2 AND state_key=?3")?
-        .query_row(params![room_id, kind, key], |r| r.get(0))
-        .optional()
+pub fn state_event_id(
+    conn: &Connection,
+    room_id: &str,
+    kind: &str,
+    key: &str,
+) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached(
+        "SELECT event_id FROM room_state WHERE room_id=?1 AND type=?2 AND state_key=?3",
+    )?
+    .query_row(params![room_id, kind, key], |r| r.get(0))
+    .optional()
 }
 
 /// Content of a current state event.
-pub fn state_content(conn: &Connection, room_id: &str, kind: &str, key: &str) -> rusqlite::Result<Option<Value>> {
+pub fn state_content(
+    conn: &Connection,
+    room_id: &str,
+    kind: &str,
+    key: &str,
+) -> rusqlite::Result<Option<Value>> {
     let json: Option<String> = conn
         .prepare_cached(
             "SELECT e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
@@ -188,17 +213,27 @@ pub fn state_content(conn: &Connection, room_id: &str, kind: &str, key: &str) ->
         )?
         .query_row(params![room_id, kind, key], |r| r.get(0))
         .optional()?;
-    Ok(json.and_then(|j| serde_json::from_str::<Value>(&j).ok()).map(|mut v| v["content"].take()))
+    Ok(json
+        .and_then(|j| serde_json::from_str::<Value>(&j).ok())
+        .map(|mut v| v["content"].take()))
 }
 
-pub fn membership(conn: &Connection, room_id: &str, user_id: &str) -> rusqlite::Result<Option<String>> {
+pub fn membership(
+    conn: &Connection,
+    room_id: &str,
+    user_id: &str,
+) -> rusqlite::Result<Option<String>> {
     conn.prepare_cached("SELECT membership FROM room_state WHERE room_id=?1 AND type='m.room.member' AND state_key=?2")?
         .query_row(params![room_id, user_id], |r| r.get(0))
         .optional()
 }
 
 /// Local users whose membership in the room is `join` (or also `invite`, when asked).
-pub fn local_members(conn: &Connection, room_id: &str, with_invites: bool) -> rusqlite::Result<Vec<String>> {
+pub fn local_members(
+    conn: &Connection,
+    room_id: &str,
+    with_invites: bool,
+) -> rusqlite::Result<Vec<String>> {
     let sql = if with_invites {
         "SELECT state_key FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership IN ('join','invite','knock')"
     } else {
@@ -248,12 +283,24 @@ pub struct Appended {
 }
 
 impl Hs {
-    fn sign(&self, obj: &mut CanonicalJsonObject, rules: &RoomVersionRules) -> MxResult<OwnedEventId> {
+    fn sign(
+        &self,
+        obj: &mut CanonicalJsonObject,
+        rules: &RoomVersionRules,
+    ) -> MxResult<OwnedEventId> {
         let json_err = |e: ruma::signatures::JsonError| match e {
-            ruma::signatures::JsonError::PduTooLarge => MxError::too_large("Event is larger than 64 KiB"),
+            ruma::signatures::JsonError::PduTooLarge => {
+                MxError::too_large("Event is larger than 64 KiB")
+            }
             other => MxError::bad_json(format!("Cannot sign event: {other}")),
         };
-        hash_and_sign_event(self.server_name.as_str(), &self.keypair, obj, &rules.redaction).map_err(json_err)?;
+        hash_and_sign_event(
+            self.server_name.as_str(),
+            &self.keypair,
+            obj,
+            &rules.redaction,
+        )
+        .map_err(json_err)?;
         let hash = reference_hash(obj, rules).map_err(json_err)?;
         EventId::parse(format!("${hash}")).map_err(|e| MxError::unknown(e.to_string()))
     }
@@ -286,7 +333,8 @@ impl Hs {
             loop {
                 let mut probe = to_canonical(obj.clone())?;
                 let event_id = self.sign(&mut probe, &rules)?;
-                let id = RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(|e| MxError::unknown(e.to_string()))?;
+                let id = RoomId::parse(format!("!{}", &event_id.as_str()[1..]))
+                    .map_err(|e| MxError::unknown(e.to_string()))?;
                 if room_version(w, id.as_str())?.is_none() || tries >= 1000 {
                     break id;
                 }
@@ -301,9 +349,14 @@ impl Hs {
         let mut cobj = to_canonical(obj)?;
         let event_id = self.sign(&mut cobj, &rules)?;
         let pdu_json = serde_json::to_string(&cobj).map_err(|e| MxError::unknown(e.to_string()))?;
-        let pdu = Pdu::parse(event_id.clone(), &pdu_json).map_err(|e| MxError::bad_json(e.to_string()))?;
-        ruma::state_res::check_state_independent_auth_rules::<Pdu>(&rules.authorization, &pdu, |_| None)
-            .map_err(MxError::forbidden)?;
+        let pdu = Pdu::parse(event_id.clone(), &pdu_json)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        ruma::state_res::check_state_independent_auth_rules::<Pdu>(
+            &rules.authorization,
+            &pdu,
+            |_| None,
+        )
+        .map_err(MxError::forbidden)?;
         if room_version(w, room_id.as_str())?.is_some() {
             return Err(MxError::room_in_use("Room already exists"));
         }
@@ -312,7 +365,11 @@ impl Hs {
             params![room_id.as_str(), version.as_str(), ts as i64],
         )?;
         let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, None)?;
-        Ok(Appended { event_id, room_id, stream })
+        Ok(Appended {
+            event_id,
+            room_id,
+            stream,
+        })
     }
 
     /// Builds, signs, authorises (ruma's auth rules against current state) and stores an event.
@@ -340,13 +397,27 @@ impl Hs {
     }
 
     /// Builds, signs and authorises (against current state) a new event without storing it.
-    pub(crate) fn build_pdu(&self, c: &Connection, room_id: &RoomId, sender: &UserId, ev: &NewEvent<'_>) -> MxResult<Built> {
-        let version = room_version(c, room_id.as_str())?.ok_or_else(|| MxError::not_found("Unknown room"))?;
+    pub(crate) fn build_pdu(
+        &self,
+        c: &Connection,
+        room_id: &RoomId,
+        sender: &UserId,
+        ev: &NewEvent<'_>,
+    ) -> MxResult<Built> {
+        let version =
+            room_version(c, room_id.as_str())?.ok_or_else(|| MxError::not_found("Unknown room"))?;
         let rules = rules_for(&version)?;
         let kind = TimelineEventType::from(ev.kind);
-        let content_raw = serde_json::value::to_raw_value(&ev.content).map_err(|e| MxError::bad_json(e.to_string()))?;
-        let auth_types = auth_types_for_event(&kind, sender, ev.state_key, &content_raw, &rules.authorization)
-            .map_err(MxError::bad_json)?;
+        let content_raw = serde_json::value::to_raw_value(&ev.content)
+            .map_err(|e| MxError::bad_json(e.to_string()))?;
+        let auth_types = auth_types_for_event(
+            &kind,
+            sender,
+            ev.state_key,
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(MxError::bad_json)?;
         let mut auth_events = Vec::new();
         for (ty, key) in &auth_types {
             if let Some(id) = state_event_id(c, room_id.as_str(), &ty.to_string(), key)? {
@@ -360,8 +431,9 @@ impl Hs {
                 "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id=f.event_id
                  WHERE f.room_id=?1 ORDER BY e.depth DESC LIMIT 20",
             )?;
-            let rows: Vec<(String, i64)> =
-                st.query_map([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let rows: Vec<(String, i64)> = st
+                .query_map([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
             let depth = rows.iter().map(|r| r.1).max().unwrap_or(0) + 1;
             (rows.into_iter().map(|r| r.0).collect::<Vec<_>>(), depth)
         };
@@ -390,9 +462,16 @@ impl Hs {
             return Err(MxError::too_large("Event is larger than 64 KiB"));
         }
         let pdu = Pdu::parse(event_id, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
-        check_state_dependent_auth_rules(&rules.authorization, &pdu, |ty: &StateEventType, key: &str| {
-            state_event_id(c, room_id.as_str(), &ty.to_string(), key).ok().flatten().and_then(|id| load_pdu(c, &id))
-        })
+        check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |ty: &StateEventType, key: &str| {
+                state_event_id(c, room_id.as_str(), &ty.to_string(), key)
+                    .ok()
+                    .flatten()
+                    .and_then(|id| load_pdu(c, &id))
+            },
+        )
         .map_err(|e| MxError::forbidden(format!("Event not allowed: {e}")))?;
         Ok(Built { pdu, json, rules })
     }
@@ -408,12 +487,20 @@ impl Hs {
         plan: Option<crate::push::PushPlan>,
         skip_server: Option<&str>,
     ) -> MxResult<Appended> {
-        let Built { pdu, json: pdu_json, rules } = built;
+        let Built {
+            pdu,
+            json: pdu_json,
+            rules,
+        } = built;
         let event_id = pdu.event_id.clone();
         let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, txn)?;
         self.after_store(w, room_id, &pdu, &pdu_json, stream, &rules, plan)?;
         crate::federation::enqueue_pdu(self, w, room_id, &pdu, &pdu_json, skip_server)?;
-        Ok(Appended { event_id, room_id: room_id.to_owned(), stream })
+        Ok(Appended {
+            event_id,
+            room_id: room_id.to_owned(),
+            stream,
+        })
     }
 
     /// Push notifications and redactions for a stored timeline event (local or remote).
@@ -429,9 +516,13 @@ impl Hs {
     ) -> MxResult<()> {
         let kind = pdu.kind.to_string();
         let thread_root = if kind == "m.room.encrypted" || kind == "m.room.message" {
-            serde_json::from_str::<Value>(pdu.content.get()).ok().and_then(|c| {
-                (c["m.relates_to"]["rel_type"] == "m.thread").then(|| c["m.relates_to"]["event_id"].as_str().map(str::to_owned)).flatten()
-            })
+            serde_json::from_str::<Value>(pdu.content.get())
+                .ok()
+                .and_then(|c| {
+                    (c["m.relates_to"]["rel_type"] == "m.thread")
+                        .then(|| c["m.relates_to"]["event_id"].as_str().map(str::to_owned))
+                        .flatten()
+                })
         } else {
             None
         };
@@ -440,7 +531,16 @@ impl Hs {
             None => crate::push::plan(self, w, room_id, &serde_json::from_str(pdu_json)?)?,
         };
         let ts = u64::from(pdu.origin_server_ts.0) as i64;
-        crate::push::store_plan(self, w, room_id, &plan, pdu.event_id.as_str(), stream, thread_root.as_deref(), ts)?;
+        crate::push::store_plan(
+            self,
+            w,
+            room_id,
+            &plan,
+            pdu.event_id.as_str(),
+            stream,
+            thread_root.as_deref(),
+            ts,
+        )?;
         if let Some(target) = &pdu.redacts {
             if may_redact(w, room_id.as_str(), pdu, target.as_str())? {
                 apply_redaction(w, target.as_str(), &pdu.event_id, pdu_json, rules)?;
@@ -475,9 +575,19 @@ impl Hs {
         let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
         let rel = &content["m.relates_to"];
         let rel_type = rel["rel_type"].as_str();
-        let relates_to = rel["event_id"].as_str().or_else(|| rel["m.in_reply_to"]["event_id"].as_str());
-        let rel_type = rel_type.or(if relates_to.is_some() { Some("m.in_reply_to") } else { None });
-        let thread_root = if rel_type == Some("m.thread") { relates_to } else { None };
+        let relates_to = rel["event_id"]
+            .as_str()
+            .or_else(|| rel["m.in_reply_to"]["event_id"].as_str());
+        let rel_type = rel_type.or(if relates_to.is_some() {
+            Some("m.in_reply_to")
+        } else {
+            None
+        });
+        let thread_root = if rel_type == Some("m.thread") {
+            relates_to
+        } else {
+            None
+        };
         let prev_state = match &pdu.state_key {
             Some(k) => state_event_id(w, room_id, &pdu.kind.to_string(), k)?,
             None => None,
@@ -521,8 +631,13 @@ impl Hs {
         placement: Placement,
     ) -> MxResult<i64> {
         if placement == Placement::Backfill {
-            let stream: i64 = w.query_row("SELECT COALESCE(MIN(stream), 0) - 1 FROM events", [], |r| r.get(0))?;
-            return self.insert_event_row(w, room_id, pdu, json, stream, false, None).map(|_| stream);
+            let stream: i64 =
+                w.query_row("SELECT COALESCE(MIN(stream), 0) - 1 FROM events", [], |r| {
+                    r.get(0)
+                })?;
+            return self
+                .insert_event_row(w, room_id, pdu, json, stream, false, None)
+                .map(|_| stream);
         }
         let timeline = placement == Placement::Timeline;
         let stream = w.next_stream();
@@ -531,7 +646,10 @@ impl Hs {
             return Ok(stream);
         }
         for p in pdu.prev_events.iter().filter(|_| timeline) {
-            w.tx.execute("DELETE FROM forward_extremities WHERE room_id=?1 AND event_id=?2", params![room_id, p.as_str()])?;
+            w.tx.execute(
+                "DELETE FROM forward_extremities WHERE room_id=?1 AND event_id=?2",
+                params![room_id, p.as_str()],
+            )?;
         }
         if timeline {
             w.tx.execute(
@@ -551,7 +669,10 @@ impl Hs {
                 params![room_id, pdu.kind.to_string(), key, pdu.event_id.as_str(), stream, membership],
             )?;
             if pdu.kind == TimelineEventType::RoomMember && membership.as_deref() == Some("join") {
-                w.tx.execute("DELETE FROM forgotten_rooms WHERE user_id=?1 AND room_id=?2", params![key, room_id])?;
+                w.tx.execute(
+                    "DELETE FROM forgotten_rooms WHERE user_id=?1 AND room_id=?2",
+                    params![key, room_id],
+                )?;
             }
         }
         if !timeline {
@@ -559,7 +680,10 @@ impl Hs {
         }
         search::index_event(w, stream, room_id, &pdu.kind, &content)?;
         if is_bump(&pdu.kind) {
-            w.tx.execute("UPDATE rooms SET bump_stamp=?1 WHERE room_id=?2", params![stream, room_id])?;
+            w.tx.execute(
+                "UPDATE rooms SET bump_stamp=?1 WHERE room_id=?2",
+                params![stream, room_id],
+            )?;
         }
         Ok(stream)
     }
@@ -569,7 +693,9 @@ impl Hs {
 /// since room version 3): the target is in the same room, and the redacting user
 /// is on the same server as the original sender or has the `redact` power level.
 fn may_redact(c: &Connection, room_id: &str, redaction: &Pdu, target: &str) -> MxResult<bool> {
-    let Some(t) = load_pdu(c, target) else { return Ok(false) };
+    let Some(t) = load_pdu(c, target) else {
+        return Ok(false);
+    };
     if t.room_id.as_deref().map(|r| r.as_str()) != Some(room_id) {
         return Ok(false);
     }
@@ -587,12 +713,19 @@ fn apply_redaction(
     redaction_json: &str,
     rules: &RoomVersionRules,
 ) -> MxResult<()> {
-    let Some(stored) = get_event(w, target)? else { return Ok(()) };
-    let obj: CanonicalJsonObject = serde_json::from_str(&stored.json).map_err(|e| MxError::unknown(e.to_string()))?;
+    let Some(stored) = get_event(w, target)? else {
+        return Ok(());
+    };
+    let obj: CanonicalJsonObject =
+        serde_json::from_str(&stored.json).map_err(|e| MxError::unknown(e.to_string()))?;
     let because: CanonicalJsonObject =
         serde_json::from_str(redaction_json).map_err(|e| MxError::unknown(e.to_string()))?;
-    let redacted = redact(obj, &rules.redaction, Some(RedactedBecause::from_json(because)))
-        .map_err(|e| MxError::unknown(e.to_string()))?;
+    let redacted = redact(
+        obj,
+        &rules.redaction,
+        Some(RedactedBecause::from_json(because)),
+    )
+    .map_err(|e| MxError::unknown(e.to_string()))?;
     let json = serde_json::to_string(&redacted).map_err(|e| MxError::unknown(e.to_string()))?;
     w.tx.execute(
         "UPDATE events SET json=?1, redacted_by=?2 WHERE event_id=?3",
@@ -606,8 +739,14 @@ fn apply_redaction(
 pub fn is_bump(kind: &TimelineEventType) -> bool {
     matches!(
         kind.to_string().as_str(),
-        "m.room.create" | "m.room.message" | "m.room.encrypted" | "m.sticker" | "m.call.invite" | "m.poll.start"
-            | "m.beacon_info" | "org.matrix.msc3381.poll.start"
+        "m.room.create"
+            | "m.room.message"
+            | "m.room.encrypted"
+            | "m.sticker"
+            | "m.call.invite"
+            | "m.poll.start"
+            | "m.beacon_info"
+            | "org.matrix.msc3381.poll.start"
     )
 }
 
@@ -615,7 +754,9 @@ pub fn to_canonical(v: Value) -> MxResult<CanonicalJsonObject> {
     match CanonicalJsonValue::try_from(v) {
         Ok(CanonicalJsonValue::Object(o)) => Ok(o),
         Ok(_) => Err(MxError::bad_json("Event must be an object")),
-        Err(e) => Err(MxError::bad_json(format!("Event is not canonical JSON: {e}"))),
+        Err(e) => Err(MxError::bad_json(format!(
+            "Event is not canonical JSON: {e}"
+        ))),
     }
 }
 
@@ -626,15 +767,30 @@ pub struct Viewer<'a> {
 }
 
 /// Formats a stored event the way the Client-Server API shows it.
-pub fn client_event(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>, with_room_id: bool) -> Value {
-    let mut pdu: serde_json::Map<String, Value> = serde_json::from_str(&ev.json).unwrap_or_default();
+pub fn client_event(
+    conn: &Connection,
+    ev: &StoredEvent,
+    viewer: &Viewer<'_>,
+    with_room_id: bool,
+) -> Value {
+    let mut pdu: serde_json::Map<String, Value> =
+        serde_json::from_str(&ev.json).unwrap_or_default();
     let mut out = serde_json::Map::new();
-    for key in ["content", "origin_server_ts", "sender", "type", "state_key", "redacts"] {
+    for key in [
+        "content",
+        "origin_server_ts",
+        "sender",
+        "type",
+        "state_key",
+        "redacts",
+    ] {
         if let Some(v) = pdu.remove(key) {
             out.insert(key.to_owned(), v);
         }
     }
-    if out.get("type").and_then(Value::as_str) == Some("m.room.redaction") && !out.contains_key("redacts") {
+    if out.get("type").and_then(Value::as_str) == Some("m.room.redaction")
+        && !out.contains_key("redacts")
+    {
         if let Some(r) = out["content"].get("redacts").cloned() {
             out.insert("redacts".into(), r);
         }
@@ -654,7 +810,10 @@ pub fn client_event(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>, wi
     }
     if let Some(by) = &ev.redacted_by {
         if let Ok(Some(r)) = get_event(conn, by) {
-            unsigned.insert("redacted_because".into(), client_event(conn, &r, viewer, with_room_id));
+            unsigned.insert(
+                "redacted_because".into(),
+                client_event(conn, &r, viewer, with_room_id),
+            );
         }
     }
     if let Some(prev) = &ev.prev_state {
@@ -761,9 +920,17 @@ fn client_event_plain(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) 
 }
 
 fn client_event_no_bundle(_conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) -> Value {
-    let mut pdu: serde_json::Map<String, Value> = serde_json::from_str(&ev.json).unwrap_or_default();
+    let mut pdu: serde_json::Map<String, Value> =
+        serde_json::from_str(&ev.json).unwrap_or_default();
     let mut out = serde_json::Map::new();
-    for key in ["content", "origin_server_ts", "sender", "type", "state_key", "redacts"] {
+    for key in [
+        "content",
+        "origin_server_ts",
+        "sender",
+        "type",
+        "state_key",
+        "redacts",
+    ] {
         if let Some(v) = pdu.remove(key) {
             out.insert(key.to_owned(), v);
         }
@@ -802,13 +969,22 @@ pub fn stripped_state(conn: &Connection, room_id: &str) -> rusqlite::Result<Vec<
 }
 
 /// Current state of a room as client events.
-pub fn current_state(conn: &Connection, room_id: &str, viewer: &Viewer<'_>) -> rusqlite::Result<Vec<Value>> {
+pub fn current_state(
+    conn: &Connection,
+    room_id: &str,
+    viewer: &Viewer<'_>,
+) -> rusqlite::Result<Vec<Value>> {
     let mut st = conn.prepare_cached(&format!(
         "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id WHERE s.room_id=?1 ORDER BY e.stream",
         EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
     ))?;
-    let rows = st.query_map([room_id], row_to_event)?.collect::<Result<Vec<_>, _>>()?;
-    Ok(rows.iter().map(|e| client_event(conn, e, viewer, true)).collect())
+    let rows = st
+        .query_map([room_id], row_to_event)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows
+        .iter()
+        .map(|e| client_event(conn, e, viewer, true))
+        .collect())
 }
 
 /// Power levels of a room as a map, with the spec's defaults filled in.
@@ -820,13 +996,21 @@ pub fn power_levels(conn: &Connection, room_id: &str) -> rusqlite::Result<PowerL
 
 /// Creators of the room (v12 gives them unlimited power).
 fn room_creators(conn: &Connection, room_id: &str) -> rusqlite::Result<Vec<String>> {
-    let Some(version) = room_version(conn, room_id)? else { return Ok(vec![]) };
-    let Some(rules) = version.rules() else { return Ok(vec![]) };
+    let Some(version) = room_version(conn, room_id)? else {
+        return Ok(vec![]);
+    };
+    let Some(rules) = version.rules() else {
+        return Ok(vec![]);
+    };
     if !rules.authorization.explicitly_privilege_room_creators {
         return Ok(vec![]);
     }
-    let Some(id) = state_event_id(conn, room_id, "m.room.create", "")? else { return Ok(vec![]) };
-    let Some(ev) = get_event(conn, &id)? else { return Ok(vec![]) };
+    let Some(id) = state_event_id(conn, room_id, "m.room.create", "")? else {
+        return Ok(vec![]);
+    };
+    let Some(ev) = get_event(conn, &id)? else {
+        return Ok(vec![]);
+    };
     let v: Value = serde_json::from_str(&ev.json).unwrap_or_default();
     let mut out = vec![v["sender"].as_str().unwrap_or_default().to_owned()];
     if let Some(extra) = v["content"]["additional_creators"].as_array() {
@@ -854,7 +1038,9 @@ impl PowerLevels {
         }
     }
     pub fn action(&self, name: &str, default: i64) -> i64 {
-        self.content.as_ref().and_then(|c| c[name].as_i64()).unwrap_or(default)
+        self.content
+            .as_ref()
+            .and_then(|c| c[name].as_i64())
+            .unwrap_or(default)
     }
 }
-

@@ -45,7 +45,8 @@ pub struct UserRules {
 }
 
 fn is_body_word_condition(c: &Value) -> bool {
-    (c["kind"] == "event_match" && c["key"] == "content.body") || c["kind"] == "contains_display_name"
+    (c["kind"] == "event_match" && c["key"] == "content.body")
+        || c["kind"] == "contains_display_name"
 }
 
 impl UserRules {
@@ -60,7 +61,9 @@ impl UserRules {
         for kind in ["override", "underride", "room", "sender"] {
             if let Some(rules) = v.get_mut(kind).and_then(Value::as_array_mut) {
                 rules.retain(|r| {
-                    let word = r["conditions"].as_array().is_some_and(|cs| cs.iter().any(is_body_word_condition));
+                    let word = r["conditions"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().any(is_body_word_condition));
                     for c in r["conditions"].as_array().into_iter().flatten() {
                         if c["kind"] == "event_match" && c["key"] == "content.body" {
                             note(c["pattern"].as_str().unwrap_or_default());
@@ -75,21 +78,37 @@ impl UserRules {
         }
         v["content"] = json!([]);
         let without_body_words = serde_json::from_value(v)?;
-        Ok(Self { full, without_body_words, needles })
+        Ok(Self {
+            full,
+            without_body_words,
+            needles,
+        })
     }
 
     /// The rule set that gives the right answer for an event with this body.
     fn for_body(&self, body: Option<&str>, display_name: &str) -> &Ruleset {
-        let Some(body) = body else { return &self.without_body_words };
+        let Some(body) = body else {
+            return &self.without_body_words;
+        };
         let body = body.to_lowercase();
-        let may_match = body.contains(&display_name.to_lowercase()) || self.needles.iter().any(|n| body.contains(n.as_str()));
-        if may_match { &self.full } else { &self.without_body_words }
+        let may_match = body.contains(&display_name.to_lowercase())
+            || self.needles.iter().any(|n| body.contains(n.as_str()));
+        if may_match {
+            &self.full
+        } else {
+            &self.without_body_words
+        }
     }
 }
 
 impl RulesCache {
     fn get(&self, c: &Connection, user: &UserId) -> MxResult<Arc<UserRules>> {
-        if let Some(r) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(user.as_str()) {
+        if let Some(r) = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user.as_str())
+        {
             return Ok(r.clone());
         }
         let rules = Arc::new(UserRules::new(ephemeral::push_rules(c, user)?)?);
@@ -103,13 +122,20 @@ impl RulesCache {
 
     /// Forgets a user's cached rules (after they changed them).
     pub fn invalidate(&self, user: &str) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(user);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user);
     }
 }
 
 fn power_ctx(c: &Connection, room_id: &str) -> MxResult<Option<PushConditionPowerLevelsCtx>> {
-    let Some(version) = pdu::room_version(c, room_id)? else { return Ok(None) };
-    let Some(rules) = version.rules() else { return Ok(None) };
+    let Some(version) = pdu::room_version(c, room_id)? else {
+        return Ok(None);
+    };
+    let Some(rules) = version.rules() else {
+        return Ok(None);
+    };
     let pl = pdu::power_levels(c, room_id)?;
     let content = pl.content.unwrap_or_else(|| json!({}));
     let mut users = BTreeMap::new();
@@ -120,10 +146,20 @@ fn power_ctx(c: &Connection, room_id: &str) -> MxResult<Option<PushConditionPowe
     }
     let users_default = Int::new_saturating(content["users_default"].as_i64().unwrap_or(0));
     let mut notifications = NotificationPowerLevels::new();
-    notifications.room = Int::new_saturating(content["notifications"]["room"].as_i64().unwrap_or(50));
-    let creators: Vec<OwnedUserId> = pl.creators.iter().filter_map(|c| UserId::parse(c).ok()).collect();
+    notifications.room =
+        Int::new_saturating(content["notifications"]["room"].as_i64().unwrap_or(50));
+    let creators: Vec<OwnedUserId> = pl
+        .creators
+        .iter()
+        .filter_map(|c| UserId::parse(c).ok())
+        .collect();
     let plrules = RoomPowerLevelsRules::new(&rules.authorization, creators);
-    Ok(Some(PushConditionPowerLevelsCtx::new(users, users_default, notifications, plrules)))
+    Ok(Some(PushConditionPowerLevelsCtx::new(
+        users,
+        users_default,
+        notifications,
+        plrules,
+    )))
 }
 
 /// Who gets notified of an event, and how: computed from the event's draft
@@ -142,9 +178,13 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
             "SELECT s.state_key, e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
              WHERE s.room_id=?1 AND s.type='m.room.member' AND s.membership='join'",
         )?;
-        for row in st.query_map([room_id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        for row in st.query_map([room_id.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })? {
             let (u, j) = row?;
-            let name = serde_json::from_str::<Value>(&j).ok().and_then(|v| v["content"]["displayname"].as_str().map(str::to_owned));
+            let name = serde_json::from_str::<Value>(&j)
+                .ok()
+                .and_then(|v| v["content"]["displayname"].as_str().map(str::to_owned));
             names.insert(u, name);
         }
     }
@@ -164,17 +204,33 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
     let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(event)?);
     let body = event["content"]["body"].as_str();
     for user in recipients {
-        let Ok(uid) = UserId::parse(&user) else { continue };
+        let Ok(uid) = UserId::parse(&user) else {
+            continue;
+        };
         let rules = hs.push_rules.get(c, &uid)?;
-        let display = names.get(&user).cloned().flatten().unwrap_or_else(|| uid.localpart().to_owned());
-        let mut ctx = PushConditionRoomCtx::new(room_id.to_owned(), UInt::new_saturating(member_count as u64), uid.clone(), display);
+        let display = names
+            .get(&user)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| uid.localpart().to_owned());
+        let mut ctx = PushConditionRoomCtx::new(
+            room_id.to_owned(),
+            UInt::new_saturating(member_count as u64),
+            uid.clone(),
+            display,
+        );
         if let Some(p) = &power {
             ctx = ctx.with_power_levels(p.clone());
         }
         let rules = rules.for_body(body, &ctx.user_display_name);
-        let actions: Vec<Action> = futures::executor::block_on(rules.get_actions(&raw, &ctx)).to_vec();
+        let actions: Vec<Action> =
+            futures::executor::block_on(rules.get_actions(&raw, &ctx)).to_vec();
         if actions.iter().any(Action::should_notify) {
-            rows.push((user, actions.iter().any(Action::is_highlight), serde_json::to_string(&actions)?));
+            rows.push((
+                user,
+                actions.iter().any(Action::is_highlight),
+                serde_json::to_string(&actions)?,
+            ));
         }
     }
     Ok(PushPlan { rows })
@@ -197,7 +253,16 @@ pub fn store_plan(
     )?;
     let mut queued = false;
     for (user, highlight, actions) in &plan.rows {
-        st.execute(params![user, room_id.as_str(), stream, event_id, thread_root, highlight, actions, ts])?;
+        st.execute(params![
+            user,
+            room_id.as_str(),
+            stream,
+            event_id,
+            thread_root,
+            highlight,
+            actions,
+            ts
+        ])?;
         queued |= crate::pushers::enqueue(hs, w, user, room_id.as_str(), event_id)?;
     }
     if queued {
@@ -207,7 +272,12 @@ pub fn store_plan(
 }
 
 /// Stream position up to which the user has read the room (main timeline or unthreaded).
-fn read_up_to(c: &Connection, room: &str, user: &str, thread: Option<&str>) -> rusqlite::Result<i64> {
+fn read_up_to(
+    c: &Connection,
+    room: &str,
+    user: &str,
+    thread: Option<&str>,
+) -> rusqlite::Result<i64> {
     c.prepare_cached(
         "SELECT COALESCE(MAX(e.stream),0) FROM receipts r JOIN events e ON e.event_id=r.event_id
          WHERE r.room_id=?1 AND r.user_id=?2 AND r.receipt_type IN ('m.read','m.read.private')
@@ -221,11 +291,18 @@ const COUNT_CAP: i64 = 10_000;
 
 /// (notification_count, highlight_count) of a room: all threads together, or
 /// only the main timeline when `per_thread` (then threads come from [`thread_counts`]).
-pub fn room_counts(c: &Connection, room: &str, user: &str, per_thread: bool) -> rusqlite::Result<(i64, i64)> {
+pub fn room_counts(
+    c: &Connection,
+    room: &str,
+    user: &str,
+    per_thread: bool,
+) -> rusqlite::Result<(i64, i64)> {
     let from = read_up_to(c, room, user, None)?;
     // The user's own last message marks the room as read up to there.
     let own: i64 = c
-        .prepare_cached("SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1")?
+        .prepare_cached(
+            "SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1",
+        )?
         .query_row(params![room, user], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
@@ -237,15 +314,24 @@ pub fn room_counts(c: &Connection, room: &str, user: &str, per_thread: bool) -> 
         "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
          WHERE user_id=?1 AND room_id=?2 AND stream>?3 LIMIT ?4)"
     };
-    c.prepare_cached(sql)?.query_row(params![user, room, from, COUNT_CAP], |r| Ok((r.get(0)?, r.get(1)?)))
+    c.prepare_cached(sql)?
+        .query_row(params![user, room, from, COUNT_CAP], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
 }
 
 /// Per-thread unread counts: thread root → (notification_count, highlight_count).
-pub fn thread_counts(c: &Connection, room: &str, user: &str) -> rusqlite::Result<BTreeMap<String, (i64, i64)>> {
+pub fn thread_counts(
+    c: &Connection,
+    room: &str,
+    user: &str,
+) -> rusqlite::Result<BTreeMap<String, (i64, i64)>> {
     let mut st = c.prepare_cached(
         "SELECT DISTINCT thread_id FROM notifications WHERE user_id=?1 AND room_id=?2 AND thread_id IS NOT NULL",
     )?;
-    let threads: Vec<String> = st.query_map(params![user, room], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let threads: Vec<String> = st
+        .query_map(params![user, room], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
     let mut out = BTreeMap::new();
     for t in threads {
         let from = read_up_to(c, room, user, Some(&t))?;
@@ -270,18 +356,30 @@ pub struct NotificationsQuery {
     only: Option<String>,
 }
 
-pub async fn notifications(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<NotificationsQuery>) -> MxResult<axum::Json<Value>> {
+pub async fn notifications(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<NotificationsQuery>,
+) -> MxResult<axum::Json<Value>> {
     let user = auth.user_id.as_str();
     let from: i64 = match &q.from {
-        Some(f) => f.parse().map_err(|_| MxError::invalid_param("Invalid from token"))?,
+        Some(f) => f
+            .parse()
+            .map_err(|_| MxError::invalid_param("Invalid from token"))?,
         None => i64::MAX,
     };
     let limit: i64 = match &q.limit {
-        Some(l) => l.parse::<i64>().map_err(|_| MxError::invalid_param("limit must be an integer"))?.clamp(1, 100),
+        Some(l) => l
+            .parse::<i64>()
+            .map_err(|_| MxError::invalid_param("limit must be an integer"))?
+            .clamp(1, 100),
         None => 20,
     };
     let only_highlight = q.only.as_deref() == Some("highlight");
-    let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
+    let v = Viewer {
+        user_id: user,
+        device_id: Some(auth.device_id.as_str()),
+    };
     let out = hs.db.read(|c| -> MxResult<Value> {
         let mut st = c.prepare_cached(
             "SELECT n.room_id, n.stream, n.event_id, n.actions, n.ts, n.thread_id FROM notifications n
@@ -332,13 +430,25 @@ mod tests {
         let user = UserId::parse("@a:x").unwrap();
         let mut rules = Ruleset::server_default(&user);
         let keyword: ruma::push::NewPushRule = ruma::push::NewPushRule::Content(
-            serde_json::from_value(json!({"rule_id": "pizza", "pattern": "pizza*", "actions": ["notify"]})).unwrap(),
+            serde_json::from_value(
+                json!({"rule_id": "pizza", "pattern": "pizza*", "actions": ["notify"]}),
+            )
+            .unwrap(),
         );
         rules.insert(keyword, None, None).unwrap();
         let r = UserRules::new(rules).unwrap();
         assert_eq!(r.needles, vec!["pizza".to_owned()]);
-        assert!(std::ptr::eq(r.for_body(Some("hello"), "Alice"), &r.without_body_words));
-        assert!(std::ptr::eq(r.for_body(Some("hi alice!"), "Alice"), &r.full));
-        assert!(std::ptr::eq(r.for_body(Some("PIZZAS tonight"), "Alice"), &r.full));
+        assert!(std::ptr::eq(
+            r.for_body(Some("hello"), "Alice"),
+            &r.without_body_words
+        ));
+        assert!(std::ptr::eq(
+            r.for_body(Some("hi alice!"), "Alice"),
+            &r.full
+        ));
+        assert!(std::ptr::eq(
+            r.for_body(Some("PIZZAS tonight"), "Alice"),
+            &r.full
+        ));
     }
 }

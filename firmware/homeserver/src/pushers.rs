@@ -28,8 +28,12 @@ impl PusherUsers {
     fn contains(&self, c: &Connection, user: &str) -> rusqlite::Result<bool> {
         let mut guard = self.set.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            let mut st = c.prepare("SELECT DISTINCT user_id FROM pushers WHERE json LIKE '%\"kind\":\"http\"%'")?;
-            let users = st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<HashSet<_>, _>>()?;
+            let mut st = c.prepare(
+                "SELECT DISTINCT user_id FROM pushers WHERE json LIKE '%\"kind\":\"http\"%'",
+            )?;
+            let users = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<HashSet<_>, _>>()?;
             *guard = Some(users);
         }
         Ok(guard.as_ref().is_some_and(|s| s.contains(user)))
@@ -42,12 +46,22 @@ impl PusherUsers {
 }
 
 /// Queues the notification of `user` about `event_id` for each of their HTTP pushers.
-pub fn enqueue(hs: &Hs, w: &WriteTxn<'_>, user: &str, room_id: &str, event_id: &str) -> rusqlite::Result<bool> {
+pub fn enqueue(
+    hs: &Hs,
+    w: &WriteTxn<'_>,
+    user: &str,
+    room_id: &str,
+    event_id: &str,
+) -> rusqlite::Result<bool> {
     if !hs.pusher_users.contains(w, user)? {
         return Ok(false);
     }
     let mut st = w.prepare_cached("SELECT app_id, pushkey FROM pushers WHERE user_id=?1")?;
-    let pushers = st.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+    let pushers = st
+        .query_map([user], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
     for (app, key) in &pushers {
         w.tx.execute(
             "INSERT INTO push_queue(user_id, app_id, pushkey, room_id, event_id, next_try) VALUES(?1,?2,?3,?4,?5,?6)",
@@ -74,11 +88,15 @@ struct Job {
 }
 
 fn payload(c: &Connection, job: &Job, pusher: &Value) -> rusqlite::Result<Option<Value>> {
-    let Some(ev) = pdu::get_event(c, &job.event)? else { return Ok(None) };
+    let Some(ev) = pdu::get_event(c, &job.event)? else {
+        return Ok(None);
+    };
     let pdu: Value = serde_json::from_str(&ev.json).unwrap_or_default();
     let sender = pdu["sender"].as_str().unwrap_or_default();
-    let sender_name = pdu::state_content(c, &job.room, "m.room.member", sender)?.and_then(|m| m["displayname"].as_str().map(str::to_owned));
-    let room_name = pdu::state_content(c, &job.room, "m.room.name", "")?.and_then(|m| m["name"].as_str().map(str::to_owned));
+    let sender_name = pdu::state_content(c, &job.room, "m.room.member", sender)?
+        .and_then(|m| m["displayname"].as_str().map(str::to_owned));
+    let room_name = pdu::state_content(c, &job.room, "m.room.name", "")?
+        .and_then(|m| m["name"].as_str().map(str::to_owned));
     let (unread, _) = crate::push::room_counts(c, &job.room, &job.user, false)?;
     let actions: Option<String> = c
         .query_row(
@@ -93,7 +111,10 @@ fn payload(c: &Connection, job: &Job, pusher: &Value) -> rusqlite::Result<Option
             let mut t = serde_json::Map::new();
             for a in acts {
                 if let Some(name) = a["set_tweak"].as_str() {
-                    t.insert(name.to_owned(), a.get("value").cloned().unwrap_or(json!(true)));
+                    t.insert(
+                        name.to_owned(),
+                        a.get("value").cloned().unwrap_or(json!(true)),
+                    );
                 }
             }
             Value::Object(t)
@@ -129,7 +150,10 @@ fn payload(c: &Connection, job: &Job, pusher: &Value) -> rusqlite::Result<Option
 
 /// Sends due notifications until shutdown.
 pub async fn deliver(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
-    let client = match reqwest::Client::builder().timeout(Duration::from_secs(15)).build() {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "push delivery disabled: no HTTP client");
@@ -161,28 +185,43 @@ pub async fn deliver(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
             }
         };
         for job in jobs {
-            let prepared = hs.db.read(|c| -> rusqlite::Result<Option<(String, Value)>> {
-                let pusher: Option<String> = c
+            let prepared = hs
+                .db
+                .read(|c| -> rusqlite::Result<Option<(String, Value)>> {
+                    let pusher: Option<String> = c
                     .query_row(
                         "SELECT json FROM pushers WHERE user_id=?1 AND app_id=?2 AND pushkey=?3",
                         params![job.user, job.app, job.key],
                         |r| r.get(0),
                     )
                     .ok();
-                let Some(pusher) = pusher.and_then(|p| serde_json::from_str::<Value>(&p).ok()) else { return Ok(None) };
-                let Some(url) = pusher["data"]["url"].as_str().map(str::to_owned) else { return Ok(None) };
-                Ok(payload(c, &job, &pusher)?.map(|p| (url, p)))
-            });
+                    let Some(pusher) = pusher.and_then(|p| serde_json::from_str::<Value>(&p).ok())
+                    else {
+                        return Ok(None);
+                    };
+                    let Some(url) = pusher["data"]["url"].as_str().map(str::to_owned) else {
+                        return Ok(None);
+                    };
+                    Ok(payload(c, &job, &pusher)?.map(|p| (url, p)))
+                });
             let outcome = match prepared {
                 Ok(Some((url, body))) => match client.post(&url).json(&body).send().await {
                     Ok(resp) if resp.status().is_success() => {
                         let rejected = resp.json::<Value>().await.ok().and_then(|v| {
-                            v["rejected"].as_array().map(|a| a.iter().any(|k| k == job.key.as_str()))
+                            v["rejected"]
+                                .as_array()
+                                .map(|a| a.iter().any(|k| k == job.key.as_str()))
                         });
                         Ok(rejected.unwrap_or(false))
                     }
                     Ok(resp) => Err(format!("gateway answered {}", resp.status())),
-                    Err(e) => Err(if e.is_timeout() { "timeout".to_owned() } else if e.is_connect() { "unreachable".to_owned() } else { "request failed".to_owned() }),
+                    Err(e) => Err(if e.is_timeout() {
+                        "timeout".to_owned()
+                    } else if e.is_connect() {
+                        "unreachable".to_owned()
+                    } else {
+                        "request failed".to_owned()
+                    }),
                 },
                 Ok(None) => Ok(false), // pusher or event gone: drop the job
                 Err(e) => Err(e.to_string()),

@@ -27,7 +27,10 @@ fn parse_user(s: &str) -> MxResult<ruma::OwnedUserId> {
 }
 
 fn viewer(auth: &Auth) -> Viewer<'_> {
-    Viewer { user_id: auth.user_id.as_str(), device_id: Some(auth.device_id.as_str()) }
+    Viewer {
+        user_id: auth.user_id.as_str(),
+        device_id: Some(auth.device_id.as_str()),
+    }
 }
 
 /// What part of a room's history a user may see, by the spec's history-visibility
@@ -55,12 +58,17 @@ impl Visibility {
             let mut st = conn.prepare_cached(
                 "SELECT stream, json FROM events WHERE room_id=?1 AND type=?2 AND state_key=?3 ORDER BY stream",
             )?;
-            let rows = st.query_map(params![room_id, kind, key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let rows = st.query_map(params![room_id, kind, key], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
             let mut out = Vec::new();
             for row in rows {
                 let (stream, json) = row?;
                 let v: Value = serde_json::from_str(&json)?;
-                out.push((stream, v["content"][field].as_str().unwrap_or_default().to_owned()));
+                out.push((
+                    stream,
+                    v["content"][field].as_str().unwrap_or_default().to_owned(),
+                ));
             }
             Ok(out)
         };
@@ -75,7 +83,11 @@ impl Visibility {
         } else {
             memberships.last().map_or(0, |m| m.0)
         };
-        Ok(Self { memberships, visibility, until })
+        Ok(Self {
+            memberships,
+            visibility,
+            until,
+        })
     }
 
     /// Whether the event at `stream` is visible.
@@ -91,7 +103,12 @@ impl Visibility {
         if m == Some("join") {
             return true;
         }
-        if hv == "shared" && self.memberships.iter().any(|(s, m)| *s > stream && m == "join") {
+        if hv == "shared"
+            && self
+                .memberships
+                .iter()
+                .any(|(s, m)| *s > stream && m == "join")
+        {
             return true;
         }
         hv == "invited" && m == Some("invite")
@@ -112,8 +129,15 @@ fn require_joined(conn: &Connection, room_id: &str, user_id: &str) -> MxResult<(
 
 impl Hs {
     /// Appends an event and wakes the room. Returns its id.
-    pub(crate) fn send(&self, room_id: &RoomId, sender: &UserId, ev: NewEvent<'_>) -> MxResult<String> {
-        let a = self.db.write(|w| self.append_event(w, room_id, sender, ev))?;
+    pub(crate) fn send(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        ev: NewEvent<'_>,
+    ) -> MxResult<String> {
+        let a = self
+            .db
+            .write(|w| self.append_event(w, room_id, sender, ev))?;
         self.notify_room(room_id.as_str());
         Ok(a.event_id.to_string())
     }
@@ -129,9 +153,11 @@ impl Hs {
         extra: Option<Value>,
     ) -> MxResult<String> {
         let mut content = if sender == target && (membership == "join" || membership == "knock") {
-            self.db.read(|c| self.member_content(c, target, membership))?
+            self.db
+                .read(|c| self.member_content(c, target, membership))?
         } else if membership == "invite" {
-            self.db.read(|c| self.member_content(c, target, membership))?
+            self.db
+                .read(|c| self.member_content(c, target, membership))?
         } else {
             json!({ "membership": membership })
         };
@@ -143,34 +169,58 @@ impl Hs {
                 content[k] = v;
             }
         }
-        let event_id = self.send(room_id, sender, NewEvent {
-            kind: "m.room.member",
-            state_key: Some(target.as_str()),
-            content,
-            txn: None,
-        })?;
+        let event_id = self.send(
+            room_id,
+            sender,
+            NewEvent {
+                kind: "m.room.member",
+                state_key: Some(target.as_str()),
+                content,
+                txn: None,
+            },
+        )?;
         // The target may not be joined (invites, kicks): wake them too.
         self.notify_users([target.as_str()]);
         Ok(event_id)
     }
 
     fn resolve_alias(&self, alias: &str) -> MxResult<OwnedRoomId> {
-        let alias = RoomAliasId::parse(alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
-        let room: Option<String> = self
-            .db
-            .read(|c| c.query_row("SELECT room_id FROM room_aliases WHERE alias=?1", [alias.as_str()], |r| r.get(0)).optional())?;
-        room.map(|r| parse_room(&r)).transpose()?.ok_or_else(|| MxError::not_found("Room alias not found"))
+        let alias =
+            RoomAliasId::parse(alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+        let room: Option<String> = self.db.read(|c| {
+            c.query_row(
+                "SELECT room_id FROM room_aliases WHERE alias=?1",
+                [alias.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        room.map(|r| parse_room(&r))
+            .transpose()?
+            .ok_or_else(|| MxError::not_found("Room alias not found"))
     }
 
     /// For a restricted room: when `user` is in one of the allowed rooms, the content
     /// that names a local user with invite power as the join's authoriser.
-    pub(crate) fn restricted_join_extra(&self, room_id: &RoomId, user: &UserId) -> MxResult<Option<Value>> {
-        let jr = self.db.read(|c| pdu::state_content(c, room_id.as_str(), "m.room.join_rules", ""))?;
-        let rule = jr.as_ref().and_then(|c| c["join_rule"].as_str()).unwrap_or("invite");
+    pub(crate) fn restricted_join_extra(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+    ) -> MxResult<Option<Value>> {
+        let jr = self
+            .db
+            .read(|c| pdu::state_content(c, room_id.as_str(), "m.room.join_rules", ""))?;
+        let rule = jr
+            .as_ref()
+            .and_then(|c| c["join_rule"].as_str())
+            .unwrap_or("invite");
         if rule != "restricted" && rule != "knock_restricted" {
             return Ok(None);
         }
-        let allowed = jr.as_ref().and_then(|c| c["allow"].as_array().cloned()).unwrap_or_default();
+        let allowed = jr
+            .as_ref()
+            .and_then(|c| c["allow"].as_array().cloned())
+            .unwrap_or_default();
         let ok = self.db.read(|c| -> MxResult<bool> {
             for a in &allowed {
                 if let Some(r) = a["room_id"].as_str() {
@@ -196,15 +246,24 @@ impl Hs {
     }
 
     fn do_join(&self, room_id: &RoomId, user: &UserId, reason: Option<&str>) -> MxResult<()> {
-        let exists = self.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_some();
+        let exists = self
+            .db
+            .read(|c| pdu::room_version(c, room_id.as_str()))?
+            .is_some();
         if !exists {
             return Err(MxError::not_found("This box does not know that room"));
         }
-        let current = self.db.read(|c| pdu::membership(c, room_id.as_str(), user.as_str()))?;
+        let current = self
+            .db
+            .read(|c| pdu::membership(c, room_id.as_str(), user.as_str()))?;
         if current.as_deref() == Some("join") {
             return Ok(());
         }
-        let extra = if current.as_deref() != Some("invite") { self.restricted_join_extra(room_id, user)? } else { None };
+        let extra = if current.as_deref() != Some("invite") {
+            self.restricted_join_extra(room_id, user)?
+        } else {
+            None
+        };
         self.set_membership(room_id, user, user, "join", reason, extra)?;
         Ok(())
     }
@@ -226,12 +285,24 @@ pub struct CreateRoomBody {
     power_level_content_override: Option<Value>,
 }
 
-pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json<CreateRoomBody>) -> MxResult<J> {
-    let version_str = body.room_version.clone().unwrap_or_else(|| hs.config.default_room_version.clone());
+pub async fn create_room(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    Json(body): Json<CreateRoomBody>,
+) -> MxResult<J> {
+    let version_str = body
+        .room_version
+        .clone()
+        .unwrap_or_else(|| hs.config.default_room_version.clone());
     let version = RoomVersionId::try_from(version_str.as_str())
         .map_err(|_| MxError::unsupported_room_version("Unsupported room version"))?;
-    if !matches!(version, RoomVersionId::V10 | RoomVersionId::V11 | RoomVersionId::V12) {
-        return Err(MxError::unsupported_room_version("This box creates rooms of version 10, 11 or 12"));
+    if !matches!(
+        version,
+        RoomVersionId::V10 | RoomVersionId::V11 | RoomVersionId::V12
+    ) {
+        return Err(MxError::unsupported_room_version(
+            "This box creates rooms of version 10, 11 or 12",
+        ));
     }
     let rules = pdu::rules_for(&version)?;
     let mut invitees = Vec::new();
@@ -243,7 +314,12 @@ pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json
             let a = RoomAliasId::parse(format!("#{l}:{}", hs.server_name))
                 .map_err(|_| MxError::invalid_param("Invalid room_alias_name"))?;
             let taken = hs.db.read(|c| {
-                c.query_row("SELECT 1 FROM room_aliases WHERE alias=?1", [a.as_str()], |_| Ok(())).optional()
+                c.query_row(
+                    "SELECT 1 FROM room_aliases WHERE alias=?1",
+                    [a.as_str()],
+                    |_| Ok(()),
+                )
+                .optional()
             })?;
             if taken.is_some() {
                 return Err(MxError::room_in_use("Room alias already taken"));
@@ -253,7 +329,11 @@ pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json
         None => None,
     };
     let preset = body.preset.clone().unwrap_or_else(|| {
-        if body.visibility.as_deref() == Some("public") { "public_chat".into() } else { "private_chat".into() }
+        if body.visibility.as_deref() == Some("public") {
+            "public_chat".into()
+        } else {
+            "private_chat".into()
+        }
     });
     let (join_rule, history, guest) = match preset.as_str() {
         "public_chat" => ("public", "shared", "forbidden"),
@@ -310,7 +390,17 @@ pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json
         let created = hs.append_create(w, &version, &me, create_content)?;
         let room_id = created.room_id;
         let mut send = |kind: &str, key: Option<&str>, content: Value| -> MxResult<()> {
-            hs.append_event(w, &room_id, &me, NewEvent { kind, state_key: key, content, txn: None })?;
+            hs.append_event(
+                w,
+                &room_id,
+                &me,
+                NewEvent {
+                    kind,
+                    state_key: key,
+                    content,
+                    txn: None,
+                },
+            )?;
             Ok(())
         };
         send("m.room.member", Some(me.as_str()), member)?;
@@ -318,18 +408,44 @@ pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json
         if let Some(a) = &alias {
             send("m.room.canonical_alias", Some(""), json!({ "alias": a }))?;
         }
-        send("m.room.join_rules", Some(""), json!({ "join_rule": join_rule }))?;
-        send("m.room.history_visibility", Some(""), json!({ "history_visibility": history }))?;
-        send("m.room.guest_access", Some(""), json!({ "guest_access": guest }))?;
+        send(
+            "m.room.join_rules",
+            Some(""),
+            json!({ "join_rule": join_rule }),
+        )?;
+        send(
+            "m.room.history_visibility",
+            Some(""),
+            json!({ "history_visibility": history }),
+        )?;
+        send(
+            "m.room.guest_access",
+            Some(""),
+            json!({ "guest_access": guest }),
+        )?;
         let private = preset != "public_chat";
-        if private && hs.config.encrypt_private_rooms && !body.initial_state.iter().any(|s| s["type"] == "m.room.encryption") {
-            send("m.room.encryption", Some(""), json!({ "algorithm": "m.megolm.v1.aes-sha2" }))?;
+        if private
+            && hs.config.encrypt_private_rooms
+            && !body
+                .initial_state
+                .iter()
+                .any(|s| s["type"] == "m.room.encryption")
+        {
+            send(
+                "m.room.encryption",
+                Some(""),
+                json!({ "algorithm": "m.megolm.v1.aes-sha2" }),
+            )?;
         }
         for st in &body.initial_state {
-            let kind = st["type"].as_str().ok_or_else(|| MxError::bad_json("initial_state entry needs a type"))?;
+            let kind = st["type"]
+                .as_str()
+                .ok_or_else(|| MxError::bad_json("initial_state entry needs a type"))?;
             let key = st["state_key"].as_str().unwrap_or("");
             if kind == "m.room.member" || kind == "m.room.create" || kind == "m.room.power_levels" {
-                return Err(MxError::bad_json(format!("{kind} cannot be set in initial_state")));
+                return Err(MxError::bad_json(format!(
+                    "{kind} cannot be set in initial_state"
+                )));
             }
             send(kind, Some(key), st["content"].clone())?;
         }
@@ -344,7 +460,17 @@ pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json
             .map(|i| hs.member_content(w, i, "invite"))
             .collect::<Result<Vec<_>, _>>()?;
         let mut send = |kind: &str, key: Option<&str>, content: Value| -> MxResult<()> {
-            hs.append_event(w, &room_id, &me, NewEvent { kind, state_key: key, content, txn: None })?;
+            hs.append_event(
+                w,
+                &room_id,
+                &me,
+                NewEvent {
+                    kind,
+                    state_key: key,
+                    content,
+                    txn: None,
+                },
+            )?;
             Ok(())
         };
         for (i, mut c) in invitees.iter().zip(invite_contents) {
@@ -360,7 +486,10 @@ pub async fn create_room(State(hs): State<Arc<Hs>>, auth: Auth, Json(body): Json
             )?;
         }
         if visibility_public {
-            w.tx.execute("UPDATE rooms SET is_public=1 WHERE room_id=?1", [room_id.as_str()])?;
+            w.tx.execute(
+                "UPDATE rooms SET is_public=1 WHERE room_id=?1",
+                [room_id.as_str()],
+            )?;
         }
         Ok(room_id)
     })?;
@@ -397,13 +526,24 @@ pub async fn join_by_id_or_alias(
 ) -> MxResult<J> {
     let mut via = via_servers(q.as_deref());
     let room_id = if room.starts_with('#') {
-        let alias = RoomAliasId::parse(&room).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+        let alias =
+            RoomAliasId::parse(&room).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
         if alias.server_name() == hs.server_name {
             hs.resolve_alias(&room)?
         } else {
-            let path = format!("/_matrix/federation/v1/query/directory?room_alias={}", crate::federation::urlenc(alias.as_str()));
-            let v = hs.fed_request("GET", alias.server_name(), &path, None).await?;
-            for s in v["servers"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            let path = format!(
+                "/_matrix/federation/v1/query/directory?room_alias={}",
+                crate::federation::urlenc(alias.as_str())
+            );
+            let v = hs
+                .fed_request("GET", alias.server_name(), &path, None)
+                .await?;
+            for s in v["servers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
                 if let Ok(s) = ruma::ServerName::parse(s) {
                     via.push(s);
                 }
@@ -425,7 +565,14 @@ pub async fn join_room(
     Json(body): Json<ReasonBody>,
 ) -> MxResult<J> {
     let room_id = parse_room(&room)?;
-    join_any(&hs, &room_id, &auth.user_id, body.reason.as_deref(), Vec::new()).await?;
+    join_any(
+        &hs,
+        &room_id,
+        &auth.user_id,
+        body.reason.as_deref(),
+        Vec::new(),
+    )
+    .await?;
     Ok(axum::Json(json!({ "room_id": room_id })))
 }
 
@@ -440,11 +587,22 @@ fn via_servers(q: Option<&str>) -> Vec<ruma::OwnedServerName> {
 }
 
 /// Joins a local room directly, or a room of other servers through federation.
-async fn join_any(hs: &Hs, room_id: &RoomId, user: &UserId, reason: Option<&str>, mut via: Vec<ruma::OwnedServerName>) -> MxResult<()> {
-    let local = hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_some();
-    let joined_here = local && hs.db.read(|c| -> MxResult<bool> {
-        Ok(!pdu::local_members(c, room_id.as_str(), false)?.is_empty() || room_id.server_name() == Some(&hs.server_name))
-    })?;
+async fn join_any(
+    hs: &Hs,
+    room_id: &RoomId,
+    user: &UserId,
+    reason: Option<&str>,
+    mut via: Vec<ruma::OwnedServerName>,
+) -> MxResult<()> {
+    let local = hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .is_some();
+    let joined_here = local
+        && hs.db.read(|c| -> MxResult<bool> {
+            Ok(!pdu::local_members(c, room_id.as_str(), false)?.is_empty()
+                || room_id.server_name() == Some(&hs.server_name))
+        })?;
     if joined_here {
         return hs.do_join(room_id, user, reason);
     }
@@ -465,7 +623,9 @@ async fn join_any(hs: &Hs, room_id: &RoomId, user: &UserId, reason: Option<&str>
     }
     via.dedup();
     if via.is_empty() {
-        return Err(MxError::not_found("This box does not know that room; give a server to join through"));
+        return Err(MxError::not_found(
+            "This box does not know that room; give a server to join through",
+        ));
     }
     hs.remote_join(room_id, user, &via).await
 }
@@ -476,11 +636,26 @@ pub async fn knock(
     PathArgs(room): PathArgs<String>,
     Json(body): Json<ReasonBody>,
 ) -> MxResult<J> {
-    let room_id = if room.starts_with('#') { hs.resolve_alias(&room)? } else { parse_room(&room)? };
-    if hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_none() {
+    let room_id = if room.starts_with('#') {
+        hs.resolve_alias(&room)?
+    } else {
+        parse_room(&room)?
+    };
+    if hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .is_none()
+    {
         return Err(MxError::not_found("This box does not know that room"));
     }
-    hs.set_membership(&room_id, &auth.user_id, &auth.user_id, "knock", body.reason.as_deref(), None)?;
+    hs.set_membership(
+        &room_id,
+        &auth.user_id,
+        &auth.user_id,
+        "knock",
+        body.reason.as_deref(),
+        None,
+    )?;
     Ok(axum::Json(json!({ "room_id": room_id })))
 }
 
@@ -490,71 +665,133 @@ pub struct TargetBody {
     reason: Option<String>,
 }
 
-async fn membership_action(hs: Arc<Hs>, auth: Auth, room: String, body: TargetBody, membership: &str) -> MxResult<J> {
+async fn membership_action(
+    hs: Arc<Hs>,
+    auth: Auth,
+    room: String,
+    body: TargetBody,
+    membership: &str,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let target = parse_user(&body.user_id)?;
-    if hs.db.read(|c| pdu::room_version(c, room_id.as_str()))?.is_none() {
+    if hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .is_none()
+    {
         return Err(MxError::not_found("Unknown room"));
     }
     if membership == "leave" {
         // Kick and unban need the target to be in the matching state.
-        let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+        let current = hs
+            .db
+            .read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
         match current.as_deref() {
             Some("join") | Some("invite") | Some("knock") | Some("ban") => {}
             _ => return Err(MxError::forbidden("The user is not in the room")),
         }
     }
-    hs.set_membership(&room_id, &auth.user_id, &target, membership, body.reason.as_deref(), None)?;
+    hs.set_membership(
+        &room_id,
+        &auth.user_id,
+        &target,
+        membership,
+        body.reason.as_deref(),
+        None,
+    )?;
     Ok(axum::Json(json!({})))
 }
 
-pub async fn invite(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+pub async fn invite(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<TargetBody>,
+) -> MxResult<J> {
     let target = parse_user(&body.user_id)?;
     if target.server_name() == hs.server_name {
-        let exists = hs.db.read(|c| c.query_row("SELECT 1 FROM users WHERE user_id=?1 AND deactivated=0", [target.as_str()], |_| Ok(())).optional())?;
+        let exists = hs.db.read(|c| {
+            c.query_row(
+                "SELECT 1 FROM users WHERE user_id=?1 AND deactivated=0",
+                [target.as_str()],
+                |_| Ok(()),
+            )
+            .optional()
+        })?;
         if exists.is_none() {
             return Err(MxError::not_found("No such user on this box"));
         }
     }
     let room_id = parse_room(&room)?;
-    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+    let current = hs
+        .db
+        .read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
     if matches!(current.as_deref(), Some("join") | Some("ban")) {
-        return Err(MxError::forbidden("The user is already in the room or banned"));
+        return Err(MxError::forbidden(
+            "The user is already in the room or banned",
+        ));
     }
     if target.server_name() != hs.server_name {
-        hs.remote_invite(&room_id, &auth.user_id, &target, body.reason.as_deref()).await?;
+        hs.remote_invite(&room_id, &auth.user_id, &target, body.reason.as_deref())
+            .await?;
         return Ok(axum::Json(json!({})));
     }
     membership_action(hs, auth, room, body, "invite").await
 }
 
-pub async fn kick(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+pub async fn kick(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<TargetBody>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let target = parse_user(&body.user_id)?;
-    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+    let current = hs
+        .db
+        .read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
     if current.as_deref() == Some("ban") {
         return Err(MxError::forbidden("The user is banned; unban instead"));
     }
     membership_action(hs, auth, room, body, "leave").await
 }
 
-pub async fn ban(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+pub async fn ban(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<TargetBody>,
+) -> MxResult<J> {
     membership_action(hs, auth, room, body, "ban").await
 }
 
-pub async fn unban(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<TargetBody>) -> MxResult<J> {
+pub async fn unban(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<TargetBody>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let target = parse_user(&body.user_id)?;
-    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
+    let current = hs
+        .db
+        .read(|c| pdu::membership(c, room_id.as_str(), target.as_str()))?;
     if current.as_deref() != Some("ban") {
         return Err(MxError::forbidden("The user is not banned"));
     }
     membership_action(hs, auth, room, body, "leave").await
 }
 
-pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>, Json(body): Json<ReasonBody>) -> MxResult<J> {
+pub async fn leave(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+    Json(body): Json<ReasonBody>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
-    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
+    let current = hs
+        .db
+        .read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
     if current.is_none() {
         // Declining an invite from another server: tell the room (through the
         // inviting server), then forget the invite here.
@@ -572,7 +809,10 @@ pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathAr
             if let Ok(s) = ruma::ServerName::parse(&server) {
                 match hs.remote_leave(&room_id, &auth.user_id, &s).await {
                     Ok(ev) => leave = ev,
-                    Err(e) => tracing::info!(errcode = e.errcode, "could not tell the inviting server; declining here anyway"),
+                    Err(e) => tracing::info!(
+                        errcode = e.errcode,
+                        "could not tell the inviting server; declining here anyway"
+                    ),
                 }
             }
             // Kept as declined, with a new stream position, so the user's other devices hear of it.
@@ -590,7 +830,14 @@ pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathAr
     }
     match current.as_deref() {
         Some("join") | Some("invite") | Some("knock") => {
-            hs.set_membership(&room_id, &auth.user_id, &auth.user_id, "leave", body.reason.as_deref(), None)?;
+            hs.set_membership(
+                &room_id,
+                &auth.user_id,
+                &auth.user_id,
+                "leave",
+                body.reason.as_deref(),
+                None,
+            )?;
         }
         Some("leave") | Some("ban") => {}
         _ => return Err(MxError::not_found("You are not in this room")),
@@ -598,12 +845,24 @@ pub async fn leave(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathAr
     Ok(axum::Json(json!({})))
 }
 
-pub async fn forget(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+pub async fn forget(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
-    let current = hs.db.read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
+    let current = hs
+        .db
+        .read(|c| pdu::membership(c, room_id.as_str(), auth.user_id.as_str()))?;
     match current.as_deref() {
         Some("leave") | Some("ban") => {}
-        Some(_) => return Err(MxError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Leave the room before forgetting it")),
+        Some(_) => {
+            return Err(MxError::new(
+                http::StatusCode::BAD_REQUEST,
+                "M_UNKNOWN",
+                "Leave the room before forgetting it",
+            ))
+        }
         None => return Err(MxError::not_found("You were never in this room")),
     }
     hs.db.write(|w| {
@@ -625,7 +884,16 @@ pub async fn send_message(
     if kind.is_empty() || kind.len() > 255 {
         return Err(MxError::invalid_param("Invalid event type"));
     }
-    send_with_txn(&hs, &auth, &room_id, &format!("send:{room_id}:{kind}"), &txn_id, &kind, None, content)
+    send_with_txn(
+        &hs,
+        &auth,
+        &room_id,
+        &format!("send:{room_id}:{kind}"),
+        &txn_id,
+        &kind,
+        None,
+        content,
+    )
 }
 
 /// Sends once per (device, endpoint, transaction id): a retry gets the same event id.
@@ -640,7 +908,8 @@ fn send_with_txn(
     state_key: Option<&str>,
     content: Value,
 ) -> MxResult<J> {
-    let mut draft = json!({ "type": kind, "sender": auth.user_id, "room_id": room_id, "content": content });
+    let mut draft =
+        json!({ "type": kind, "sender": auth.user_id, "room_id": room_id, "content": content });
     if let Some(k) = state_key {
         draft["state_key"] = json!(k);
     }
@@ -687,7 +956,10 @@ pub async fn redact(
         .read(|c| pdu::get_event(c, &event_id))?
         .filter(|e| e.room_id == room_id.as_str())
         .ok_or_else(|| MxError::not_found("Event not found"))?;
-    let original_sender = serde_json::from_str::<Value>(&target.json)?["sender"].as_str().unwrap_or_default().to_owned();
+    let original_sender = serde_json::from_str::<Value>(&target.json)?["sender"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     if original_sender != auth.user_id.as_str() {
         let allowed = hs.db.read(|c| -> MxResult<bool> {
             let pl = pdu::power_levels(c, room_id.as_str())?;
@@ -701,7 +973,16 @@ pub async fn redact(
     if let Some(r) = body.reason {
         content["reason"] = json!(r);
     }
-    send_with_txn(&hs, &auth, &room_id, &format!("redact:{room_id}:{event_id}"), &txn_id, "m.room.redaction", None, content)
+    send_with_txn(
+        &hs,
+        &auth,
+        &room_id,
+        &format!("redact:{room_id}:{event_id}"),
+        &txn_id,
+        "m.room.redaction",
+        None,
+        content,
+    )
 }
 
 impl From<serde_json::Error> for MxError {
@@ -710,7 +991,11 @@ impl From<serde_json::Error> for MxError {
     }
 }
 
-pub async fn get_state(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+pub async fn get_state(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let v = hs.db.read(|c| -> MxResult<Vec<Value>> {
         if !Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?.is_current() {
@@ -727,7 +1012,14 @@ pub struct StateQuery {
     format: Option<String>,
 }
 
-fn state_event_response(hs: &Hs, auth: &Auth, room: &str, kind: &str, key: &str, format: Option<&str>) -> MxResult<J> {
+fn state_event_response(
+    hs: &Hs,
+    auth: &Auth,
+    room: &str,
+    kind: &str,
+    key: &str,
+    format: Option<&str>,
+) -> MxResult<J> {
     let room_id = parse_room(room)?;
     hs.db.read(|c| {
         if !Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?.is_current() {
@@ -735,9 +1027,14 @@ fn state_event_response(hs: &Hs, auth: &Auth, room: &str, kind: &str, key: &str,
         }
         let id = pdu::state_event_id(c, room_id.as_str(), kind, key)?
             .ok_or_else(|| MxError::not_found("State event not found"))?;
-        let ev = pdu::get_event(c, &id)?.ok_or_else(|| MxError::not_found("State event not found"))?;
+        let ev =
+            pdu::get_event(c, &id)?.ok_or_else(|| MxError::not_found("State event not found"))?;
         let ce = client_event(c, &ev, &viewer(auth), true);
-        Ok(axum::Json(if format == Some("event") { ce } else { ce["content"].clone() }))
+        Ok(axum::Json(if format == Some("event") {
+            ce
+        } else {
+            ce["content"].clone()
+        }))
     })
 }
 
@@ -759,24 +1056,53 @@ pub async fn get_state_event_empty_key(
     state_event_response(&hs, &auth, &room, &kind, "", q.format.as_deref())
 }
 
-fn put_state_inner(hs: &Hs, auth: &Auth, room: &str, kind: &str, key: &str, content: Value) -> MxResult<J> {
+fn put_state_inner(
+    hs: &Hs,
+    auth: &Auth,
+    room: &str,
+    kind: &str,
+    key: &str,
+    content: Value,
+) -> MxResult<J> {
     let room_id = parse_room(room)?;
     if kind == "m.room.create" {
         return Err(MxError::forbidden("The create event cannot be replaced"));
     }
     if kind == "m.room.canonical_alias" {
         for a in content["alias"].as_str().into_iter().chain(
-            content["alt_aliases"].as_array().into_iter().flatten().filter_map(Value::as_str),
+            content["alt_aliases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str),
         ) {
-            let points: Option<String> = hs
-                .db
-                .read(|c| c.query_row("SELECT room_id FROM room_aliases WHERE alias=?1", [a], |r| r.get(0)).optional())?;
+            let points: Option<String> = hs.db.read(|c| {
+                c.query_row(
+                    "SELECT room_id FROM room_aliases WHERE alias=?1",
+                    [a],
+                    |r| r.get(0),
+                )
+                .optional()
+            })?;
             if points.as_deref() != Some(room_id.as_str()) {
-                return Err(MxError::new(http::StatusCode::BAD_REQUEST, "M_BAD_ALIAS", format!("{a} does not point to this room")));
+                return Err(MxError::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "M_BAD_ALIAS",
+                    format!("{a} does not point to this room"),
+                ));
             }
         }
     }
-    let event_id = hs.send(&room_id, &auth.user_id, NewEvent { kind, state_key: Some(key), content, txn: None })?;
+    let event_id = hs.send(
+        &room_id,
+        &auth.user_id,
+        NewEvent {
+            kind,
+            state_key: Some(key),
+            content,
+            txn: None,
+        },
+    )?;
     if kind == "m.room.member" {
         hs.notify_users([key]);
     }
@@ -820,22 +1146,33 @@ pub async fn members(
         let mut st = c.prepare_cached(&format!(
             "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id
              WHERE s.room_id=?1 AND s.type='m.room.member' ORDER BY e.stream",
-            EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+            EVENT_COLS
+                .split(", ")
+                .map(|c| format!("e.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))?;
-        let evs = st.query_map([room_id.as_str()], row_to_event)?.collect::<Result<Vec<_>, _>>()?;
+        let evs = st
+            .query_map([room_id.as_str()], row_to_event)?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(evs
             .iter()
             .map(|e| client_event(c, e, &viewer(&auth), true))
             .filter(|e| {
                 let m = e["content"]["membership"].as_str().unwrap_or_default();
-                q.membership.as_deref().is_none_or(|w| w == m) && q.not_membership.as_deref() != Some(m)
+                q.membership.as_deref().is_none_or(|w| w == m)
+                    && q.not_membership.as_deref() != Some(m)
             })
             .collect())
     })?;
     Ok(axum::Json(json!({ "chunk": chunk })))
 }
 
-pub async fn joined_members(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+pub async fn joined_members(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let joined = hs.db.read(|c| -> MxResult<serde_json::Map<String, Value>> {
         require_joined(c, room_id.as_str(), auth.user_id.as_str())?;
@@ -859,7 +1196,8 @@ pub async fn joined_members(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room
 pub fn parse_token(t: &str) -> MxResult<i64> {
     let t = t.strip_prefix('s').unwrap_or(t);
     let n = t.split('_').next().unwrap_or_default();
-    n.parse::<i64>().map_err(|_| MxError::invalid_param("Invalid pagination token"))
+    n.parse::<i64>()
+        .map_err(|_| MxError::invalid_param("Invalid pagination token"))
 }
 
 #[derive(Deserialize, Default)]
@@ -875,19 +1213,29 @@ pub struct MessagesQuery {
 fn parse_limit(s: Option<&str>, default: i64, max: i64) -> MxResult<i64> {
     match s {
         None => Ok(default),
-        Some(v) => v.parse::<i64>().map(|n| n.clamp(0, max)).map_err(|_| MxError::invalid_param("limit must be an integer")),
+        Some(v) => v
+            .parse::<i64>()
+            .map(|n| n.clamp(0, max))
+            .map_err(|_| MxError::invalid_param("limit must be an integer")),
     }
 }
 
 pub fn parse_event_filter(s: Option<&str>) -> MxResult<EventFilter> {
     match s {
         None => Ok(EventFilter::default()),
-        Some(f) => serde_json::from_str(f).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}"))),
+        Some(f) => {
+            serde_json::from_str(f).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))
+        }
     }
 }
 
 /// Member events of the given senders (lazy-loaded members).
-pub fn member_events_for(conn: &Connection, room_id: &str, senders: &[String], v: &Viewer<'_>) -> rusqlite::Result<Vec<Value>> {
+pub fn member_events_for(
+    conn: &Connection,
+    room_id: &str,
+    senders: &[String],
+    v: &Viewer<'_>,
+) -> rusqlite::Result<Vec<Value>> {
     let mut out = Vec::new();
     for s in senders {
         if let Some(id) = pdu::state_event_id(conn, room_id, "m.room.member", s)? {
@@ -1147,7 +1495,15 @@ pub async fn relations_typed2(
     PathArgs((room, event_id, rel_type, event_type)): PathArgs<(String, String, String, String)>,
     QueryArgs(q): QueryArgs<RelationsQuery>,
 ) -> MxResult<J> {
-    relations_inner(&hs, &auth, &room, &event_id, Some(&rel_type), Some(&event_type), q)
+    relations_inner(
+        &hs,
+        &auth,
+        &room,
+        &event_id,
+        Some(&rel_type),
+        Some(&event_type),
+        q,
+    )
 }
 
 #[derive(Deserialize, Default)]
@@ -1166,11 +1522,20 @@ pub async fn threads(
 ) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let limit = parse_limit(q.limit.as_deref(), 50, 500)?;
-    let from = q.from.as_deref().map(parse_token).transpose()?.unwrap_or(i64::MAX);
+    let from = q
+        .from
+        .as_deref()
+        .map(parse_token)
+        .transpose()?
+        .unwrap_or(i64::MAX);
     let participated = match q.include.as_deref() {
         None | Some("all") => false,
         Some("participated") => true,
-        _ => return Err(MxError::invalid_param("include must be 'all' or 'participated'")),
+        _ => {
+            return Err(MxError::invalid_param(
+                "include must be 'all' or 'participated'",
+            ))
+        }
     };
     let v = viewer(&auth);
     hs.db.read(|c| {
@@ -1205,20 +1570,32 @@ pub async fn threads(
     })
 }
 
-pub async fn room_aliases(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+pub async fn room_aliases(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(room): PathArgs<String>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
     let aliases = hs.db.read(|c| -> MxResult<Vec<String>> {
         Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
-        let mut st = c.prepare_cached("SELECT alias FROM room_aliases WHERE room_id=?1 ORDER BY alias")?;
-        let r = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let mut st =
+            c.prepare_cached("SELECT alias FROM room_aliases WHERE room_id=?1 ORDER BY alias")?;
+        let r = st
+            .query_map([room_id.as_str()], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         Ok(r)
     })?;
     Ok(axum::Json(json!({ "aliases": aliases })))
 }
 
-pub async fn get_alias(State(hs): State<Arc<Hs>>, PathArgs(alias): PathArgs<String>) -> MxResult<J> {
+pub async fn get_alias(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(alias): PathArgs<String>,
+) -> MxResult<J> {
     let room_id = hs.resolve_alias(&alias)?;
-    Ok(axum::Json(json!({ "room_id": room_id, "servers": [hs.server_name] })))
+    Ok(axum::Json(
+        json!({ "room_id": room_id, "servers": [hs.server_name] }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -1232,7 +1609,8 @@ pub async fn put_alias(
     PathArgs(alias): PathArgs<String>,
     Json(body): Json<AliasBody>,
 ) -> MxResult<J> {
-    let alias = RoomAliasId::parse(&alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+    let alias =
+        RoomAliasId::parse(&alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
     if alias.server_name() != hs.server_name {
         return Err(MxError::invalid_param("Alias must be on this server"));
     }
@@ -1247,22 +1625,39 @@ pub async fn put_alias(
             params![alias.as_str(), room_id.as_str(), auth.user_id.as_str()],
         )?;
         if n == 0 {
-            return Err(MxError::new(http::StatusCode::CONFLICT, "M_UNKNOWN", "Room alias already exists"));
+            return Err(MxError::new(
+                http::StatusCode::CONFLICT,
+                "M_UNKNOWN",
+                "Room alias already exists",
+            ));
         }
         Ok(())
     })?;
     Ok(axum::Json(json!({})))
 }
 
-pub async fn delete_alias(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(alias): PathArgs<String>) -> MxResult<J> {
-    let alias = RoomAliasId::parse(&alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+pub async fn delete_alias(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    PathArgs(alias): PathArgs<String>,
+) -> MxResult<J> {
+    let alias =
+        RoomAliasId::parse(&alias).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
     hs.db.write(|w| -> MxResult<()> {
         let row: Option<(String, String)> = w
-            .query_row("SELECT room_id, creator FROM room_aliases WHERE alias=?1", [alias.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT room_id, creator FROM room_aliases WHERE alias=?1",
+                [alias.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
-        let Some((room_id, creator)) = row else { return Err(MxError::not_found("Room alias not found")) };
+        let Some((room_id, creator)) = row else {
+            return Err(MxError::not_found("Room alias not found"));
+        };
         let pl = pdu::power_levels(w, &room_id)?;
-        let may = creator == auth.user_id.as_str() || auth.is_admin || pl.user(auth.user_id.as_str()) >= pl.action("state_default", 50);
+        let may = creator == auth.user_id.as_str()
+            || auth.is_admin
+            || pl.user(auth.user_id.as_str()) >= pl.action("state_default", 50);
         if !may {
             return Err(MxError::forbidden("You may not remove this alias"));
         }
@@ -1272,13 +1667,23 @@ pub async fn delete_alias(State(hs): State<Arc<Hs>>, auth: Auth, PathArgs(alias)
     Ok(axum::Json(json!({})))
 }
 
-pub async fn get_visibility(State(hs): State<Arc<Hs>>, PathArgs(room): PathArgs<String>) -> MxResult<J> {
+pub async fn get_visibility(
+    State(hs): State<Arc<Hs>>,
+    PathArgs(room): PathArgs<String>,
+) -> MxResult<J> {
     let room_id = parse_room(&room)?;
-    let public: Option<bool> = hs
-        .db
-        .read(|c| c.query_row("SELECT is_public FROM rooms WHERE room_id=?1", [room_id.as_str()], |r| r.get(0)).optional())?;
+    let public: Option<bool> = hs.db.read(|c| {
+        c.query_row(
+            "SELECT is_public FROM rooms WHERE room_id=?1",
+            [room_id.as_str()],
+            |r| r.get(0),
+        )
+        .optional()
+    })?;
     let public = public.ok_or_else(|| MxError::not_found("Unknown room"))?;
-    Ok(axum::Json(json!({ "visibility": if public { "public" } else { "private" } })))
+    Ok(axum::Json(
+        json!({ "visibility": if public { "public" } else { "private" } }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -1296,7 +1701,11 @@ pub async fn set_visibility(
     let public = match body.visibility.as_str() {
         "public" => true,
         "private" => false,
-        _ => return Err(MxError::invalid_param("visibility must be public or private")),
+        _ => {
+            return Err(MxError::invalid_param(
+                "visibility must be public or private",
+            ))
+        }
     };
     hs.db.write(|w| -> MxResult<()> {
         if pdu::room_version(w, room_id.as_str())?.is_none() {
@@ -1306,7 +1715,10 @@ pub async fn set_visibility(
         if !auth.is_admin && pl.user(auth.user_id.as_str()) < pl.action("state_default", 50) {
             return Err(MxError::forbidden("You may not publish this room"));
         }
-        w.tx.execute("UPDATE rooms SET is_public=?1 WHERE room_id=?2", params![public, room_id.as_str()])?;
+        w.tx.execute(
+            "UPDATE rooms SET is_public=?1 WHERE room_id=?2",
+            params![public, room_id.as_str()],
+        )?;
         Ok(())
     })?;
     Ok(axum::Json(json!({})))
@@ -1331,7 +1743,11 @@ pub struct PublicRoomsBody {
 
 fn public_rooms_inner(hs: &Hs, limit: i64, since: Option<&str>, term: Option<&str>) -> MxResult<J> {
     let offset = match since {
-        Some(s) => s.strip_prefix('p').unwrap_or(s).parse::<i64>().map_err(|_| MxError::invalid_param("Invalid since token"))?,
+        Some(s) => s
+            .strip_prefix('p')
+            .unwrap_or(s)
+            .parse::<i64>()
+            .map_err(|_| MxError::invalid_param("Invalid since token"))?,
         None => 0,
     };
     let limit = limit.clamp(1, 500);
@@ -1391,8 +1807,15 @@ fn public_rooms_inner(hs: &Hs, limit: i64, since: Option<&str>, term: Option<&st
 }
 
 /// The directory of another server, through federation.
-async fn remote_directory(hs: &Hs, server: &str, limit: i64, since: Option<&str>, term: Option<&str>) -> MxResult<J> {
-    let name = ruma::ServerName::parse(server).map_err(|_| MxError::invalid_param("Invalid server name"))?;
+async fn remote_directory(
+    hs: &Hs,
+    server: &str,
+    limit: i64,
+    since: Option<&str>,
+    term: Option<&str>,
+) -> MxResult<J> {
+    let name = ruma::ServerName::parse(server)
+        .map_err(|_| MxError::invalid_param("Invalid server name"))?;
     let mut body = json!({ "limit": limit });
     if let Some(s) = since {
         body["since"] = json!(s);
@@ -1400,28 +1823,64 @@ async fn remote_directory(hs: &Hs, server: &str, limit: i64, since: Option<&str>
     if let Some(t) = term {
         body["filter"] = json!({ "generic_search_term": t });
     }
-    hs.fed_request("POST", &name, "/_matrix/federation/v1/publicRooms", Some(&body)).await.map(axum::Json)
+    hs.fed_request(
+        "POST",
+        &name,
+        "/_matrix/federation/v1/publicRooms",
+        Some(&body),
+    )
+    .await
+    .map(axum::Json)
 }
 
 /// `POST /_matrix/federation/v1/publicRooms`: this box's directory for other servers.
-pub async fn federation_public_rooms(State(hs): State<Arc<Hs>>, req: crate::federation::FedRequest) -> MxResult<J> {
+pub async fn federation_public_rooms(
+    State(hs): State<Arc<Hs>>,
+    req: crate::federation::FedRequest,
+) -> MxResult<J> {
     let body: PublicRoomsBody = serde_json::from_value(req.body).unwrap_or_default();
-    let term = body.filter.as_ref().and_then(|f| f["generic_search_term"].as_str().map(str::to_owned));
-    public_rooms_inner(&hs, body.limit.unwrap_or(100), body.since.as_deref(), term.as_deref())
+    let term = body
+        .filter
+        .as_ref()
+        .and_then(|f| f["generic_search_term"].as_str().map(str::to_owned));
+    public_rooms_inner(
+        &hs,
+        body.limit.unwrap_or(100),
+        body.since.as_deref(),
+        term.as_deref(),
+    )
 }
 
-pub async fn public_rooms_get(State(hs): State<Arc<Hs>>, QueryArgs(q): QueryArgs<PublicRoomsQuery>) -> MxResult<J> {
+pub async fn public_rooms_get(
+    State(hs): State<Arc<Hs>>,
+    QueryArgs(q): QueryArgs<PublicRoomsQuery>,
+) -> MxResult<J> {
     let limit = parse_limit(q.limit.as_deref(), 100, 500)?;
-    match q.server.as_deref().filter(|s| *s != hs.server_name.as_str()) {
+    match q
+        .server
+        .as_deref()
+        .filter(|s| *s != hs.server_name.as_str())
+    {
         Some(s) => remote_directory(&hs, s, limit, q.since.as_deref(), None).await,
         None => public_rooms_inner(&hs, limit, q.since.as_deref(), None),
     }
 }
 
-pub async fn public_rooms_post(State(hs): State<Arc<Hs>>, _auth: Auth, Json(body): Json<PublicRoomsBody>) -> MxResult<J> {
-    let term = body.filter.as_ref().and_then(|f| f["generic_search_term"].as_str().map(str::to_owned));
+pub async fn public_rooms_post(
+    State(hs): State<Arc<Hs>>,
+    _auth: Auth,
+    Json(body): Json<PublicRoomsBody>,
+) -> MxResult<J> {
+    let term = body
+        .filter
+        .as_ref()
+        .and_then(|f| f["generic_search_term"].as_str().map(str::to_owned));
     let limit = body.limit.unwrap_or(100);
-    match body.server.as_deref().filter(|s| *s != hs.server_name.as_str()) {
+    match body
+        .server
+        .as_deref()
+        .filter(|s| *s != hs.server_name.as_str())
+    {
         Some(s) => remote_directory(&hs, s, limit, body.since.as_deref(), term.as_deref()).await,
         None => public_rooms_inner(&hs, limit, body.since.as_deref(), term.as_deref()),
     }

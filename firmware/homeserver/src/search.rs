@@ -30,7 +30,9 @@ pub fn stems(text: &str) -> Vec<String> {
         .filter(|w| !w.is_empty())
         .map(|w| {
             let lower = w.to_lowercase().replace('ё', "е");
-            let cyrillic = lower.chars().any(|c| ('\u{0400}'..='\u{04FF}').contains(&c));
+            let cyrillic = lower
+                .chars()
+                .any(|c| ('\u{0400}'..='\u{04FF}').contains(&c));
             if cyrillic {
                 RU.with(|s| s.stem(&lower).into_owned())
             } else if lower.chars().all(|c| c.is_ascii_alphabetic()) {
@@ -52,8 +54,16 @@ fn searchable_text(kind: &TimelineEventType, content: &Value) -> Option<String> 
     content[field].as_str().map(str::to_owned)
 }
 
-pub fn index_event(w: &WriteTxn<'_>, stream: i64, room_id: &str, kind: &TimelineEventType, content: &Value) -> rusqlite::Result<()> {
-    let Some(text) = searchable_text(kind, content) else { return Ok(()) };
+pub fn index_event(
+    w: &WriteTxn<'_>,
+    stream: i64,
+    room_id: &str,
+    kind: &TimelineEventType,
+    content: &Value,
+) -> rusqlite::Result<()> {
+    let Some(text) = searchable_text(kind, content) else {
+        return Ok(());
+    };
     let s = stems(&text).join(" ");
     if s.is_empty() {
         return Ok(());
@@ -76,7 +86,13 @@ pub fn fts_query(term: &str) -> Option<String> {
     if words.is_empty() {
         return None;
     }
-    Some(words.iter().map(|w| format!("\"{}\"", w.replace('"', ""))).collect::<Vec<_>>().join(" AND "))
+    Some(
+        words
+            .iter()
+            .map(|w| format!("\"{}\"", w.replace('"', "")))
+            .collect::<Vec<_>>()
+            .join(" AND "),
+    )
 }
 
 #[derive(Deserialize)]
@@ -116,7 +132,9 @@ pub async fn search(
         return Ok(axum::Json(json!({ "search_categories": {} })));
     };
     let offset: i64 = match &q.next_batch {
-        Some(n) => n.parse().map_err(|_| MxError::invalid_param("Invalid next_batch"))?,
+        Some(n) => n
+            .parse()
+            .map_err(|_| MxError::invalid_param("Invalid next_batch"))?,
         None => 0,
     };
     let limit = re.filter.limit.unwrap_or(10).clamp(1, 100) as i64;
@@ -125,7 +143,10 @@ pub async fn search(
         Some("recent") => true,
         _ => return Err(MxError::invalid_param("order_by must be rank or recent")),
     };
-    let v = Viewer { user_id: auth.user_id.as_str(), device_id: Some(auth.device_id.as_str()) };
+    let v = Viewer {
+        user_id: auth.user_id.as_str(),
+        device_id: Some(auth.device_id.as_str()),
+    };
     let out = hs.db.read(|c| -> MxResult<Value> {
         let rooms: Vec<String> =
             joined_room_ids(c, auth.user_id.as_str())?.into_iter().filter(|r| re.filter.allows_room(r)).collect();
@@ -180,17 +201,26 @@ pub async fn search(
     Ok(axum::Json(out))
 }
 
-fn context_for(c: &Connection, ev: &pdu::StoredEvent, ctx: &Value, v: &Viewer<'_>) -> MxResult<Value> {
+fn context_for(
+    c: &Connection,
+    ev: &pdu::StoredEvent,
+    ctx: &Value,
+    v: &Viewer<'_>,
+) -> MxResult<Value> {
     let before = ctx["before_limit"].as_i64().unwrap_or(5).clamp(0, 20);
     let after = ctx["after_limit"].as_i64().unwrap_or(5).clamp(0, 20);
     let q = |sql: &str, n: i64| -> MxResult<Vec<Value>> {
         let mut st = c.prepare_cached(sql)?;
-        let rows = st.query_map(params![ev.room_id, ev.stream, n], pdu::row_to_event)?.collect::<Result<Vec<_>, _>>()?;
+        let rows = st
+            .query_map(params![ev.room_id, ev.stream, n], pdu::row_to_event)?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(rows.iter().map(|e| client_event(c, e, v, true)).collect())
     };
     let b = q(&format!("SELECT {} FROM events WHERE room_id=?1 AND outlier=0 AND stream<?2 ORDER BY stream DESC LIMIT ?3", pdu::EVENT_COLS), before)?;
     let a = q(&format!("SELECT {} FROM events WHERE room_id=?1 AND outlier=0 AND stream>?2 ORDER BY stream ASC LIMIT ?3", pdu::EVENT_COLS), after)?;
-    Ok(json!({ "events_before": b, "events_after": a, "start": format!("s{}", ev.stream - 1), "end": format!("s{}", ev.stream) }))
+    Ok(
+        json!({ "events_before": b, "events_after": a, "start": format!("s{}", ev.stream - 1), "end": format!("s{}", ev.stream) }),
+    )
 }
 
 #[cfg(test)]

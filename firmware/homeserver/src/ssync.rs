@@ -103,10 +103,20 @@ struct ConnState {
 }
 
 fn unknown_pos() -> MxError {
-    MxError::new(http::StatusCode::BAD_REQUEST, "M_UNKNOWN_POS", "Unknown or expired pos; start a new connection")
+    MxError::new(
+        http::StatusCode::BAD_REQUEST,
+        "M_UNKNOWN_POS",
+        "Unknown or expired pos; start a new connection",
+    )
 }
 
-fn load_state(c: &Connection, user: &str, device: &str, conn: &str, pos: i64) -> MxResult<ConnState> {
+fn load_state(
+    c: &Connection,
+    user: &str,
+    device: &str,
+    conn: &str,
+    pos: i64,
+) -> MxResult<ConnState> {
     let s: Option<String> = c
         .query_row(
             "SELECT state FROM sliding_sync_positions WHERE user_id=?1 AND device_id=?2 AND conn_id=?3 AND pos=?4",
@@ -138,7 +148,11 @@ fn user_rooms(c: &Connection, user: &str) -> rusqlite::Result<Vec<RoomMeta>> {
             let bump: i64 = r.get(3)?;
             Ok(RoomMeta {
                 room_id: r.get(0)?,
-                bump: if membership == "join" { bump.max(ms) } else { ms },
+                bump: if membership == "join" {
+                    bump.max(ms)
+                } else {
+                    ms
+                },
                 membership,
                 membership_stream: ms,
             })
@@ -161,7 +175,12 @@ fn direct_rooms(c: &Connection, user: &str) -> rusqlite::Result<HashSet<String>>
     Ok(out)
 }
 
-fn is_dm(c: &Connection, m: &RoomMeta, direct: &HashSet<String>, user: &str) -> rusqlite::Result<bool> {
+fn is_dm(
+    c: &Connection,
+    m: &RoomMeta,
+    direct: &HashSet<String>,
+    user: &str,
+) -> rusqlite::Result<bool> {
     if direct.contains(&m.room_id) {
         return Ok(true);
     }
@@ -172,7 +191,13 @@ fn is_dm(c: &Connection, m: &RoomMeta, direct: &HashSet<String>, user: &str) -> 
     Ok(false)
 }
 
-fn passes(c: &Connection, m: &RoomMeta, f: &ListFilters, direct: &HashSet<String>, user: &str) -> rusqlite::Result<bool> {
+fn passes(
+    c: &Connection,
+    m: &RoomMeta,
+    f: &ListFilters,
+    direct: &HashSet<String>,
+    user: &str,
+) -> rusqlite::Result<bool> {
     if let Some(want) = f.is_invite {
         if (m.membership == "invite") != want {
             return Ok(false);
@@ -189,7 +214,8 @@ fn passes(c: &Connection, m: &RoomMeta, f: &ListFilters, direct: &HashSet<String
         }
     }
     if !f.room_types.is_empty() || !f.not_room_types.is_empty() {
-        let t = pdu::state_content(c, &m.room_id, "m.room.create", "")?.and_then(|v| v["type"].as_str().map(str::to_owned));
+        let t = pdu::state_content(c, &m.room_id, "m.room.create", "")?
+            .and_then(|v| v["type"].as_str().map(str::to_owned));
         if !f.room_types.is_empty() && !f.room_types.contains(&t) {
             return Ok(false);
         }
@@ -213,7 +239,13 @@ fn merge(into: &mut RoomDetails, other: &RoomDetails) {
 }
 
 /// Whether a state event (type, key) is asked for by `required_state`.
-fn wanted(req: &[(String, String)], kind: &str, key: &str, user: &str, lazy_members: &HashSet<String>) -> bool {
+fn wanted(
+    req: &[(String, String)],
+    kind: &str,
+    key: &str,
+    user: &str,
+    lazy_members: &HashSet<String>,
+) -> bool {
     req.iter().any(|(t, k)| {
         let type_ok = t == "*" || t == kind;
         let key_ok = k == "*"
@@ -240,7 +272,9 @@ fn state_for(
         "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id WHERE s.room_id=?1 AND s.stream>?2 ORDER BY s.stream",
         pdu::EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
     ))?;
-    let rows = st.query_map(params![room, after], pdu::row_to_event)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = st
+        .query_map(params![room, after], pdu::row_to_event)?
+        .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::new();
     for e in &rows {
         let ce = client_event(c, e, v, false);
@@ -270,7 +304,10 @@ fn build(
     upto: i64,
 ) -> MxResult<Built> {
     let user = auth.user_id.as_str();
-    let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
+    let v = Viewer {
+        user_id: user,
+        device_id: Some(auth.device_id.as_str()),
+    };
     let eph = hs.typing.version();
     let since = prev.map(|p| p.stream);
     let mut state = prev.cloned().unwrap_or_default();
@@ -286,12 +323,20 @@ fn build(
     for (name, list) in &req.lists {
         let mut filtered = Vec::new();
         for m in &rooms_meta {
-            if list.filters.as_ref().is_none_or(|f| passes(c, m, f, &direct, user).unwrap_or(false)) {
+            if list
+                .filters
+                .as_ref()
+                .is_none_or(|f| passes(c, m, f, &direct, user).unwrap_or(false))
+            {
                 filtered.push(m);
             }
         }
         for (lo, hi) in &list.ranges {
-            for m in filtered.iter().skip(*lo as usize).take((hi.saturating_sub(*lo) + 1).min(10_000) as usize) {
+            for m in filtered
+                .iter()
+                .skip(*lo as usize)
+                .take((hi.saturating_sub(*lo) + 1).min(10_000) as usize)
+            {
                 merge(window.entry(m.room_id.clone()).or_default(), &list.details);
             }
         }
@@ -301,9 +346,12 @@ fn build(
     if prev.is_none_or(|p| p.counts != counts) {
         has_news = true;
     }
-    let meta: HashMap<&str, &RoomMeta> = rooms_meta.iter().map(|m| (m.room_id.as_str(), m)).collect();
+    let meta: HashMap<&str, &RoomMeta> =
+        rooms_meta.iter().map(|m| (m.room_id.as_str(), m)).collect();
     for (room, details) in &req.room_subscriptions {
-        if meta.contains_key(room.as_str()) || Visibility::load(c, room, user).is_ok_and(|vis| vis.is_current()) {
+        if meta.contains_key(room.as_str())
+            || Visibility::load(c, room, user).is_ok_and(|vis| vis.is_current())
+        {
             merge(window.entry(room.clone()).or_default(), details);
         }
     }
@@ -348,7 +396,9 @@ fn build(
                     invite_state.push(json!({ "type": ce["type"], "state_key": ce["state_key"], "sender": ce["sender"], "content": ce["content"] }));
                     // The inviter's member event, so the client can show who invited.
                     if let Some(inviter) = ce["sender"].as_str().filter(|s| *s != user) {
-                        if let Some(content) = pdu::state_content(c, room, "m.room.member", inviter)? {
+                        if let Some(content) =
+                            pdu::state_content(c, room, "m.room.member", inviter)?
+                        {
                             invite_state.push(json!({ "type": "m.room.member", "state_key": inviter, "sender": inviter, "content": content }));
                         }
                     }
@@ -360,7 +410,8 @@ fn build(
             if let Some(m) = m {
                 r.insert("is_dm".into(), json!(is_dm(c, m, &direct, user)?));
             }
-            let name = pdu::state_content(c, room, "m.room.name", "")?.and_then(|n| n["name"].as_str().map(str::to_owned));
+            let name = pdu::state_content(c, room, "m.room.name", "")?
+                .and_then(|n| n["name"].as_str().map(str::to_owned));
             if let Some(n) = name {
                 r.insert("name".into(), json!(n));
             }
@@ -373,33 +424,61 @@ fn build(
         let initial = known.is_none();
         let after = known.unwrap_or(0);
         let (events, limited) = if initial {
-            if limit == 0 { (vec![], true) } else { events_between(c, room, 0, upto, limit)? }
+            if limit == 0 {
+                (vec![], true)
+            } else {
+                events_between(c, room, 0, upto, limit)?
+            }
         } else {
             events_between(c, room, after, upto, limit.max(1))?
         };
         let vis = Visibility::load(c, room, user).ok();
-        let events: Vec<_> = events.into_iter().filter(|e| vis.as_ref().is_some_and(|vv| vv.allows(e.stream))).collect();
+        let events: Vec<_> = events
+            .into_iter()
+            .filter(|e| vis.as_ref().is_some_and(|vv| vv.allows(e.stream)))
+            .collect();
         let state_changed: bool = !initial
-            && c.query_row("SELECT 1 FROM room_state WHERE room_id=?1 AND stream>?2 LIMIT 1", params![room, after], |_| Ok(true))
-                .optional()?
-                .unwrap_or(false);
+            && c.query_row(
+                "SELECT 1 FROM room_state WHERE room_id=?1 AND stream>?2 LIMIT 1",
+                params![room, after],
+                |_| Ok(true),
+            )
+            .optional()?
+            .unwrap_or(false);
         let receipts_changed = !initial && receipts_since(c, room, user, after, upto)?.is_some();
         if !initial && events.is_empty() && !state_changed && !receipts_changed {
             continue;
         }
-        let timeline: Vec<Value> = events.iter().map(|e| client_event(c, e, &v, false)).collect();
-        let lazy: HashSet<String> = timeline.iter().filter_map(|e| e["sender"].as_str().map(str::to_owned)).collect();
-        let required = state_for(c, room, &details.required_state, if initial { 0 } else { after }, user, &lazy, &v)?;
+        let timeline: Vec<Value> = events
+            .iter()
+            .map(|e| client_event(c, e, &v, false))
+            .collect();
+        let lazy: HashSet<String> = timeline
+            .iter()
+            .filter_map(|e| e["sender"].as_str().map(str::to_owned))
+            .collect();
+        let required = state_for(
+            c,
+            room,
+            &details.required_state,
+            if initial { 0 } else { after },
+            user,
+            &lazy,
+            &v,
+        )?;
         let (notes, highlights) = crate::push::room_counts(c, room, user, false)?;
         if initial {
             r.insert("initial".into(), json!(true));
         }
-        let name = pdu::state_content(c, room, "m.room.name", "")?.and_then(|n| n["name"].as_str().map(str::to_owned));
+        let name = pdu::state_content(c, room, "m.room.name", "")?
+            .and_then(|n| n["name"].as_str().map(str::to_owned));
         if initial || state_changed {
             if let Some(n) = &name {
                 r.insert("name".into(), json!(n));
             }
-            if let Some(a) = pdu::state_content(c, room, "m.room.avatar", "")?.and_then(|a| a["url"].as_str().map(str::to_owned)) {
+            if let Some(a) = pdu::state_content(c, room, "m.room.avatar", "")?
+                .and_then(|a| a["url"].as_str().map(str::to_owned))
+            {
                 r.insert("avatar".into(), json!(a));
             }
             if name.is_none() {
@@ -409,7 +488,9 @@ fn build(
                      ORDER BY s.stream LIMIT 5",
                 )?;
                 let heroes: Vec<Value> = st
-                    .query_map(params![room, user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                    .query_map(params![room, user], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })?
                     .filter_map(Result::ok)
                     .map(|(u, j)| {
                         let ev: Value = serde_json::from_str(&j).unwrap_or_default();
@@ -441,7 +522,14 @@ fn build(
         if let Some(m) = m {
             r.insert("is_dm".into(), json!(is_dm(c, m, &direct, user)?));
         }
-        r.insert("num_live".into(), json!(if initial || since.is_none() { 0 } else { timeline.len() }));
+        r.insert(
+            "num_live".into(),
+            json!(if initial || since.is_none() {
+                0
+            } else {
+                timeline.len()
+            }),
+        );
         r.insert("limited".into(), json!(limited));
         if let Some(first) = events.first() {
             r.insert("prev_batch".into(), json!(format!("s{}", first.stream - 1)));
@@ -455,7 +543,10 @@ fn build(
     for (room, sent, left_at) in &left {
         // Up to the leave and no further: what came after is not the user's to see.
         let (events, limited) = events_between(c, room, *sent, *left_at, 10)?;
-        let timeline: Vec<Value> = events.iter().map(|e| client_event(c, e, &v, false)).collect();
+        let timeline: Vec<Value> = events
+            .iter()
+            .map(|e| client_event(c, e, &v, false))
+            .collect();
         // The user's own membership, so the client knows the room is gone.
         let mut required = Vec::new();
         if let Some(id) = pdu::state_event_id(c, room, "m.room.member", user)? {
@@ -470,7 +561,10 @@ fn build(
         state.rooms.remove(room);
     }
     // Invites that were declined or withdrawn are dropped from the connection's memory.
-    state.invites.retain(|room, _| meta.get(room.as_str()).is_some_and(|m| m.membership == "invite" || m.membership == "knock"));
+    state.invites.retain(|room, _| {
+        meta.get(room.as_str())
+            .is_some_and(|m| m.membership == "invite" || m.membership == "knock")
+    });
     if !rooms_out.is_empty() {
         has_news = true;
     }
@@ -482,7 +576,10 @@ fn build(
         if !events.is_empty() {
             has_news = true;
         }
-        extensions.insert("to_device".into(), json!({ "next_batch": next.to_string(), "events": events }));
+        extensions.insert(
+            "to_device".into(),
+            json!({ "next_batch": next.to_string(), "events": events }),
+        );
     }
     if ext.e2ee.enabled == Some(true) {
         let (changed, dl_left) = match since {
@@ -505,8 +602,16 @@ fn build(
         let global = account_data_since(c, user, "", since.unwrap_or(0), upto)?;
         let mut rooms = Map::new();
         for m in &rooms_meta {
-            let initial_room = rooms_out.get(&m.room_id).is_some_and(|r| r["initial"] == true);
-            let ad = account_data_since(c, user, &m.room_id, if initial_room { 0 } else { since.unwrap_or(0) }, upto)?;
+            let initial_room = rooms_out
+                .get(&m.room_id)
+                .is_some_and(|r| r["initial"] == true);
+            let ad = account_data_since(
+                c,
+                user,
+                &m.room_id,
+                if initial_room { 0 } else { since.unwrap_or(0) },
+                upto,
+            )?;
             if !ad.is_empty() {
                 rooms.insert(m.room_id.clone(), json!(ad));
             }
@@ -514,13 +619,22 @@ fn build(
         if !global.is_empty() || !rooms.is_empty() {
             has_news = true;
         }
-        extensions.insert("account_data".into(), json!({ "global": global, "rooms": rooms }));
+        extensions.insert(
+            "account_data".into(),
+            json!({ "global": global, "rooms": rooms }),
+        );
     }
     if ext.receipts.enabled == Some(true) {
         let mut rooms = Map::new();
         for room in window.keys() {
             let initial_room = rooms_out.get(room).is_some_and(|r| r["initial"] == true);
-            if let Some(r) = receipts_since(c, room, user, if initial_room { 0 } else { since.unwrap_or(0) }, upto)? {
+            if let Some(r) = receipts_since(
+                c,
+                room,
+                user,
+                if initial_room { 0 } else { since.unwrap_or(0) },
+                upto,
+            )? {
                 rooms.insert(room.clone(), r);
             }
         }
@@ -530,9 +644,16 @@ fn build(
         let mut rooms = Map::new();
         for room in window.keys() {
             let initial_room = rooms_out.get(room).is_some_and(|r| r["initial"] == true);
-            let since_eph = if initial_room { None } else { prev.map(|p| p.eph) };
+            let since_eph = if initial_room {
+                None
+            } else {
+                prev.map(|p| p.eph)
+            };
             if let Some(users) = hs.typing.users_if_changed(room, since_eph) {
-                rooms.insert(room.clone(), json!({ "type": "m.typing", "content": { "user_ids": users } }));
+                rooms.insert(
+                    room.clone(),
+                    json!({ "type": "m.typing", "content": { "user_ids": users } }),
+                );
             }
         }
         if !rooms.is_empty() {
@@ -548,17 +669,30 @@ fn build(
         body["txn_id"] = json!(t);
         has_news = true;
     }
-    Ok(Built { body, state, has_news })
+    Ok(Built {
+        body,
+        state,
+        has_news,
+    })
 }
 
-pub async fn sliding_sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<SsQuery>, Json(req): Json<SsBody>) -> MxResult<axum::Json<Value>> {
+pub async fn sliding_sync(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<SsQuery>,
+    Json(req): Json<SsBody>,
+) -> MxResult<axum::Json<Value>> {
     let user = auth.user_id.as_str().to_owned();
     let device = auth.device_id.as_str().to_owned();
     let conn_id = req.conn_id.clone().unwrap_or_default();
     if conn_id.len() > 64 {
         return Err(MxError::invalid_param("conn_id too long"));
     }
-    let prev_pos: Option<i64> = q.pos.as_deref().map(|p| p.parse().map_err(|_| unknown_pos())).transpose()?;
+    let prev_pos: Option<i64> = q
+        .pos
+        .as_deref()
+        .map(|p| p.parse().map_err(|_| unknown_pos()))
+        .transpose()?;
     let prev = match prev_pos {
         Some(p) => Some(hs.db.read(|c| load_state(c, &user, &device, &conn_id, p))?),
         None => None,
@@ -578,14 +712,27 @@ pub async fn sliding_sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): Q
         // Stream position first, then the to-device queue (see `sync`).
         let upto = hs.db.current_stream();
         let to_device = if req.extensions.to_device.enabled == Some(true) {
-            let since: i64 = req.extensions.to_device.since.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
-            let limit = req.extensions.to_device.limit.unwrap_or(keys::TO_DEVICE_PER_SYNC as u64).clamp(1, 1000) as i64;
+            let since: i64 = req
+                .extensions
+                .to_device
+                .since
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let limit = req
+                .extensions
+                .to_device
+                .limit
+                .unwrap_or(keys::TO_DEVICE_PER_SYNC as u64)
+                .clamp(1, 1000) as i64;
             let (events, next) = keys::take_to_device(&hs, &user, &device, since, limit)?;
             Some((events, next))
         } else {
             None
         };
-        let built = hs.db.read_snapshot(|c| build(&hs, c, &auth, &req, prev.as_ref(), to_device, upto))?;
+        let built = hs
+            .db
+            .read_snapshot(|c| build(&hs, c, &auth, &req, prev.as_ref(), to_device, upto))?;
         if prev.is_none() || built.has_news || tokio::time::Instant::now() >= deadline {
             break built;
         }

@@ -8,10 +8,11 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    ephemeral, keys,
+    ephemeral,
     error::{MxError, MxResult},
     extract::{Auth, QueryArgs},
     filter::Filter,
+    keys,
     pdu::{self, client_event, row_to_event, StoredEvent, Viewer, EVENT_COLS},
     rooms::{member_events_for, Visibility},
     Hs,
@@ -42,15 +43,22 @@ fn parse_since(s: &str) -> MxResult<Since> {
     let stream = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
     let typing = parts.next().unwrap_or("0").parse().map_err(|_| bad())?;
     let to_device = parts.next().unwrap_or("0").parse().map_err(|_| bad())?;
-    Ok(Since { stream, typing, to_device })
+    Ok(Since {
+        stream,
+        typing,
+        to_device,
+    })
 }
 
 fn load_sync_filter(conn: &Connection, user: &str, f: Option<&str>) -> MxResult<Filter> {
-    let Some(f) = f else { return Ok(Filter::default()) };
+    let Some(f) = f else {
+        return Ok(Filter::default());
+    };
     let v: Value = if f.trim_start().starts_with('{') {
         serde_json::from_str(f).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))?
     } else {
-        ephemeral::load_filter(conn, user, f)?.ok_or_else(|| MxError::not_found("Unknown filter id"))?
+        ephemeral::load_filter(conn, user, f)?
+            .ok_or_else(|| MxError::not_found("Unknown filter id"))?
     };
     serde_json::from_value(v).map_err(|e| MxError::bad_json(format!("Invalid filter: {e}")))
 }
@@ -58,9 +66,16 @@ fn load_sync_filter(conn: &Connection, user: &str, f: Option<&str>) -> MxResult<
 impl Hs {
     /// A `/sync` filter: inline JSON, or a stored filter id (cached: stored filters never change).
     fn sync_filter(&self, user: &str, f: Option<&str>) -> MxResult<Arc<Filter>> {
-        let key = f.filter(|f| !f.trim_start().starts_with('{')).map(|id| format!("{user}\u{0}{id}"));
+        let key = f
+            .filter(|f| !f.trim_start().starts_with('{'))
+            .map(|id| format!("{user}\u{0}{id}"));
         if let Some(k) = &key {
-            if let Some(hit) = self.filter_cache.lock().unwrap_or_else(|p| p.into_inner()).get(k) {
+            if let Some(hit) = self
+                .filter_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(k)
+            {
                 return Ok(hit.clone());
             }
         }
@@ -76,18 +91,26 @@ impl Hs {
     }
 }
 
-pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs<SyncQuery>) -> MxResult<axum::Json<Value>> {
+pub async fn sync(
+    State(hs): State<Arc<Hs>>,
+    auth: Auth,
+    QueryArgs(q): QueryArgs<SyncQuery>,
+) -> MxResult<axum::Json<Value>> {
     let since = q.since.as_deref().map(parse_since).transpose()?;
     let timeout = match q.timeout.as_deref() {
         None => 0,
-        Some(t) => t.parse::<u64>().map_err(|_| MxError::invalid_param("timeout must be an integer"))?,
+        Some(t) => t
+            .parse::<u64>()
+            .map_err(|_| MxError::invalid_param("timeout must be an integer"))?,
     }
     .min(hs.config.max_sync_timeout_ms);
     let filter = hs.sync_filter(auth.user_id.as_str(), q.filter.as_deref())?;
     let full_state = q.full_state.unwrap_or(false);
     let presence = q.set_presence.as_deref().unwrap_or("online");
     if !matches!(presence, "online" | "offline" | "unavailable") {
-        return Err(MxError::invalid_param("set_presence must be online, offline or unavailable"));
+        return Err(MxError::invalid_param(
+            "set_presence must be online, offline or unavailable",
+        ));
     }
     ephemeral::update_presence(&hs, auth.user_id.as_str(), presence, None)?;
     let mut rx = hs.notifier.subscribe(auth.user_id.as_str());
@@ -97,7 +120,13 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
         // The stream position is read before the to-device queue, so a room key sent
         // to-device is never missing from a response that carries its event.
         let upto = hs.db.current_stream();
-        let to_device = keys::take_to_device(&hs, auth.user_id.as_str(), auth.device_id.as_str(), since.map_or(0, |s| s.to_device), keys::TO_DEVICE_PER_SYNC)?;
+        let to_device = keys::take_to_device(
+            &hs,
+            auth.user_id.as_str(),
+            auth.device_id.as_str(),
+            since.map_or(0, |s| s.to_device),
+            keys::TO_DEVICE_PER_SYNC,
+        )?;
         let expired = tokio::time::Instant::now() >= deadline;
         // Every change but typing, presence and to-device moves the stream: when none
         // of them moved since the token, there is nothing to build.
@@ -105,7 +134,9 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
             && to_device.0.is_empty()
             && since.is_some_and(|s| s.stream >= upto && s.typing >= hs.typing.version());
         if !nothing_new || expired {
-            let (resp, empty) = hs.db.read_snapshot(|c| build(&hs, c, &auth, &filter, since, full_state, to_device, upto))?;
+            let (resp, empty) = hs.db.read_snapshot(|c| {
+                build(&hs, c, &auth, &filter, since, full_state, to_device, upto)
+            })?;
             if since.is_none() || !empty || full_state || expired {
                 return Ok(axum::Json(resp));
             }
@@ -120,28 +151,54 @@ pub async fn sync(State(hs): State<Arc<Hs>>, auth: Auth, QueryArgs(q): QueryArgs
     }
 }
 
-fn membership_rows(c: &Connection, user: &str) -> rusqlite::Result<Vec<(String, String, i64, String)>> {
+fn membership_rows(
+    c: &Connection,
+    user: &str,
+) -> rusqlite::Result<Vec<(String, String, i64, String)>> {
     let mut st = c.prepare_cached(
         "SELECT s.room_id, s.membership, s.stream, s.event_id FROM room_state s
          WHERE s.type='m.room.member' AND s.state_key=?1
          AND NOT EXISTS (SELECT 1 FROM forgotten_rooms f WHERE f.user_id=?1 AND f.room_id=s.room_id)",
     )?;
-    let r = st.query_map([user], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default(), r.get(2)?, r.get(3)?)))?.collect();
+    let r = st
+        .query_map([user], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?
+        .collect();
     r
 }
 
-pub(crate) fn events_between(c: &Connection, room: &str, after: i64, upto: i64, limit: i64) -> rusqlite::Result<(Vec<StoredEvent>, bool)> {
+pub(crate) fn events_between(
+    c: &Connection,
+    room: &str,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> rusqlite::Result<(Vec<StoredEvent>, bool)> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {EVENT_COLS} FROM events WHERE room_id=?1 AND outlier=0 AND stream>?2 AND stream<=?3 ORDER BY stream DESC LIMIT ?4"
     ))?;
-    let mut rows: Vec<StoredEvent> = st.query_map(params![room, after, upto, limit + 1], row_to_event)?.collect::<Result<_, _>>()?;
+    let mut rows: Vec<StoredEvent> = st
+        .query_map(params![room, after, upto, limit + 1], row_to_event)?
+        .collect::<Result<_, _>>()?;
     let limited = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     rows.reverse();
     Ok((rows, limited))
 }
 
-pub(crate) fn account_data_since(c: &Connection, user: &str, room: &str, since: i64, upto: i64) -> rusqlite::Result<Vec<Value>> {
+pub(crate) fn account_data_since(
+    c: &Connection,
+    user: &str,
+    room: &str,
+    since: i64,
+    upto: i64,
+) -> rusqlite::Result<Vec<Value>> {
     let mut st = c.prepare_cached(
         "SELECT type, content FROM account_data WHERE user_id=?1 AND room_id=?2 AND stream>?3 AND stream<=?4 ORDER BY stream",
     )?;
@@ -154,13 +211,25 @@ pub(crate) fn account_data_since(c: &Connection, user: &str, room: &str, since: 
     r
 }
 
-pub(crate) fn receipts_since(c: &Connection, room: &str, user: &str, since: i64, upto: i64) -> rusqlite::Result<Option<Value>> {
+pub(crate) fn receipts_since(
+    c: &Connection,
+    room: &str,
+    user: &str,
+    since: i64,
+    upto: i64,
+) -> rusqlite::Result<Option<Value>> {
     let mut st = c.prepare_cached(
         "SELECT user_id, receipt_type, thread_id, event_id, ts FROM receipts WHERE room_id=?1 AND stream>?2 AND stream<=?3",
     )?;
     let mut content = Map::new();
     let rows = st.query_map(params![room, since, upto], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+        ))
     })?;
     for row in rows {
         let (u, kind, thread, ev, ts) = row?;
@@ -174,7 +243,11 @@ pub(crate) fn receipts_since(c: &Connection, room: &str, user: &str, since: i64,
         let entry = content.entry(ev).or_insert_with(|| json!({}));
         entry[&kind][&u] = receipt;
     }
-    Ok(if content.is_empty() { None } else { Some(json!({ "type": "m.receipt", "content": content })) })
+    Ok(if content.is_empty() {
+        None
+    } else {
+        Some(json!({ "type": "m.receipt", "content": content }))
+    })
 }
 
 pub(crate) fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Result<Value> {
@@ -186,8 +259,12 @@ pub(crate) fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Resul
         "SELECT state_key FROM room_state WHERE room_id=?1 AND type='m.room.member' AND membership IN ('join','invite')
          AND state_key<>?2 ORDER BY stream LIMIT 5",
     )?;
-    let heroes: Vec<String> = st.query_map(params![room, user], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    Ok(json!({ "m.heroes": heroes, "m.joined_member_count": count("join")?, "m.invited_member_count": count("invite")? }))
+    let heroes: Vec<String> = st
+        .query_map(params![room, user], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(
+        json!({ "m.heroes": heroes, "m.joined_member_count": count("join")?, "m.invited_member_count": count("invite")? }),
+    )
 }
 
 /// Builds one sync response; the flag says whether it carries nothing new.
@@ -202,7 +279,10 @@ fn build(
     upto: i64,
 ) -> MxResult<(Value, bool)> {
     let user = auth.user_id.as_str();
-    let v = Viewer { user_id: user, device_id: Some(auth.device_id.as_str()) };
+    let v = Viewer {
+        user_id: user,
+        device_id: Some(auth.device_id.as_str()),
+    };
     let typing_now = hs.typing.version();
     let from = since.map_or(0, |s| s.stream);
     let rf = &filter.room;
@@ -210,15 +290,26 @@ fn build(
     let changed_rooms: Option<HashSet<String>> = match since {
         None => None,
         Some(s) => {
-            let mut st = c.prepare_cached("SELECT DISTINCT room_id FROM events WHERE stream>?1 AND stream<=?2")?;
-            let mut set: HashSet<String> =
-                st.query_map(params![s.stream, upto], |r| r.get(0))?.collect::<Result<_, _>>()?;
-            let mut st = c.prepare_cached("SELECT DISTINCT room_id FROM receipts WHERE stream>?1 AND stream<=?2")?;
-            set.extend(st.query_map(params![s.stream, upto], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?);
+            let mut st = c.prepare_cached(
+                "SELECT DISTINCT room_id FROM events WHERE stream>?1 AND stream<=?2",
+            )?;
+            let mut set: HashSet<String> = st
+                .query_map(params![s.stream, upto], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare_cached(
+                "SELECT DISTINCT room_id FROM receipts WHERE stream>?1 AND stream<=?2",
+            )?;
+            set.extend(
+                st.query_map(params![s.stream, upto], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
             let mut st = c.prepare_cached(
                 "SELECT DISTINCT room_id FROM account_data WHERE user_id=?1 AND room_id<>'' AND stream>?2 AND stream<=?3",
             )?;
-            set.extend(st.query_map(params![user, s.stream, upto], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?);
+            set.extend(
+                st.query_map(params![user, s.stream, upto], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
             Some(set)
         }
     };
@@ -235,22 +326,48 @@ fn build(
             "join" => {
                 let initial_room = since.is_none() || newly || full_state;
                 let room_changed = changed_rooms.as_ref().is_none_or(|s| s.contains(&room));
-                let typing = hs.typing.users_if_changed(&room, if initial_room { None } else { since.map(|s| s.typing) });
+                let typing = hs.typing.users_if_changed(
+                    &room,
+                    if initial_room {
+                        None
+                    } else {
+                        since.map(|s| s.typing)
+                    },
+                );
                 if !initial_room && !room_changed && typing.is_none() {
                     continue;
                 }
-                let room_ad = account_data_since(c, user, &room, if initial_room { 0 } else { from }, upto)?;
-                let tl_from = if initial_room && since.is_none() { 0 } else { from };
+                let room_ad =
+                    account_data_since(c, user, &room, if initial_room { 0 } else { from }, upto)?;
+                let tl_from = if initial_room && since.is_none() {
+                    0
+                } else {
+                    from
+                };
                 let (events, mut limited) = if rf.timeline.limit == Some(0) {
                     (vec![], true)
                 } else {
-                    events_between(c, &room, if newly && !full_state { from.min(mstream - 1) } else { tl_from }, upto, tl_limit)?
+                    events_between(
+                        c,
+                        &room,
+                        if newly && !full_state {
+                            from.min(mstream - 1)
+                        } else {
+                            tl_from
+                        },
+                        upto,
+                        tl_limit,
+                    )?
                 };
                 if initial_room && since.is_none() && events.first().is_some_and(|e| e.stream > 1) {
                     limited = limited || events.len() as i64 >= tl_limit;
                 }
                 let tl_start = events.first().map_or(upto + 1, |e| e.stream);
-                let vis = if initial_room { Some(Visibility::load(c, &room, user)?) } else { None };
+                let vis = if initial_room {
+                    Some(Visibility::load(c, &room, user)?)
+                } else {
+                    None
+                };
                 let timeline: Vec<Value> = events
                     .iter()
                     .filter(|e| vis.as_ref().is_none_or(|v| v.allows(e.stream)))
@@ -258,18 +375,32 @@ fn build(
                     .filter(|e| rf.timeline.allows(e))
                     .collect();
                 // State between `since` (or the beginning) and the start of the timeline.
-                let state_from = if initial_room { 0 } else if limited { from } else { i64::MAX };
+                let state_from = if initial_room {
+                    0
+                } else if limited {
+                    from
+                } else {
+                    i64::MAX
+                };
                 let mut state = Vec::new();
                 if state_from != i64::MAX {
                     let mut st = c.prepare_cached(&format!(
                         "SELECT {} FROM room_state s JOIN events e ON e.event_id=s.event_id
                          WHERE s.room_id=?1 AND s.stream>?2 AND s.stream<?3 ORDER BY s.stream",
-                        EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+                        EVENT_COLS
+                            .split(", ")
+                            .map(|c| format!("e.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ))?;
-                    let rows: Vec<StoredEvent> =
-                        st.query_map(params![room, state_from, tl_start], row_to_event)?.collect::<Result<_, _>>()?;
+                    let rows: Vec<StoredEvent> = st
+                        .query_map(params![room, state_from, tl_start], row_to_event)?
+                        .collect::<Result<_, _>>()?;
                     let lazy = rf.state.lazy_load_members && !full_state;
-                    let senders: HashSet<&str> = timeline.iter().filter_map(|e| e["sender"].as_str()).collect();
+                    let senders: HashSet<&str> = timeline
+                        .iter()
+                        .filter_map(|e| e["sender"].as_str())
+                        .collect();
                     for e in &rows {
                         let ce = client_event(c, e, &v, false);
                         if ce["type"] == "m.room.member" && lazy {
@@ -284,9 +415,16 @@ fn build(
                     }
                     if lazy {
                         // Lazy-loaded members: the member events of timeline senders.
-                        let have: HashSet<String> =
-                            state.iter().filter(|e| e["type"] == "m.room.member").filter_map(|e| e["state_key"].as_str().map(str::to_owned)).collect();
-                        let missing: Vec<String> = senders.iter().filter(|s| !have.contains(**s)).map(|s| s.to_string()).collect();
+                        let have: HashSet<String> = state
+                            .iter()
+                            .filter(|e| e["type"] == "m.room.member")
+                            .filter_map(|e| e["state_key"].as_str().map(str::to_owned))
+                            .collect();
+                        let missing: Vec<String> = senders
+                            .iter()
+                            .filter(|s| !have.contains(**s))
+                            .map(|s| s.to_string())
+                            .collect();
                         if !initial_room {
                             state.extend(member_events_for(c, &room, &missing, &v)?);
                         }
@@ -296,16 +434,22 @@ fn build(
                 if let Some(users) = typing {
                     ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
                 }
-                if let Some(r) = receipts_since(c, &room, user, if initial_room { 0 } else { from }, upto)? {
+                if let Some(r) =
+                    receipts_since(c, &room, user, if initial_room { 0 } else { from }, upto)?
+                {
                     ephemeral.push(r);
                 }
-                let ephemeral: Vec<Value> = ephemeral.into_iter().filter(|e| rf.ephemeral.allows_type(e["type"].as_str().unwrap_or(""))).collect();
+                let ephemeral: Vec<Value> = ephemeral
+                    .into_iter()
+                    .filter(|e| rf.ephemeral.allows_type(e["type"].as_str().unwrap_or("")))
+                    .collect();
                 let per_thread = rf.timeline.unread_thread_notifications;
                 let (notes, highlights) = crate::push::room_counts(c, &room, user, per_thread)?;
                 let mut thread_notes = Map::new();
                 if per_thread {
                     for (t, (n, h)) in crate::push::thread_counts(c, &room, user)? {
-                        thread_notes.insert(t, json!({ "notification_count": n, "highlight_count": h }));
+                        thread_notes
+                            .insert(t, json!({ "notification_count": n, "highlight_count": h }));
                     }
                 }
                 let prev_batch = format!("s{}", tl_start - 1);
@@ -350,7 +494,11 @@ fn build(
                 }
                 let (events, limited) = events_between(c, &room, from, mstream, tl_limit)?;
                 let tl_start = events.first().map_or(mstream, |e| e.stream);
-                let timeline: Vec<Value> = events.iter().map(|e| client_event(c, e, &v, false)).filter(|e| rf.timeline.allows(e)).collect();
+                let timeline: Vec<Value> = events
+                    .iter()
+                    .map(|e| client_event(c, e, &v, false))
+                    .filter(|e| rf.timeline.allows(e))
+                    .collect();
                 leave.insert(
                     room,
                     json!({
@@ -369,9 +517,17 @@ fn build(
             "SELECT room_id, event_json, invite_state, declined FROM remote_invites WHERE user_id=?1 AND stream>?2 AND stream<=?3",
         )?;
         let rows = st
-            .query_map(params![user, if since.is_some() { from } else { 0 }, upto], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, bool>(3)?))
-            })?
+            .query_map(
+                params![user, if since.is_some() { from } else { 0 }, upto],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, bool>(3)?,
+                    ))
+                },
+            )?
             .collect::<Result<Vec<_>, _>>()?;
         for (room, ev, state, declined) in rows {
             if invite.contains_key(&room) || join.contains_key(&room) || !rf.allows_room(&room) {
@@ -383,7 +539,10 @@ fn build(
                 if since.is_some() {
                     let mut e = json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"],
                                         "content": ev["content"], "origin_server_ts": ev["origin_server_ts"] });
-                    e["event_id"] = ev.get("event_id").cloned().unwrap_or_else(|| json!(format!("$declined-{room}")));
+                    e["event_id"] = ev
+                        .get("event_id")
+                        .cloned()
+                        .unwrap_or_else(|| json!(format!("$declined-{room}")));
                     leave.insert(room, json!({ "timeline": { "events": [e], "limited": false }, "state": { "events": [] } }));
                 }
                 continue;
@@ -396,18 +555,26 @@ fn build(
     }
     let global_ad: Vec<Value> = account_data_since(c, user, "", from, upto)?
         .into_iter()
-        .filter(|e| filter.account_data.allows_type(e["type"].as_str().unwrap_or("")))
+        .filter(|e| {
+            filter
+                .account_data
+                .allows_type(e["type"].as_str().unwrap_or(""))
+        })
         .collect();
     let presence = if hs.config.presence {
         let mut users: HashSet<String> = HashSet::new();
         for room in crate::rooms::joined_room_ids(c, user)? {
             users.extend(pdu::local_members(c, &room, false)?);
         }
-        hs.typing.presence_events(users.iter().map(String::as_str), since.map(|s| s.typing))
+        hs.typing
+            .presence_events(users.iter().map(String::as_str), since.map(|s| s.typing))
     } else {
         Vec::new()
     };
-    let presence: Vec<Value> = presence.into_iter().filter(|e| filter.presence.allows(e)).collect();
+    let presence: Vec<Value> = presence
+        .into_iter()
+        .filter(|e| filter.presence.allows(e))
+        .collect();
     let (changed, left) = match since {
         Some(s) => keys::device_list_delta(c, user, s.stream, upto)?,
         None => (Vec::new(), Vec::new()),

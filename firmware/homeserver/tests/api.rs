@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::{body::Body, http::Request, Router};
-use secta_homeserver::{Hs, HomeserverConfig};
+use secta_homeserver::{HomeserverConfig, Hs};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -16,7 +16,10 @@ struct Box_ {
 }
 
 fn new_box() -> Box_ {
-    new_box_with(HomeserverConfig { server_name: "test.box".into(), ..Default::default() })
+    new_box_with(HomeserverConfig {
+        server_name: "test.box".into(),
+        ..Default::default()
+    })
 }
 
 fn new_box_with(config: HomeserverConfig) -> Box_ {
@@ -27,25 +30,55 @@ fn new_box_with(config: HomeserverConfig) -> Box_ {
 }
 
 impl Box_ {
-    async fn raw(&self, method: &str, uri: &str, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
-        let mut req = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+    async fn raw(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let resp = self.app.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
         let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, v)
     }
 
-    async fn call(&self, method: &str, uri: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        self.raw(method, uri, token, body.to_string().into_bytes()).await
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
+        self.raw(method, uri, token, body.to_string().into_bytes())
+            .await
     }
 
     async fn register(&self, name: &str) -> (String, String) {
         let token = self.hs.admin_create_invite(Some(1), None).unwrap();
-        let (s, v) = self.call("POST", "/_matrix/client/v3/register", None, json!({"username": name, "password": "pw"})).await;
+        let (s, v) = self
+            .call(
+                "POST",
+                "/_matrix/client/v3/register",
+                None,
+                json!({"username": name, "password": "pw"}),
+            )
+            .await;
         assert_eq!(s, 401, "{v}");
         let session = v["session"].as_str().unwrap().to_owned();
         let (s, v) = self
@@ -58,18 +91,36 @@ impl Box_ {
             )
             .await;
         assert_eq!(s, 200, "{v}");
-        (v["user_id"].as_str().unwrap().to_owned(), v["access_token"].as_str().unwrap().to_owned())
+        (
+            v["user_id"].as_str().unwrap().to_owned(),
+            v["access_token"].as_str().unwrap().to_owned(),
+        )
     }
 
     async fn room(&self, token: &str) -> String {
-        let (s, v) = self.call("POST", "/_matrix/client/v3/createRoom", Some(token), json!({"preset": "public_chat"})).await;
+        let (s, v) = self
+            .call(
+                "POST",
+                "/_matrix/client/v3/createRoom",
+                Some(token),
+                json!({"preset": "public_chat"}),
+            )
+            .await;
         assert_eq!(s, 200, "{v}");
         v["room_id"].as_str().unwrap().to_owned()
     }
 
     async fn event_count(&self, token: &str, room: &str) -> usize {
         let (s, v) = self
-            .call("GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room)), Some(token), json!({}))
+            .call(
+                "GET",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000",
+                    enc(room)
+                ),
+                Some(token),
+                json!({}),
+            )
             .await;
         assert_eq!(s, 200, "{v}");
         v["chunk"].as_array().unwrap().len()
@@ -77,7 +128,11 @@ impl Box_ {
 }
 
 fn enc(s: &str) -> String {
-    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('#', "%23").replace('@', "%40")
+    s.replace('!', "%21")
+        .replace(':', "%3A")
+        .replace('$', "%24")
+        .replace('#', "%23")
+        .replace('@', "%40")
 }
 
 fn assert_err(got: &(u16, Value), status: u16, errcode: &str) {
@@ -89,50 +144,150 @@ fn assert_err(got: &(u16, Value), status: u16, errcode: &str) {
 #[tokio::test]
 async fn malformed_bodies_and_unknown_endpoints() {
     let b = new_box();
-    assert_err(&b.raw("POST", "/_matrix/client/v3/login", None, b"{not json".to_vec()).await, 400, "M_NOT_JSON");
-    assert_err(&b.call("POST", "/_matrix/client/v3/login", None, json!({"type": 5})).await, 400, "M_BAD_JSON");
-    assert_err(&b.call("POST", "/_matrix/client/v3/login", None, json!([1, 2])).await, 400, "M_BAD_JSON");
-    assert_err(&b.call("GET", "/_matrix/client/v3/no/such/thing", None, json!({})).await, 404, "M_UNRECOGNIZED");
-    assert_err(&b.call("DELETE", "/_matrix/client/v3/login", None, json!({})).await, 405, "M_UNRECOGNIZED");
+    assert_err(
+        &b.raw(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            b"{not json".to_vec(),
+        )
+        .await,
+        400,
+        "M_NOT_JSON",
+    );
+    assert_err(
+        &b.call("POST", "/_matrix/client/v3/login", None, json!({"type": 5}))
+            .await,
+        400,
+        "M_BAD_JSON",
+    );
+    assert_err(
+        &b.call("POST", "/_matrix/client/v3/login", None, json!([1, 2]))
+            .await,
+        400,
+        "M_BAD_JSON",
+    );
+    assert_err(
+        &b.call("GET", "/_matrix/client/v3/no/such/thing", None, json!({}))
+            .await,
+        404,
+        "M_UNRECOGNIZED",
+    );
+    assert_err(
+        &b.call("DELETE", "/_matrix/client/v3/login", None, json!({}))
+            .await,
+        405,
+        "M_UNRECOGNIZED",
+    );
     let big = vec![b' '; 2 * 1024 * 1024];
-    assert_err(&b.raw("POST", "/_matrix/client/v3/login", None, big).await, 413, "M_TOO_LARGE");
+    assert_err(
+        &b.raw("POST", "/_matrix/client/v3/login", None, big).await,
+        413,
+        "M_TOO_LARGE",
+    );
 }
 
 #[tokio::test]
 async fn tokens_are_checked() {
     let b = new_box();
-    assert_err(&b.call("GET", "/_matrix/client/v3/account/whoami", None, json!({})).await, 401, "M_MISSING_TOKEN");
-    let got = b.call("GET", "/_matrix/client/v3/account/whoami", Some("nope"), json!({})).await;
+    assert_err(
+        &b.call("GET", "/_matrix/client/v3/account/whoami", None, json!({}))
+            .await,
+        401,
+        "M_MISSING_TOKEN",
+    );
+    let got = b
+        .call(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            Some("nope"),
+            json!({}),
+        )
+        .await;
     assert_err(&got, 401, "M_UNKNOWN_TOKEN");
     let (user, token) = b.register("alice").await;
-    let (s, v) = b.call("GET", "/_matrix/client/v3/account/whoami", Some(&token), json!({})).await;
+    let (s, v) = b
+        .call(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            Some(&token),
+            json!({}),
+        )
+        .await;
     assert_eq!((s, v["user_id"].as_str()), (200, Some(user.as_str())));
     // Query-string tokens work too.
-    let (s, _) = b.call("GET", &format!("/_matrix/client/v3/account/whoami?access_token={token}"), None, json!({})).await;
+    let (s, _) = b
+        .call(
+            "GET",
+            &format!("/_matrix/client/v3/account/whoami?access_token={token}"),
+            None,
+            json!({}),
+        )
+        .await;
     assert_eq!(s, 200);
-    let (s, _) = b.call("POST", "/_matrix/client/v3/logout", Some(&token), json!({})).await;
+    let (s, _) = b
+        .call("POST", "/_matrix/client/v3/logout", Some(&token), json!({}))
+        .await;
     assert_eq!(s, 200);
-    assert_err(&b.call("GET", "/_matrix/client/v3/account/whoami", Some(&token), json!({})).await, 401, "M_UNKNOWN_TOKEN");
+    assert_err(
+        &b.call(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            Some(&token),
+            json!({}),
+        )
+        .await,
+        401,
+        "M_UNKNOWN_TOKEN",
+    );
 }
 
 #[tokio::test]
 async fn invalid_ids_in_paths() {
     let b = new_box();
     let (_, token) = b.register("alice").await;
-    assert_err(&b.call("GET", "/_matrix/client/v3/profile/not-a-user", None, json!({})).await, 400, "M_INVALID_PARAM");
     assert_err(
-        &b.call("GET", "/_matrix/client/v3/rooms/not-a-room/messages?dir=b", Some(&token), json!({})).await,
+        &b.call(
+            "GET",
+            "/_matrix/client/v3/profile/not-a-user",
+            None,
+            json!({}),
+        )
+        .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &b.call(
+            "GET",
+            "/_matrix/client/v3/rooms/not-a-room/messages?dir=b",
+            Some(&token),
+            json!({}),
+        )
+        .await,
         400,
         "M_INVALID_PARAM",
     );
     let room = b.room(&token).await;
     assert_err(
-        &b.call("GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=x", enc(&room)), Some(&token), json!({})).await,
+        &b.call(
+            "GET",
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=x", enc(&room)),
+            Some(&token),
+            json!({}),
+        )
+        .await,
         400,
         "M_INVALID_PARAM",
     );
     assert_err(
-        &b.call("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&token), json!({"user_id": "bob"})).await,
+        &b.call(
+            "POST",
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            Some(&token),
+            json!({"user_id": "bob"}),
+        )
+        .await,
         400,
         "M_INVALID_PARAM",
     );
@@ -144,17 +299,52 @@ async fn oversized_event_and_txn_replay_lose_nothing() {
     let (_, token) = b.register("alice").await;
     let room = b.room(&token).await;
     let before = b.event_count(&token, &room).await;
-    let send = |txn: &str| format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+    let send = |txn: &str| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(&room)
+        )
+    };
     let huge = json!({"msgtype": "m.text", "body": "x".repeat(70 * 1024)});
-    assert_err(&b.call("PUT", &send("big"), Some(&token), huge).await, 413, "M_TOO_LARGE");
-    assert_eq!(b.event_count(&token, &room).await, before, "a refused event must not be stored");
+    assert_err(
+        &b.call("PUT", &send("big"), Some(&token), huge).await,
+        413,
+        "M_TOO_LARGE",
+    );
+    assert_eq!(
+        b.event_count(&token, &room).await,
+        before,
+        "a refused event must not be stored"
+    );
 
-    let (s, first) = b.call("PUT", &send("t1"), Some(&token), json!({"msgtype": "m.text", "body": "hi"})).await;
+    let (s, first) = b
+        .call(
+            "PUT",
+            &send("t1"),
+            Some(&token),
+            json!({"msgtype": "m.text", "body": "hi"}),
+        )
+        .await;
     assert_eq!(s, 200);
-    let (s, again) = b.call("PUT", &send("t1"), Some(&token), json!({"msgtype": "m.text", "body": "hi"})).await;
-    assert_eq!((s, &again["event_id"]), (200, &first["event_id"]), "replay returns the same event");
+    let (s, again) = b
+        .call(
+            "PUT",
+            &send("t1"),
+            Some(&token),
+            json!({"msgtype": "m.text", "body": "hi"}),
+        )
+        .await;
+    assert_eq!(
+        (s, &again["event_id"]),
+        (200, &first["event_id"]),
+        "replay returns the same event"
+    );
     // The same id on another endpoint is another transaction (spec v1.7).
-    let other = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t1", enc(&room)).replace("m.room.message", "m.custom");
+    let other = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+        enc(&room)
+    )
+    .replace("m.room.message", "m.custom");
     let (s, third) = b.call("PUT", &other, Some(&token), json!({"x": 1})).await;
     assert_eq!(s, 200);
     assert_ne!(third["event_id"], first["event_id"]);
@@ -166,33 +356,98 @@ async fn membership_is_enforced() {
     let b = new_box();
     let (_, alice) = b.register("alice").await;
     let (bob_id, bob) = b.register("bob").await;
-    let (s, v) = b.call("POST", "/_matrix/client/v3/createRoom", Some(&alice), json!({"preset": "private_chat"})).await;
+    let (s, v) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({"preset": "private_chat"}),
+        )
+        .await;
     assert_eq!(s, 200);
     let room = v["room_id"].as_str().unwrap().to_owned();
-    let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/x", enc(&room));
-    assert_err(&b.call("PUT", &send, Some(&bob), json!({"body": "let me in"})).await, 403, "M_FORBIDDEN");
-    assert_err(&b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await, 403, "M_FORBIDDEN");
-    let (s, _) = b.call("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&alice), json!({"user_id": bob_id})).await;
+    let send = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/x",
+        enc(&room)
+    );
+    assert_err(
+        &b.call("PUT", &send, Some(&bob), json!({"body": "let me in"}))
+            .await,
+        403,
+        "M_FORBIDDEN",
+    );
+    assert_err(
+        &b.call(
+            "POST",
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&bob),
+            json!({}),
+        )
+        .await,
+        403,
+        "M_FORBIDDEN",
+    );
+    let (s, _) = b
+        .call(
+            "POST",
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            Some(&alice),
+            json!({"user_id": bob_id}),
+        )
+        .await;
     assert_eq!(s, 200);
-    let (s, _) = b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await;
+    let (s, _) = b
+        .call(
+            "POST",
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
     assert_eq!(s, 200);
-    let (s, _) = b.call("PUT", &send, Some(&bob), json!({"msgtype": "m.text", "body": "thanks"})).await;
+    let (s, _) = b
+        .call(
+            "PUT",
+            &send,
+            Some(&bob),
+            json!({"msgtype": "m.text", "body": "thanks"}),
+        )
+        .await;
     assert_eq!(s, 200);
     // Bob (power 0) may not kick Alice.
     let kick = format!("/_matrix/client/v3/rooms/{}/kick", enc(&room));
     let alice_id = format!("@alice:{}", b.hs.server_name);
-    assert_err(&b.call("POST", &kick, Some(&bob), json!({"user_id": alice_id})).await, 403, "M_FORBIDDEN");
+    assert_err(
+        &b.call("POST", &kick, Some(&bob), json!({"user_id": alice_id}))
+            .await,
+        403,
+        "M_FORBIDDEN",
+    );
 }
 
 #[tokio::test]
 async fn registration_errors() {
     let b = new_box();
     let reg = |body: Value| b.call("POST", "/_matrix/client/v3/register", None, body);
-    assert_err(&reg(json!({"username": "Bad Name!", "password": "x"})).await, 400, "M_INVALID_USERNAME");
-    b.register("alice").await;
-    assert_err(&reg(json!({"username": "alice", "password": "x"})).await, 400, "M_USER_IN_USE");
     assert_err(
-        &b.call("POST", "/_matrix/client/v3/register?kind=guest", None, json!({})).await,
+        &reg(json!({"username": "Bad Name!", "password": "x"})).await,
+        400,
+        "M_INVALID_USERNAME",
+    );
+    b.register("alice").await;
+    assert_err(
+        &reg(json!({"username": "alice", "password": "x"})).await,
+        400,
+        "M_USER_IN_USE",
+    );
+    assert_err(
+        &b.call(
+            "POST",
+            "/_matrix/client/v3/register?kind=guest",
+            None,
+            json!({}),
+        )
+        .await,
         403,
         "M_GUEST_ACCESS_FORBIDDEN",
     );
@@ -206,15 +461,22 @@ async fn registration_errors() {
     assert_eq!(v["errcode"], "M_FORBIDDEN");
     // A used-up token no longer works, and says so through the validity endpoint.
     let token = b.hs.admin_create_invite(Some(1), None).unwrap();
-    let valid = format!("/_matrix/client/v1/register/m.login.registration_token/validity?token={token}");
-    assert_eq!(b.call("GET", &valid, None, json!({})).await.1["valid"], true);
+    let valid =
+        format!("/_matrix/client/v1/register/m.login.registration_token/validity?token={token}");
+    assert_eq!(
+        b.call("GET", &valid, None, json!({})).await.1["valid"],
+        true
+    );
     let (s, v) = reg(json!({"username": "dave", "password": "x"})).await;
     assert_eq!(s, 401);
     let (s, _) = reg(json!({"username": "dave", "password": "x",
         "auth": {"type": "m.login.registration_token", "token": token, "session": v["session"]}}))
     .await;
     assert_eq!(s, 200);
-    assert_eq!(b.call("GET", &valid, None, json!({})).await.1["valid"], false);
+    assert_eq!(
+        b.call("GET", &valid, None, json!({})).await.1["valid"],
+        false
+    );
     let users = b.hs.admin_list_users().unwrap().len();
     assert_eq!(users, 2, "failed registrations created no users");
 }
@@ -229,7 +491,12 @@ async fn login_is_rate_limited() {
     });
     let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "nobody"}, "password": "x"});
     for _ in 0..3 {
-        assert_err(&b.call("POST", "/_matrix/client/v3/login", None, body.clone()).await, 403, "M_FORBIDDEN");
+        assert_err(
+            &b.call("POST", "/_matrix/client/v3/login", None, body.clone())
+                .await,
+            403,
+            "M_FORBIDDEN",
+        );
     }
     let got = b.call("POST", "/_matrix/client/v3/login", None, body).await;
     assert_err(&got, 429, "M_LIMIT_EXCEEDED");
@@ -245,20 +512,34 @@ async fn stored_events_verify_with_ruma() {
     for version in ["10", "11", "12"] {
         let b = new_box();
         let (_, token) = b.register("alice").await;
-        let (s, v) = b.call("POST", "/_matrix/client/v3/createRoom", Some(&token), json!({"room_version": version})).await;
+        let (s, v) = b
+            .call(
+                "POST",
+                "/_matrix/client/v3/createRoom",
+                Some(&token),
+                json!({"room_version": version}),
+            )
+            .await;
         assert_eq!(s, 200, "{v}");
         let room = v["room_id"].as_str().unwrap().to_owned();
         let (s, v) = b
             .call(
                 "PUT",
-                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/1", enc(&room)),
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/1",
+                    enc(&room)
+                ),
                 Some(&token),
                 json!({"msgtype": "m.text", "body": "signed"}),
             )
             .await;
         assert_eq!(s, 200);
         let event_id = v["event_id"].as_str().unwrap().to_owned();
-        let stored = b.hs.db.read(|c| secta_homeserver::pdu::get_event(c, &event_id)).unwrap().unwrap();
+        let stored =
+            b.hs.db
+                .read(|c| secta_homeserver::pdu::get_event(c, &event_id))
+                .unwrap()
+                .unwrap();
         let obj: CanonicalJsonObject = serde_json::from_str(&stored.json).unwrap();
         let rules = RoomVersionId::try_from(version).unwrap().rules().unwrap();
         let (key_id, key) = b.hs.verify_key();
@@ -266,15 +547,35 @@ async fn stored_events_verify_with_ruma() {
         keys.insert(key_id, ruma::serde::Base64::parse(&key).unwrap());
         let mut map = std::collections::BTreeMap::new();
         map.insert(b.hs.server_name.to_string(), keys);
-        assert_eq!(verify_event(&map, &obj, &rules).unwrap(), Verified::All, "room version {version}");
-        assert_eq!(format!("${}", reference_hash(&obj, &rules).unwrap()), event_id);
+        assert_eq!(
+            verify_event(&map, &obj, &rules).unwrap(),
+            Verified::All,
+            "room version {version}"
+        );
+        assert_eq!(
+            format!("${}", reference_hash(&obj, &rules).unwrap()),
+            event_id
+        );
         // Tampering is detected.
         let mut bad = obj.clone();
-        bad.insert("origin_server_ts".into(), ruma::CanonicalJsonValue::Integer(1u32.into()));
-        assert!(verify_event(&map, &bad, &rules).is_err() || format!("${}", reference_hash(&bad, &rules).unwrap()) != event_id);
+        bad.insert(
+            "origin_server_ts".into(),
+            ruma::CanonicalJsonValue::Integer(1u32.into()),
+        );
+        assert!(
+            verify_event(&map, &bad, &rules).is_err()
+                || format!("${}", reference_hash(&bad, &rules).unwrap()) != event_id
+        );
         let mut bad = obj.clone();
-        bad.insert("content".into(), serde_json::from_value(json!({"body": "forged"})).unwrap());
-        assert_eq!(verify_event(&map, &bad, &rules).unwrap(), Verified::Signatures, "content hash mismatch is seen");
+        bad.insert(
+            "content".into(),
+            serde_json::from_value(json!({"body": "forged"})).unwrap(),
+        );
+        assert_eq!(
+            verify_event(&map, &bad, &rules).unwrap(),
+            Verified::Signatures,
+            "content hash mismatch is seen"
+        );
     }
 }
 
@@ -283,11 +584,21 @@ async fn search_finds_russian_word_forms() {
     let b = new_box();
     let (_, token) = b.register("alice").await;
     let room = b.room(&token).await;
-    for (i, body) in ["Завтра начнутся голосования по бюджету", "Радио в эфире", "Meeting notes"].iter().enumerate() {
+    for (i, body) in [
+        "Завтра начнутся голосования по бюджету",
+        "Радио в эфире",
+        "Meeting notes",
+    ]
+    .iter()
+    .enumerate()
+    {
         let (s, _) = b
             .call(
                 "PUT",
-                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{i}", enc(&room)),
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/{i}",
+                    enc(&room)
+                ),
                 Some(&token),
                 json!({"msgtype": "m.text", "body": body}),
             )
@@ -304,9 +615,14 @@ async fn search_finds_russian_word_forms() {
     };
     let (s, v) = search("голосование").await;
     assert_eq!(s, 200, "{v}");
-    let results = v["search_categories"]["room_events"]["results"].as_array().unwrap();
+    let results = v["search_categories"]["room_events"]["results"]
+        .as_array()
+        .unwrap();
     assert_eq!(results.len(), 1, "{v}");
-    assert!(results[0]["result"]["content"]["body"].as_str().unwrap().contains("голосования"));
+    assert!(results[0]["result"]["content"]["body"]
+        .as_str()
+        .unwrap()
+        .contains("голосования"));
     let (_, v) = search("meetings").await;
     assert_eq!(v["search_categories"]["room_events"]["count"], 1);
     let (_, v) = search("телевидение").await;
@@ -318,14 +634,22 @@ async fn incremental_sync_long_polls_and_wakes() {
     let b = new_box();
     let (_, token) = b.register("alice").await;
     let room = b.room(&token).await;
-    let (_, v) = b.call("GET", "/_matrix/client/v3/sync", Some(&token), json!({})).await;
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&token), json!({}))
+        .await;
     let since = v["next_batch"].as_str().unwrap().to_owned();
     let b = Arc::new(b);
     let waiter = {
         let b = b.clone();
         let token = token.clone();
         tokio::spawn(async move {
-            b.call("GET", &format!("/_matrix/client/v3/sync?since={since}&timeout=10000"), Some(&token), json!({})).await
+            b.call(
+                "GET",
+                &format!("/_matrix/client/v3/sync?since={since}&timeout=10000"),
+                Some(&token),
+                json!({}),
+            )
+            .await
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -333,15 +657,23 @@ async fn incremental_sync_long_polls_and_wakes() {
     let (s, _) = b
         .call(
             "PUT",
-            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/w", enc(&room)),
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/w",
+                enc(&room)
+            ),
             Some(&token),
             json!({"msgtype": "m.text", "body": "wake"}),
         )
         .await;
     assert_eq!(s, 200);
-    let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(s, 200);
-    let events = v["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+    let events = v["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["content"]["body"], "wake");
     assert_eq!(events[0]["unsigned"]["transaction_id"], "w");
@@ -365,39 +697,76 @@ async fn history_visibility_is_honoured() {
         assert_eq!(s, 200, "{v}");
         let room = v["room_id"].as_str().unwrap().to_owned();
         let send = |txn: &str, body: &str| {
-            let url = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{hv}{txn}", enc(&room));
+            let url = format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/{hv}{txn}",
+                enc(&room)
+            );
             let body = json!({"msgtype": "m.text", "body": body});
             let b = &b;
             let alice = alice.clone();
             async move { b.call("PUT", &url, Some(&alice), body).await }
         };
         let (_, early) = send("1", "before bob").await;
-        let (s, _) = b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await;
+        let (s, _) = b
+            .call(
+                "POST",
+                &format!("/_matrix/client/v3/join/{}", enc(&room)),
+                Some(&bob),
+                json!({}),
+            )
+            .await;
         assert_eq!(s, 200);
         send("2", "after bob").await;
         let (_, v) = b
-            .call("GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&room)), Some(&bob), json!({}))
+            .call(
+                "GET",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
+                    enc(&room)
+                ),
+                Some(&bob),
+                json!({}),
+            )
             .await;
-        let bodies: Vec<&str> = v["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+        let bodies: Vec<&str> = v["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str())
+            .collect();
         assert!(bodies.contains(&"after bob"), "{hv}: {bodies:?}");
-        assert_eq!(bodies.contains(&"before bob"), bob_sees_early, "{hv}: {bodies:?}");
+        assert_eq!(
+            bodies.contains(&"before bob"),
+            bob_sees_early,
+            "{hv}: {bodies:?}"
+        );
         let got = b
             .call(
                 "GET",
-                &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(early["event_id"].as_str().unwrap())),
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/event/{}",
+                    enc(&room),
+                    enc(early["event_id"].as_str().unwrap())
+                ),
                 Some(&bob),
                 json!({}),
             )
             .await;
         assert_eq!(got.0 == 200, bob_sees_early, "{hv}: {}", got.1);
-        let (_, sync) = b.call("GET", "/_matrix/client/v3/sync", Some(&bob), json!({})).await;
+        let (_, sync) = b
+            .call("GET", "/_matrix/client/v3/sync", Some(&bob), json!({}))
+            .await;
         let tl: Vec<&str> = sync["rooms"]["join"][&room]["timeline"]["events"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|e| e["content"]["body"].as_str())
             .collect();
-        assert_eq!(tl.contains(&"before bob"), bob_sees_early, "{hv} sync: {tl:?}");
+        assert_eq!(
+            tl.contains(&"before bob"),
+            bob_sees_early,
+            "{hv} sync: {tl:?}"
+        );
         let _ = &bob_id;
     }
 }
@@ -407,17 +776,40 @@ async fn presence_costs_nothing_when_off_and_works_when_on() {
     let off = new_box();
     let (alice_id, alice) = off.register("alice").await;
     let (s, _) = off
-        .call("PUT", &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)), Some(&alice), json!({"presence": "online"}))
+        .call(
+            "PUT",
+            &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)),
+            Some(&alice),
+            json!({"presence": "online"}),
+        )
         .await;
     assert_eq!(s, 200);
-    let (_, v) = off.call("GET", &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)), Some(&alice), json!({})).await;
+    let (_, v) = off
+        .call(
+            "GET",
+            &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
     assert_eq!(v["presence"], "offline");
 
-    let on = new_box_with(HomeserverConfig { server_name: "test.box".into(), presence: true, ..Default::default() });
+    let on = new_box_with(HomeserverConfig {
+        server_name: "test.box".into(),
+        presence: true,
+        ..Default::default()
+    });
     let (alice_id, alice) = on.register("alice").await;
     let (_, bob) = on.register("bob").await;
     let room = on.room(&alice).await;
-    let (s, _) = on.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await;
+    let (s, _) = on
+        .call(
+            "POST",
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
     assert_eq!(s, 200);
     let (s, _) = on
         .call(
@@ -428,9 +820,19 @@ async fn presence_costs_nothing_when_off_and_works_when_on() {
         )
         .await;
     assert_eq!(s, 200);
-    let (_, v) = on.call("GET", "/_matrix/client/v3/sync?set_presence=offline", Some(&bob), json!({})).await;
+    let (_, v) = on
+        .call(
+            "GET",
+            "/_matrix/client/v3/sync?set_presence=offline",
+            Some(&bob),
+            json!({}),
+        )
+        .await;
     let events = v["presence"]["events"].as_array().unwrap();
-    let a = events.iter().find(|e| e["sender"] == alice_id.as_str()).expect("alice's presence in bob's sync");
+    let a = events
+        .iter()
+        .find(|e| e["sender"] == alice_id.as_str())
+        .expect("alice's presence in bob's sync");
     assert_eq!(a["content"]["presence"], "unavailable");
     assert_eq!(a["content"]["status_msg"], "на радио");
 }
@@ -441,15 +843,39 @@ async fn pushers_are_kept_and_removed() {
     let (_, t) = b.register("alice").await;
     let pusher = json!({"pushkey": "k1", "kind": "http", "app_id": "im.vector", "app_display_name": "Element",
         "device_display_name": "phone", "lang": "ru", "data": {"url": "https://push.example/_matrix/push/v1/notify"}});
-    assert_eq!(b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), pusher.clone()).await.0, 200);
-    let (_, v) = b.call("GET", "/_matrix/client/v3/pushers", Some(&t), json!({})).await;
+    assert_eq!(
+        b.call(
+            "POST",
+            "/_matrix/client/v3/pushers/set",
+            Some(&t),
+            pusher.clone()
+        )
+        .await
+        .0,
+        200
+    );
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/pushers", Some(&t), json!({}))
+        .await;
     assert_eq!(v["pushers"][0]["pushkey"], "k1");
     let mut bad = pusher.clone();
     bad["data"] = json!({});
-    assert_err(&b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), bad).await, 400, "M_INVALID_PARAM");
+    assert_err(
+        &b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), bad)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
     let del = json!({"pushkey": "k1", "kind": null, "app_id": "im.vector"});
-    assert_eq!(b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), del).await.0, 200);
-    let (_, v) = b.call("GET", "/_matrix/client/v3/pushers", Some(&t), json!({})).await;
+    assert_eq!(
+        b.call("POST", "/_matrix/client/v3/pushers/set", Some(&t), del)
+            .await
+            .0,
+        200
+    );
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/pushers", Some(&t), json!({}))
+        .await;
     assert_eq!(v["pushers"].as_array().unwrap().len(), 0);
 }
 
@@ -498,79 +924,161 @@ impl Box_ {
             .unwrap();
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn get_bytes(&self, uri: &str, token: &str) -> (u16, http::HeaderMap, Vec<u8>) {
-        let req = Request::builder().uri(uri).header("authorization", format!("Bearer {token}")).body(Body::empty()).unwrap();
+        let req = Request::builder()
+            .uri(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
         (status, headers, bytes.to_vec())
     }
 }
 
 #[tokio::test]
 async fn media_upload_download_thumbnail_and_bad_input() {
-    let b = new_box_with(HomeserverConfig { server_name: "test.box".into(), media_max_bytes: 1_000_000, ..Default::default() });
+    let b = new_box_with(HomeserverConfig {
+        server_name: "test.box".into(),
+        media_max_bytes: 1_000_000,
+        ..Default::default()
+    });
     let (_, t) = b.register("alice").await;
     let png = png_bytes(400, 300);
     let (s, v) = b.upload(&t, "image/png", png.clone()).await;
     assert_eq!(s, 200, "{v}");
     let uri = v["content_uri"].as_str().unwrap().to_owned();
     let id = uri.rsplit('/').next().unwrap().to_owned();
-    let (s, h, body) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}"), &t).await;
+    let (s, h, body) = b
+        .get_bytes(
+            &format!("/_matrix/client/v1/media/download/test.box/{id}"),
+            &t,
+        )
+        .await;
     assert_eq!(s, 200);
     assert_eq!(body, png);
     assert_eq!(h["content-type"], "image/png");
-    assert!(h["content-disposition"].to_str().unwrap().contains("photo.png"));
-    let (s, h, body) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=96&height=96&method=crop"), &t).await;
+    assert!(h["content-disposition"]
+        .to_str()
+        .unwrap()
+        .contains("photo.png"));
+    let (s, h, body) = b
+        .get_bytes(
+            &format!(
+                "/_matrix/client/v1/media/thumbnail/test.box/{id}?width=96&height=96&method=crop"
+            ),
+            &t,
+        )
+        .await;
     assert_eq!(s, 200);
     assert_eq!(h["content-type"], "image/png");
     let thumb = image::load_from_memory(&body).unwrap();
     assert_eq!((thumb.width(), thumb.height()), (96, 96));
-    let (s, _, body2) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=90&height=90&method=crop"), &t).await;
+    let (s, _, body2) = b
+        .get_bytes(
+            &format!(
+                "/_matrix/client/v1/media/thumbnail/test.box/{id}?width=90&height=90&method=crop"
+            ),
+            &t,
+        )
+        .await;
     assert_eq!((s, &body2), (200, &body), "served from the cache");
-    let (s, _, body) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=320&height=240"), &t).await;
+    let (s, _, body) = b
+        .get_bytes(
+            &format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=320&height=240"),
+            &t,
+        )
+        .await;
     assert_eq!(s, 200);
     let thumb = image::load_from_memory(&body).unwrap();
     assert_eq!((thumb.width(), thumb.height()), (320, 240));
 
     // Authenticated media needs a token.
-    let (s, _, _) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}"), "bad").await;
+    let (s, _, _) = b
+        .get_bytes(
+            &format!("/_matrix/client/v1/media/download/test.box/{id}"),
+            "bad",
+        )
+        .await;
     assert_eq!(s, 401);
 
     let media_files = || walk(&b._dir.path().join("media"));
     let before = media_files();
     // Too large, lying content type: refused, nothing stored.
-    assert_err(&b.upload(&t, "application/octet-stream", vec![0u8; 1_000_001]).await, 413, "M_TOO_LARGE");
-    assert_err(&b.upload(&t, "image/png", b"GIF89a this is not a png".to_vec()).await, 400, "M_INVALID_PARAM");
+    assert_err(
+        &b.upload(&t, "application/octet-stream", vec![0u8; 1_000_001])
+            .await,
+        413,
+        "M_TOO_LARGE",
+    );
+    assert_err(
+        &b.upload(&t, "image/png", b"GIF89a this is not a png".to_vec())
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
     assert_eq!(media_files(), before, "refused uploads leave no files");
     // Path traversal and enormous sizes.
     for bad in ["..%2F..%2Fhomeserver.db", "a%2Fb", "%2E%2E"] {
-        let (s, _, body) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{bad}"), &t).await;
+        let (s, _, body) = b
+            .get_bytes(
+                &format!("/_matrix/client/v1/media/download/test.box/{bad}"),
+                &t,
+            )
+            .await;
         assert!(s == 400 || s == 404, "{bad}: {s}");
         assert!(!String::from_utf8_lossy(&body).contains("SQLite"), "{bad}");
     }
-    let (s, _, _) = b.get_bytes(&format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=100000&height=100000"), &t).await;
+    let (s, _, _) = b
+        .get_bytes(
+            &format!("/_matrix/client/v1/media/thumbnail/test.box/{id}?width=100000&height=100000"),
+            &t,
+        )
+        .await;
     assert_eq!(s, 400);
     // A decompression bomb is refused without decoding it.
     let bomb = png_bomb();
     assert!(bomb.len() < 1_000_000, "bomb is {} bytes", bomb.len());
     let (s, v) = b.upload(&t, "image/png", bomb).await;
     assert_eq!(s, 200, "{v}");
-    let bomb_id = v["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let bomb_id = v["content_uri"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
     let req = Request::builder()
-        .uri(format!("/_matrix/client/v1/media/thumbnail/test.box/{bomb_id}?width=96&height=96&method=crop"))
+        .uri(format!(
+            "/_matrix/client/v1/media/thumbnail/test.box/{bomb_id}?width=96&height=96&method=crop"
+        ))
         .header("authorization", format!("Bearer {t}"))
         .body(Body::empty())
         .unwrap();
     let resp = b.app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status().as_u16(), 413);
     // Config.
-    let (_, v) = b.call("GET", "/_matrix/client/v1/media/config", Some(&t), json!({})).await;
+    let (_, v) = b
+        .call(
+            "GET",
+            "/_matrix/client/v1/media/config",
+            Some(&t),
+            json!({}),
+        )
+        .await;
     assert_eq!(v["m.upload.size"], 1_000_000);
 }
 
@@ -579,24 +1087,71 @@ async fn async_media_upload() {
     let b = new_box();
     let (_, t) = b.register("alice").await;
     let (_, bob) = b.register("bob").await;
-    let (s, v) = b.call("POST", "/_matrix/media/v1/create", Some(&t), json!({})).await;
+    let (s, v) = b
+        .call("POST", "/_matrix/media/v1/create", Some(&t), json!({}))
+        .await;
     assert_eq!(s, 200, "{v}");
-    let id = v["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
-    let (s, _, _) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}?timeout_ms=0"), &t).await;
+    let id = v["content_uri"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (s, _, _) = b
+        .get_bytes(
+            &format!("/_matrix/client/v1/media/download/test.box/{id}?timeout_ms=0"),
+            &t,
+        )
+        .await;
     assert_eq!(s, 504);
     let put = |token: &str| {
         Request::builder()
             .method("PUT")
-            .uri(format!("/_matrix/media/v3/upload/test.box/{id}?filename=a.txt"))
+            .uri(format!(
+                "/_matrix/media/v3/upload/test.box/{id}?filename=a.txt"
+            ))
             .header("content-type", "text/plain")
             .header("authorization", format!("Bearer {token}"))
             .body(Body::from("hello"))
             .unwrap()
     };
-    assert_eq!(b.app.clone().oneshot(put(&bob)).await.unwrap().status().as_u16(), 403);
-    assert_eq!(b.app.clone().oneshot(put(&t)).await.unwrap().status().as_u16(), 200);
-    assert_eq!(b.app.clone().oneshot(put(&t)).await.unwrap().status().as_u16(), 409);
-    let (s, _, body) = b.get_bytes(&format!("/_matrix/client/v1/media/download/test.box/{id}"), &t).await;
+    assert_eq!(
+        b.app
+            .clone()
+            .oneshot(put(&bob))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        b.app
+            .clone()
+            .oneshot(put(&t))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        b.app
+            .clone()
+            .oneshot(put(&t))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        409
+    );
+    let (s, _, body) = b
+        .get_bytes(
+            &format!("/_matrix/client/v1/media/download/test.box/{id}"),
+            &t,
+        )
+        .await;
     assert_eq!((s, body.as_slice()), (200, b"hello".as_slice()));
 }
 
@@ -622,59 +1177,136 @@ async fn push_rules_drive_unread_and_highlight_counts() {
     let (alice_id, alice) = b.register("alice").await;
     let (_, bob) = b.register("bob").await;
     let room = b.room(&alice).await;
-    assert_eq!(b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await.0, 200);
+    assert_eq!(
+        b.call(
+            "POST",
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&bob),
+            json!({})
+        )
+        .await
+        .0,
+        200
+    );
     let send = |txn: &str, content: Value| {
-        let url = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+        let url = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(&room)
+        );
         let bob = bob.clone();
         let b = &b;
         async move { b.call("PUT", &url, Some(&bob), content).await }
     };
     send("1", json!({"msgtype": "m.text", "body": "hello all"})).await;
-    let (_, mention) = send("2", json!({"msgtype": "m.text", "body": "alice, look", "m.mentions": {"user_ids": [alice_id]}})).await;
+    let (_, mention) = send(
+        "2",
+        json!({"msgtype": "m.text", "body": "alice, look", "m.mentions": {"user_ids": [alice_id]}}),
+    )
+    .await;
     let counts = |v: &Value| {
         let r = &v["rooms"]["join"][&room]["unread_notifications"];
-        (r["notification_count"].as_i64().unwrap(), r["highlight_count"].as_i64().unwrap())
+        (
+            r["notification_count"].as_i64().unwrap(),
+            r["highlight_count"].as_i64().unwrap(),
+        )
     };
-    let (_, v) = b.call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({})).await;
-    assert_eq!(counts(&v), (2, 1), "{}", v["rooms"]["join"][&room]["unread_notifications"]);
-    let (_, n) = b.call("GET", "/_matrix/client/v3/notifications?only=highlight", Some(&alice), json!({})).await;
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+        .await;
+    assert_eq!(
+        counts(&v),
+        (2, 1),
+        "{}",
+        v["rooms"]["join"][&room]["unread_notifications"]
+    );
+    let (_, n) = b
+        .call(
+            "GET",
+            "/_matrix/client/v3/notifications?only=highlight",
+            Some(&alice),
+            json!({}),
+        )
+        .await;
     assert_eq!(n["notifications"].as_array().unwrap().len(), 1);
-    assert_eq!(n["notifications"][0]["event"]["event_id"], mention["event_id"]);
+    assert_eq!(
+        n["notifications"][0]["event"]["event_id"],
+        mention["event_id"]
+    );
     // A mute rule for the room silences new messages.
     let (s, _) = b
-        .call("PUT", &format!("/_matrix/client/v3/pushrules/global/room/{}", enc(&room)), Some(&alice), json!({"actions": []}))
+        .call(
+            "PUT",
+            &format!("/_matrix/client/v3/pushrules/global/room/{}", enc(&room)),
+            Some(&alice),
+            json!({"actions": []}),
+        )
         .await;
     assert_eq!(s, 200);
     send("3", json!({"msgtype": "m.text", "body": "quiet"})).await;
     // Reading the mention clears both counts.
-    let rec = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(mention["event_id"].as_str().unwrap()));
+    let rec = format!(
+        "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+        enc(&room),
+        enc(mention["event_id"].as_str().unwrap())
+    );
     assert_eq!(b.call("POST", &rec, Some(&alice), json!({})).await.0, 200);
-    let (_, v) = b.call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({})).await;
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+        .await;
     assert_eq!(counts(&v), (0, 0));
 }
 
 #[tokio::test]
 async fn sliding_sync_lists_rooms_invites_and_updates() {
     let dir = tempfile::tempdir().unwrap();
-    let config = HomeserverConfig { server_name: "test.box".into(), ..Default::default() };
+    let config = HomeserverConfig {
+        server_name: "test.box".into(),
+        ..Default::default()
+    };
     let b = {
         let hs = Hs::open(config.clone(), dir.path()).unwrap();
         let app = hs.router();
-        Box_ { _dir: tempfile::tempdir().unwrap(), hs, app }
+        Box_ {
+            _dir: tempfile::tempdir().unwrap(),
+            hs,
+            app,
+        }
     };
     let (alice_id, alice) = b.register("alice").await;
     let (_, bob) = b.register("bob").await;
     let mut rooms = Vec::new();
     for i in 0..3 {
         let (s, v) = b
-            .call("POST", "/_matrix/client/v3/createRoom", Some(&bob), json!({"preset": "public_chat", "name": format!("room {i}")}))
+            .call(
+                "POST",
+                "/_matrix/client/v3/createRoom",
+                Some(&bob),
+                json!({"preset": "public_chat", "name": format!("room {i}")}),
+            )
             .await;
         assert_eq!(s, 200);
         let r = v["room_id"].as_str().unwrap().to_owned();
-        assert_eq!(b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&r)), Some(&alice), json!({})).await.0, 200);
+        assert_eq!(
+            b.call(
+                "POST",
+                &format!("/_matrix/client/v3/join/{}", enc(&r)),
+                Some(&alice),
+                json!({})
+            )
+            .await
+            .0,
+            200
+        );
         rooms.push(r);
     }
-    let (_, v) = b.call("POST", "/_matrix/client/v3/createRoom", Some(&bob), json!({"preset": "private_chat", "invite": [alice_id], "is_direct": true})).await;
+    let (_, v) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            Some(&bob),
+            json!({"preset": "private_chat", "invite": [alice_id], "is_direct": true}),
+        )
+        .await;
     let invite_room = v["room_id"].as_str().unwrap().to_owned();
     let ss = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
     let body = json!({
@@ -694,36 +1326,83 @@ async fn sliding_sync_lists_rooms_invites_and_updates() {
     assert!(got[&invite_room]["invite_state"].is_array());
     assert_eq!(got[&invite_room]["is_dm"], true);
     // The two most recent joined rooms (plus the invite) are in range.
-    assert!(got.contains_key(&rooms[2]) && !got.contains_key(&rooms[0]), "{:?}", got.keys());
+    assert!(
+        got.contains_key(&rooms[2]) && !got.contains_key(&rooms[0]),
+        "{:?}",
+        got.keys()
+    );
     assert_eq!(got[&rooms[2]]["name"], "room 2");
     assert_eq!(got[&rooms[2]]["initial"], true);
     assert_eq!(got[&rooms[2]]["timeline"].as_array().unwrap().len(), 1);
-    assert!(got[&rooms[2]]["required_state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.name"));
+    assert!(got[&rooms[2]]["required_state"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["type"] == "m.room.name"));
     assert!(v["extensions"]["e2ee"]["device_one_time_keys_count"].is_object());
     let pos = v["pos"].as_str().unwrap().to_owned();
 
     // A message in the oldest room bumps it into range.
-    let url = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/m1", enc(&rooms[0]));
-    assert_eq!(b.call("PUT", &url, Some(&bob), json!({"msgtype": "m.text", "body": "bump"})).await.0, 200);
+    let url = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/m1",
+        enc(&rooms[0])
+    );
+    assert_eq!(
+        b.call(
+            "PUT",
+            &url,
+            Some(&bob),
+            json!({"msgtype": "m.text", "body": "bump"})
+        )
+        .await
+        .0,
+        200
+    );
 
     // The pos survives a restart of the server.
     drop(b);
     let hs = Hs::open(config, dir.path()).unwrap();
-    let b = Box_ { _dir: tempfile::tempdir().unwrap(), app: hs.router(), hs };
-    let (s, v) = b.call("POST", &format!("{ss}?pos={pos}&timeout=0"), Some(&alice), body.clone()).await;
+    let b = Box_ {
+        _dir: tempfile::tempdir().unwrap(),
+        app: hs.router(),
+        hs,
+    };
+    let (s, v) = b
+        .call(
+            "POST",
+            &format!("{ss}?pos={pos}&timeout=0"),
+            Some(&alice),
+            body.clone(),
+        )
+        .await;
     assert_eq!(s, 200, "{v}");
     let r0 = &v["rooms"][&rooms[0]];
     assert_eq!(r0["initial"], true, "newly in range: {v}");
     assert_eq!(r0["timeline"][0]["content"]["body"], "bump");
     assert_eq!(r0["notification_count"], 1);
-    assert!(v["rooms"].get(&rooms[2]).is_none(), "unchanged rooms are not repeated");
+    assert!(
+        v["rooms"].get(&rooms[2]).is_none(),
+        "unchanged rooms are not repeated"
+    );
     let pos2 = v["pos"].as_str().unwrap().to_owned();
     // Nothing new: an empty answer after the timeout.
-    let (s, v) = b.call("POST", &format!("{ss}?pos={pos2}&timeout=50"), Some(&alice), body.clone()).await;
+    let (s, v) = b
+        .call(
+            "POST",
+            &format!("{ss}?pos={pos2}&timeout=50"),
+            Some(&alice),
+            body.clone(),
+        )
+        .await;
     assert_eq!(s, 200);
     assert_eq!(v["rooms"].as_object().unwrap().len(), 0, "{v}");
     // Unknown positions are refused with the errcode clients reset on.
-    assert_err(&b.call("POST", &format!("{ss}?pos=999"), Some(&alice), body).await, 400, "M_UNKNOWN_POS");
+    assert_err(
+        &b.call("POST", &format!("{ss}?pos=999"), Some(&alice), body)
+            .await,
+        400,
+        "M_UNKNOWN_POS",
+    );
 }
 
 #[tokio::test]
@@ -750,23 +1429,54 @@ async fn notifications_reach_an_http_push_gateway() {
     let (_, alice) = b.register("alice").await;
     let (_, bob) = b.register("bob").await;
     let room = b.room(&alice).await;
-    assert_eq!(b.call("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await.0, 200);
+    assert_eq!(
+        b.call(
+            "POST",
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&bob),
+            json!({})
+        )
+        .await
+        .0,
+        200
+    );
     let pusher = json!({"pushkey": "phone-1", "kind": "http", "app_id": "org.secta.test", "app_display_name": "Test",
         "device_display_name": "phone", "lang": "ru", "data": {"url": format!("http://127.0.0.1:{port}/_matrix/push/v1/notify")}});
-    assert_eq!(b.call("POST", "/_matrix/client/v3/pushers/set", Some(&alice), pusher).await.0, 200);
+    assert_eq!(
+        b.call(
+            "POST",
+            "/_matrix/client/v3/pushers/set",
+            Some(&alice),
+            pusher
+        )
+        .await
+        .0,
+        200
+    );
     let bad = json!({"pushkey": "k", "kind": "http", "app_id": "x", "app_display_name": "x", "device_display_name": "x",
         "lang": "ru", "data": {"url": format!("http://127.0.0.1:{port}/_synapse/admin/v1/register")}});
-    assert_err(&b.call("POST", "/_matrix/client/v3/pushers/set", Some(&alice), bad).await, 400, "M_INVALID_PARAM");
+    assert_err(
+        &b.call("POST", "/_matrix/client/v3/pushers/set", Some(&alice), bad)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
     let (s, sent) = b
         .call(
             "PUT",
-            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/p1", enc(&room)),
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/p1",
+                enc(&room)
+            ),
             Some(&bob),
             json!({"msgtype": "m.text", "body": "привет"}),
         )
         .await;
     assert_eq!(s, 200);
-    let got = tokio::time::timeout(std::time::Duration::from_secs(15), rx.recv()).await.expect("gateway got nothing").unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(15), rx.recv())
+        .await
+        .expect("gateway got nothing")
+        .unwrap();
     let n = &got["notification"];
     assert_eq!(n["event_id"], sent["event_id"]);
     assert_eq!(n["room_id"], room.as_str());
@@ -780,31 +1490,62 @@ async fn notifications_reach_an_http_push_gateway() {
 async fn rotated_signing_keys_still_verify_old_events() {
     use ruma::{signatures::verify_event, CanonicalJsonObject, RoomVersionId};
     let dir = tempfile::tempdir().unwrap();
-    let config = HomeserverConfig { server_name: "test.box".into(), ..Default::default() };
+    let config = HomeserverConfig {
+        server_name: "test.box".into(),
+        ..Default::default()
+    };
     let (event_id, old_id) = {
         let hs = Hs::open(config.clone(), dir.path()).unwrap();
-        let b = Box_ { _dir: tempfile::tempdir().unwrap(), app: hs.router(), hs };
+        let b = Box_ {
+            _dir: tempfile::tempdir().unwrap(),
+            app: hs.router(),
+            hs,
+        };
         let (_, t) = b.register("alice").await;
         let room = b.room(&t).await;
         let (_, v) = b
-            .call("PUT", &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/1", enc(&room)), Some(&t), json!({"body": "old"}))
+            .call(
+                "PUT",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/1",
+                    enc(&room)
+                ),
+                Some(&t),
+                json!({"body": "old"}),
+            )
             .await;
-        (v["event_id"].as_str().unwrap().to_owned(), b.hs.verify_key().0)
+        (
+            v["event_id"].as_str().unwrap().to_owned(),
+            b.hs.verify_key().0,
+        )
     };
     let new_id = secta_homeserver::rotate_signing_key(dir.path()).unwrap();
     assert_ne!(new_id, old_id);
     let hs = Hs::open(config, dir.path()).unwrap();
-    let b = Box_ { _dir: tempfile::tempdir().unwrap(), app: hs.router(), hs };
-    let (s, keys) = b.call("GET", "/_matrix/key/v2/server", None, json!({})).await;
+    let b = Box_ {
+        _dir: tempfile::tempdir().unwrap(),
+        app: hs.router(),
+        hs,
+    };
+    let (s, keys) = b
+        .call("GET", "/_matrix/key/v2/server", None, json!({}))
+        .await;
     assert_eq!(s, 200);
     assert!(keys["verify_keys"].get(&new_id).is_some());
     let old = &keys["old_verify_keys"][&old_id];
     assert!(old["expired_ts"].is_u64(), "{keys}");
     // The old event verifies with the published old key.
-    let stored = b.hs.db.read(|c| secta_homeserver::pdu::get_event(c, &event_id)).unwrap().unwrap();
+    let stored =
+        b.hs.db
+            .read(|c| secta_homeserver::pdu::get_event(c, &event_id))
+            .unwrap()
+            .unwrap();
     let obj: CanonicalJsonObject = serde_json::from_str(&stored.json).unwrap();
     let mut set = std::collections::BTreeMap::new();
-    set.insert(old_id, ruma::serde::Base64::parse(old["key"].as_str().unwrap()).unwrap());
+    set.insert(
+        old_id,
+        ruma::serde::Base64::parse(old["key"].as_str().unwrap()).unwrap(),
+    );
     let map = std::collections::BTreeMap::from([("test.box".to_owned(), set)]);
     let rules = RoomVersionId::V12.rules().unwrap();
     assert!(verify_event(&map, &obj, &rules).is_ok());
@@ -821,24 +1562,110 @@ async fn admin_registration_token_api() {
     let admin = v["access_token"].as_str().unwrap().to_owned();
     let (_, member) = b.register("alice").await;
     let api = "/_synapse/admin/v1/registration_tokens";
-    assert_err(&b.call("GET", api, Some(&member), json!({})).await, 403, "M_FORBIDDEN");
-    let (s, t) = b.call("POST", &format!("{api}/new"), Some(&admin), json!({"token": "welcome-2026", "uses_allowed": 1})).await;
+    assert_err(
+        &b.call("GET", api, Some(&member), json!({})).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    let (s, t) = b
+        .call(
+            "POST",
+            &format!("{api}/new"),
+            Some(&admin),
+            json!({"token": "welcome-2026", "uses_allowed": 1}),
+        )
+        .await;
     assert_eq!(s, 200, "{t}");
-    assert_eq!((t["token"].as_str(), t["uses_allowed"].as_i64(), t["completed"].as_i64()), (Some("welcome-2026"), Some(1), Some(0)));
-    assert_err(&b.call("POST", &format!("{api}/new"), Some(&admin), json!({"token": "welcome-2026"})).await, 400, "M_INVALID_PARAM");
-    assert_err(&b.call("POST", &format!("{api}/new"), Some(&admin), json!({"uses_allowed": -1})).await, 400, "M_INVALID_PARAM");
+    assert_eq!(
+        (
+            t["token"].as_str(),
+            t["uses_allowed"].as_i64(),
+            t["completed"].as_i64()
+        ),
+        (Some("welcome-2026"), Some(1), Some(0))
+    );
+    assert_err(
+        &b.call(
+            "POST",
+            &format!("{api}/new"),
+            Some(&admin),
+            json!({"token": "welcome-2026"}),
+        )
+        .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &b.call(
+            "POST",
+            &format!("{api}/new"),
+            Some(&admin),
+            json!({"uses_allowed": -1}),
+        )
+        .await,
+        400,
+        "M_INVALID_PARAM",
+    );
     // The token works for registration, then counts as used.
-    let (s, v) = b.call("POST", "/_matrix/client/v3/register", None, json!({"username": "bob", "password": "pw"})).await;
+    let (s, v) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/register",
+            None,
+            json!({"username": "bob", "password": "pw"}),
+        )
+        .await;
     assert_eq!(s, 401);
     let (s, _) = b
         .call("POST", "/_matrix/client/v3/register", None, json!({"username": "bob", "password": "pw",
             "auth": {"type": "m.login.registration_token", "token": "welcome-2026", "session": v["session"]}}))
         .await;
     assert_eq!(s, 200);
-    let (_, list) = b.call("GET", &format!("{api}?valid=false"), Some(&admin), json!({})).await;
-    assert!(list["registration_tokens"].as_array().unwrap().iter().any(|t| t["token"] == "welcome-2026" && t["completed"] == 1), "{list}");
-    let (s, t) = b.call("PUT", &format!("{api}/welcome-2026"), Some(&admin), json!({"uses_allowed": 5})).await;
+    let (_, list) = b
+        .call(
+            "GET",
+            &format!("{api}?valid=false"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert!(
+        list["registration_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["token"] == "welcome-2026" && t["completed"] == 1),
+        "{list}"
+    );
+    let (s, t) = b
+        .call(
+            "PUT",
+            &format!("{api}/welcome-2026"),
+            Some(&admin),
+            json!({"uses_allowed": 5}),
+        )
+        .await;
     assert_eq!((s, t["uses_allowed"].as_i64()), (200, Some(5)));
-    assert_eq!(b.call("DELETE", &format!("{api}/welcome-2026"), Some(&admin), json!({})).await.0, 200);
-    assert_err(&b.call("GET", &format!("{api}/welcome-2026"), Some(&admin), json!({})).await, 404, "M_NOT_FOUND");
+    assert_eq!(
+        b.call(
+            "DELETE",
+            &format!("{api}/welcome-2026"),
+            Some(&admin),
+            json!({})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_err(
+        &b.call(
+            "GET",
+            &format!("{api}/welcome-2026"),
+            Some(&admin),
+            json!({}),
+        )
+        .await,
+        404,
+        "M_NOT_FOUND",
+    );
 }

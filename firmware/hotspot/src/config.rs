@@ -76,12 +76,19 @@ impl Default for HotspotConfig {
 }
 
 fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    };
     u32::from(a) & mask == u32::from(b) & mask
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 impl HotspotConfig {
@@ -114,7 +121,10 @@ impl HotspotConfig {
         }
         for (name, ip) in [("dhcp_start", self.dhcp_start), ("dhcp_end", self.dhcp_end)] {
             if !same_subnet(ip, self.address, self.prefix) {
-                p.push(format!("{name} {ip} is outside {}/{}", self.address, self.prefix));
+                p.push(format!(
+                    "{name} {ip} is outside {}/{}",
+                    self.address, self.prefix
+                ));
             }
             if ip == self.address {
                 p.push(format!("{name} must not be the box's own address"));
@@ -131,7 +141,11 @@ impl HotspotConfig {
                 p.push("uplink must be another valid interface".to_owned());
             }
         }
-        if !self.hostname.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
+        if !self.hostname.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        }) {
             p.push("hostname must be a DNS name such as secta.box".to_owned());
         }
         let lt = self.lease_time.trim_end_matches(['m', 'h', 'd']);

@@ -40,21 +40,35 @@ pub const PROBE_HOSTS: &[&str] = &[
 fn online_answer(host: &str, path: &str) -> Option<Response> {
     let text = |ct: &'static str, body: &'static str| {
         let mut r = Response::new(Body::from(body));
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache, no-store"),
+        );
         Some(r)
     };
     match (host, path) {
-        ("connectivitycheck.gstatic.com" | "clients3.google.com" | "connectivitycheck.android.com", "/generate_204" | "/gen_204") => {
-            Some(StatusCode::NO_CONTENT.into_response())
+        (
+            "connectivitycheck.gstatic.com"
+            | "clients3.google.com"
+            | "connectivitycheck.android.com",
+            "/generate_204" | "/gen_204",
+        ) => Some(StatusCode::NO_CONTENT.into_response()),
+        ("captive.apple.com", "/hotspot-detect.html" | "/library/test/success.html" | "/") => text(
+            "text/html",
+            "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>",
+        ),
+        ("www.msftconnecttest.com", "/connecttest.txt") => {
+            text("text/plain", "Microsoft Connect Test")
         }
-        ("captive.apple.com", "/hotspot-detect.html" | "/library/test/success.html" | "/") => {
-            text("text/html", "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>")
-        }
-        ("www.msftconnecttest.com", "/connecttest.txt") => text("text/plain", "Microsoft Connect Test"),
         ("www.msftncsi.com", "/ncsi.txt") => text("text/plain", "Microsoft NCSI"),
-        ("detectportal.firefox.com", "/success.txt" | "/canonical.html") => text("text/plain", "success\n"),
-        ("nmcheck.gnome.org", "/check_network_status.txt") => text("text/plain", "NetworkManager is online\n"),
+        ("detectportal.firefox.com", "/success.txt" | "/canonical.html") => {
+            text("text/plain", "success\n")
+        }
+        ("nmcheck.gnome.org", "/check_network_status.txt") => {
+            text("text/plain", "NetworkManager is online\n")
+        }
         _ => None,
     }
 }
@@ -73,17 +87,26 @@ pub struct SimFirewall {
 
 impl SimFirewall {
     pub fn allowed(&self) -> HashSet<Ipv4Addr> {
-        self.allowed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.allowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
 impl Firewall for SimFirewall {
     fn allow(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        self.allowed.lock().unwrap_or_else(|p| p.into_inner()).insert(ip);
+        self.allowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ip);
         Ok(())
     }
     fn revoke(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        self.allowed.lock().unwrap_or_else(|p| p.into_inner()).remove(&ip);
+        self.allowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ip);
         Ok(())
     }
 }
@@ -108,20 +131,48 @@ pub struct WebUi {
 
 impl Portal {
     pub fn new(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>) -> Arc<Self> {
-        let session = (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
+        let session =
+            (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
         Self::with_session(config, box_name, firewall, session)
     }
 
     /// Like [`Portal::new`] with an explicit session length (`None`: until restart).
-    pub fn with_session(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>, session: Option<Duration>) -> Arc<Self> {
+    pub fn with_session(
+        config: HotspotConfig,
+        box_name: String,
+        firewall: Arc<dyn Firewall>,
+        session: Option<Duration>,
+    ) -> Arc<Self> {
         let url = format!("http://{}/", config.hostname);
-        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url, web_ui: std::sync::OnceLock::new() })
+        Arc::new(Self {
+            config,
+            box_name,
+            firewall,
+            session,
+            sessions: Mutex::new(HashMap::new()),
+            url,
+            web_ui: std::sync::OnceLock::new(),
+        })
     }
 
     /// A portal reached at `url` instead of `http://{hostname}/` (the demo on localhost).
-    pub fn at_url(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>, url: String) -> Arc<Self> {
-        let session = (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
-        Arc::new(Self { config, box_name, firewall, session, sessions: Mutex::new(HashMap::new()), url, web_ui: std::sync::OnceLock::new() })
+    pub fn at_url(
+        config: HotspotConfig,
+        box_name: String,
+        firewall: Arc<dyn Firewall>,
+        url: String,
+    ) -> Arc<Self> {
+        let session =
+            (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
+        Arc::new(Self {
+            config,
+            box_name,
+            firewall,
+            session,
+            sessions: Mutex::new(HashMap::new()),
+            url,
+            web_ui: std::sync::OnceLock::new(),
+        })
     }
 
     fn portal_url(&self) -> String {
@@ -156,7 +207,10 @@ impl Portal {
             self.firewall.allow(v4)?;
         }
         let until = self.session.map(|d| Instant::now() + d);
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(ip, until);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ip, until);
         tracing::info!("hotspot client accepted");
         Ok(())
     }
@@ -165,13 +219,16 @@ impl Portal {
     pub fn expire(&self) -> usize {
         let now = Instant::now();
         let mut gone = Vec::new();
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).retain(|ip, until| {
-            let keep = until.is_none_or(|u| u > now);
-            if !keep {
-                gone.push(*ip);
-            }
-            keep
-        });
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|ip, until| {
+                let keep = until.is_none_or(|u| u > now);
+                if !keep {
+                    gone.push(*ip);
+                }
+                keep
+            });
         for ip in &gone {
             if let IpAddr::V4(v4) = ip {
                 if let Err(e) = self.firewall.revoke(*v4) {
@@ -193,17 +250,28 @@ impl Portal {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new().fallback(handle).layer(DefaultBodyLimit::max(MAX_BODY as usize)).with_state(self.clone())
+        Router::new()
+            .fallback(handle)
+            .layer(DefaultBodyLimit::max(MAX_BODY as usize))
+            .with_state(self.clone())
     }
 
     /// Serves the portal on `addr` until shutdown.
-    pub async fn serve(self: Arc<Self>, addr: SocketAddr, shutdown: secta_runtime::Shutdown) -> anyhow::Result<()> {
+    pub async fn serve(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        shutdown: secta_runtime::Shutdown,
+    ) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "captive portal listening");
         tokio::spawn(self.clone().run_expiry(shutdown.clone()));
-        axum::serve(listener, self.router().into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.wait())
-            .await?;
+        axum::serve(
+            listener,
+            self.router()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.wait())
+        .await?;
         Ok(())
     }
 }
@@ -212,12 +280,16 @@ impl Portal {
 async fn static_file(dir: &std::path::Path, path: &str) -> Response {
     let rel = path.trim_start_matches('/');
     let rel = if rel.is_empty() { "index.html" } else { rel };
-    let ok = rel.split('/').all(|c| !c.is_empty() && c != ".." && c != "." && !c.contains('\\'));
+    let ok = rel
+        .split('/')
+        .all(|c| !c.is_empty() && c != ".." && c != "." && !c.contains('\\'));
     if !ok {
         return StatusCode::NOT_FOUND.into_response();
     }
     let file = dir.join(rel);
-    let Ok(bytes) = tokio::fs::read(&file).await else { return StatusCode::NOT_FOUND.into_response() };
+    let Ok(bytes) = tokio::fs::read(&file).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
     let ct = match file.extension().and_then(|e| e.to_str()) {
         Some("html") => "text/html; charset=utf-8",
         Some("js") => "text/javascript; charset=utf-8",
@@ -229,9 +301,15 @@ async fn static_file(dir: &std::path::Path, path: &str) -> Response {
         _ => "application/octet-stream",
     };
     let mut r = Response::new(Body::from(bytes));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-    let cache = if rel.starts_with("assets/") { "public, max-age=31536000, immutable" } else { "no-cache" };
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    let cache = if rel.starts_with("assets/") {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     r
 }
 
@@ -240,19 +318,31 @@ fn redirect(to: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(to) {
         r.headers_mut().insert(header::LOCATION, v);
     }
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
     r
 }
 
 fn html(body: String) -> Response {
     let mut r = Response::new(Body::from(body));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
     r
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn welcome(p: &Portal, accepted: bool) -> Response {
@@ -273,21 +363,46 @@ fn welcome(p: &Portal, accepted: bool) -> Response {
 /// Largest request body the portal takes (its forms are tiny).
 const MAX_BODY: u64 = 16 * 1024;
 
-async fn handle(State(p): State<Arc<Portal>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+async fn handle(
+    State(p): State<Arc<Portal>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
     let ip = peer.ip();
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY) {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "Слишком большой запрос / Request too large").into_response();
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Слишком большой запрос / Request too large",
+        )
+            .into_response();
     }
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(|h| h.rsplit_once(':').map_or(h, |(a, b)| if b.bytes().all(|c| c.is_ascii_digit()) { a } else { h }).to_ascii_lowercase())
+        .map(|h| {
+            h.rsplit_once(':')
+                .map_or(h, |(a, b)| {
+                    if b.bytes().all(|c| c.is_ascii_digit()) {
+                        a
+                    } else {
+                        h
+                    }
+                })
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     let path = req.uri().path().to_owned();
     let accepted = p.is_accepted(ip);
-    let is_box = host == p.config.hostname || host == p.config.address.to_string() || host == "localhost" || host == "127.0.0.1";
+    let is_box = host == p.config.hostname
+        || host == p.config.address.to_string()
+        || host == "localhost"
+        || host == "127.0.0.1";
     if is_box {
         return match (req.method(), path.as_str()) {
             (&Method::GET, "/api/captive") => {
@@ -297,15 +412,25 @@ async fn handle(State(p): State<Arc<Portal>>, ConnectInfo(peer): ConnectInfo<Soc
                     body["seconds-remaining"] = json!(secs);
                 }
                 let mut r = Response::new(Body::from(body.to_string()));
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/captive+json"));
-                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/captive+json"),
+                );
+                r.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("private, no-store"),
+                );
                 r
             }
             (&Method::POST, "/accept") | (&Method::POST, "/extend") => match p.accept(ip) {
                 Ok(()) => welcome(&p, true),
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a hotspot client failed");
-                    (StatusCode::SERVICE_UNAVAILABLE, "Не получилось открыть доступ / Could not open access").into_response()
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Не получилось открыть доступ / Could not open access",
+                    )
+                        .into_response()
                 }
             },
             (&Method::GET, "/box.json") => {
@@ -315,8 +440,12 @@ async fn handle(State(p): State<Arc<Portal>>, ConnectInfo(peer): ConnectInfo<Soc
                     body["server_name"] = json!(w.server_name);
                 }
                 let mut r = Response::new(Body::from(body.to_string()));
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 r
             }
             (&Method::GET, path) => match p.web_ui.get() {
@@ -357,7 +486,11 @@ impl NftFirewall {
             .stdin(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
-        child.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?.write_all(script.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?
+            .write_all(script.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
             anyhow::bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -378,9 +511,15 @@ impl NftFirewall {
 
 impl Firewall for NftFirewall {
     fn allow(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        Self::nft(&format!("add element inet {} accepted {{ {ip} }}\n", crate::gen::NFT_TABLE))
+        Self::nft(&format!(
+            "add element inet {} accepted {{ {ip} }}\n",
+            crate::gen::NFT_TABLE
+        ))
     }
     fn revoke(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        Self::nft(&format!("delete element inet {} accepted {{ {ip} }}\n", crate::gen::NFT_TABLE))
+        Self::nft(&format!(
+            "delete element inet {} accepted {{ {ip} }}\n",
+            crate::gen::NFT_TABLE
+        ))
     }
 }

@@ -22,18 +22,49 @@ struct Reply {
 
 async fn get(portal: &Arc<Portal>, client: &str, method: &str, host: &str, path: &str) -> Reply {
     let addr: SocketAddr = format!("{client}:40000").parse().unwrap();
-    let mut req = Request::builder().method(method).uri(path).header("host", host).body(Body::empty()).unwrap();
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Body::empty())
+        .unwrap();
     req.extensions_mut().insert(ConnectInfo(addr));
     let resp = portal.router().oneshot(req).await.unwrap();
-    let h = |n: &str| resp.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
-    let (status, location, content_type, cache) = (resp.status().as_u16(), h("location"), h("content-type"), h("cache-control"));
-    let body = String::from_utf8(axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
-    Reply { status, location, content_type, cache, body }
+    let h = |n: &str| {
+        resp.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (status, location, content_type, cache) = (
+        resp.status().as_u16(),
+        h("location"),
+        h("content-type"),
+        h("cache-control"),
+    );
+    let body = String::from_utf8(
+        axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    Reply {
+        status,
+        location,
+        content_type,
+        cache,
+        body,
+    }
 }
 
 fn portal(session: Option<Duration>) -> (Arc<Portal>, Arc<SimFirewall>) {
     let fw = Arc::new(SimFirewall::default());
-    let p = Portal::with_session(HotspotConfig::default(), "Секта".into(), fw.clone(), session);
+    let p = Portal::with_session(
+        HotspotConfig::default(),
+        "Секта".into(),
+        fw.clone(),
+        session,
+    );
     (p, fw)
 }
 
@@ -54,7 +85,11 @@ async fn probes_say_captive_then_exactly_online() {
     let me = "10.42.0.77";
     for (host, path) in PROBES {
         let r = get(&p, me, "GET", host, path).await;
-        assert_eq!((r.status, r.location.as_deref()), (302, Some("http://secta.box/")), "{host}{path} before acceptance");
+        assert_eq!(
+            (r.status, r.location.as_deref()),
+            (302, Some("http://secta.box/")),
+            "{host}{path} before acceptance"
+        );
     }
     // Any other web page also leads to the portal.
     let r = get(&p, me, "GET", "example.org", "/news").await;
@@ -68,14 +103,24 @@ async fn probes_say_captive_then_exactly_online() {
 
     let page = get(&p, me, "GET", "secta.box", "/").await;
     assert!(page.body.contains("Добро пожаловать") && page.body.contains("action=\"/accept\""));
-    assert_eq!(get(&p, me, "POST", "secta.box", "/accept").await.status, 200);
-    assert!(fw.allowed().contains(&me.parse().unwrap()), "the firewall opened for this client");
+    assert_eq!(
+        get(&p, me, "POST", "secta.box", "/accept").await.status,
+        200
+    );
+    assert!(
+        fw.allowed().contains(&me.parse().unwrap()),
+        "the firewall opened for this client"
+    );
 
     let expect: &[(&str, u16, &str)] = &[
         ("connectivitycheck.gstatic.com", 204, ""),
         ("clients3.google.com", 204, ""),
         ("connectivitycheck.android.com", 204, ""),
-        ("captive.apple.com", 200, "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>"),
+        (
+            "captive.apple.com",
+            200,
+            "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>",
+        ),
         ("www.msftconnecttest.com", 200, "Microsoft Connect Test"),
         ("www.msftncsi.com", 200, "Microsoft NCSI"),
         ("detectportal.firefox.com", 200, "success\n"),
@@ -84,13 +129,25 @@ async fn probes_say_captive_then_exactly_online() {
     for ((host, path), (h2, status, body)) in PROBES.iter().zip(expect) {
         assert_eq!(host, h2);
         let r = get(&p, me, "GET", host, path).await;
-        assert_eq!((r.status, r.body.as_str()), (*status, *body), "{host}{path} after acceptance");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (*status, *body),
+            "{host}{path} after acceptance"
+        );
     }
-    let v: serde_json::Value = serde_json::from_str(&get(&p, me, "GET", "secta.box", "/api/captive").await.body).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&get(&p, me, "GET", "secta.box", "/api/captive").await.body).unwrap();
     assert_eq!(v["captive"], false);
 
     // Another phone is still captive: acceptance is per client, by its address.
-    let other = get(&p, "10.42.0.78", "GET", "captive.apple.com", "/hotspot-detect.html").await;
+    let other = get(
+        &p,
+        "10.42.0.78",
+        "GET",
+        "captive.apple.com",
+        "/hotspot-detect.html",
+    )
+    .await;
     assert_eq!(other.status, 302);
     assert!(!fw.allowed().contains(&"10.42.0.78".parse().unwrap()));
 }
@@ -99,15 +156,32 @@ async fn probes_say_captive_then_exactly_online() {
 async fn sessions_expire_and_close_the_firewall() {
     let (p, fw) = portal(Some(Duration::from_millis(200)));
     let me: IpAddr = "10.42.0.90".parse().unwrap();
-    assert_eq!(get(&p, "10.42.0.90", "POST", "secta.box", "/accept").await.status, 200);
-    let v: serde_json::Value = serde_json::from_str(&get(&p, "10.42.0.90", "GET", "secta.box", "/api/captive").await.body).unwrap();
+    assert_eq!(
+        get(&p, "10.42.0.90", "POST", "secta.box", "/accept")
+            .await
+            .status,
+        200
+    );
+    let v: serde_json::Value = serde_json::from_str(
+        &get(&p, "10.42.0.90", "GET", "secta.box", "/api/captive")
+            .await
+            .body,
+    )
+    .unwrap();
     assert_eq!(v["captive"], false);
     assert!(v["seconds-remaining"].is_u64());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!p.is_accepted(me));
     assert_eq!(p.expire(), 1);
     assert!(fw.allowed().is_empty(), "expired clients lose forwarding");
-    let r = get(&p, "10.42.0.90", "GET", "connectivitycheck.gstatic.com", "/generate_204").await;
+    let r = get(
+        &p,
+        "10.42.0.90",
+        "GET",
+        "connectivitycheck.gstatic.com",
+        "/generate_204",
+    )
+    .await;
     assert_eq!(r.status, 302, "captive again after expiry");
 }
 

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use secta_homeserver::{Hs, HomeserverConfig};
+use secta_homeserver::{HomeserverConfig, Hs};
 use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 
 #[derive(Parser)]
@@ -23,7 +23,12 @@ struct Cli {
 enum Cmd {
     /// Run the box with a config file.
     Run {
-        #[arg(long, short, default_value = "/etc/secta/secta.toml", env = "SECTA_CONFIG")]
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/secta/secta.toml",
+            env = "SECTA_CONFIG"
+        )]
         config: PathBuf,
     },
     /// Run the box on this computer: data in DIR, homeserver on HOST:PORT.
@@ -60,7 +65,12 @@ enum Cmd {
     DefaultConfig,
     /// Print the hostapd, dnsmasq or nftables configuration the box would apply.
     HotspotConfig {
-        #[arg(long, short, default_value = "/etc/secta/secta.toml", env = "SECTA_CONFIG")]
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/secta/secta.toml",
+            env = "SECTA_CONFIG"
+        )]
         config: PathBuf,
         /// hostapd, dnsmasq (offline) or nft.
         what: String,
@@ -152,10 +162,18 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
     if !problems.is_empty() {
         bail!("invalid [hotspot] settings: {}", problems.join("; "));
     }
-    let portal = hotspot.enabled.then(|| (SocketAddr::from(([0, 0, 0, 0], hotspot.portal_port)), false));
+    let portal = hotspot
+        .enabled
+        .then(|| (SocketAddr::from(([0, 0, 0, 0], hotspot.portal_port)), false));
     let boxcfg: BoxConfig = file.section("box")?;
     let web_ui = Some(boxcfg.web_ui_dir.clone()).filter(|d| d.join("index.html").exists());
-    Ok(BoxSetup { boxcfg, hs: file.section("homeserver")?, hotspot, portal, web_ui })
+    Ok(BoxSetup {
+        boxcfg,
+        hs: file.section("homeserver")?,
+        hotspot,
+        portal,
+        web_ui,
+    })
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -181,22 +199,41 @@ fn main() -> anyhow::Result<()> {
             secta_runtime::init_logging(&setup.boxcfg.log, setup.boxcfg.log_json);
             run_box(setup, None)
         }
-        Cmd::Demo { data, listen, server_name, peers, federation_tls_listen, portal_listen } => {
-            demo(&data, listen, server_name, &peers, federation_tls_listen, portal_listen)
-        }
+        Cmd::Demo {
+            data,
+            listen,
+            server_name,
+            peers,
+            federation_tls_listen,
+            portal_listen,
+        } => demo(
+            &data,
+            listen,
+            server_name,
+            &peers,
+            federation_tls_listen,
+            portal_listen,
+        ),
         Cmd::Admin { config, data, cmd } => {
             secta_runtime::init_logging("warn", false);
             let setup = match (config, data) {
                 (Some(c), _) => load_setup(&ConfigFile::load(&c)?)?,
                 (None, Some(d)) => {
                     let f = d.join("secta.toml");
-                    let mut s = if f.exists() { load_setup(&ConfigFile::load(&f)?)? } else { load_setup(&ConfigFile::default())? };
+                    let mut s = if f.exists() {
+                        load_setup(&ConfigFile::load(&f)?)?
+                    } else {
+                        load_setup(&ConfigFile::default())?
+                    };
                     s.boxcfg.data_dir = d;
                     s
                 }
                 (None, None) => load_setup(&ConfigFile::load(Path::new("/etc/secta/secta.toml"))?)?,
             };
-            if let AdminCmd::Federation { cmd: Some(FedCmd::RotateKey) } = cmd {
+            if let AdminCmd::Federation {
+                cmd: Some(FedCmd::RotateKey),
+            } = cmd
+            {
                 let id = secta_homeserver::rotate_signing_key(&setup.boxcfg.data_dir)?;
                 println!("new signing key {id}; start the box to use it");
                 return Ok(());
@@ -208,7 +245,12 @@ fn main() -> anyhow::Result<()> {
             let setup = load_setup(&ConfigFile::load(&config)?)?;
             let text = match what.as_str() {
                 "hostapd" => secta_hotspot::gen::hostapd_conf(&setup.hotspot),
-                "dnsmasq" => secta_hotspot::gen::dnsmasq_conf(&setup.hotspot, false, &[], &setup.boxcfg.data_dir.join("dnsmasq.leases")),
+                "dnsmasq" => secta_hotspot::gen::dnsmasq_conf(
+                    &setup.hotspot,
+                    false,
+                    &[],
+                    &setup.boxcfg.data_dir.join("dnsmasq.leases"),
+                ),
                 "nft" => secta_hotspot::gen::nft_ruleset(&setup.hotspot, &[]),
                 _ => bail!("say hostapd, dnsmasq or nft"),
             };
@@ -241,7 +283,11 @@ fn default_config_text() -> String {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // Two workers are plenty on a Pi and keep RAM low; few blocking threads too
     // (each may get its own malloc arena).
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(64).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()?)
 }
 
 /// glibc raises its mmap threshold after large buffers are freed, after which
@@ -266,25 +312,50 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
             let firewall: Arc<dyn secta_hotspot::Firewall> = if simulated {
                 Arc::new(secta_hotspot::SimFirewall::default())
             } else {
-                secta_hotspot::NftFirewall::apply(&setup.hotspot, &[]).context("installing the hotspot firewall rules")?;
+                secta_hotspot::NftFirewall::apply(&setup.hotspot, &[])
+                    .context("installing the hotspot firewall rules")?;
                 Arc::new(secta_hotspot::NftFirewall)
             };
             if !simulated {
                 let dir = setup.boxcfg.data_dir.join("hotspot");
-                let (hostapd, dnsmasq) = secta_hotspot::supervise::write_configs(&setup.hotspot, &dir)?;
+                let (hostapd, dnsmasq) =
+                    secta_hotspot::supervise::write_configs(&setup.hotspot, &dir)?;
                 if setup.hotspot.run_dnsmasq {
-                    let args = vec!["--no-daemon".into(), "--pid-file=".into(), format!("--conf-file={}", dnsmasq.display())];
-                    tokio::spawn(secta_hotspot::supervise::supervise("dnsmasq", "dnsmasq".into(), args, shutdown.clone()));
+                    let args = vec![
+                        "--no-daemon".into(),
+                        "--pid-file=".into(),
+                        format!("--conf-file={}", dnsmasq.display()),
+                    ];
+                    tokio::spawn(secta_hotspot::supervise::supervise(
+                        "dnsmasq",
+                        "dnsmasq".into(),
+                        args,
+                        shutdown.clone(),
+                    ));
                 }
                 if setup.hotspot.run_hostapd {
                     let args = vec![hostapd.display().to_string()];
-                    tokio::spawn(secta_hotspot::supervise::supervise("hostapd", "hostapd".into(), args, shutdown.clone()));
+                    tokio::spawn(secta_hotspot::supervise::supervise(
+                        "hostapd",
+                        "hostapd".into(),
+                        args,
+                        shutdown.clone(),
+                    ));
                 }
             }
             let portal = if simulated {
-                secta_hotspot::Portal::at_url(setup.hotspot.clone(), setup.boxcfg.name.clone(), firewall, format!("http://{addr}/"))
+                secta_hotspot::Portal::at_url(
+                    setup.hotspot.clone(),
+                    setup.boxcfg.name.clone(),
+                    firewall,
+                    format!("http://{addr}/"),
+                )
             } else {
-                secta_hotspot::Portal::new(setup.hotspot.clone(), setup.boxcfg.name.clone(), firewall)
+                secta_hotspot::Portal::new(
+                    setup.hotspot.clone(),
+                    setup.boxcfg.name.clone(),
+                    firewall,
+                )
             };
             if let Some(dir) = setup.web_ui.clone() {
                 portal.set_web_ui(secta_hotspot::WebUi {
@@ -303,10 +374,19 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
         let homeserver = match listener {
             Some(l) => {
                 l.set_nonblocking(true)?;
-                secta_homeserver::serve_on(hs, tokio::net::TcpListener::from_std(l)?, shutdown.clone()).await
+                secta_homeserver::serve_on(
+                    hs,
+                    tokio::net::TcpListener::from_std(l)?,
+                    shutdown.clone(),
+                )
+                .await
             }
             None => {
-                let addr: SocketAddr = setup.hs.listen.parse().with_context(|| format!("bad listen address {:?}", setup.hs.listen))?;
+                let addr: SocketAddr = setup
+                    .hs
+                    .listen
+                    .parse()
+                    .with_context(|| format!("bad listen address {:?}", setup.hs.listen))?;
                 secta_homeserver::serve(hs, addr, shutdown.clone()).await
             }
         };
@@ -320,13 +400,20 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<secta_homeserver::Peer> {
-    let (name, url) = s.split_once('=').with_context(|| format!("--peer wants SERVER_NAME=URL, got {s:?}"))?;
+    let (name, url) = s
+        .split_once('=')
+        .with_context(|| format!("--peer wants SERVER_NAME=URL, got {s:?}"))?;
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         bail!("--peer URL must start with http:// or https://: {url:?}");
     }
     // Demo boxes make self-signed certificates; their identity is their signing key.
     let accept_self_signed = url.starts_with("https://");
-    Ok(secta_homeserver::Peer { server_name: name.to_owned(), url: url.to_owned(), pinned_key: None, accept_self_signed })
+    Ok(secta_homeserver::Peer {
+        server_name: name.to_owned(),
+        url: url.to_owned(),
+        pinned_key: None,
+        accept_self_signed,
+    })
 }
 
 fn demo(
@@ -371,15 +458,20 @@ fn demo(
         setup.web_ui = Some(PathBuf::from("web-ui/dist"));
     }
     // Bind first so the printed URLs are live when the user reads them.
-    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let hs = Hs::open(setup.hs.clone(), data)?;
     let creds_path = data.join("demo-credentials.txt");
     let creds = if creds_path.exists() {
         std::fs::read_to_string(&creds_path)?
     } else {
         let password = secta_homeserver::random_string(16);
-        let admin = hs.admin_create_user("admin", &password, true).map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
-        let token = hs.admin_create_invite(Some(20), None).map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
+        let admin = hs
+            .admin_create_user("admin", &password, true)
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
+        let token = hs
+            .admin_create_invite(Some(20), None)
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
         let text = format!("admin user:     {admin}\nadmin password: {password}\ninvite token:   {token} (20 registrations)\n");
         secta_runtime::write_secret_file(&creds_path, text.as_bytes())?;
         text
@@ -400,8 +492,14 @@ fn demo(
         setup.hs.server_name,
         portal_listen,
         data.display(),
-        creds.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"),
-        std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "secta".into()),
+        creds
+            .lines()
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "secta".into()),
         data.display(),
     );
     run_box(setup, Some(listener))
@@ -414,10 +512,16 @@ fn mx(e: secta_homeserver::MxError) -> anyhow::Error {
 fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
     match cmd {
         AdminCmd::User { cmd } => match cmd {
-            UserCmd::Create { username, password, admin } => {
+            UserCmd::Create {
+                username,
+                password,
+                admin,
+            } => {
                 let generated = password.is_none();
                 let password = password.unwrap_or_else(|| secta_homeserver::random_string(16));
-                let id = hs.admin_create_user(&username, &password, admin).map_err(mx)?;
+                let id = hs
+                    .admin_create_user(&username, &password, admin)
+                    .map_err(mx)?;
                 println!("{id}");
                 if generated {
                     println!("password: {password}");
@@ -445,16 +549,24 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
                 }
             }
         },
-        AdminCmd::Federation { cmd: Some(FedCmd::Block { server }) } => {
+        AdminCmd::Federation {
+            cmd: Some(FedCmd::Block { server }),
+        } => {
             hs.set_server_blocked(&server, true).map_err(mx)?;
             println!("blocked {server}");
         }
-        AdminCmd::Federation { cmd: Some(FedCmd::Unblock { server }) } => {
+        AdminCmd::Federation {
+            cmd: Some(FedCmd::Unblock { server }),
+        } => {
             hs.set_server_blocked(&server, false).map_err(mx)?;
             println!("unblocked {server}");
         }
-        AdminCmd::Federation { cmd: Some(FedCmd::RotateKey) } => unreachable!("handled before opening the database"),
-        AdminCmd::Federation { cmd: None | Some(FedCmd::Status) } => {
+        AdminCmd::Federation {
+            cmd: Some(FedCmd::RotateKey),
+        } => unreachable!("handled before opening the database"),
+        AdminCmd::Federation {
+            cmd: None | Some(FedCmd::Status),
+        } => {
             let peers = hs.federation_status().map_err(mx)?;
             if peers.is_empty() {
                 println!("no federation peers yet");
@@ -465,7 +577,8 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
                     p.server_name,
                     p.queued,
                     p.failures,
-                    p.last_success.map_or("never".to_owned(), |t| format!("{t} ms")),
+                    p.last_success
+                        .map_or("never".to_owned(), |t| format!("{t} ms")),
                     p.last_error.unwrap_or_default()
                 );
             }
@@ -473,7 +586,9 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Invite { cmd } => match cmd {
             InviteCmd::Create { uses, expires_in } => {
                 let expiry = expires_in.as_deref().map(parse_duration).transpose()?;
-                let token = hs.admin_create_invite((uses > 0).then_some(uses), expiry).map_err(mx)?;
+                let token = hs
+                    .admin_create_invite((uses > 0).then_some(uses), expiry)
+                    .map_err(mx)?;
                 println!("{token}");
             }
             InviteCmd::List => {
@@ -483,7 +598,8 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
                         i.token,
                         i.completed,
                         i.uses_allowed.map_or("∞".to_owned(), |u| u.to_string()),
-                        i.expiry_ts.map_or("no expiry".to_owned(), |e| format!("expires at {e} ms")),
+                        i.expiry_ts
+                            .map_or("no expiry".to_owned(), |e| format!("expires at {e} ms")),
                         if i.revoked { "\trevoked" } else { "" }
                     );
                 }
@@ -505,7 +621,10 @@ mod tests {
     #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert!(parse_duration("7w").is_err());
         assert!(parse_duration("x").is_err());
     }

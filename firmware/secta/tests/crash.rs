@@ -14,23 +14,41 @@ use common::{admin, enc, free_port, login, start, Server};
 use serde_json::{json, Value};
 
 /// Sends from 4 threads until told to stop or the server goes away; returns acknowledged event ids.
-fn burst(base: &str, token: &str, room: &str, stop: Arc<Mutex<bool>>) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+fn burst(
+    base: &str,
+    token: &str,
+    room: &str,
+    stop: Arc<Mutex<bool>>,
+) -> Vec<std::thread::JoinHandle<Vec<String>>> {
     (0..4)
         .map(|t| {
-            let (base, token, room, stop) = (base.to_owned(), token.to_owned(), room.to_owned(), stop.clone());
+            let (base, token, room, stop) = (
+                base.to_owned(),
+                token.to_owned(),
+                room.to_owned(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 let mut acked = Vec::new();
                 for i in 0..5000 {
                     if *stop.lock().unwrap() {
                         break;
                     }
-                    let url = format!("{base}/_matrix/client/v3/rooms/{}/send/m.room.message/t{t}-{i}", enc(&room));
+                    let url = format!(
+                        "{base}/_matrix/client/v3/rooms/{}/send/m.room.message/t{t}-{i}",
+                        enc(&room)
+                    );
                     match ureq::put(&url)
                         .set("Authorization", &format!("Bearer {token}"))
                         .timeout(Duration::from_secs(5))
                         .send_json(json!({"msgtype": "m.text", "body": format!("{t}/{i}")}))
                     {
-                        Ok(r) => acked.push(r.into_json::<Value>().unwrap()["event_id"].as_str().unwrap().to_owned()),
+                        Ok(r) => acked.push(
+                            r.into_json::<Value>().unwrap()["event_id"]
+                                .as_str()
+                                .unwrap()
+                                .to_owned(),
+                        ),
                         Err(_) => break,
                     }
                 }
@@ -55,15 +73,22 @@ fn setup(data: &Path) -> (Server, String, String) {
 
 fn check_all_present(data: &Path, acked: &[String], room: &str) {
     let conn = rusqlite::Connection::open(data.join("homeserver.db")).unwrap();
-    let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let ok: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(ok, "ok");
     drop(conn);
     let server = start(data, free_port(), &[]);
     let token = login(&server.base, "alice");
     for id in acked {
-        let r = ureq::get(&format!("{}/_matrix/client/v3/rooms/{}/event/{}", server.base, enc(room), enc(id)))
-            .set("Authorization", &format!("Bearer {token}"))
-            .call();
+        let r = ureq::get(&format!(
+            "{}/_matrix/client/v3/rooms/{}/event/{}",
+            server.base,
+            enc(room),
+            enc(id)
+        ))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call();
         assert!(r.is_ok(), "acknowledged event {id} lost after restart");
     }
 }
@@ -78,8 +103,15 @@ fn sigkill_mid_burst_loses_no_acknowledged_event() {
     server.child.kill().unwrap(); // SIGKILL
     server.child.wait().unwrap();
     *stop.lock().unwrap() = true;
-    let acked: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    assert!(acked.len() > 20, "the burst should have sent a good number before the kill ({})", acked.len());
+    let acked: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        acked.len() > 20,
+        "the burst should have sent a good number before the kill ({})",
+        acked.len()
+    );
     check_all_present(dir.path(), &acked, &room);
 }
 
@@ -90,22 +122,34 @@ fn sigterm_shuts_down_gracefully() {
     let stop = Arc::new(Mutex::new(false));
     let threads = burst(&server.base, &token, &room, stop.clone());
     std::thread::sleep(Duration::from_millis(500));
-    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(15);
     let code = loop {
         if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "secta did not stop within 15 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "secta did not stop within 15 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(code.success(), "exit status {code:?}");
     *stop.lock().unwrap() = true;
-    let acked: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let acked: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     assert!(!acked.is_empty());
     // A clean shutdown checkpoints the WAL into the database file.
     let wal = dir.path().join("homeserver.db-wal");
-    assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0, "WAL left behind after clean shutdown");
+    assert!(
+        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+        "WAL left behind after clean shutdown"
+    );
     check_all_present(dir.path(), &acked, &room);
 }

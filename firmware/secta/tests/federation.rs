@@ -27,7 +27,13 @@ fn start_box(data: &Path, port: u16, port_tls: u16, peer_port: u16, peer_tls: u1
 }
 
 /// Syncs until `pred` holds for a response (bounded in time).
-fn sync_until(base: &str, token: &str, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+fn sync_until(
+    base: &str,
+    token: &str,
+    what: &str,
+    secs: u64,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut since: Option<String> = None;
     loop {
@@ -51,8 +57,17 @@ fn timeline_has(v: &Value, room: &str, body: &str) -> bool {
 }
 
 fn send(base: &str, token: &str, room: &str, txn: &str, body: &str) {
-    let url = format!("{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
-    call("PUT", &url, token, json!({"msgtype": "m.text", "body": body})).expect("send");
+    let url = format!(
+        "{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+        enc(room)
+    );
+    call(
+        "PUT",
+        &url,
+        token,
+        json!({"msgtype": "m.text", "body": body}),
+    )
+    .expect("send");
 }
 
 #[test]
@@ -78,49 +93,146 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let bob = login(&b.base, "bob");
     let bob_id = format!("@bob:{}", b.name);
 
-    let room = call("POST", &format!("{}/_matrix/client/v3/createRoom", a.base), &alice, json!({"preset": "public_chat", "visibility": "public", "name": "Между коробками"}))
-        .unwrap()["room_id"]
+    let room = call(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.base),
+        &alice,
+        json!({"preset": "public_chat", "visibility": "public", "name": "Между коробками"}),
+    )
+    .unwrap()["room_id"]
         .as_str()
         .unwrap()
         .to_owned();
     for i in 0..5 {
-        send(&a.base, &alice, &room, &format!("h{i}"), &format!("история {i}"));
+        send(
+            &a.base,
+            &alice,
+            &room,
+            &format!("h{i}"),
+            &format!("история {i}"),
+        );
     }
     // B's users see A's public directory and A's users' profiles.
-    let dir = call("GET", &format!("{}/_matrix/client/v3/publicRooms?server={}", b.base, a.name), &bob, json!({})).unwrap();
-    assert!(dir["chunk"].as_array().unwrap().iter().any(|r| r["room_id"] == room.as_str()), "{dir}");
-    let profile = call("GET", &format!("{}/_matrix/client/v3/profile/{}", b.base, enc(&format!("@alice:{}", a.name))), &bob, json!({})).unwrap();
+    let dir = call(
+        "GET",
+        &format!("{}/_matrix/client/v3/publicRooms?server={}", b.base, a.name),
+        &bob,
+        json!({}),
+    )
+    .unwrap();
+    assert!(
+        dir["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["room_id"] == room.as_str()),
+        "{dir}"
+    );
+    let profile = call(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/profile/{}",
+            b.base,
+            enc(&format!("@alice:{}", a.name))
+        ),
+        &bob,
+        json!({}),
+    )
+    .unwrap();
     assert_eq!(profile["displayname"], "alice");
-    call("POST", &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)), &alice, json!({"user_id": bob_id}))
-        .expect("invite across servers");
-    sync_until(&b.base, &bob, "the invite on box B", 20, |v| v["rooms"]["invite"].get(&room).is_some());
-    call("POST", &format!("{}/_matrix/client/v3/join/{}", b.base, enc(&room)), &bob, json!({})).expect("remote join");
+    call(
+        "POST",
+        &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)),
+        &alice,
+        json!({"user_id": bob_id}),
+    )
+    .expect("invite across servers");
+    sync_until(&b.base, &bob, "the invite on box B", 20, |v| {
+        v["rooms"]["invite"].get(&room).is_some()
+    });
+    call(
+        "POST",
+        &format!("{}/_matrix/client/v3/join/{}", b.base, enc(&room)),
+        &bob,
+        json!({}),
+    )
+    .expect("remote join");
 
     // History from before bob's box was in the room comes by backfill.
-    let history = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=30", b.base, enc(&room)), &bob, json!({})).unwrap();
-    let bodies: Vec<&str> = history["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
-    assert!(bodies.contains(&"история 0") && bodies.contains(&"история 4"), "backfilled history: {history}");
+    let history = call(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=30",
+            b.base,
+            enc(&room)
+        ),
+        &bob,
+        json!({}),
+    )
+    .unwrap();
+    let bodies: Vec<&str> = history["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert!(
+        bodies.contains(&"история 0") && bodies.contains(&"история 4"),
+        "backfilled history: {history}"
+    );
     let i4 = bodies.iter().position(|b| *b == "история 4").unwrap();
     let i0 = bodies.iter().position(|b| *b == "история 0").unwrap();
     assert!(i4 < i0, "newest first: {bodies:?}");
 
     send(&a.base, &alice, &room, "a1", "привет из A");
-    sync_until(&b.base, &bob, "A's message on B", 30, |v| timeline_has(v, &room, "привет из A"));
+    sync_until(&b.base, &bob, "A's message on B", 30, |v| {
+        timeline_has(v, &room, "привет из A")
+    });
     send(&b.base, &bob, &room, "b1", "hello from B");
-    sync_until(&a.base, &alice, "B's message on A", 30, |v| timeline_has(v, &room, "hello from B"));
+    sync_until(&a.base, &alice, "B's message on A", 30, |v| {
+        timeline_has(v, &room, "hello from B")
+    });
     // Carol on B declines an invite: A learns it through make_leave/send_leave.
     let carol = login(&b.base, "carol");
     let carol_id = format!("@carol:{}", b.name);
-    call("POST", &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)), &alice, json!({"user_id": carol_id})).unwrap();
-    let invited = sync_until(&b.base, &carol, "carol's invite", 20, |v| v["rooms"]["invite"].get(&room).is_some());
-    call("POST", &format!("{}/_matrix/client/v3/rooms/{}/leave", b.base, enc(&room)), &carol, json!({})).expect("decline");
+    call(
+        "POST",
+        &format!("{}/_matrix/client/v3/rooms/{}/invite", a.base, enc(&room)),
+        &alice,
+        json!({"user_id": carol_id}),
+    )
+    .unwrap();
+    let invited = sync_until(&b.base, &carol, "carol's invite", 20, |v| {
+        v["rooms"]["invite"].get(&room).is_some()
+    });
+    call(
+        "POST",
+        &format!("{}/_matrix/client/v3/rooms/{}/leave", b.base, enc(&room)),
+        &carol,
+        json!({}),
+    )
+    .expect("decline");
     // Carol's other devices hear of the decline.
     let since = invited["next_batch"].as_str().unwrap();
-    let after = call("GET", &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.base), &carol, json!({})).unwrap();
-    assert_eq!(after["rooms"]["leave"][&room]["timeline"]["events"][0]["content"]["membership"], "leave", "{after}");
+    let after = call(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.base),
+        &carol,
+        json!({}),
+    )
+    .unwrap();
+    assert_eq!(
+        after["rooms"]["leave"][&room]["timeline"]["events"][0]["content"]["membership"], "leave",
+        "{after}"
+    );
     let state = call(
         "GET",
-        &format!("{}/_matrix/client/v3/rooms/{}/state/m.room.member/{}", a.base, enc(&room), enc(&carol_id)),
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+            a.base,
+            enc(&room),
+            enc(&carol_id)
+        ),
         &alice,
         json!({}),
     )
@@ -140,21 +252,48 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     .as_str()
     .unwrap()
     .to_owned();
-    call("POST", &format!("{}/_matrix/client/v3/join/{}?server_name={}", b.base, enc(&restricted), a.name), &bob, json!({}))
-        .expect("restricted join through the authorising server");
+    call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/join/{}?server_name={}",
+            b.base,
+            enc(&restricted),
+            a.name
+        ),
+        &bob,
+        json!({}),
+    )
+    .expect("restricted join through the authorising server");
     // Presence crosses over (m.presence EDU).
     call(
         "PUT",
-        &format!("{}/_matrix/client/v3/presence/{}/status", b.base, enc(&bob_id)),
+        &format!(
+            "{}/_matrix/client/v3/presence/{}/status",
+            b.base,
+            enc(&bob_id)
+        ),
         &bob,
         json!({"presence": "unavailable", "status_msg": "в эфире"}),
     )
     .unwrap();
     sync_until(&a.base, &alice, "bob's presence on A", 30, |v| {
-        v["presence"]["events"].as_array().is_some_and(|evs| evs.iter().any(|e| e["sender"] == bob_id.as_str() && e["content"]["status_msg"] == "в эфире"))
+        v["presence"]["events"].as_array().is_some_and(|evs| {
+            evs.iter()
+                .any(|e| e["sender"] == bob_id.as_str() && e["content"]["status_msg"] == "в эфире")
+        })
     });
     // Bob's join reached A, so A lists him as a member.
-    let members = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/joined_members", a.base, enc(&room)), &alice, json!({})).unwrap();
+    let members = call(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/joined_members",
+            a.base,
+            enc(&room)
+        ),
+        &alice,
+        json!({}),
+    )
+    .unwrap();
     assert!(members["joined"].get(&bob_id).is_some(), "{members}");
 
     // Box B goes down; A keeps the message and delivers it when B is back.
@@ -172,15 +311,30 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     assert!(queued >= 1, "the message waits in A's queue: {status}");
     b = start_box(&db, pb, tb, pa, ta);
     let bob = login(&b.base, "bob");
-    let v = sync_until(&b.base, &bob, "the message sent while B was down", 60, |v| timeline_has(v, &room, "пока тебя не было"));
+    let v = sync_until(
+        &b.base,
+        &bob,
+        "the message sent while B was down",
+        60,
+        |v| timeline_has(v, &room, "пока тебя не было"),
+    );
 
     // A blocks B: nothing more goes out to it.
     admin(&da, &["federation", "block", &b.name]);
     send(&a.base, &alice, &room, "a3", "только для своих");
     std::thread::sleep(Duration::from_secs(3));
     let since = v["next_batch"].as_str().unwrap().to_owned();
-    let later = call("GET", &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.base), &bob, json!({})).unwrap();
-    assert!(!timeline_has(&later, &room, "только для своих"), "a blocked server still got the message");
+    let later = call(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.base),
+        &bob,
+        json!({}),
+    )
+    .unwrap();
+    assert!(
+        !timeline_has(&later, &room, "только для своих"),
+        "a blocked server still got the message"
+    );
     let status = admin(&da, &["federation"]);
     assert!(status.contains("queued 0"), "{status}");
 
@@ -188,9 +342,29 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     // (get_missing_events) so the message sent while blocked shows up too.
     admin(&da, &["federation", "unblock", &b.name]);
     send(&a.base, &alice, &room, "a4", "снова вместе");
-    sync_until(&b.base, &bob, "the message after the gap", 30, |v| timeline_has(v, &room, "снова вместе"));
-    let history = call("GET", &format!("{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", b.base, enc(&room)), &bob, json!({})).unwrap();
-    let bodies: Vec<&str> = history["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
-    assert!(bodies.contains(&"снова вместе") && bodies.contains(&"только для своих"), "{bodies:?}");
+    sync_until(&b.base, &bob, "the message after the gap", 30, |v| {
+        timeline_has(v, &room, "снова вместе")
+    });
+    let history = call(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5",
+            b.base,
+            enc(&room)
+        ),
+        &bob,
+        json!({}),
+    )
+    .unwrap();
+    let bodies: Vec<&str> = history["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert!(
+        bodies.contains(&"снова вместе") && bodies.contains(&"только для своих"),
+        "{bodies:?}"
+    );
     drop(b);
 }

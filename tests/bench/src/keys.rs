@@ -17,7 +17,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use rand_core::{OsRng, RngCore};
 use serde_json::{json, Value};
 
-use crate::{idle_and_register, median, ms, round3, run_bounded, summary, Ctx, Method, Registered, REQ_TIMEOUT};
+use crate::{
+    idle_and_register, median, ms, round3, run_bounded, summary, Ctx, Method, Registered,
+    REQ_TIMEOUT,
+};
 
 const UPLOAD: &str = "/_matrix/client/v3/keys/upload";
 const QUERY: &str = "/_matrix/client/v3/keys/query";
@@ -28,7 +31,9 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 fn unb64(s: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD_NO_PAD.decode(s.trim_end_matches('=')).ok()
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()
 }
 
 /// Canonical JSON of `v` without `signatures` and `unsigned`: serde_json's `Map` is a `BTreeMap`
@@ -50,11 +55,21 @@ fn sign(v: &mut Value, key: &SigningKey, user: &str, key_id: &str) {
 
 /// Whether `v` carries a valid signature `signatures.{user}.{key_id}` by `public_b64`.
 fn verify(v: &Value, user: &str, key_id: &str, public_b64: &str) -> bool {
-    let Some(sig) = v["signatures"][user][key_id].as_str() else { return false };
-    let (Some(sig), Some(pk)) = (unb64(sig), unb64(public_b64)) else { return false };
-    let Ok(sig) = Signature::from_slice(&sig) else { return false };
-    let Ok(pk) = <[u8; 32]>::try_from(pk.as_slice()) else { return false };
-    let Ok(vk) = VerifyingKey::from_bytes(&pk) else { return false };
+    let Some(sig) = v["signatures"][user][key_id].as_str() else {
+        return false;
+    };
+    let (Some(sig), Some(pk)) = (unb64(sig), unb64(public_b64)) else {
+        return false;
+    };
+    let Ok(sig) = Signature::from_slice(&sig) else {
+        return false;
+    };
+    let Ok(pk) = <[u8; 32]>::try_from(pk.as_slice()) else {
+        return false;
+    };
+    let Ok(vk) = VerifyingKey::from_bytes(&pk) else {
+        return false;
+    };
     vk.verify(canonical_for_signing(v).as_bytes(), &sig).is_ok()
 }
 
@@ -80,7 +95,11 @@ struct Device {
 
 /// Device keys and `n` signed one-time keys for a device, signed by a fresh ed25519 key.
 /// Returns (upload body, ed25519 public key, one-time keys).
-fn make_keys(user_id: &str, device_id: &str, n: usize) -> (Value, String, BTreeMap<String, String>) {
+fn make_keys(
+    user_id: &str,
+    device_id: &str,
+    n: usize,
+) -> (Value, String, BTreeMap<String, String>) {
     let signing = SigningKey::generate(&mut OsRng);
     let ed = b64(signing.verifying_key().as_bytes());
     let key_id = format!("ed25519:{device_id}");
@@ -105,7 +124,11 @@ fn make_keys(user_id: &str, device_id: &str, n: usize) -> (Value, String, BTreeM
         otks.insert(id.clone(), key);
         otk_json.insert(id, o);
     }
-    (json!({ "device_keys": dk, "one_time_keys": otk_json }), ed, otks)
+    (
+        json!({ "device_keys": dk, "one_time_keys": otk_json }),
+        ed,
+        otks,
+    )
 }
 
 async fn login(ctx: &Ctx, reg: &Registered, device_id: &str) -> Option<(String, String)> {
@@ -116,11 +139,26 @@ async fn login(ctx: &Ctx, reg: &Registered, device_id: &str) -> Option<(String, 
         "device_id": device_id,
         "initial_device_display_name": "secta-bench",
     });
-    let v = ctx.http.call("login", Method::Post, "/_matrix/client/v3/login", None, Some(&body), REQ_TIMEOUT).await?;
+    let v = ctx
+        .http
+        .call(
+            "login",
+            Method::Post,
+            "/_matrix/client/v3/login",
+            None,
+            Some(&body),
+            REQ_TIMEOUT,
+        )
+        .await?;
     let token = v.get("access_token")?.as_str()?.to_owned();
-    let dev = v.get("device_id").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let dev = v
+        .get("device_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     if dev != device_id {
-        ctx.http.count_with_sample("login", "2xx other device_id", &v.to_string());
+        ctx.http
+            .count_with_sample("login", "2xx other device_id", &v.to_string());
     }
     Some((v.get("user_id")?.as_str()?.to_owned(), token))
 }
@@ -158,7 +196,12 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
     ctx.set("logins_ok", login_lat.len());
     ctx.set("login_ms", summary(&login_lat));
     ctx.set("login_wall_ms", round3(ms(t.elapsed())));
-    ctx.progress(format!("{}/{} logins in {:.1}s", login_lat.len(), n_users * n_dev, t.elapsed().as_secs_f64()));
+    ctx.progress(format!(
+        "{}/{} logins in {:.1}s",
+        login_lat.len(),
+        n_users * n_dev,
+        t.elapsed().as_secs_f64()
+    ));
 
     // 2. Keys, generated and signed before anything is timed.
     let t = Instant::now();
@@ -167,7 +210,15 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
         .flatten()
         .map(|(user, user_id, device_id, token, _)| {
             let (upload, ed25519, otks) = make_keys(&user_id, &device_id, n_otk);
-            Arc::new(Device { user, user_id, device_id, token, ed25519, otks, upload })
+            Arc::new(Device {
+                user,
+                user_id,
+                device_id,
+                token,
+                ed25519,
+                otks,
+                upload,
+            })
         })
         .collect();
     ctx.set("bench_keygen_ms", round3(ms(t.elapsed())));
@@ -185,55 +236,110 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
             let (ctx, d) = (ctx.clone(), d.clone());
             async move {
                 let t = Instant::now();
-                let v = ctx.http.call("keys_upload", Method::Post, UPLOAD, Some(&d.token), Some(&d.upload), REQ_TIMEOUT).await?;
+                let v = ctx
+                    .http
+                    .call(
+                        "keys_upload",
+                        Method::Post,
+                        UPLOAD,
+                        Some(&d.token),
+                        Some(&d.upload),
+                        REQ_TIMEOUT,
+                    )
+                    .await?;
                 let dt = ms(t.elapsed());
-                Some((dt, v.pointer("/one_time_key_counts/signed_curve25519").and_then(Value::as_u64)))
+                Some((
+                    dt,
+                    v.pointer("/one_time_key_counts/signed_curve25519")
+                        .and_then(Value::as_u64),
+                ))
             }
         })
         .collect();
     let uploads = run_bounded(&ctx, a.setup_concurrency, futs).await;
     let up_lat: Vec<f64> = uploads.iter().flatten().map(|x| x.0).collect();
-    let count_wrong = uploads.iter().flatten().filter(|x| x.1 != Some(n_otk as u64)).count();
+    let count_wrong = uploads
+        .iter()
+        .flatten()
+        .filter(|x| x.1 != Some(n_otk as u64))
+        .count();
     // Devices whose upload succeeded: only they take part in queries and claims.
-    let uploaded: Vec<Arc<Device>> =
-        devices.iter().zip(&uploads).filter(|(_, u)| u.is_some()).map(|(d, _)| d.clone()).collect();
+    let uploaded: Vec<Arc<Device>> = devices
+        .iter()
+        .zip(&uploads)
+        .filter(|(_, u)| u.is_some())
+        .map(|(d, _)| d.clone())
+        .collect();
     ctx.set("keys_upload_ms", summary(&up_lat));
     ctx.set("keys_upload_wall_ms", round3(ms(t.elapsed())));
     ctx.set("keys_uploads_ok", up_lat.len());
     ctx.set("keys_upload_count_mismatch", count_wrong);
     ctx.set("rss_after_upload_kb", ctx.rss_kb());
-    ctx.progress(format!("{}/{} uploads ok in {:.1}s", up_lat.len(), devices.len(), t.elapsed().as_secs_f64()));
+    ctx.progress(format!(
+        "{}/{} uploads ok in {:.1}s",
+        up_lat.len(),
+        devices.len(),
+        t.elapsed().as_secs_f64()
+    ));
 
     // The server must refuse device keys signed by another key (user 0's registration device).
     if let Some(reg) = users.iter().flatten().next() {
         if let Some(dev) = ctx
             .http
-            .call("whoami", Method::Get, "/_matrix/client/v3/account/whoami", Some(&reg.user.token), None, REQ_TIMEOUT)
+            .call(
+                "whoami",
+                Method::Get,
+                "/_matrix/client/v3/account/whoami",
+                Some(&reg.user.token),
+                None,
+                REQ_TIMEOUT,
+            )
             .await
-            .and_then(|v| v.get("device_id").and_then(Value::as_str).map(str::to_owned))
+            .and_then(|v| {
+                v.get("device_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
         {
             let (mut body, _, _) = make_keys(&reg.user.user_id, &dev, 1);
             let other = SigningKey::generate(&mut OsRng);
             let key_id = format!("ed25519:{dev}");
             body["device_keys"]["signatures"] = json!({});
             sign(&mut body["device_keys"], &other, &reg.user.user_id, &key_id);
-            let res = ctx.http.raw(Method::Post, UPLOAD, Some(&reg.user.token), Some(&json!({ "device_keys": body["device_keys"] }))).await;
+            let res = ctx
+                .http
+                .raw(
+                    Method::Post,
+                    UPLOAD,
+                    Some(&reg.user.token),
+                    Some(&json!({ "device_keys": body["device_keys"] })),
+                )
+                .await;
             let seen = match res {
-                Ok((status, v)) => format!("{status} {}", v.get("errcode").and_then(Value::as_str).unwrap_or("-")),
+                Ok((status, v)) => format!(
+                    "{status} {}",
+                    v.get("errcode").and_then(Value::as_str).unwrap_or("-")
+                ),
                 Err(e) => format!("transport: {e}"),
             };
-            ctx.set("bad_signature_upload", json!({ "expected": "400 M_INVALID_SIGNATURE", "got": seen }));
+            ctx.set(
+                "bad_signature_upload",
+                json!({ "expected": "400 M_INVALID_SIGNATURE", "got": seen }),
+            );
         }
     }
 
     // Who is who, for the checks below.
-    let by_user: BTreeMap<usize, Vec<Arc<Device>>> = uploaded.iter().fold(BTreeMap::new(), |mut m, d| {
-        m.entry(d.user).or_insert_with(Vec::new).push(d.clone());
-        m
-    });
+    let by_user: BTreeMap<usize, Vec<Arc<Device>>> =
+        uploaded.iter().fold(BTreeMap::new(), |mut m, d| {
+            m.entry(d.user).or_insert_with(Vec::new).push(d.clone());
+            m
+        });
     let user_ids: Vec<String> = by_user.values().map(|ds| ds[0].user_id.clone()).collect();
-    let known: HashMap<(String, String), Arc<Device>> =
-        uploaded.iter().map(|d| ((d.user_id.clone(), d.device_id.clone()), d.clone())).collect();
+    let known: HashMap<(String, String), Arc<Device>> = uploaded
+        .iter()
+        .map(|d| ((d.user_id.clone(), d.device_id.clone()), d.clone()))
+        .collect();
     // Devices of ours in a /keys/query answer, and how many of them carry a valid self-signature.
     let check_query = |v: &Value| -> (usize, usize) {
         let (mut found, mut valid) = (0, 0);
@@ -242,7 +348,10 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
                 for (dev, keys) in devs.as_object().into_iter().flatten() {
                     if let Some(d) = known.get(&(user.clone(), dev.clone())) {
                         found += 1;
-                        let same_key = keys.pointer(&format!("/keys/ed25519:{dev}")).and_then(Value::as_str) == Some(d.ed25519.as_str());
+                        let same_key = keys
+                            .pointer(&format!("/keys/ed25519:{dev}"))
+                            .and_then(Value::as_str)
+                            == Some(d.ed25519.as_str());
                         if same_key && verify(keys, user, &format!("ed25519:{dev}"), &d.ed25519) {
                             valid += 1;
                         }
@@ -264,7 +373,17 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
             break;
         }
         let t = Instant::now();
-        let v = ctx.http.call("keys_query_all", Method::Post, QUERY, Some(&querier.token), Some(&body), REQ_TIMEOUT).await;
+        let v = ctx
+            .http
+            .call(
+                "keys_query_all",
+                Method::Post,
+                QUERY,
+                Some(&querier.token),
+                Some(&body),
+                REQ_TIMEOUT,
+            )
+            .await;
         let dt = ms(t.elapsed());
         if let Some(v) = v {
             lat.push(dt);
@@ -279,8 +398,18 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
         ctx.set("keys_query_all_devices_returned", found);
         ctx.set("keys_query_all_devices_signature_ok", valid);
         ctx.set("keys_query_all_bytes", v.to_string().len());
-        ctx.set("keys_query_all_failures", v.get("failures").and_then(Value::as_object).map_or(0, |f| f.len()));
-        ctx.progress(format!("query of {} users: p50 {:.1} ms, {found}/{} devices", user_ids.len(), median(&lat).unwrap_or(0.0), uploaded.len()));
+        ctx.set(
+            "keys_query_all_failures",
+            v.get("failures")
+                .and_then(Value::as_object)
+                .map_or(0, |f| f.len()),
+        );
+        ctx.progress(format!(
+            "query of {} users: p50 {:.1} ms, {found}/{} devices",
+            user_ids.len(),
+            median(&lat).unwrap_or(0.0),
+            uploaded.len()
+        ));
     }
 
     // 4b. Many queries for a few users each (sequential; the querier rotates).
@@ -294,14 +423,26 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
             break;
         }
         let who = &uploaded_users[q % uploaded_users.len()][0];
-        let targets: Vec<&Vec<Arc<Device>>> = (0..per).map(|j| uploaded_users[(q * per + j) % uploaded_users.len()]).collect();
+        let targets: Vec<&Vec<Arc<Device>>> = (0..per)
+            .map(|j| uploaded_users[(q * per + j) % uploaded_users.len()])
+            .collect();
         let expected: usize = targets.iter().map(|ds| ds.len()).sum();
         let body = json!({
             "device_keys": targets.iter().map(|ds| (ds[0].user_id.clone(), json!([]))).collect::<serde_json::Map<_, _>>(),
             "timeout": 10000,
         });
         let t = Instant::now();
-        let v = ctx.http.call("keys_query", Method::Post, QUERY, Some(&who.token), Some(&body), REQ_TIMEOUT).await;
+        let v = ctx
+            .http
+            .call(
+                "keys_query",
+                Method::Post,
+                QUERY,
+                Some(&who.token),
+                Some(&body),
+                REQ_TIMEOUT,
+            )
+            .await;
         let dt = ms(t.elapsed());
         if let Some(v) = v {
             lat.push(dt);
@@ -314,12 +455,20 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
     ctx.set("keys_query_users_per_request", per);
     ctx.set("keys_query_missing_devices", missing);
     ctx.set("keys_query_bad_signatures", bad_sig);
-    ctx.progress(format!("{} queries of {per} users: p50 {:.1} ms", lat.len(), median(&lat).unwrap_or(0.0)));
+    ctx.progress(format!(
+        "{} queries of {per} users: p50 {:.1} ms",
+        lat.len(),
+        median(&lat).unwrap_or(0.0)
+    ));
 
     // 5. Claims: each round claims one signed_curve25519 key for every device of every user,
     // one request per user, made by another user.
     let rounds = ctx.args.claim_rounds;
-    ctx.progress(format!("claiming: {rounds} rounds × {} users, {} concurrent", uploaded_users.len(), ctx.args.claim_concurrency));
+    ctx.progress(format!(
+        "claiming: {rounds} rounds × {} users, {} concurrent",
+        uploaded_users.len(),
+        ctx.args.claim_concurrency
+    ));
     let claimed: Arc<Mutex<HashSet<(String, String, String)>>> = Arc::default();
     let per_device: Arc<Mutex<HashMap<(String, String), u64>>> = Arc::default();
     #[derive(Default)]
@@ -337,37 +486,77 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
         for (i, devs) in uploaded_users.iter().enumerate() {
             let claimer = uploaded_users[(i + 1) % uploaded_users.len()][0].clone();
             let devs: Vec<Arc<Device>> = devs.to_vec();
-            let (ctx, claimed, per_device, stats) = (ctx.clone(), claimed.clone(), per_device.clone(), stats.clone());
+            let (ctx, claimed, per_device, stats) = (
+                ctx.clone(),
+                claimed.clone(),
+                per_device.clone(),
+                stats.clone(),
+            );
             futs.push(async move {
                 let user_id = devs[0].user_id.clone();
-                let want: serde_json::Map<String, Value> =
-                    devs.iter().map(|d| (d.device_id.clone(), json!("signed_curve25519"))).collect();
+                let want: serde_json::Map<String, Value> = devs
+                    .iter()
+                    .map(|d| (d.device_id.clone(), json!("signed_curve25519")))
+                    .collect();
                 let body = json!({ "one_time_keys": { user_id.clone(): want }, "timeout": 10000 });
                 let t = Instant::now();
-                let v = ctx.http.call("keys_claim", Method::Post, CLAIM, Some(&claimer.token), Some(&body), REQ_TIMEOUT).await?;
+                let v = ctx
+                    .http
+                    .call(
+                        "keys_claim",
+                        Method::Post,
+                        CLAIM,
+                        Some(&claimer.token),
+                        Some(&body),
+                        REQ_TIMEOUT,
+                    )
+                    .await?;
                 let dt = ms(t.elapsed());
                 let mut st = stats.lock().unwrap_or_else(|p| p.into_inner());
-                if v.get("failures").and_then(Value::as_object).is_some_and(|f| !f.is_empty()) {
+                if v.get("failures")
+                    .and_then(Value::as_object)
+                    .is_some_and(|f| !f.is_empty())
+                {
                     st.failures += 1;
                 }
                 for d in &devs {
-                    let got = v.pointer(&format!("/one_time_keys/{}/{}", user_id.replace('~', "~0").replace('/', "~1"), d.device_id));
-                    let Some((kid, key)) = got.and_then(Value::as_object).and_then(|m| m.iter().next()) else {
+                    let got = v.pointer(&format!(
+                        "/one_time_keys/{}/{}",
+                        user_id.replace('~', "~0").replace('/', "~1"),
+                        d.device_id
+                    ));
+                    let Some((kid, key)) =
+                        got.and_then(Value::as_object).and_then(|m| m.iter().next())
+                    else {
                         st.missing += 1;
                         continue;
                     };
                     st.keys += 1;
-                    if d.otks.get(kid).map(String::as_str) != key.get("key").and_then(Value::as_str) {
+                    if d.otks.get(kid).map(String::as_str) != key.get("key").and_then(Value::as_str)
+                    {
                         st.unknown_key += 1;
                     }
-                    if !verify(key, &d.user_id, &format!("ed25519:{}", d.device_id), &d.ed25519) {
+                    if !verify(
+                        key,
+                        &d.user_id,
+                        &format!("ed25519:{}", d.device_id),
+                        &d.ed25519,
+                    ) {
                         st.bad_signature += 1;
                     }
-                    let fresh = claimed.lock().unwrap_or_else(|p| p.into_inner()).insert((d.user_id.clone(), d.device_id.clone(), kid.clone()));
+                    let fresh = claimed.lock().unwrap_or_else(|p| p.into_inner()).insert((
+                        d.user_id.clone(),
+                        d.device_id.clone(),
+                        kid.clone(),
+                    ));
                     if !fresh {
                         st.duplicates += 1;
                     } else {
-                        *per_device.lock().unwrap_or_else(|p| p.into_inner()).entry((d.user_id.clone(), d.device_id.clone())).or_default() += 1;
+                        *per_device
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry((d.user_id.clone(), d.device_id.clone()))
+                            .or_default() += 1;
                     }
                 }
                 Some(dt)
@@ -395,7 +584,11 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
             }),
         );
     }
-    ctx.progress(format!("{} claims: p50 {:.1} ms", claim_lat.len(), median(&claim_lat).unwrap_or(0.0)));
+    ctx.progress(format!(
+        "{} claims: p50 {:.1} ms",
+        claim_lat.len(),
+        median(&claim_lat).unwrap_or(0.0)
+    ));
 
     // 6. What each device has left must be what it uploaded minus what was claimed from it.
     let futs: Vec<_> = uploaded
@@ -403,9 +596,26 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
         .map(|d| {
             let (ctx, d, per_device) = (ctx.clone(), d.clone(), per_device.clone());
             async move {
-                let v = ctx.http.call("keys_upload_counts", Method::Post, UPLOAD, Some(&d.token), Some(&json!({})), REQ_TIMEOUT).await?;
-                let have = v.pointer("/one_time_key_counts/signed_curve25519").and_then(Value::as_u64)?;
-                let taken = per_device.lock().unwrap_or_else(|p| p.into_inner()).get(&(d.user_id.clone(), d.device_id.clone())).copied().unwrap_or(0);
+                let v = ctx
+                    .http
+                    .call(
+                        "keys_upload_counts",
+                        Method::Post,
+                        UPLOAD,
+                        Some(&d.token),
+                        Some(&json!({})),
+                        REQ_TIMEOUT,
+                    )
+                    .await?;
+                let have = v
+                    .pointer("/one_time_key_counts/signed_curve25519")
+                    .and_then(Value::as_u64)?;
+                let taken = per_device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(d.user_id.clone(), d.device_id.clone()))
+                    .copied()
+                    .unwrap_or(0);
                 Some(have == (n_otk as u64).saturating_sub(taken))
             }
         })

@@ -54,7 +54,10 @@ impl Scenario {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "secta-bench", about = "Load generator for a Matrix homeserver (Client-Server API over HTTP)")]
+#[command(
+    name = "secta-bench",
+    about = "Load generator for a Matrix homeserver (Client-Server API over HTTP)"
+)]
 struct Args {
     /// Workload to run; each prints its own JSON figures.
     #[arg(long, value_enum, default_value_t = Scenario::Chat)]
@@ -230,7 +233,12 @@ struct Report {
 }
 
 fn loadavg_1m() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -256,14 +264,18 @@ const REQ_TIMEOUT: Duration = Duration::from_secs(60);
 impl Http {
     fn count(&self, endpoint: &str, what: &str) {
         let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
-        *e.entry(endpoint.to_owned()).or_default().entry(what.to_owned()).or_default() += 1;
+        *e.entry(endpoint.to_owned())
+            .or_default()
+            .entry(what.to_owned())
+            .or_default() += 1;
     }
 
     /// Counts a failure like `count` and keeps the first sample of its body (or error text).
     fn count_with_sample(&self, endpoint: &str, what: &str, sample: &str) {
         self.count(endpoint, what);
         let mut m = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(format!("{endpoint} {what}")).or_insert_with(|| sample.chars().take(500).collect());
+        m.entry(format!("{endpoint} {what}"))
+            .or_insert_with(|| sample.chars().take(500).collect());
     }
 
     /// One request. Returns the JSON body on 2xx; counts anything else under `endpoint`
@@ -294,7 +306,15 @@ impl Http {
             let resp = match rb.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.count_with_sample(endpoint, if e.is_timeout() { "timeout" } else { "transport" }, &e.to_string());
+                    self.count_with_sample(
+                        endpoint,
+                        if e.is_timeout() {
+                            "timeout"
+                        } else {
+                            "transport"
+                        },
+                        &e.to_string(),
+                    );
                     return None;
                 }
             };
@@ -302,7 +322,11 @@ impl Http {
             let bytes = match resp.bytes().await {
                 Ok(b) => b,
                 Err(e) => {
-                    let what = if e.is_timeout() { "timeout (body)" } else { "transport (body)" };
+                    let what = if e.is_timeout() {
+                        "timeout (body)"
+                    } else {
+                        "transport (body)"
+                    };
                     self.count_with_sample(endpoint, what, &e.to_string());
                     return None;
                 }
@@ -310,14 +334,30 @@ impl Http {
             let v: Option<Value> = serde_json::from_slice(&bytes).ok();
             if status.is_success() {
                 if v.is_none() {
-                    self.count_with_sample(endpoint, &format!("{} bad JSON", status.as_u16()), &String::from_utf8_lossy(&bytes));
+                    self.count_with_sample(
+                        endpoint,
+                        &format!("{} bad JSON", status.as_u16()),
+                        &String::from_utf8_lossy(&bytes),
+                    );
                 }
                 return v;
             }
-            let errcode = v.as_ref().and_then(|v| v.get("errcode")).and_then(Value::as_str).unwrap_or("-");
-            self.count_with_sample(endpoint, &format!("{} {}", status.as_u16(), errcode), &String::from_utf8_lossy(&bytes));
+            let errcode = v
+                .as_ref()
+                .and_then(|v| v.get("errcode"))
+                .and_then(Value::as_str)
+                .unwrap_or("-");
+            self.count_with_sample(
+                endpoint,
+                &format!("{} {}", status.as_u16(), errcode),
+                &String::from_utf8_lossy(&bytes),
+            );
             if status.as_u16() == 429 && attempt < 5 {
-                let wait = v.as_ref().and_then(|v| v.get("retry_after_ms")).and_then(Value::as_u64).unwrap_or(1000);
+                let wait = v
+                    .as_ref()
+                    .and_then(|v| v.get("retry_after_ms"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1000);
                 tokio::time::sleep(Duration::from_millis(wait.clamp(10, 5000))).await;
                 continue;
             }
@@ -328,7 +368,13 @@ impl Http {
 
     /// One request whose failure is expected or examined by the caller: nothing is counted.
     /// Returns the status and the body parsed as JSON (Null if it is not JSON).
-    async fn raw(&self, method: Method, path: &str, token: Option<&str>, body: Option<&Value>) -> Result<(u16, Value), String> {
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), String> {
         let url = format!("{}{}", self.base, path);
         let mut rb = match method {
             Method::Get => self.client.get(&url),
@@ -345,7 +391,10 @@ impl Http {
         let resp = rb.send().await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 }
 
@@ -363,7 +412,10 @@ fn enc(s: &str) -> String {
 }
 
 fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -401,14 +453,19 @@ fn read_cpu_s(pid: &str) -> Option<f64> {
 }
 
 fn run_id() -> String {
-    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0) as u64;
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0) as u64;
     let mut x = n ^ ((std::process::id() as u64) << 32) ^ 0x9E37_79B9_7F4A_7C15;
     // xorshift to spread the bits, then base36.
     x ^= x << 13;
     x ^= x >> 7;
     x ^= x << 17;
     let alphabet = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    (0..7).map(|i| alphabet[((x >> (i * 5)) % 36) as usize] as char).collect()
+    (0..7)
+        .map(|i| alphabet[((x >> (i * 5)) % 36) as usize] as char)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -442,11 +499,16 @@ fn free_port() -> std::io::Result<u16> {
 
 /// `extra_hs_config`: lines added to the `[homeserver]` section of a `secta.toml` written into the
 /// fresh data directory before the first start (what `secta demo` would write, plus these lines).
-fn spawn_server(bin: &Path, dir: &Path, extra_hs_config: Option<&str>) -> anyhow_lite::Result<(Child, String)> {
+fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    extra_hs_config: Option<&str>,
+) -> anyhow_lite::Result<(Child, String)> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
     let listen = format!("127.0.0.1:{port}");
-    let log = std::fs::File::create(dir.join("server.log")).map_err(|e| format!("server.log: {e}"))?;
+    let log =
+        std::fs::File::create(dir.join("server.log")).map_err(|e| format!("server.log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("server.log: {e}"))?;
     let data = dir.join("data");
     if let Some(extra) = extra_hs_config {
@@ -456,7 +518,8 @@ fn spawn_server(bin: &Path, dir: &Path, extra_hs_config: Option<&str>) -> anyhow
              [homeserver]\nserver_name = {listen:?}\nlisten = {listen:?}\n{extra}\n",
             data.to_string_lossy()
         );
-        std::fs::write(data.join("secta.toml"), text).map_err(|e| format!("writing secta.toml: {e}"))?;
+        std::fs::write(data.join("secta.toml"), text)
+            .map_err(|e| format!("writing secta.toml: {e}"))?;
     }
     let child = Command::new(bin)
         .arg("demo")
@@ -477,7 +540,10 @@ fn count_log_levels(path: &Path) -> Option<BTreeMap<String, u64>> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut m = BTreeMap::new();
     for level in ["WARN", "ERROR"] {
-        m.insert(level.to_owned(), text.lines().filter(|l| l.contains(level)).count() as u64);
+        m.insert(
+            level.to_owned(),
+            text.lines().filter(|l| l.contains(level)).count() as u64,
+        );
     }
     Some(m)
 }
@@ -514,7 +580,10 @@ impl Ctx {
     /// Records one figure of a keys / sliding / media run.
     fn set(&self, key: &str, value: impl Serialize) {
         let v = serde_json::to_value(value).unwrap_or(Value::Null);
-        self.figs.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), v);
+        self.figs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), v);
     }
     /// VmRSS of the server, when its pid is known.
     fn rss_kb(&self) -> Option<u64> {
@@ -524,13 +593,20 @@ impl Ctx {
         Instant::now() >= self.deadline
     }
     fn progress(&self, msg: impl AsRef<str>) {
-        eprintln!("[{:7.1}s] {}", self.started.elapsed().as_secs_f64(), msg.as_ref());
+        eprintln!(
+            "[{:7.1}s] {}",
+            self.started.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
     }
 }
 
 async fn register_user(ctx: &Ctx, secret: &str, username: &str, password: &str) -> Option<User> {
     let path = "/_synapse/admin/v1/register";
-    let nonce = ctx.http.call("register_nonce", Method::Get, path, None, None, REQ_TIMEOUT).await?;
+    let nonce = ctx
+        .http
+        .call("register_nonce", Method::Get, path, None, None, REQ_TIMEOUT)
+        .await?;
     let nonce = nonce.get("nonce")?.as_str()?.to_owned();
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).ok()?;
     mac.update(nonce.as_bytes());
@@ -542,8 +618,21 @@ async fn register_user(ctx: &Ctx, secret: &str, username: &str, password: &str) 
     mac.update(b"notadmin");
     let mac = hex::encode(mac.finalize().into_bytes());
     let body = json!({ "nonce": nonce, "username": username, "password": password, "admin": false, "mac": mac });
-    let v = ctx.http.call("register", Method::Post, path, None, Some(&body), REQ_TIMEOUT).await?;
-    Some(User { user_id: v.get("user_id")?.as_str()?.to_owned(), token: v.get("access_token")?.as_str()?.to_owned() })
+    let v = ctx
+        .http
+        .call(
+            "register",
+            Method::Post,
+            path,
+            None,
+            Some(&body),
+            REQ_TIMEOUT,
+        )
+        .await?;
+    Some(User {
+        user_id: v.get("user_id")?.as_str()?.to_owned(),
+        token: v.get("access_token")?.as_str()?.to_owned(),
+    })
 }
 
 /// A user created by a keys / sliding / media run, with the password it was registered with.
@@ -595,7 +684,11 @@ async fn idle_and_register(ctx: &Arc<Ctx>, secret: &str, n: usize) -> Vec<Option
                 let username = format!("bench{}_{i}", ctx.run);
                 let password = format!("pw-{}-{i}-bench", ctx.run);
                 let user = register_user(&ctx, &secret, &username, &password).await?;
-                Some(Arc::new(Registered { user: Arc::new(user), username, password }))
+                Some(Arc::new(Registered {
+                    user: Arc::new(user),
+                    username,
+                    password,
+                }))
             }
         })
         .collect();
@@ -604,7 +697,10 @@ async fn idle_and_register(ctx: &Arc<Ctx>, secret: &str, n: usize) -> Vec<Option
     ctx.set("users_registered", ok);
     ctx.set("register_ms", round3(ms(t0.elapsed())));
     ctx.set("rss_after_register_kb", ctx.rss_kb());
-    ctx.progress(format!("registered {ok}/{n} users in {:.1}s", t0.elapsed().as_secs_f64()));
+    ctx.progress(format!(
+        "registered {ok}/{n} users in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    ));
     users
 }
 
@@ -663,15 +759,26 @@ async fn listener(
     mut since: String,
     mut stop: watch::Receiver<bool>,
 ) {
-    let filter = enc(&json!({ "room": { "timeline": { "limit": ctx.args.timeline_limit } } }).to_string());
+    let filter =
+        enc(&json!({ "room": { "timeline": { "limit": ctx.args.timeline_limit } } }).to_string());
     let mut seen: HashSet<String> = HashSet::new();
     let marker = ctx.run.clone();
     loop {
         if *stop.borrow() || ctx.past_deadline() {
             return;
         }
-        let path = format!("/_matrix/client/v3/sync?since={}&timeout=30000&filter={filter}", enc(&since));
-        let req = ctx.http.call("sync", Method::Get, &path, Some(&user.token), None, Duration::from_secs(45));
+        let path = format!(
+            "/_matrix/client/v3/sync?since={}&timeout=30000&filter={filter}",
+            enc(&since)
+        );
+        let req = ctx.http.call(
+            "sync",
+            Method::Get,
+            &path,
+            Some(&user.token),
+            None,
+            Duration::from_secs(45),
+        );
         let res = tokio::select! {
             r = req => r,
             _ = stop.changed() => return,
@@ -689,19 +796,39 @@ async fn listener(
         if let Some(join) = v.pointer("/rooms/join").and_then(Value::as_object) {
             for (room_id, room) in join {
                 if ctx.args.read_receipts {
-                    let last = room.pointer("/timeline/events").and_then(Value::as_array).and_then(|e| e.last());
-                    if let Some(eid) = last.and_then(|e| e.get("event_id")).and_then(Value::as_str) {
-                        let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(room_id), enc(eid));
+                    let last = room
+                        .pointer("/timeline/events")
+                        .and_then(Value::as_array)
+                        .and_then(|e| e.last());
+                    if let Some(eid) = last.and_then(|e| e.get("event_id")).and_then(Value::as_str)
+                    {
+                        let path = format!(
+                            "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+                            enc(room_id),
+                            enc(eid)
+                        );
                         let (ctx, user) = (ctx.clone(), user.clone());
                         tokio::spawn(async move {
-                            ctx.http.call("receipt", Method::Post, &path, Some(&user.token), Some(&json!({})), REQ_TIMEOUT).await;
+                            ctx.http
+                                .call(
+                                    "receipt",
+                                    Method::Post,
+                                    &path,
+                                    Some(&user.token),
+                                    Some(&json!({})),
+                                    REQ_TIMEOUT,
+                                )
+                                .await;
                         });
                     }
                 }
                 if room.pointer("/timeline/limited").and_then(Value::as_bool) == Some(true) {
                     shared.limited.fetch_add(1, Ordering::Relaxed);
                 }
-                let Some(events) = room.pointer("/timeline/events").and_then(Value::as_array) else { continue };
+                let Some(events) = room.pointer("/timeline/events").and_then(Value::as_array)
+                else {
+                    continue;
+                };
                 for ev in events {
                     if ev.get("type").and_then(Value::as_str) != Some("m.room.message") {
                         continue;
@@ -709,11 +836,15 @@ async fn listener(
                     if ev.get("sender").and_then(Value::as_str) == Some(user.user_id.as_str()) {
                         continue;
                     }
-                    let Some(content) = ev.get("content") else { continue };
+                    let Some(content) = ev.get("content") else {
+                        continue;
+                    };
                     if content.get("bench_run").and_then(Value::as_str) != Some(marker.as_str()) {
                         continue;
                     }
-                    let Some(ts) = content.get("bench_ts_us").and_then(Value::as_i64) else { continue };
+                    let Some(ts) = content.get("bench_ts_us").and_then(Value::as_i64) else {
+                        continue;
+                    };
                     if let Some(id) = ev.get("event_id").and_then(Value::as_str) {
                         if !seen.insert(id.to_owned()) {
                             shared.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -726,7 +857,11 @@ async fn listener(
         }
         if !lats.is_empty() {
             shared.received.fetch_add(lats.len(), Ordering::Relaxed);
-            shared.deliv_lat.lock().unwrap_or_else(|p| p.into_inner()).extend(lats);
+            shared
+                .deliv_lat
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(lats);
         }
         match v.get("next_batch").and_then(Value::as_str) {
             Some(nb) => since = nb.to_owned(),
@@ -765,7 +900,10 @@ async fn sender(
         let (room, expect) = &rooms[k % rooms.len()];
         k += 1;
         let txn = format!("{}-{i}", ctx.run);
-        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(room)
+        );
         let ts = now_us();
         let body = json!({
             "msgtype": "m.text",
@@ -774,15 +912,31 @@ async fn sender(
             "bench_ts_us": ts,
         });
         let t0 = Instant::now();
-        let ok = ctx.http.call("send", Method::Put, &path, Some(&user.token), Some(&body), REQ_TIMEOUT).await;
+        let ok = ctx
+            .http
+            .call(
+                "send",
+                Method::Put,
+                &path,
+                Some(&user.token),
+                Some(&body),
+                REQ_TIMEOUT,
+            )
+            .await;
         let d = ms(t0.elapsed());
         if ok.is_some() {
             lat.push(d);
             shared.expected.fetch_add(*expect, Ordering::Relaxed);
             let n = shared.sent_ok.fetch_add(1, Ordering::Relaxed) + 1;
             let step = (total / 10).max(1);
-            if n.is_multiple_of(step) && shared.last_progress.fetch_max(n as u64, Ordering::Relaxed) < n as u64 {
-                let cpu = ctx.pid.and_then(|p| read_cpu_s(&p.to_string())).map(|c| format!(", server cpu {c:.1}s")).unwrap_or_default();
+            if n.is_multiple_of(step)
+                && shared.last_progress.fetch_max(n as u64, Ordering::Relaxed) < n as u64
+            {
+                let cpu = ctx
+                    .pid
+                    .and_then(|p| read_cpu_s(&p.to_string()))
+                    .map(|c| format!(", server cpu {c:.1}s"))
+                    .unwrap_or_default();
                 ctx.progress(format!(
                     "sent {n}/{total}, deliveries {}/{}{cpu}",
                     shared.received.load(Ordering::Relaxed),
@@ -791,7 +945,11 @@ async fn sender(
             }
         }
     }
-    shared.send_lat.lock().unwrap_or_else(|p| p.into_inner()).extend(lat);
+    shared
+        .send_lat
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(lat);
 }
 
 async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
@@ -804,7 +962,10 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     }
 
     // 1. Users.
-    ctx.progress(format!("registering {} users (run id {})", a.users, ctx.run));
+    ctx.progress(format!(
+        "registering {} users (run id {})",
+        a.users, ctx.run
+    ));
     let t0 = Instant::now();
     let sem = Arc::new(Semaphore::new(a.register_concurrency.max(1)));
     let mut handles = Vec::new();
@@ -833,7 +994,11 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         r.register_ms = Some(round3(ms(t0.elapsed())));
         r.rss_after_register_kb = ctx.pid.and_then(|p| read_rss_kb(p, "VmRSS:"));
     }
-    ctx.progress(format!("registered {n_ok}/{} users in {:.1}s", a.users, t0.elapsed().as_secs_f64()));
+    ctx.progress(format!(
+        "registered {n_ok}/{} users in {:.1}s",
+        a.users,
+        t0.elapsed().as_secs_f64()
+    ));
     if n_ok == 0 {
         ctx.progress("no users: stopping");
         return;
@@ -853,10 +1018,18 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
             if ctx.past_deadline() {
                 return None;
             }
-            let body = json!({ "preset": "public_chat", "name": format!("bench {} room {r}", ctx.run) });
+            let body =
+                json!({ "preset": "public_chat", "name": format!("bench {} room {r}", ctx.run) });
             let v = ctx
                 .http
-                .call("create_room", Method::Post, "/_matrix/client/v3/createRoom", Some(&creator.token), Some(&body), REQ_TIMEOUT)
+                .call(
+                    "create_room",
+                    Method::Post,
+                    "/_matrix/client/v3/createRoom",
+                    Some(&creator.token),
+                    Some(&body),
+                    REQ_TIMEOUT,
+                )
                 .await?;
             v.get("room_id").and_then(Value::as_str).map(str::to_owned)
         }));
@@ -875,7 +1048,9 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     for (i, u) in users.iter().enumerate() {
         let Some(u) = u else { continue };
         for r in planned_rooms(i, a.rooms, a.rooms_per_user) {
-            let Some(room) = room_ids[r].clone() else { continue };
+            let Some(room) = room_ids[r].clone() else {
+                continue;
+            };
             if r % a.users == i {
                 membership[i].push(r); // the creator
                 continue;
@@ -892,7 +1067,16 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
                         return None;
                     }
                     let path = format!("/_matrix/client/v3/join/{}", enc(&room));
-                    ctx.http.call("join", Method::Post, &path, Some(&u.token), Some(&json!({})), REQ_TIMEOUT).await
+                    ctx.http
+                        .call(
+                            "join",
+                            Method::Post,
+                            &path,
+                            Some(&u.token),
+                            Some(&json!({})),
+                            REQ_TIMEOUT,
+                        )
+                        .await
                 }),
             ));
         }
@@ -913,7 +1097,10 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         rep.setup_ms = Some(round3(ms(t1.elapsed())));
         rep.rss_after_setup_kb = ctx.pid.and_then(|p| read_rss_kb(p, "VmRSS:"));
     }
-    ctx.progress(format!("{joins_ok} joins done in {:.1}s", t1.elapsed().as_secs_f64()));
+    ctx.progress(format!(
+        "{joins_ok} joins done in {:.1}s",
+        t1.elapsed().as_secs_f64()
+    ));
     if ctx.past_deadline() {
         return;
     }
@@ -944,8 +1131,20 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
             tokio::spawn(async move {
                 let _p = sem.acquire().await.ok()?;
                 let path = format!("/_matrix/client/v3/sync?timeout=0&filter={f}");
-                let v = ctx.http.call("sync_listener_initial", Method::Get, &path, Some(&u.token), None, REQ_TIMEOUT).await?;
-                v.get("next_batch").and_then(Value::as_str).map(str::to_owned)
+                let v = ctx
+                    .http
+                    .call(
+                        "sync_listener_initial",
+                        Method::Get,
+                        &path,
+                        Some(&u.token),
+                        None,
+                        REQ_TIMEOUT,
+                    )
+                    .await?;
+                v.get("next_batch")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
             }),
         ));
     }
@@ -953,12 +1152,23 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     // is_listener[i]: user i runs a listener that is live.
     let mut is_listener = vec![false; a.users];
     for (u, h) in inits {
-        let Some(since) = h.await.ok().flatten() else { continue };
-        let idx = users.iter().position(|x| x.as_ref().is_some_and(|x| Arc::ptr_eq(x, &u))).unwrap_or(usize::MAX);
+        let Some(since) = h.await.ok().flatten() else {
+            continue;
+        };
+        let idx = users
+            .iter()
+            .position(|x| x.as_ref().is_some_and(|x| Arc::ptr_eq(x, &u)))
+            .unwrap_or(usize::MAX);
         if idx < a.users {
             is_listener[idx] = true;
         }
-        listener_tasks.push(tokio::spawn(listener(ctx.clone(), shared.clone(), u, since, stop_rx.clone())));
+        listener_tasks.push(tokio::spawn(listener(
+            ctx.clone(),
+            shared.clone(),
+            u,
+            since,
+            stop_rx.clone(),
+        )));
     }
     ctx.rep().listeners_ready = listener_tasks.len();
     ctx.progress(format!("{} listeners long-polling", listener_tasks.len()));
@@ -977,9 +1187,15 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
 
     // 4. Send phase.
     let n_senders = a.senders.min(a.users);
-    ctx.progress(format!("sending {} messages from {n_senders} senders", a.messages));
+    ctx.progress(format!(
+        "sending {} messages from {n_senders} senders",
+        a.messages
+    ));
     let t2 = Instant::now();
-    let cpu0 = (ctx.pid.and_then(|p| read_cpu_s(&p.to_string())), read_cpu_s("self"));
+    let cpu0 = (
+        ctx.pid.and_then(|p| read_cpu_s(&p.to_string())),
+        read_cpu_s("self"),
+    );
     let mut senders = Vec::new();
     for s in 0..n_senders {
         let Some(u) = users[s].clone() else { continue };
@@ -990,7 +1206,14 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
                 Some((id, listeners_in_room[r] - usize::from(is_listener[s])))
             })
             .collect();
-        senders.push(tokio::spawn(sender(ctx.clone(), shared.clone(), u, s, rooms, t2)));
+        senders.push(tokio::spawn(sender(
+            ctx.clone(),
+            shared.clone(),
+            u,
+            s,
+            rooms,
+            t2,
+        )));
     }
     for h in senders {
         let _ = h.await;
@@ -998,13 +1221,20 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     let send_wall = t2.elapsed();
     let sent_ok = shared.sent_ok.load(Ordering::Relaxed);
     {
-        let mut lat = shared.send_lat.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut lat = shared
+            .send_lat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         lat.sort_by(f64::total_cmp);
         let mut r = ctx.rep();
         r.messages_sent_ok = sent_ok;
         r.send_wall_ms = Some(round3(ms(send_wall)));
         r.rss_after_send_kb = ctx.pid.and_then(|p| read_rss_kb(p, "VmRSS:"));
-        let cpu1 = (ctx.pid.and_then(|p| read_cpu_s(&p.to_string())), read_cpu_s("self"));
+        let cpu1 = (
+            ctx.pid.and_then(|p| read_cpu_s(&p.to_string())),
+            read_cpu_s("self"),
+        );
         r.server_cpu_s_send = cpu0.0.zip(cpu1.0).map(|(a, b)| round3(b - a));
         r.bench_cpu_s_send = cpu0.1.zip(cpu1.1).map(|(a, b)| round3(b - a));
         r.throughput_msgs_per_s = Some(round3(sent_ok as f64 / send_wall.as_secs_f64().max(1e-9)));
@@ -1041,7 +1271,11 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         }
     }
     {
-        let mut lat = shared.deliv_lat.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut lat = shared
+            .deliv_lat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         lat.sort_by(f64::total_cmp);
         let mut r = ctx.rep();
         r.delivery_ms = DeliveryFigures {
@@ -1063,10 +1297,24 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
     if let Some(u0) = users[0].clone() {
         let t3 = Instant::now();
         // Timed to the last byte and parsed; initial_sync_bytes is the size of the re-serialised JSON.
-        let res = ctx.http.call("initial_sync", Method::Get, "/_matrix/client/v3/sync?timeout=0", Some(&u0.token), None, REQ_TIMEOUT).await;
+        let res = ctx
+            .http
+            .call(
+                "initial_sync",
+                Method::Get,
+                "/_matrix/client/v3/sync?timeout=0",
+                Some(&u0.token),
+                None,
+                REQ_TIMEOUT,
+            )
+            .await;
         let d = ms(t3.elapsed());
         if let Some(v) = res {
-            let n = v.pointer("/rooms/join").and_then(Value::as_object).map(|m| m.len()).unwrap_or(0);
+            let n = v
+                .pointer("/rooms/join")
+                .and_then(Value::as_object)
+                .map(|m| m.len())
+                .unwrap_or(0);
             let mut r = ctx.rep();
             r.initial_sync_ms = Some(round3(d));
             r.initial_sync_rooms = Some(n);
@@ -1109,16 +1357,32 @@ fn print_scenario_figures(
     if let Some(pid) = ctx.pid {
         put("rss_after_kb", json!(read_rss_kb(pid, "VmRSS:")));
         put("peak_rss_kb", json!(read_rss_kb(pid, "VmHWM:")));
-        put("server_cpu_s_total", json!(cpu_start.zip(read_cpu_s(&pid.to_string())).map(|(a, b)| round3(b - a))));
+        put(
+            "server_cpu_s_total",
+            json!(cpu_start
+                .zip(read_cpu_s(&pid.to_string()))
+                .map(|(a, b)| round3(b - a))),
+        );
     }
-    let errors = ctx.http.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let errors = ctx
+        .http
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let total: u64 = errors.values().flat_map(|m| m.values()).sum();
     put("errors", json!(errors));
     put("errors_total", json!(total));
-    put("error_samples", json!(*ctx.http.samples.lock().unwrap_or_else(|p| p.into_inner())));
+    put(
+        "error_samples",
+        json!(*ctx.http.samples.lock().unwrap_or_else(|p| p.into_inner())),
+    );
     if let Some(mut sp) = spawned {
         sp.stop();
-        put("server_log", json!(count_log_levels(&sp.dir.join("server.log"))));
+        put(
+            "server_log",
+            json!(count_log_levels(&sp.dir.join("server.log"))),
+        );
         if sp.keep {
             eprintln!("server data and log kept in {}", sp.dir.display());
         }
@@ -1144,9 +1408,13 @@ fn main() {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    args.rooms_given = matches.value_source("rooms") == Some(clap::parser::ValueSource::CommandLine);
+    args.rooms_given =
+        matches.value_source("rooms") == Some(clap::parser::ValueSource::CommandLine);
     let started = Instant::now();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("secta-bench: tokio runtime: {e}");
@@ -1162,7 +1430,11 @@ async fn run(args: Args, started: Instant) -> i32 {
     let run = run_id();
     let load_before = loadavg_1m();
     let deadline = started + Duration::from_secs(args.max_seconds);
-    let client = match reqwest::Client::builder().no_proxy().pool_idle_timeout(Duration::from_secs(90)).build() {
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("secta-bench: http client: {e}");
@@ -1188,17 +1460,29 @@ async fn run(args: Args, started: Instant) -> i32 {
             }
         };
         let pid = child.id();
-        let mut sp = Spawned { child, dir, keep: args.keep_data };
+        let mut sp = Spawned {
+            child,
+            dir,
+            keep: args.keep_data,
+        };
         // Poll /versions every 5 ms, for at most 30 s.
         let probe = format!("{url}/_matrix/client/versions");
         let mut ready = false;
         while t.elapsed() < Duration::from_secs(30) {
             if let Ok(Some(status)) = sp.child.try_wait() {
-                eprintln!("secta-bench: server exited early ({status}); log in {}", sp.dir.join("server.log").display());
+                eprintln!(
+                    "secta-bench: server exited early ({status}); log in {}",
+                    sp.dir.join("server.log").display()
+                );
                 sp.keep = true;
                 return 2;
             }
-            if let Ok(r) = client.get(&probe).timeout(Duration::from_secs(1)).send().await {
+            if let Ok(r) = client
+                .get(&probe)
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+            {
                 if r.status().as_u16() == 200 {
                     ready = true;
                     break;
@@ -1207,22 +1491,44 @@ async fn run(args: Args, started: Instant) -> i32 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if !ready {
-            eprintln!("secta-bench: server not ready after 30 s; log in {}", sp.dir.join("server.log").display());
+            eprintln!(
+                "secta-bench: server not ready after 30 s; log in {}",
+                sp.dir.join("server.log").display()
+            );
             sp.keep = true;
             return 2;
         }
         startup_ms = Some(round3(ms(t.elapsed())));
-        eprintln!("[{:7.1}s] spawned {} at {url} (pid {pid}), ready in {:.1} ms", started.elapsed().as_secs_f64(), bin.display(), startup_ms.unwrap_or(0.0));
+        eprintln!(
+            "[{:7.1}s] spawned {} at {url} (pid {pid}), ready in {:.1} ms",
+            started.elapsed().as_secs_f64(),
+            bin.display(),
+            startup_ms.unwrap_or(0.0)
+        );
         spawned = Some(sp);
         (url, Some(pid))
     } else {
-        (args.url.clone().unwrap_or_default().trim_end_matches('/').to_owned(), args.pid)
+        (
+            args.url
+                .clone()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_owned(),
+            args.pid,
+        )
     };
 
     // Loopback only.
     let host_ok = reqwest::Url::parse(&url).ok().and_then(|u| {
-        let h = u.host_str()?.trim_matches(|c| c == '[' || c == ']').to_owned();
-        Some(h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+        let h = u
+            .host_str()?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_owned();
+        Some(
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()),
+        )
     });
     if host_ok != Some(true) {
         eprintln!("secta-bench: {url:?} is not a loopback http URL; refusing");
@@ -1253,7 +1559,10 @@ async fn run(args: Args, started: Instant) -> i32 {
     };
 
     let label = args.label.clone().unwrap_or_else(|| match &args.spawn {
-        Some(b) => b.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "spawned".into()),
+        Some(b) => b
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "spawned".into()),
         None => url.clone(),
     });
     let report = Report {
@@ -1272,9 +1581,15 @@ async fn run(args: Args, started: Instant) -> i32 {
         ..Default::default()
     };
     let scenario = args.scenario;
-    let spawn_config = (scenario == Scenario::Keys && spawned.is_some()).then_some(SPAWN_KEYS_CONFIG);
+    let spawn_config =
+        (scenario == Scenario::Keys && spawned.is_some()).then_some(SPAWN_KEYS_CONFIG);
     let ctx = Arc::new(Ctx {
-        http: Http { client, base: url, errors: Mutex::new(BTreeMap::new()), samples: Mutex::new(BTreeMap::new()) },
+        http: Http {
+            client,
+            base: url,
+            errors: Mutex::new(BTreeMap::new()),
+            samples: Mutex::new(BTreeMap::new()),
+        },
         args,
         run,
         pid,
@@ -1300,7 +1615,16 @@ async fn run(args: Args, started: Instant) -> i32 {
     }
 
     if scenario != Scenario::Chat {
-        return print_scenario_figures(&ctx, spawned, spawn_config, startup_ms, load_before, cpu_start, timed_out, started);
+        return print_scenario_figures(
+            &ctx,
+            spawned,
+            spawn_config,
+            startup_ms,
+            load_before,
+            cpu_start,
+            timed_out,
+            started,
+        );
     }
 
     let mut rep = ctx.rep().clone();
@@ -1308,9 +1632,16 @@ async fn run(args: Args, started: Instant) -> i32 {
     if let Some(pid) = pid {
         rep.rss_after_kb = read_rss_kb(pid, "VmRSS:");
         rep.peak_rss_kb = read_rss_kb(pid, "VmHWM:");
-        rep.server_cpu_s_total = cpu_start.zip(read_cpu_s(&pid.to_string())).map(|(a, b)| round3(b - a));
+        rep.server_cpu_s_total = cpu_start
+            .zip(read_cpu_s(&pid.to_string()))
+            .map(|(a, b)| round3(b - a));
     }
-    rep.errors = ctx.http.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    rep.errors = ctx
+        .http
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     rep.errors_total = rep.errors.values().flat_map(|m| m.values()).sum();
     if let Some(mut sp) = spawned {
         sp.stop();

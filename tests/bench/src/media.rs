@@ -63,9 +63,14 @@ fn loopback_copy(data: &[u8]) -> std::io::Result<Duration> {
             }
             n += k;
         }
-        writer.join().map_err(|_| std::io::Error::other("writer panicked"))??;
+        writer
+            .join()
+            .map_err(|_| std::io::Error::other("writer panicked"))??;
         if n != data.len() {
-            return Err(std::io::Error::other(format!("copied {n} of {} bytes", data.len())));
+            return Err(std::io::Error::other(format!(
+                "copied {n} of {} bytes",
+                data.len()
+            )));
         }
         Ok(t.elapsed())
     })
@@ -100,7 +105,14 @@ impl Sampler {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        Self { stop, phase, peaks, samples, thread: Some(thread), pid }
+        Self {
+            stop,
+            phase,
+            peaks,
+            samples,
+            thread: Some(thread),
+            pid,
+        }
     }
 
     /// Switches phase, with one sample at the switch so short phases are seen too.
@@ -128,7 +140,11 @@ impl Drop for Sampler {
 
 /// Uploads `data`; returns (seconds, content URI).
 async fn upload(ctx: &Ctx, token: &str, data: &Bytes, filename: &str) -> Option<(f64, String)> {
-    let url = format!("{}/_matrix/media/v3/upload?filename={}", ctx.http.base, enc(filename));
+    let url = format!(
+        "{}/_matrix/media/v3/upload?filename={}",
+        ctx.http.base,
+        enc(filename)
+    );
     let t = Instant::now();
     let res = ctx
         .http
@@ -143,7 +159,15 @@ async fn upload(ctx: &Ctx, token: &str, data: &Bytes, filename: &str) -> Option<
     let resp = match res {
         Ok(r) => r,
         Err(e) => {
-            ctx.http.count_with_sample("media_upload", if e.is_timeout() { "timeout" } else { "transport" }, &e.to_string());
+            ctx.http.count_with_sample(
+                "media_upload",
+                if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "transport"
+                },
+                &e.to_string(),
+            );
             return None;
         }
     };
@@ -153,13 +177,21 @@ async fn upload(ctx: &Ctx, token: &str, data: &Bytes, filename: &str) -> Option<
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if !(200..300).contains(&status) {
         let errcode = v.get("errcode").and_then(Value::as_str).unwrap_or("-");
-        ctx.http.count_with_sample("media_upload", &format!("{status} {errcode}"), &String::from_utf8_lossy(&body));
+        ctx.http.count_with_sample(
+            "media_upload",
+            &format!("{status} {errcode}"),
+            &String::from_utf8_lossy(&body),
+        );
         return None;
     }
     match v.get("content_uri").and_then(Value::as_str) {
         Some(u) => Some((secs, u.to_owned())),
         None => {
-            ctx.http.count_with_sample("media_upload", &format!("{status} no content_uri"), &String::from_utf8_lossy(&body));
+            ctx.http.count_with_sample(
+                "media_upload",
+                &format!("{status} no content_uri"),
+                &String::from_utf8_lossy(&body),
+            );
             None
         }
     }
@@ -168,16 +200,37 @@ async fn upload(ctx: &Ctx, token: &str, data: &Bytes, filename: &str) -> Option<
 /// Downloads `mxc` while hashing it; returns (seconds, bytes, SHA-256).
 async fn download(ctx: &Ctx, token: &str, mxc: &str) -> Option<(f64, usize, [u8; 32])> {
     let Some((server, id)) = mxc.strip_prefix("mxc://").and_then(|r| r.split_once('/')) else {
-        ctx.http.count_with_sample("media_download", "bad content_uri", mxc);
+        ctx.http
+            .count_with_sample("media_download", "bad content_uri", mxc);
         return None;
     };
-    let url = format!("{}/_matrix/client/v1/media/download/{}/{}", ctx.http.base, enc(server), enc(id));
+    let url = format!(
+        "{}/_matrix/client/v1/media/download/{}/{}",
+        ctx.http.base,
+        enc(server),
+        enc(id)
+    );
     let t = Instant::now();
-    let res = ctx.http.client.get(&url).bearer_auth(token).timeout(MEDIA_TIMEOUT).send().await;
+    let res = ctx
+        .http
+        .client
+        .get(&url)
+        .bearer_auth(token)
+        .timeout(MEDIA_TIMEOUT)
+        .send()
+        .await;
     let mut resp = match res {
         Ok(r) => r,
         Err(e) => {
-            ctx.http.count_with_sample("media_download", if e.is_timeout() { "timeout" } else { "transport" }, &e.to_string());
+            ctx.http.count_with_sample(
+                "media_download",
+                if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "transport"
+                },
+                &e.to_string(),
+            );
             return None;
         }
     };
@@ -186,7 +239,11 @@ async fn download(ctx: &Ctx, token: &str, mxc: &str) -> Option<(f64, usize, [u8;
         let body = resp.bytes().await.unwrap_or_default();
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let errcode = v.get("errcode").and_then(Value::as_str).unwrap_or("-");
-        ctx.http.count_with_sample("media_download", &format!("{status} {errcode}"), &String::from_utf8_lossy(&body));
+        ctx.http.count_with_sample(
+            "media_download",
+            &format!("{status} {errcode}"),
+            &String::from_utf8_lossy(&body),
+        );
         return None;
     }
     let mut h = Sha256::new();
@@ -199,7 +256,15 @@ async fn download(ctx: &Ctx, token: &str, mxc: &str) -> Option<(f64, usize, [u8;
             }
             Ok(None) => break,
             Err(e) => {
-                ctx.http.count_with_sample("media_download", if e.is_timeout() { "timeout (body)" } else { "transport (body)" }, &e.to_string());
+                ctx.http.count_with_sample(
+                    "media_download",
+                    if e.is_timeout() {
+                        "timeout (body)"
+                    } else {
+                        "transport (body)"
+                    },
+                    &e.to_string(),
+                );
                 return None;
             }
         }
@@ -212,13 +277,22 @@ async fn one_size(ctx: &Arc<Ctx>, token: &str, mib: usize, runs: usize, seed: u6
     let len = mib * 1024 * 1024;
     let data = Bytes::from(random_bytes(len, seed));
     let want: [u8; 32] = Sha256::digest(&data).into();
-    let filename = format!("{}.bin", if mib == ctx.args.media_mb { "big" } else { "small" });
+    let filename = format!(
+        "{}.bin",
+        if mib == ctx.args.media_mb {
+            "big"
+        } else {
+            "small"
+        }
+    );
     // Let the server settle after the previous size.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = ctx.rss_kb();
     // Exact peak as well: reset the server's VmHWM to its current RSS (`5` > /proc/PID/clear_refs,
     // Linux ≥ 4.0, needs the right to write there), read VmHWM after the runs.
-    let hwm_reset = ctx.pid.is_some_and(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok());
+    let hwm_reset = ctx
+        .pid
+        .is_some_and(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok());
     let sampler = ctx.pid.map(Sampler::start);
     let (mut up, mut down) = (Vec::new(), Vec::new());
     let (mut sha_ok, mut sha_bad, mut size_bad) = (0usize, 0usize, 0usize);
@@ -260,9 +334,15 @@ async fn one_size(ctx: &Arc<Ctx>, token: &str, mib: usize, runs: usize, seed: u6
             down.last().copied().unwrap_or(0.0)
         ));
     }
-    let peaks = sampler.as_ref().map(|s| (s.peak(1), s.peak(2), s.samples.load(Ordering::Relaxed)));
+    let peaks = sampler
+        .as_ref()
+        .map(|s| (s.peak(1), s.peak(2), s.samples.load(Ordering::Relaxed)));
     drop(sampler);
-    let hwm = if hwm_reset { ctx.pid.and_then(|p| read_rss_kb(p, "VmHWM:")) } else { None };
+    let hwm = if hwm_reset {
+        ctx.pid.and_then(|p| read_rss_kb(p, "VmHWM:"))
+    } else {
+        None
+    };
     let r3 = |v: &[f64]| v.iter().map(|x| round3(*x)).collect::<Vec<_>>();
     json!({
         "file_mib": mib,
@@ -294,7 +374,10 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
     ctx.set("file_mib", big);
     ctx.set("small_file_mib", small);
     ctx.set("runs", runs);
-    ctx.set("units", "MB = MiB = 2^20 bytes; mb_s = MiB per second; RSS in KiB");
+    ctx.set(
+        "units",
+        "MB = MiB = 2^20 bytes; mb_s = MiB per second; RSS in KiB",
+    );
     let users = idle_and_register(&ctx, &secret, 1).await;
     let Some(Some(reg)) = users.into_iter().next() else {
         ctx.progress("no user: stopping");
@@ -305,14 +388,23 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
     // Reference: the same number of bytes through a plain loopback TCP connection.
     let copy = tokio::task::spawn_blocking(move || {
         let data = random_bytes(big * 1024 * 1024, 7);
-        (0..runs).filter_map(|_| loopback_copy(&data).ok()).map(|d| big as f64 / d.as_secs_f64()).collect::<Vec<f64>>()
+        (0..runs)
+            .filter_map(|_| loopback_copy(&data).ok())
+            .map(|d| big as f64 / d.as_secs_f64())
+            .collect::<Vec<f64>>()
     })
     .await
     .unwrap_or_default();
     let copy_mb_s = median(&copy);
     ctx.set("loopback_copy_mb_s", copy_mb_s);
-    ctx.set("loopback_copy_mb_s_runs", copy.iter().map(|x| round3(*x)).collect::<Vec<_>>());
-    ctx.progress(format!("loopback TCP copy of {big} MiB: {:.0} MiB/s", copy_mb_s.unwrap_or(0.0)));
+    ctx.set(
+        "loopback_copy_mb_s_runs",
+        copy.iter().map(|x| round3(*x)).collect::<Vec<_>>(),
+    );
+    ctx.progress(format!(
+        "loopback TCP copy of {big} MiB: {:.0} MiB/s",
+        copy_mb_s.unwrap_or(0.0)
+    ));
 
     // Small file first: a later, larger file cannot hide behind memory the small one left.
     let mut sizes = Vec::new();
@@ -327,12 +419,26 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
     ctx.progress(format!("{big} MiB file, {runs} runs"));
     let large = one_size(&ctx, &token, big, runs, 2).await;
     let f = |k: &str| large.get(k).cloned().unwrap_or(Value::Null);
-    for k in ["upload_mb_s", "download_mb_s", "rss_before_kb", "rss_peak_during_kb", "rss_peak_upload_kb", "rss_peak_download_kb", "rss_hwm_during_kb"] {
+    for k in [
+        "upload_mb_s",
+        "download_mb_s",
+        "rss_before_kb",
+        "rss_peak_during_kb",
+        "rss_peak_upload_kb",
+        "rss_peak_download_kb",
+        "rss_hwm_during_kb",
+    ] {
         ctx.set(k, f(k));
     }
-    let all_ok = |v: &Value| v["sha256_mismatch"] == 0 && v["size_mismatch"] == 0 && v["sha256_ok"].as_u64() > Some(0);
+    let all_ok = |v: &Value| {
+        v["sha256_mismatch"] == 0 && v["size_mismatch"] == 0 && v["sha256_ok"].as_u64() > Some(0)
+    };
     ctx.set("sha256_ok", all_ok(&large) && sizes.iter().all(all_ok));
-    let ratio = |k: &str| f(k).as_f64().zip(copy_mb_s).map(|(x, c)| (x / c * 10000.0).round() / 10000.0);
+    let ratio = |k: &str| {
+        f(k).as_f64()
+            .zip(copy_mb_s)
+            .map(|(x, c)| (x / c * 10000.0).round() / 10000.0)
+    };
     ctx.set("upload_to_loopback_ratio", ratio("upload_mb_s"));
     ctx.set("download_to_loopback_ratio", ratio("download_mb_s"));
     if let Some(s) = sizes.first() {
@@ -340,7 +446,10 @@ pub async fn run(ctx: Arc<Ctx>, secret: String) {
         ctx.set("rss_peak_during_small_kb", s.get("rss_peak_during_kb"));
         ctx.set("rss_hwm_during_small_kb", s.get("rss_hwm_during_kb"));
         let growth = |v: &Value| v.get("rss_peak_growth_kb").and_then(Value::as_i64);
-        ctx.set("rss_peak_growth_large_minus_small_kb", growth(&large).zip(growth(s)).map(|(l, s)| l - s));
+        ctx.set(
+            "rss_peak_growth_large_minus_small_kb",
+            growth(&large).zip(growth(s)).map(|(l, s)| l - s),
+        );
     }
     sizes.push(large);
     ctx.set("sizes", &sizes);

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use matrix_sdk::room::{IncludeRelations, MessagesOptions, RelationsOptions};
-use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType as CreateReceiptType;
+use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::events::receipt::{ReceiptThread, ReceiptType};
 use matrix_sdk::ruma::events::relation::{RelationType, Thread};
 use matrix_sdk::ruma::events::room::message::{
@@ -153,7 +153,9 @@ async fn edit_thread_and_relations() {
         let root = send_text(&alice_room, "thread root").await?;
         let root_s = root.to_string();
         sync_until(&p.bob, "the thread root", SEE_WITHIN, |r| {
-            timeline(r, &rid).iter().any(|e| e["event_id"] == root_s.as_str())
+            timeline(r, &rid)
+                .iter()
+                .any(|e| e["event_id"] == root_s.as_str())
         })
         .await?;
         let mut reply = RoomMessageEventContent::text_plain("a reply in the thread");
@@ -253,7 +255,9 @@ async fn edit_thread_and_relations() {
                     },
                 )
                 .await
-                .at(&format!("GET /rooms/{{roomId}}/relations/{{rootId}}/m.thread/{event_type}"))?;
+                .at(&format!(
+                    "GET /rooms/{{roomId}}/relations/{{rootId}}/m.thread/{event_type}"
+                ))?;
             ensure!(
                 typed.chunk.len() == want,
                 "GET /relations/{root}/m.thread/{event_type} (room encrypted: {encrypted}): \
@@ -265,9 +269,7 @@ async fn edit_thread_and_relations() {
             .relations(
                 root.clone(),
                 RelationsOptions {
-                    include_relations: IncludeRelations::RelationsOfType(
-                        RelationType::Replacement,
-                    ),
+                    include_relations: IncludeRelations::RelationsOfType(RelationType::Replacement),
                     ..Default::default()
                 },
             )
@@ -306,13 +308,17 @@ async fn paginate_500_messages_backwards() {
         // room keys (to-device) without which /messages would return
         // undecryptable events.
         let resp = sync_once(&p.bob).await?;
-        let upd = resp
-            .rooms
-            .joined
-            .get(&p.room_id)
-            .ok_or_else(|| anyhow!("bob's incremental sync after 500 messages lacks the room"))?;
+        let upd =
+            resp.rooms.joined.get(&p.room_id).ok_or_else(|| {
+                anyhow!("bob's incremental sync after 500 messages lacks the room")
+            })?;
         // Events still of type m.room.encrypted could not be decrypted.
-        let mut utd = upd.timeline.events.iter().filter(|e| is_utd(&json_of(e))).count();
+        let mut utd = upd
+            .timeline
+            .events
+            .iter()
+            .filter(|e| is_utd(&json_of(e)))
+            .count();
         let mut newest_first: Vec<String> = upd
             .timeline
             .events
@@ -333,7 +339,10 @@ async fn paginate_500_messages_backwards() {
             let mut pages = 0;
             loop {
                 pages += 1;
-                ensure!(pages <= 200, "more than 200 pages of /messages from prev_batch");
+                ensure!(
+                    pages <= 200,
+                    "more than 200 pages of /messages from prev_batch"
+                );
                 let page = bob_room
                     .messages(MessagesOptions::backward().from(from.as_str()))
                     .await
@@ -353,7 +362,12 @@ async fn paginate_500_messages_backwards() {
             }
         }
         newest_first.reverse();
-        check_sequence("sync timeline + /messages from prev_batch", &newest_first, &expected, utd)?;
+        check_sequence(
+            "sync timeline + /messages from prev_batch",
+            &newest_first,
+            &expected,
+            utd,
+        )?;
 
         // (b) /messages backwards from the end, 50 at a time.
         let mut seen: Vec<String> = Vec::new();
@@ -536,37 +550,55 @@ async fn registration_refused_with_bad_or_used_token() {
                 let code = errcode(&e);
                 eprintln!("used-up token refused: {}", describe(&e));
                 ensure!(
-                    matches!(code.as_deref(), Some("M_FORBIDDEN") | Some("M_UNAUTHORIZED")),
+                    matches!(
+                        code.as_deref(),
+                        Some("M_FORBIDDEN") | Some("M_UNAUTHORIZED")
+                    ),
                     "POST /register with a used-up token: expected errcode M_FORBIDDEN \
                      (or M_UNAUTHORIZED in the UIA body), got {}",
                     describe(&e)
                 );
             }
         }
-        ensure!(charlie.user_id().is_none(), "charlie's client got logged in anyway");
+        ensure!(
+            charlie.user_id().is_none(),
+            "charlie's client got logged in anyway"
+        );
 
         // Bogus.
         let outcome = try_register(&charlie, "charlie", "not-a-real-token")
             .await
             .context("charlie, bogus token")?;
         match outcome {
-            Ok(resp) => bail!("POST /register with a bogus token succeeded as {}", resp.user_id),
+            Ok(resp) => bail!(
+                "POST /register with a bogus token succeeded as {}",
+                resp.user_id
+            ),
             Err(e) => {
                 let code = errcode(&e);
                 eprintln!("bogus token refused: {}", describe(&e));
                 ensure!(
-                    matches!(code.as_deref(), Some("M_FORBIDDEN") | Some("M_UNAUTHORIZED")),
+                    matches!(
+                        code.as_deref(),
+                        Some("M_FORBIDDEN") | Some("M_UNAUTHORIZED")
+                    ),
                     "POST /register with a bogus token: expected errcode M_FORBIDDEN \
                      (or M_UNAUTHORIZED in the UIA body), got {}",
                     describe(&e)
                 );
             }
         }
-        ensure!(charlie.user_id().is_none(), "charlie's client got logged in anyway");
+        ensure!(
+            charlie.user_id().is_none(),
+            "charlie's client got logged in anyway"
+        );
 
         // A fresh token works for the same username.
         let fresh = server.invite(1)?;
-        ensure!(fresh != token, "`invite create` returned the same token twice");
+        ensure!(
+            fresh != token,
+            "`invite create` returned the same token twice"
+        );
         server
             .register("charlie", &fresh)
             .await

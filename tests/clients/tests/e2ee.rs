@@ -14,8 +14,8 @@ use matrix_sdk::encryption::CrossSigningResetAuthType;
 use matrix_sdk::room::MessagesOptions;
 use matrix_sdk::ruma::api::client::uiaa;
 use matrix_sdk::ruma::{
-    CanonicalJsonValue, DeviceId, EventId, OwnedDeviceId, OwnedEventId, OwnedUserId,
-    RoomId, UInt, UserId,
+    CanonicalJsonValue, DeviceId, EventId, OwnedDeviceId, OwnedEventId, OwnedUserId, RoomId, UInt,
+    UserId,
 };
 use matrix_sdk::{Client, Room, RoomState};
 use serde_json::{json, Value};
@@ -50,20 +50,29 @@ fn joined_room(client: &Client, rid: &RoomId) -> Result<Room> {
         .get_room(rid)
         .ok_or_else(|| anyhow!("client has no room {rid}"))?;
     if r.state() != RoomState::Joined {
-        bail!("room {rid} is {:?} in the client, expected Joined", r.state());
+        bail!(
+            "room {rid} is {:?} in the client, expected Joined",
+            r.state()
+        );
     }
     Ok(r)
 }
 
 /// Sync `client` until it has `rid` as a joined room.
 async fn wait_joined(name: &str, client: &Client, rid: &RoomId) -> Result<()> {
-    if client.get_room(rid).is_some_and(|r| r.state() == RoomState::Joined) {
+    if client
+        .get_room(rid)
+        .is_some_and(|r| r.state() == RoomState::Joined)
+    {
         return Ok(());
     }
     let rid2 = rid.to_owned();
-    sync_until(client, &format!("{name}: room {rid} joined"), SEE_WITHIN, |r| {
-        r.rooms.joined.contains_key(&rid2)
-    })
+    sync_until(
+        client,
+        &format!("{name}: room {rid} joined"),
+        SEE_WITHIN,
+        |r| r.rooms.joined.contains_key(&rid2),
+    )
     .await?;
     joined_room(client, rid).map(|_| ())
 }
@@ -83,9 +92,12 @@ async fn invite_and_join(
         .await
         .at(&format!("POST /rooms/{{roomId}}/invite ({localpart})"))?;
     let rid2 = rid.to_owned();
-    sync_until(joiner, &format!("the invite of {localpart}"), SEE_WITHIN, |r| {
-        r.rooms.invited.contains_key(&rid2)
-    })
+    sync_until(
+        joiner,
+        &format!("the invite of {localpart}"),
+        SEE_WITHIN,
+        |r| r.rooms.invited.contains_key(&rid2),
+    )
     .await?;
     joiner
         .get_room(rid)
@@ -114,7 +126,9 @@ async fn ensure_encrypted(name: &str, client: &Client, rid: &RoomId) -> Result<(
             Instant::now() < deadline,
             "{name}: /sync never told the encryption state of {rid}"
         );
-        sync_once(client).await.with_context(|| format!("{name} waiting for the room state"))?;
+        sync_once(client)
+            .await
+            .with_context(|| format!("{name} waiting for the room state"))?;
     }
 }
 
@@ -222,7 +236,9 @@ async fn wait_knows_device(
                  /keys/query did not return the device"
             );
         }
-        sync_once(client).await.with_context(|| format!("{name} waiting for {user}/{device}"))?;
+        sync_once(client)
+            .await
+            .with_context(|| format!("{name} waiting for {user}/{device}"))?;
         syncs += 1;
     }
 }
@@ -230,7 +246,11 @@ async fn wait_knows_device(
 /// The server has device keys for `user`/`device` (raw /keys/query).
 async fn server_has_device_keys(raw: &RawHttp, user: &str, device: &str) -> Result<Option<Value>> {
     let q = raw
-        .ok("POST", "/keys/query", Some(&json!({ "device_keys": { user: [] } })))
+        .ok(
+            "POST",
+            "/keys/query",
+            Some(&json!({ "device_keys": { user: [] } })),
+        )
         .await?;
     let k = &q["device_keys"][user][device];
     Ok(if k.is_object() { Some(k.clone()) } else { None })
@@ -270,55 +290,79 @@ fn curve_key() -> String {
 /// room: every device decrypts every message sent by every other device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_two_devices_each_decrypt_everything() {
-    bounded("two_users_two_devices_each_decrypt_everything", 240, async {
-        let server = Secta::start().await?;
-        let token = server.invite(2)?;
-        let alice1 = server.register("alice", &token).await?;
-        let bob1 = server.register("bob", &token).await?;
-        let alice2 = server.login("alice", "alice's second device").await?;
-        let bob2 = server.login("bob", "bob's second device").await?;
-        let devs = [
-            Dev { name: "alice#1", client: &alice1 },
-            Dev { name: "alice#2", client: &alice2 },
-            Dev { name: "bob#1", client: &bob1 },
-            Dev { name: "bob#2", client: &bob2 },
-        ];
-        // First syncs: each device uploads its keys.
-        for d in &devs {
-            sync_once(d.client).await.with_context(|| format!("{} initial sync", d.name))?;
-        }
-        let raw = server.raw_as(&alice1)?;
-        for d in &devs {
-            let user = d.client.user_id().ok_or_else(|| anyhow!("no user id"))?.to_string();
-            let dev = device_id(d.client)?;
-            ensure!(
-                server_has_device_keys(&raw, &user, dev.as_str()).await?.is_some(),
-                "POST /keys/query: no device keys for {} ({user}/{dev}) after its first sync \
-                 (the SDK uploads them with POST /keys/upload)",
-                d.name
-            );
-        }
-
-        let rid = create_private_chat(&alice1, "four devices").await?;
-        ensure_encrypted("alice#1", &alice1, &rid).await?;
-        invite_and_join(&server, &alice1, &rid, "bob", &bob1).await?;
-        for d in &devs {
-            wait_joined(d.name, d.client, &rid).await?;
-        }
-
-        for sender in &devs {
-            let text = format!("hello from {}", sender.name);
-            let event_id = send_text(&joined_room(sender.client, &rid)?, &text)
-                .await
-                .with_context(|| format!("{} sending", sender.name))?;
-            for receiver in devs.iter().filter(|d| d.name != sender.name) {
-                wait_decrypted(receiver.name, receiver.client, &rid, &event_id, &text)
+    bounded(
+        "two_users_two_devices_each_decrypt_everything",
+        240,
+        async {
+            let server = Secta::start().await?;
+            let token = server.invite(2)?;
+            let alice1 = server.register("alice", &token).await?;
+            let bob1 = server.register("bob", &token).await?;
+            let alice2 = server.login("alice", "alice's second device").await?;
+            let bob2 = server.login("bob", "bob's second device").await?;
+            let devs = [
+                Dev {
+                    name: "alice#1",
+                    client: &alice1,
+                },
+                Dev {
+                    name: "alice#2",
+                    client: &alice2,
+                },
+                Dev {
+                    name: "bob#1",
+                    client: &bob1,
+                },
+                Dev {
+                    name: "bob#2",
+                    client: &bob2,
+                },
+            ];
+            // First syncs: each device uploads its keys.
+            for d in &devs {
+                sync_once(d.client)
                     .await
-                    .with_context(|| format!("{} -> {}", sender.name, receiver.name))?;
+                    .with_context(|| format!("{} initial sync", d.name))?;
             }
-        }
-        Ok(())
-    })
+            let raw = server.raw_as(&alice1)?;
+            for d in &devs {
+                let user = d
+                    .client
+                    .user_id()
+                    .ok_or_else(|| anyhow!("no user id"))?
+                    .to_string();
+                let dev = device_id(d.client)?;
+                ensure!(
+                    server_has_device_keys(&raw, &user, dev.as_str())
+                        .await?
+                        .is_some(),
+                    "POST /keys/query: no device keys for {} ({user}/{dev}) after its first sync \
+                 (the SDK uploads them with POST /keys/upload)",
+                    d.name
+                );
+            }
+
+            let rid = create_private_chat(&alice1, "four devices").await?;
+            ensure_encrypted("alice#1", &alice1, &rid).await?;
+            invite_and_join(&server, &alice1, &rid, "bob", &bob1).await?;
+            for d in &devs {
+                wait_joined(d.name, d.client, &rid).await?;
+            }
+
+            for sender in &devs {
+                let text = format!("hello from {}", sender.name);
+                let event_id = send_text(&joined_room(sender.client, &rid)?, &text)
+                    .await
+                    .with_context(|| format!("{} sending", sender.name))?;
+                for receiver in devs.iter().filter(|d| d.name != sender.name) {
+                    wait_decrypted(receiver.name, receiver.client, &rid, &event_id, &text)
+                        .await
+                        .with_context(|| format!("{} -> {}", sender.name, receiver.name))?;
+                }
+            }
+            Ok(())
+        },
+    )
     .await;
 }
 
@@ -328,45 +372,53 @@ async fn two_users_two_devices_each_decrypt_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_device_decrypts_messages_sent_after_it_appeared() {
-    bounded("new_device_decrypts_messages_sent_after_it_appeared", 180, async {
-        let p = Pair::setup().await?;
-        let rid = p.room_id.clone();
-        let alice_room = p.room(&p.alice)?;
-        ensure_encrypted("alice", &p.alice, &rid).await?;
+    bounded(
+        "new_device_decrypts_messages_sent_after_it_appeared",
+        180,
+        async {
+            let p = Pair::setup().await?;
+            let rid = p.room_id.clone();
+            let alice_room = p.room(&p.alice)?;
+            ensure_encrypted("alice", &p.alice, &rid).await?;
 
-        let before = "before bob's new device";
-        let m0 = send_text(&alice_room, before).await?;
-        wait_decrypted("bob#1", &p.bob, &rid, &m0, before).await?;
+            let before = "before bob's new device";
+            let m0 = send_text(&alice_room, before).await?;
+            wait_decrypted("bob#1", &p.bob, &rid, &m0, before).await?;
 
-        // bob logs in again; the first sync uploads the new device's keys.
-        let bob2 = p.server.login("bob", "bob's later device").await?;
-        let bob2_dev = device_id(&bob2)?;
-        sync_once(&bob2).await.context("bob#2 initial sync")?;
-        wait_joined("bob#2", &bob2, &rid).await?;
-        let bob_id = uid(&p.server, "bob")?;
-        ensure!(
-            server_has_device_keys(&p.server.raw_as(&p.alice)?, bob_id.as_str(), bob2_dev.as_str())
+            // bob logs in again; the first sync uploads the new device's keys.
+            let bob2 = p.server.login("bob", "bob's later device").await?;
+            let bob2_dev = device_id(&bob2)?;
+            sync_once(&bob2).await.context("bob#2 initial sync")?;
+            wait_joined("bob#2", &bob2, &rid).await?;
+            let bob_id = uid(&p.server, "bob")?;
+            ensure!(
+                server_has_device_keys(
+                    &p.server.raw_as(&p.alice)?,
+                    bob_id.as_str(),
+                    bob2_dev.as_str()
+                )
                 .await?
                 .is_some(),
-            "POST /keys/query: no keys for bob's new device {bob2_dev} after its first sync"
-        );
+                "POST /keys/query: no keys for bob's new device {bob2_dev} after its first sync"
+            );
 
-        // alice's client learns of the new device through her /sync
-        // (device_lists.changed names bob) and /keys/query.
-        wait_knows_device("alice", &p.alice, &bob_id, &bob2_dev).await?;
+            // alice's client learns of the new device through her /sync
+            // (device_lists.changed names bob) and /keys/query.
+            wait_knows_device("alice", &p.alice, &bob_id, &bob2_dev).await?;
 
-        let after = "after bob's new device appeared";
-        let m1 = send_text(&alice_room, after).await?;
-        wait_decrypted("bob#2", &bob2, &rid, &m1, after).await?;
-        wait_decrypted("bob#1", &p.bob, &rid, &m1, after).await?;
+            let after = "after bob's new device appeared";
+            let m1 = send_text(&alice_room, after).await?;
+            wait_decrypted("bob#2", &bob2, &rid, &m1, after).await?;
+            wait_decrypted("bob#1", &p.bob, &rid, &m1, after).await?;
 
-        // And the new device can talk to everyone.
-        let from_new = "hello from bob's later device";
-        let m2 = send_text(&joined_room(&bob2, &rid)?, from_new).await?;
-        wait_decrypted("alice", &p.alice, &rid, &m2, from_new).await?;
-        wait_decrypted("bob#1", &p.bob, &rid, &m2, from_new).await?;
-        Ok(())
-    })
+            // And the new device can talk to everyone.
+            let from_new = "hello from bob's later device";
+            let m2 = send_text(&joined_room(&bob2, &rid)?, from_new).await?;
+            wait_decrypted("alice", &p.alice, &rid, &m2, from_new).await?;
+            wait_decrypted("bob#1", &p.bob, &rid, &m2, from_new).await?;
+            Ok(())
+        },
+    )
     .await;
 }
 
@@ -492,174 +544,202 @@ async fn device_list_updates_stop_after_leaving() {
 /// Replacing the keys afterwards demands password UIA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_signing_bootstrap_and_self_verification() {
-    bounded("cross_signing_bootstrap_and_self_verification", 180, async {
-        let server = Secta::start().await?;
-        let token = server.invite(1)?;
-        let alice1 = server.register("alice", &token).await?;
-        let alice2 = server.login("alice", "alice's second device").await?;
-        sync_once(&alice1).await.context("alice#1 initial sync")?;
-        sync_once(&alice2).await.context("alice#2 initial sync")?;
-        let alice_id = uid(&server, "alice")?;
-        let dev1 = device_id(&alice1)?;
-        let dev2 = device_id(&alice2)?;
-        let raw = server.raw_as(&alice1)?;
+    bounded(
+        "cross_signing_bootstrap_and_self_verification",
+        180,
+        async {
+            let server = Secta::start().await?;
+            let token = server.invite(1)?;
+            let alice1 = server.register("alice", &token).await?;
+            let alice2 = server.login("alice", "alice's second device").await?;
+            sync_once(&alice1).await.context("alice#1 initial sync")?;
+            sync_once(&alice2).await.context("alice#2 initial sync")?;
+            let alice_id = uid(&server, "alice")?;
+            let dev1 = device_id(&alice1)?;
+            let dev2 = device_id(&alice2)?;
+            let raw = server.raw_as(&alice1)?;
 
-        // No cross-signing keys yet: the upload needs no auth.
-        alice1
-            .encryption()
-            .bootstrap_cross_signing(None)
-            .await
-            .at("bootstrap_cross_signing(None): POST /keys/device_signing/upload (first \
-                 upload, no UIA expected) + POST /keys/signatures/upload")?;
-        let status = alice1.encryption().cross_signing_status().await;
-        ensure!(
-            status.as_ref().is_some_and(|s| s.is_complete()),
-            "after bootstrap alice#1 does not hold all three private keys: {status:?}"
-        );
-
-        let q = raw
-            .ok("POST", "/keys/query", Some(&json!({ "device_keys": { alice_id.as_str(): [] } })))
-            .await?;
-        let a = alice_id.as_str();
-        for field in ["master_keys", "self_signing_keys", "user_signing_keys"] {
+            // No cross-signing keys yet: the upload needs no auth.
+            alice1.encryption().bootstrap_cross_signing(None).await.at(
+                "bootstrap_cross_signing(None): POST /keys/device_signing/upload (first \
+                 upload, no UIA expected) + POST /keys/signatures/upload",
+            )?;
+            let status = alice1.encryption().cross_signing_status().await;
             ensure!(
-                q[field][a].is_object(),
-                "POST /keys/query (as alice) after bootstrap: no {field}.{a}: {q}"
+                status.as_ref().is_some_and(|s| s.is_complete()),
+                "after bootstrap alice#1 does not hold all three private keys: {status:?}"
             );
-        }
-        let ssk_id = q["self_signing_keys"][a]["keys"]
-            .as_object()
-            .and_then(|k| k.keys().next().cloned())
-            .ok_or_else(|| anyhow!("self-signing key without keys: {}", q["self_signing_keys"]))?;
-        let master_before = q["master_keys"][a].clone();
-        ensure!(
-            q["device_keys"][a][dev1.as_str()]["signatures"][a][&ssk_id].is_string(),
-            "POST /keys/query: alice#1's device keys carry no signature by the self-signing \
-             key {ssk_id} (bootstrap uploads one via /keys/signatures/upload): {}",
-            q["device_keys"][a][dev1.as_str()]
-        );
 
-        // alice#1 signs alice#2 with the self-signing key.
-        let d2 = wait_knows_device("alice#1", &alice1, &alice_id, &dev2).await?;
-        ensure!(
-            !d2.is_cross_signed_by_owner(),
-            "alice#2 is cross-signed before anyone signed it"
-        );
-        d2.verify()
-            .await
-            .map_err(|e| anyhow!("Device::verify (POST /keys/signatures/upload): {e}"))?;
-
-        let q = raw
-            .ok("POST", "/keys/query", Some(&json!({ "device_keys": { a: [dev2.as_str()] } })))
-            .await?;
-        ensure!(
-            q["device_keys"][a][dev2.as_str()]["signatures"][a][&ssk_id].is_string(),
-            "POST /keys/query after signing alice#2: its device keys carry no signature by \
-             {ssk_id}: {}",
-            q["device_keys"][a][dev2.as_str()]
-        );
-
-        // alice#2 re-queries her keys (device_lists.changed names alice) and
-        // sees her own device cross-signed.
-        let deadline = Instant::now() + SEE_WITHIN;
-        loop {
-            let own = alice2
-                .encryption()
-                .get_own_device()
-                .await
-                .map_err(|e| anyhow!("crypto store: {e}"))?
-                .ok_or_else(|| anyhow!("alice#2 has no own device"))?;
-            if own.is_cross_signed_by_owner() {
-                break;
+            let q = raw
+                .ok(
+                    "POST",
+                    "/keys/query",
+                    Some(&json!({ "device_keys": { alice_id.as_str(): [] } })),
+                )
+                .await?;
+            let a = alice_id.as_str();
+            for field in ["master_keys", "self_signing_keys", "user_signing_keys"] {
+                ensure!(
+                    q[field][a].is_object(),
+                    "POST /keys/query (as alice) after bootstrap: no {field}.{a}: {q}"
+                );
             }
+            let ssk_id = q["self_signing_keys"][a]["keys"]
+                .as_object()
+                .and_then(|k| k.keys().next().cloned())
+                .ok_or_else(|| {
+                    anyhow!("self-signing key without keys: {}", q["self_signing_keys"])
+                })?;
+            let master_before = q["master_keys"][a].clone();
             ensure!(
+                q["device_keys"][a][dev1.as_str()]["signatures"][a][&ssk_id].is_string(),
+                "POST /keys/query: alice#1's device keys carry no signature by the self-signing \
+             key {ssk_id} (bootstrap uploads one via /keys/signatures/upload): {}",
+                q["device_keys"][a][dev1.as_str()]
+            );
+
+            // alice#1 signs alice#2 with the self-signing key.
+            let d2 = wait_knows_device("alice#1", &alice1, &alice_id, &dev2).await?;
+            ensure!(
+                !d2.is_cross_signed_by_owner(),
+                "alice#2 is cross-signed before anyone signed it"
+            );
+            d2.verify()
+                .await
+                .map_err(|e| anyhow!("Device::verify (POST /keys/signatures/upload): {e}"))?;
+
+            let q = raw
+                .ok(
+                    "POST",
+                    "/keys/query",
+                    Some(&json!({ "device_keys": { a: [dev2.as_str()] } })),
+                )
+                .await?;
+            ensure!(
+                q["device_keys"][a][dev2.as_str()]["signatures"][a][&ssk_id].is_string(),
+                "POST /keys/query after signing alice#2: its device keys carry no signature by \
+             {ssk_id}: {}",
+                q["device_keys"][a][dev2.as_str()]
+            );
+
+            // alice#2 re-queries her keys (device_lists.changed names alice) and
+            // sees her own device cross-signed.
+            let deadline = Instant::now() + SEE_WITHIN;
+            loop {
+                let own = alice2
+                    .encryption()
+                    .get_own_device()
+                    .await
+                    .map_err(|e| anyhow!("crypto store: {e}"))?
+                    .ok_or_else(|| anyhow!("alice#2 has no own device"))?;
+                if own.is_cross_signed_by_owner() {
+                    break;
+                }
+                ensure!(
                 Instant::now() < deadline,
                 "alice#2 never saw itself cross-signed within {SEE_WITHIN:?}: its /sync did not \
                  name alice in device_lists.changed, or /keys/query lacked the signature"
             );
-            sync_once(&alice2).await.context("alice#2 waiting to be cross-signed")?;
-        }
-        ensure!(
-            alice2
-                .encryption()
-                .get_user_identity(&alice_id)
-                .await
-                .map_err(|e| anyhow!("crypto store: {e}"))?
-                .is_some(),
-            "alice#2 knows no cross-signing identity for alice"
-        );
-        // alice#1 holds the master key, so for her alice#2 is now verified.
-        let deadline = Instant::now() + SEE_WITHIN;
-        loop {
-            let d2 = wait_knows_device("alice#1", &alice1, &alice_id, &dev2).await?;
-            if d2.is_verified_with_cross_signing() {
-                break;
+                sync_once(&alice2)
+                    .await
+                    .context("alice#2 waiting to be cross-signed")?;
             }
             ensure!(
+                alice2
+                    .encryption()
+                    .get_user_identity(&alice_id)
+                    .await
+                    .map_err(|e| anyhow!("crypto store: {e}"))?
+                    .is_some(),
+                "alice#2 knows no cross-signing identity for alice"
+            );
+            // alice#1 holds the master key, so for her alice#2 is now verified.
+            let deadline = Instant::now() + SEE_WITHIN;
+            loop {
+                let d2 = wait_knows_device("alice#1", &alice1, &alice_id, &dev2).await?;
+                if d2.is_verified_with_cross_signing() {
+                    break;
+                }
+                ensure!(
                 Instant::now() < deadline,
                 "alice#1 does not see alice#2 as verified with cross-signing within {SEE_WITHIN:?}"
             );
-            sync_once(&alice1).await.context("alice#1 waiting for alice#2's signature")?;
-        }
+                sync_once(&alice1)
+                    .await
+                    .context("alice#1 waiting for alice#2's signature")?;
+            }
 
-        // Replacing the cross-signing keys needs the password.
-        let handle = alice1
-            .encryption()
-            .reset_cross_signing()
-            .await
-            .at("reset_cross_signing: POST /keys/device_signing/upload without auth")?
-            .ok_or_else(|| {
-                anyhow!(
+            // Replacing the cross-signing keys needs the password.
+            let handle = alice1
+                .encryption()
+                .reset_cross_signing()
+                .await
+                .at("reset_cross_signing: POST /keys/device_signing/upload without auth")?
+                .ok_or_else(|| {
+                    anyhow!(
                     "POST /keys/device_signing/upload replacing existing keys succeeded without \
                      auth; expected 401 with a m.login.password flow"
                 )
-            })?;
-        let session = match handle.auth_type() {
-            CrossSigningResetAuthType::Uiaa(info) => {
-                ensure!(
-                    info.flows
-                        .iter()
-                        .any(|f| f.stages.iter().any(|s| s.as_str() == "m.login.password")),
-                    "401 on /keys/device_signing/upload offers no m.login.password: {:?}",
-                    info.flows
-                );
-                info.session.clone()
-            }
-            CrossSigningResetAuthType::OAuth(_) => bail!("server asked for OAuth approval"),
-        };
-        match handle
-            .auth(Some(password_auth(&alice_id, "not the password", session.clone())))
-            .await
-        {
-            Ok(()) => bail!("POST /keys/device_signing/upload with a wrong password succeeded"),
-            Err(e) => ensure!(
-                errcode(&e).as_deref() == Some("M_FORBIDDEN"),
-                "POST /keys/device_signing/upload with a wrong password: expected 401 \
+                })?;
+            let session = match handle.auth_type() {
+                CrossSigningResetAuthType::Uiaa(info) => {
+                    ensure!(
+                        info.flows
+                            .iter()
+                            .any(|f| f.stages.iter().any(|s| s.as_str() == "m.login.password")),
+                        "401 on /keys/device_signing/upload offers no m.login.password: {:?}",
+                        info.flows
+                    );
+                    info.session.clone()
+                }
+                CrossSigningResetAuthType::OAuth(_) => bail!("server asked for OAuth approval"),
+            };
+            match handle
+                .auth(Some(password_auth(
+                    &alice_id,
+                    "not the password",
+                    session.clone(),
+                )))
+                .await
+            {
+                Ok(()) => bail!("POST /keys/device_signing/upload with a wrong password succeeded"),
+                Err(e) => ensure!(
+                    errcode(&e).as_deref() == Some("M_FORBIDDEN"),
+                    "POST /keys/device_signing/upload with a wrong password: expected 401 \
                  with errcode M_FORBIDDEN, got {}",
-                describe(&e)
-            ),
-        }
-        let q = raw
-            .ok("POST", "/keys/query", Some(&json!({ "device_keys": { a: [] } })))
-            .await?;
-        ensure!(
-            q["master_keys"][a] == master_before,
-            "a refused key replacement changed the master key anyway: {}",
-            q["master_keys"][a]
-        );
-        handle
-            .auth(Some(password_auth(&alice_id, PASSWORD, session)))
-            .await
-            .at("POST /keys/device_signing/upload with password UIA")?;
-        let q = raw
-            .ok("POST", "/keys/query", Some(&json!({ "device_keys": { a: [] } })))
-            .await?;
-        ensure!(
-            q["master_keys"][a].is_object() && q["master_keys"][a] != master_before,
-            "after the authorised reset /keys/query still shows the old master key"
-        );
-        Ok(())
-    })
+                    describe(&e)
+                ),
+            }
+            let q = raw
+                .ok(
+                    "POST",
+                    "/keys/query",
+                    Some(&json!({ "device_keys": { a: [] } })),
+                )
+                .await?;
+            ensure!(
+                q["master_keys"][a] == master_before,
+                "a refused key replacement changed the master key anyway: {}",
+                q["master_keys"][a]
+            );
+            handle
+                .auth(Some(password_auth(&alice_id, PASSWORD, session)))
+                .await
+                .at("POST /keys/device_signing/upload with password UIA")?;
+            let q = raw
+                .ok(
+                    "POST",
+                    "/keys/query",
+                    Some(&json!({ "device_keys": { a: [] } })),
+                )
+                .await?;
+            ensure!(
+                q["master_keys"][a].is_object() && q["master_keys"][a] != master_before,
+                "after the authorised reset /keys/query still shows the old master key"
+            );
+            Ok(())
+        },
+    )
     .await;
 }
 
@@ -672,128 +752,147 @@ async fn cross_signing_bootstrap_and_self_verification() {
 /// decrypts the old messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_backup_restores_old_messages_on_a_new_device() {
-    bounded("key_backup_restores_old_messages_on_a_new_device", 240, async {
-        let server = Secta::start().await?;
-        let token = server.invite(1)?;
-        let alice1 = server.register("alice", &token).await?;
-        sync_once(&alice1).await.context("alice#1 initial sync")?;
-        let rid = create_private_chat(&alice1, "backed up").await?;
-        wait_joined("alice#1", &alice1, &rid).await?;
-        ensure_encrypted("alice#1", &alice1, &rid).await?;
-        let room1 = joined_room(&alice1, &rid)?;
+    bounded(
+        "key_backup_restores_old_messages_on_a_new_device",
+        240,
+        async {
+            let server = Secta::start().await?;
+            let token = server.invite(1)?;
+            let alice1 = server.register("alice", &token).await?;
+            sync_once(&alice1).await.context("alice#1 initial sync")?;
+            let rid = create_private_chat(&alice1, "backed up").await?;
+            wait_joined("alice#1", &alice1, &rid).await?;
+            ensure_encrypted("alice#1", &alice1, &rid).await?;
+            let room1 = joined_room(&alice1, &rid)?;
 
-        alice1
-            .encryption()
-            .bootstrap_cross_signing(None)
-            .await
-            .at("bootstrap_cross_signing(None)")?;
-        let recovery_key = alice1
-            .encryption()
-            .recovery()
-            .enable()
-            .wait_for_backups_to_upload()
-            .await
-            .map_err(|e| anyhow!("recovery().enable(): {e} ({e:?})"))?;
-        ensure!(
-            alice1.encryption().backups().are_enabled().await,
-            "backups not enabled on alice#1 after recovery().enable()"
-        );
-
-        let texts: Vec<String> = (1..=3).map(|i| format!("secret number {i}")).collect();
-        let mut ids: Vec<OwnedEventId> = Vec::new();
-        for t in &texts {
-            ids.push(send_text(&room1, t).await?);
-        }
-        tokio::time::timeout(SEE_WITHIN, alice1.encryption().backups().wait_for_steady_state())
-            .await
-            .map_err(|_| anyhow!("backups().wait_for_steady_state() did not finish within {SEE_WITHIN:?}"))?
-            .map_err(|e| anyhow!("backups().wait_for_steady_state(): {e:?} (PUT /room_keys/keys)"))?;
-
-        let raw = server.raw_as(&alice1)?;
-        let version = raw.ok("GET", "/room_keys/version", None).await?;
-        let v = version["version"].as_str().unwrap_or_default().to_owned();
-        ensure!(
-            version["count"].as_u64().unwrap_or(0) >= 1,
-            "GET /room_keys/version: no keys backed up after sending: {version}"
-        );
-        let stored = raw
-            .ok("GET", &format!("/room_keys/keys/{rid}?version={v}"), None)
-            .await?;
-        ensure!(
-            stored["sessions"].as_object().is_some_and(|s| !s.is_empty()),
-            "GET /room_keys/keys/{rid}?version={v}: no sessions: {stored}"
-        );
-
-        // A fresh device: the old messages are undecryptable ...
-        let alice3 = server.login("alice", "alice's fresh device").await?;
-        sync_once(&alice3).await.context("alice#3 initial sync")?;
-        wait_joined("alice#3", &alice3, &rid).await?;
-        let room3 = joined_room(&alice3, &rid)?;
-        let decrypted = |page: &[TimelineEvent]| -> Vec<String> {
-            texts
-                .iter()
-                .filter(|t| page.iter().any(|e| decrypted_as(e, t).is_ok()))
-                .cloned()
-                .collect()
-        };
-        let mut opts = MessagesOptions::backward();
-        opts.limit = UInt::from(50u32);
-        let page = room3.messages(opts).await.at("GET /rooms/{roomId}/messages (alice#3)")?;
-        let early = decrypted(&page.chunk);
-        ensure!(
-            early.is_empty(),
-            "alice#3 decrypted {early:?} before restoring the backup; the test cannot tell \
-             whether the backup worked"
-        );
-
-        // ... until it restores the backup with the recovery key.
-        alice3
-            .encryption()
-            .recovery()
-            .recover(&recovery_key)
-            .await
-            .map_err(|e| anyhow!("recovery().recover(key) on alice#3: {e} ({e:?})"))?;
-        ensure!(
-            alice3.encryption().recovery().state() == RecoveryState::Enabled,
-            "alice#3 recovery state after recover(): {:?}",
-            alice3.encryption().recovery().state()
-        );
-        ensure!(
-            alice3.encryption().backups().are_enabled().await,
-            "alice#3 has no usable backup after recover() (backup key or version missing)"
-        );
-        alice3
-            .encryption()
-            .backups()
-            .download_room_keys_for_room(&rid)
-            .await
-            .at("GET /room_keys/keys/{roomId}?version=... (alice#3)")?;
-
-        let mut opts = MessagesOptions::backward();
-        opts.limit = UInt::from(50u32);
-        let page = room3.messages(opts).await.at("GET /rooms/{roomId}/messages (alice#3)")?;
-        let got = decrypted(&page.chunk);
-        if got != texts {
-            let states: Vec<String> = ids
-                .iter()
-                .map(|id| {
-                    page.chunk
-                        .iter()
-                        .find(|e| e.event_id().as_deref() == Some(id.as_ref()))
-                        .map(|e| match decrypted_as(e, "") {
-                            Err(why) => format!("{id}: {why}"),
-                            Ok(()) => format!("{id}: ok"),
-                        })
-                        .unwrap_or_else(|| format!("{id}: not in /messages"))
-                })
-                .collect();
-            bail!(
-                "alice#3 after restoring the backup decrypted {got:?}, expected {texts:?}; \
-                 events: {states:?}"
+            alice1
+                .encryption()
+                .bootstrap_cross_signing(None)
+                .await
+                .at("bootstrap_cross_signing(None)")?;
+            let recovery_key = alice1
+                .encryption()
+                .recovery()
+                .enable()
+                .wait_for_backups_to_upload()
+                .await
+                .map_err(|e| anyhow!("recovery().enable(): {e} ({e:?})"))?;
+            ensure!(
+                alice1.encryption().backups().are_enabled().await,
+                "backups not enabled on alice#1 after recovery().enable()"
             );
-        }
-        Ok(())
-    })
+
+            let texts: Vec<String> = (1..=3).map(|i| format!("secret number {i}")).collect();
+            let mut ids: Vec<OwnedEventId> = Vec::new();
+            for t in &texts {
+                ids.push(send_text(&room1, t).await?);
+            }
+            tokio::time::timeout(
+                SEE_WITHIN,
+                alice1.encryption().backups().wait_for_steady_state(),
+            )
+            .await
+            .map_err(|_| {
+                anyhow!("backups().wait_for_steady_state() did not finish within {SEE_WITHIN:?}")
+            })?
+            .map_err(|e| {
+                anyhow!("backups().wait_for_steady_state(): {e:?} (PUT /room_keys/keys)")
+            })?;
+
+            let raw = server.raw_as(&alice1)?;
+            let version = raw.ok("GET", "/room_keys/version", None).await?;
+            let v = version["version"].as_str().unwrap_or_default().to_owned();
+            ensure!(
+                version["count"].as_u64().unwrap_or(0) >= 1,
+                "GET /room_keys/version: no keys backed up after sending: {version}"
+            );
+            let stored = raw
+                .ok("GET", &format!("/room_keys/keys/{rid}?version={v}"), None)
+                .await?;
+            ensure!(
+                stored["sessions"]
+                    .as_object()
+                    .is_some_and(|s| !s.is_empty()),
+                "GET /room_keys/keys/{rid}?version={v}: no sessions: {stored}"
+            );
+
+            // A fresh device: the old messages are undecryptable ...
+            let alice3 = server.login("alice", "alice's fresh device").await?;
+            sync_once(&alice3).await.context("alice#3 initial sync")?;
+            wait_joined("alice#3", &alice3, &rid).await?;
+            let room3 = joined_room(&alice3, &rid)?;
+            let decrypted = |page: &[TimelineEvent]| -> Vec<String> {
+                texts
+                    .iter()
+                    .filter(|t| page.iter().any(|e| decrypted_as(e, t).is_ok()))
+                    .cloned()
+                    .collect()
+            };
+            let mut opts = MessagesOptions::backward();
+            opts.limit = UInt::from(50u32);
+            let page = room3
+                .messages(opts)
+                .await
+                .at("GET /rooms/{roomId}/messages (alice#3)")?;
+            let early = decrypted(&page.chunk);
+            ensure!(
+                early.is_empty(),
+                "alice#3 decrypted {early:?} before restoring the backup; the test cannot tell \
+             whether the backup worked"
+            );
+
+            // ... until it restores the backup with the recovery key.
+            alice3
+                .encryption()
+                .recovery()
+                .recover(&recovery_key)
+                .await
+                .map_err(|e| anyhow!("recovery().recover(key) on alice#3: {e} ({e:?})"))?;
+            ensure!(
+                alice3.encryption().recovery().state() == RecoveryState::Enabled,
+                "alice#3 recovery state after recover(): {:?}",
+                alice3.encryption().recovery().state()
+            );
+            ensure!(
+                alice3.encryption().backups().are_enabled().await,
+                "alice#3 has no usable backup after recover() (backup key or version missing)"
+            );
+            alice3
+                .encryption()
+                .backups()
+                .download_room_keys_for_room(&rid)
+                .await
+                .at("GET /room_keys/keys/{roomId}?version=... (alice#3)")?;
+
+            let mut opts = MessagesOptions::backward();
+            opts.limit = UInt::from(50u32);
+            let page = room3
+                .messages(opts)
+                .await
+                .at("GET /rooms/{roomId}/messages (alice#3)")?;
+            let got = decrypted(&page.chunk);
+            if got != texts {
+                let states: Vec<String> = ids
+                    .iter()
+                    .map(|id| {
+                        page.chunk
+                            .iter()
+                            .find(|e| e.event_id().as_deref() == Some(id.as_ref()))
+                            .map(|e| match decrypted_as(e, "") {
+                                Err(why) => format!("{id}: {why}"),
+                                Ok(()) => format!("{id}: ok"),
+                            })
+                            .unwrap_or_else(|| format!("{id}: not in /messages"))
+                    })
+                    .collect();
+                bail!(
+                    "alice#3 after restoring the backup decrypted {got:?}, expected {texts:?}; \
+                 events: {states:?}"
+                );
+            }
+            Ok(())
+        },
+    )
     .await;
 }
 
@@ -849,14 +948,28 @@ async fn key_endpoints_reject_bad_input() {
                 })),
             )
             .await?;
-        expect_error(&r, "POST /keys/upload, device_keys signed by another key", 400, "M_INVALID_SIGNATURE")?;
+        expect_error(
+            &r,
+            "POST /keys/upload, device_keys signed by another key",
+            400,
+            "M_INVALID_SIGNATURE",
+        )?;
         // 2. Signed correctly, then altered.
         let mut tampered = good_keys.clone();
         tampered["keys"][format!("curve25519:{dev}")] = json!(curve_key());
         let r = raw
-            .call("POST", "/keys/upload", Some(&json!({ "device_keys": tampered })))
+            .call(
+                "POST",
+                "/keys/upload",
+                Some(&json!({ "device_keys": tampered })),
+            )
             .await?;
-        expect_error(&r, "POST /keys/upload, device_keys altered after signing", 400, "M_INVALID_SIGNATURE")?;
+        expect_error(
+            &r,
+            "POST /keys/upload, device_keys altered after signing",
+            400,
+            "M_INVALID_SIGNATURE",
+        )?;
         // Nothing of either was stored.
         ensure!(
             server_has_device_keys(&raw, a, dev).await?.is_none(),
@@ -864,7 +977,10 @@ async fn key_endpoints_reject_bad_input() {
         );
         let counts = raw.ok("POST", "/keys/upload", Some(&json!({}))).await?;
         ensure!(
-            counts["one_time_key_counts"]["curve25519"].as_u64().unwrap_or(0) == 0,
+            counts["one_time_key_counts"]["curve25519"]
+                .as_u64()
+                .unwrap_or(0)
+                == 0,
             "the one-time key of a rejected upload was stored: {counts}"
         );
 
@@ -911,7 +1027,12 @@ async fn key_endpoints_reject_bad_input() {
                 Some(&json!({ "one_time_keys": { "signed_curve25519:AAAAAQ": otk(&ed)? } })),
             )
             .await?;
-        expect_error(&r, "POST /keys/upload, known one-time key id with new content", 400, "M_INVALID_PARAM")?;
+        expect_error(
+            &r,
+            "POST /keys/upload, known one-time key id with new content",
+            400,
+            "M_INVALID_PARAM",
+        )?;
         let counts = raw.ok("POST", "/keys/upload", Some(&json!({}))).await?;
         ensure!(
             counts["one_time_key_counts"]["signed_curve25519"] == 1,
@@ -943,12 +1064,19 @@ async fn key_endpoints_reject_bad_input() {
             .unwrap_or_default()
             .to_owned();
         let v2 = raw
-            .ok("POST", "/room_keys/version", Some(&backup_version("second")))
+            .ok(
+                "POST",
+                "/room_keys/version",
+                Some(&backup_version("second")),
+            )
             .await?["version"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        ensure!(!v1.is_empty() && v1 != v2, "POST /room_keys/version returned {v1:?} then {v2:?}");
+        ensure!(
+            !v1.is_empty() && v1 != v2,
+            "POST /room_keys/version returned {v1:?} then {v2:?}"
+        );
         let room = format!("!backedup:{}", server.listen);
         let session = json!({
             "first_message_index": 0,
@@ -961,19 +1089,31 @@ async fn key_endpoints_reject_bad_input() {
         for (path, body) in [
             (format!("/room_keys/keys?version={v1}"), &all),
             (format!("/room_keys/keys/{room}?version={v1}"), &one_room),
-            (format!("/room_keys/keys/{room}/sess1?version={v1}"), &session),
+            (
+                format!("/room_keys/keys/{room}/sess1?version={v1}"),
+                &session,
+            ),
         ] {
             let r = raw.call("PUT", &path, Some(body)).await?;
-            expect_error(&r, &format!("PUT {path} (old version; current is {v2})"), 403, "M_WRONG_ROOM_KEYS_VERSION")?;
+            expect_error(
+                &r,
+                &format!("PUT {path} (old version; current is {v2})"),
+                403,
+                "M_WRONG_ROOM_KEYS_VERSION",
+            )?;
             ensure!(
                 r.body["current_version"] == v2.as_str(),
                 "PUT {path}: M_WRONG_ROOM_KEYS_VERSION without current_version {v2:?}: {}",
                 r.body
             );
         }
-        let r = raw.ok("PUT", &format!("/room_keys/keys?version={v2}"), Some(&all)).await?;
+        let r = raw
+            .ok("PUT", &format!("/room_keys/keys?version={v2}"), Some(&all))
+            .await?;
         ensure!(r["count"] == 1, "PUT /room_keys/keys?version={v2}: {r}");
-        let back = raw.ok("GET", &format!("/room_keys/keys?version={v2}"), None).await?;
+        let back = raw
+            .ok("GET", &format!("/room_keys/keys?version={v2}"), None)
+            .await?;
         ensure!(
             back["rooms"][&room]["sessions"]["sess1"] == session,
             "GET /room_keys/keys?version={v2} does not return what was stored: {back}"
@@ -1029,7 +1169,10 @@ async fn wait_to_device(
             seen.extend(evs.iter().cloned());
         }
         since = s["next_batch"].as_str().unwrap_or_default().to_owned();
-        if seen.iter().any(|e| e["type"] == kind && e["content"] == *content) {
+        if seen
+            .iter()
+            .any(|e| e["type"] == kind && e["content"] == *content)
+        {
             return Ok((seen, since));
         }
         ensure!(
@@ -1057,20 +1200,31 @@ async fn to_device_delivery_and_transaction_ids() {
 
         // Direct, then the same request again (a retry).
         let body1 = json!({ "messages": { a.as_str(): { dev2.as_str(): { "n": 1 } } } });
-        raw1.ok("PUT", "/sendToDevice/m.secta.test/txn-1", Some(&body1)).await?;
+        raw1.ok("PUT", "/sendToDevice/m.secta.test/txn-1", Some(&body1))
+            .await?;
         raw1.ok("PUT", "/sendToDevice/m.secta.test/txn-1", Some(&body1))
             .await
             .context("retrying PUT /sendToDevice with the same txnId")?;
-        let (seen, since) = wait_to_device(&raw2, &since, "m.secta.test", &json!({ "n": 1 })).await?;
+        let (seen, since) =
+            wait_to_device(&raw2, &since, "m.secta.test", &json!({ "n": 1 })).await?;
         let copies = seen.iter().filter(|e| e["content"]["n"] == 1).count();
-        ensure!(copies == 1, "to-device message delivered {copies} times after a retry: {seen:?}");
+        ensure!(
+            copies == 1,
+            "to-device message delivered {copies} times after a retry: {seen:?}"
+        );
         let m = seen.iter().find(|e| e["content"]["n"] == 1).unwrap();
-        ensure!(m["sender"] == a.as_str(), "to-device event sender is {} not {a}", m["sender"]);
+        ensure!(
+            m["sender"] == a.as_str(),
+            "to-device event sender is {} not {a}",
+            m["sender"]
+        );
 
         // To all devices.
         let body2 = json!({ "messages": { a.as_str(): { "*": { "n": 2 } } } });
-        raw1.ok("PUT", "/sendToDevice/m.secta.test/txn-2", Some(&body2)).await?;
-        let (seen, since) = wait_to_device(&raw2, &since, "m.secta.test", &json!({ "n": 2 })).await?;
+        raw1.ok("PUT", "/sendToDevice/m.secta.test/txn-2", Some(&body2))
+            .await?;
+        let (seen, since) =
+            wait_to_device(&raw2, &since, "m.secta.test", &json!({ "n": 2 })).await?;
         ensure!(
             !seen.iter().any(|e| e["content"]["n"] == 1),
             "the acknowledged to-device message n=1 came again: {seen:?}"
@@ -1078,7 +1232,11 @@ async fn to_device_delivery_and_transaction_ids() {
 
         // The same txnId on a room send and on /sendToDevice: two requests.
         let room = raw1
-            .ok("POST", "/createRoom", Some(&json!({ "preset": "public_chat" })))
+            .ok(
+                "POST",
+                "/createRoom",
+                Some(&json!({ "preset": "public_chat" })),
+            )
             .await?;
         let rid = room["room_id"].as_str().unwrap_or_default().to_owned();
         raw1.ok(
@@ -1088,7 +1246,9 @@ async fn to_device_delivery_and_transaction_ids() {
         )
         .await?;
         let body3 = json!({ "messages": { a.as_str(): { dev2.as_str(): { "n": 3 } } } });
-        let r = raw1.call("PUT", "/sendToDevice/m.secta.test/shared-txn", Some(&body3)).await?;
+        let r = raw1
+            .call("PUT", "/sendToDevice/m.secta.test/shared-txn", Some(&body3))
+            .await?;
         ensure!(
             r.status == 200,
             "PUT /sendToDevice/m.secta.test/shared-txn after PUT /rooms/{{roomId}}/send/\

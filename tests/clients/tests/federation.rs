@@ -49,9 +49,17 @@ struct Boxes {
 impl Boxes {
     async fn start() -> Result<Boxes> {
         let (a, b) = Secta::start_pair().await?;
-        let alice = a.register("alice", &a.invite(1)?).await.context("alice on box A")?;
-        let bob = b.register("bob", &b.invite(1)?).await.context("bob on box B")?;
-        sync_once(&alice).await.context("alice initial sync (box A)")?;
+        let alice = a
+            .register("alice", &a.invite(1)?)
+            .await
+            .context("alice on box A")?;
+        let bob = b
+            .register("bob", &b.invite(1)?)
+            .await
+            .context("bob on box B")?;
+        sync_once(&alice)
+            .await
+            .context("alice initial sync (box A)")?;
         sync_once(&bob).await.context("bob initial sync (box B)")?;
         let alice_id = UserId::parse(a.user_id("alice"))?;
         let bob_id = UserId::parse(b.user_id("bob"))?;
@@ -61,12 +69,21 @@ impl Boxes {
         {
             let dev = device_id(client)?;
             ensure!(
-                local_device_keys(server, client, user.as_str(), dev.as_str()).await?.is_some(),
+                local_device_keys(server, client, user.as_str(), dev.as_str())
+                    .await?
+                    .is_some(),
                 "{name}: POST /keys/query on her/his own box shows no keys for {user}/{dev} after \
                  the first sync (the SDK uploads them with POST /keys/upload)"
             );
         }
-        Ok(Boxes { a, b, alice, bob, alice_id, bob_id })
+        Ok(Boxes {
+            a,
+            b,
+            alice,
+            bob,
+            alice_id,
+            bob_id,
+        })
     }
 
     fn a_name(&self) -> Result<OwnedServerName> {
@@ -102,9 +119,12 @@ impl Boxes {
             .await
             .at("POST /rooms/{roomId}/invite on box A for @bob of box B (federation PUT /v2/invite)")?;
         let r2 = rid.clone();
-        sync_until(&self.bob, "the invite from box A in bob's /sync on box B", FED_WITHIN, |r| {
-            r.rooms.invited.contains_key(&r2)
-        })
+        sync_until(
+            &self.bob,
+            "the invite from box A in bob's /sync on box B",
+            FED_WITHIN,
+            |r| r.rooms.invited.contains_key(&r2),
+        )
         .await?;
         let room = self
             .bob
@@ -146,7 +166,10 @@ impl Boxes {
                 .latest_encryption_state()
                 .await
                 .at(&format!("GET /state/m.room.encryption/ ({name})"))?;
-            ensure!(!state.is_encrypted(), "{name}: the public_chat room is encrypted: {state:?}");
+            ensure!(
+                !state.is_encrypted(),
+                "{name}: the public_chat room is encrypted: {state:?}"
+            );
         }
         Ok(rid)
     }
@@ -154,13 +177,18 @@ impl Boxes {
     /// bob's join reaches alice's sync, and bob's client has the room joined.
     async fn both_see_join(&self, rid: &RoomId) -> Result<()> {
         let (r2, bob_s) = (rid.to_owned(), self.bob_id.to_string());
-        sync_until(&self.alice, "bob's join (from box B) in alice's /sync", FED_WITHIN, |r| {
-            timeline_and_state(r, &r2).iter().any(|e| {
-                e["type"] == "m.room.member"
-                    && e["state_key"] == bob_s.as_str()
-                    && e["content"]["membership"] == "join"
-            })
-        })
+        sync_until(
+            &self.alice,
+            "bob's join (from box B) in alice's /sync",
+            FED_WITHIN,
+            |r| {
+                timeline_and_state(r, &r2).iter().any(|e| {
+                    e["type"] == "m.room.member"
+                        && e["state_key"] == bob_s.as_str()
+                        && e["content"]["membership"] == "join"
+                })
+            },
+        )
         .await?;
         wait_joined("bob", &self.bob, rid).await
     }
@@ -182,19 +210,28 @@ fn joined_room(client: &Client, rid: &RoomId) -> Result<Room> {
         .get_room(rid)
         .ok_or_else(|| anyhow!("client has no room {rid}"))?;
     if r.state() != RoomState::Joined {
-        bail!("room {rid} is {:?} in the client, expected Joined", r.state());
+        bail!(
+            "room {rid} is {:?} in the client, expected Joined",
+            r.state()
+        );
     }
     Ok(r)
 }
 
 async fn wait_joined(name: &str, client: &Client, rid: &RoomId) -> Result<()> {
-    if client.get_room(rid).is_some_and(|r| r.state() == RoomState::Joined) {
+    if client
+        .get_room(rid)
+        .is_some_and(|r| r.state() == RoomState::Joined)
+    {
         return Ok(());
     }
     let rid2 = rid.to_owned();
-    sync_until(client, &format!("{name}: room {rid} joined"), FED_WITHIN, |r| {
-        r.rooms.joined.contains_key(&rid2)
-    })
+    sync_until(
+        client,
+        &format!("{name}: room {rid} joined"),
+        FED_WITHIN,
+        |r| r.rooms.joined.contains_key(&rid2),
+    )
     .await?;
     joined_room(client, rid).map(|_| ())
 }
@@ -216,7 +253,9 @@ async fn ensure_encrypted(name: &str, client: &Client, rid: &RoomId) -> Result<(
             Instant::now() < deadline,
             "{name}: /sync never told the encryption state of {rid}"
         );
-        sync_once(client).await.with_context(|| format!("{name} waiting for the room state"))?;
+        sync_once(client)
+            .await
+            .with_context(|| format!("{name} waiting for the room state"))?;
     }
 }
 
@@ -229,7 +268,11 @@ async fn local_device_keys(
 ) -> Result<Option<Value>> {
     let q = server
         .raw_as(client)?
-        .ok("POST", "/keys/query", Some(&json!({ "device_keys": { user: [] } })))
+        .ok(
+            "POST",
+            "/keys/query",
+            Some(&json!({ "device_keys": { user: [] } })),
+        )
         .await?;
     let k = &q["device_keys"][user][device];
     Ok(if k.is_object() { Some(k.clone()) } else { None })
@@ -370,20 +413,30 @@ async fn encrypted_chat_across_two_boxes() {
             let bob_room = joined_room(&x.bob, &rid)?;
 
             let t1 = "hello bob on box B, from alice on box A";
-            let m1 = send_text(&alice_room, t1).await.context("alice sending (A)")?;
-            wait_decrypted("bob (B)", &x.bob, &rid, &m1, t1).await.context("alice -> bob")?;
+            let m1 = send_text(&alice_room, t1)
+                .await
+                .context("alice sending (A)")?;
+            wait_decrypted("bob (B)", &x.bob, &rid, &m1, t1)
+                .await
+                .context("alice -> bob")?;
 
             let t2 = "hi alice on box A, bob here on box B";
             let m2 = send_text(&bob_room, t2).await.context("bob sending (B)")?;
-            wait_decrypted("alice (A)", &x.alice, &rid, &m2, t2).await.context("bob -> alice")?;
+            wait_decrypted("alice (A)", &x.alice, &rid, &m2, t2)
+                .await
+                .context("bob -> alice")?;
 
             // A second round on the established sessions.
             let t3 = "second message from alice";
             let m3 = send_text(&alice_room, t3).await?;
-            wait_decrypted("bob (B)", &x.bob, &rid, &m3, t3).await.context("alice -> bob, again")?;
+            wait_decrypted("bob (B)", &x.bob, &rid, &m3, t3)
+                .await
+                .context("alice -> bob, again")?;
             let t4 = "second message from bob";
             let m4 = send_text(&bob_room, t4).await?;
-            wait_decrypted("alice (A)", &x.alice, &rid, &m4, t4).await.context("bob -> alice, again")?;
+            wait_decrypted("alice (A)", &x.alice, &rid, &m4, t4)
+                .await
+                .context("bob -> alice, again")?;
 
             // Each side knows the other's device (from the remote /keys/query).
             let bob_dev = device_id(&x.bob)?;

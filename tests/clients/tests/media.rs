@@ -72,32 +72,59 @@ fn first_diff(a: &[u8], b: &[u8]) -> String {
     }
 }
 
-async fn upload(client: &Client, mime: &mime::Mime, data: &[u8], what: &str) -> Result<OwnedMxcUri> {
+async fn upload(
+    client: &Client,
+    mime: &mime::Mime,
+    data: &[u8],
+    what: &str,
+) -> Result<OwnedMxcUri> {
     let started = Instant::now();
     let resp = client
         .media()
         .upload(mime, data.to_vec(), None)
         .await
-        .at(&format!("POST /_matrix/media/v3/upload ({what}, {mime}, {} bytes)", data.len()))?;
-    eprintln!("uploaded {what} ({} bytes) in {:?}", data.len(), started.elapsed());
+        .at(&format!(
+            "POST /_matrix/media/v3/upload ({what}, {mime}, {} bytes)",
+            data.len()
+        ))?;
+    eprintln!(
+        "uploaded {what} ({} bytes) in {:?}",
+        data.len(),
+        started.elapsed()
+    );
     Ok(resp.content_uri)
 }
 
-async fn download(client: &Client, source: MediaSource, format: MediaFormat, what: &str) -> Result<Vec<u8>> {
+async fn download(
+    client: &Client,
+    source: MediaSource,
+    format: MediaFormat,
+    what: &str,
+) -> Result<Vec<u8>> {
     let req = MediaRequestParameters { source, format };
     client
         .media()
         .get_media_content(&req, false)
         .await
-        .at(&format!("GET /_matrix/client/v1/media/{{download,thumbnail}} ({what})"))
+        .at(&format!(
+            "GET /_matrix/client/v1/media/{{download,thumbnail}} ({what})"
+        ))
 }
 
 async fn download_file(client: &Client, uri: &MxcUri, what: &str) -> Result<Vec<u8>> {
-    download(client, MediaSource::Plain(uri.to_owned()), MediaFormat::File, what).await
+    download(
+        client,
+        MediaSource::Plain(uri.to_owned()),
+        MediaFormat::File,
+        what,
+    )
+    .await
 }
 
 fn mxc_parts(uri: &MxcUri) -> Result<(String, String)> {
-    let (server, id) = uri.parts().map_err(|e| anyhow!("{uri} is not a valid mxc URI: {e}"))?;
+    let (server, id) = uri
+        .parts()
+        .map_err(|e| anyhow!("{uri} is not a valid mxc URI: {e}"))?;
     Ok((server.to_string(), id.to_owned()))
 }
 
@@ -111,17 +138,32 @@ async fn check_thumbnail(
     source_aspect: f64,
     what: &str,
 ) -> Result<(u32, u32)> {
-    let settings = MediaThumbnailSettings::with_method(method.clone(), UInt::from(w), UInt::from(h));
+    let settings =
+        MediaThumbnailSettings::with_method(method.clone(), UInt::from(w), UInt::from(h));
     let what = format!("{what} thumbnail {w}x{h} {method}");
-    let bytes = download(client, MediaSource::Plain(uri.to_owned()), MediaFormat::Thumbnail(settings), &what).await?;
+    let bytes = download(
+        client,
+        MediaSource::Plain(uri.to_owned()),
+        MediaFormat::Thumbnail(settings),
+        &what,
+    )
+    .await?;
     let format = image::guess_format(&bytes)
         .map_err(|e| anyhow!("{what}: {} bytes that are not an image: {e}", bytes.len()))?;
-    let img = image::load_from_memory(&bytes).with_context(|| format!("{what}: decoding {format:?}"))?;
+    let img =
+        image::load_from_memory(&bytes).with_context(|| format!("{what}: decoding {format:?}"))?;
     let (tw, th) = (img.width(), img.height());
     eprintln!("{what}: {format:?} {tw}x{th}, {} bytes", bytes.len());
-    ensure!(tw <= w && th <= h, "{what}: got {tw}x{th}, larger than the requested {w}x{h}");
+    ensure!(
+        tw <= w && th <= h,
+        "{what}: got {tw}x{th}, larger than the requested {w}x{h}"
+    );
     let aspect = tw as f64 / th as f64;
-    let want = if method == Method::Crop { w as f64 / h as f64 } else { source_aspect };
+    let want = if method == Method::Crop {
+        w as f64 / h as f64
+    } else {
+        source_aspect
+    };
     ensure!(
         (aspect / want - 1.0).abs() < 0.03,
         "{what}: got {tw}x{th} (aspect {aspect:.3}), expected aspect {want:.3}"
@@ -255,7 +297,9 @@ async fn upload_download_and_thumbnails() {
 }
 
 /// The m.image content of event `event_id`, from the JSON the client holds.
-fn image_content(ev: &Value) -> Result<matrix_sdk::ruma::events::room::message::ImageMessageEventContent> {
+fn image_content(
+    ev: &Value,
+) -> Result<matrix_sdk::ruma::events::room::message::ImageMessageEventContent> {
     let content: RoomMessageEventContent = serde_json::from_value(ev["content"].clone())
         .with_context(|| format!("not an m.room.message content: {ev}"))?;
     match content.msgtype {
@@ -286,7 +330,11 @@ async fn image_message_downloaded_by_the_other_user() {
         let mut req = create_room::v3::Request::new();
         req.preset = Some(create_room::v3::RoomPreset::PublicChat);
         req.name = Some("photos".to_owned());
-        let public = p.alice.create_room(req).await.at("POST /createRoom (public_chat)")?;
+        let public = p
+            .alice
+            .create_room(req)
+            .await
+            .at("POST /createRoom (public_chat)")?;
         p.bob
             .join_room_by_id(public.room_id())
             .await
@@ -294,29 +342,52 @@ async fn image_message_downloaded_by_the_other_user() {
 
         let encrypted_room = p.room(&p.alice)?;
         for (room, encrypted) in [(encrypted_room, true), (public.clone(), false)] {
-            let label = if encrypted { "encrypted room" } else { "unencrypted room" };
+            let label = if encrypted {
+                "encrypted room"
+            } else {
+                "unencrypted room"
+            };
             let sent = room
-                .send_attachment("sunset.jpg", &mime::IMAGE_JPEG, jpeg.clone(), AttachmentConfig::new().info(info()))
+                .send_attachment(
+                    "sunset.jpg",
+                    &mime::IMAGE_JPEG,
+                    jpeg.clone(),
+                    AttachmentConfig::new().info(info()),
+                )
                 .await
                 .at(&format!("upload + PUT /send/m.room.message ({label})"))?
                 .event_id;
             let (rid, want) = (room.room_id().to_owned(), sent.to_string());
             let mut got = None;
-            sync_until(&p.bob, &format!("alice's m.image in the {label}"), SEE_WITHIN, |r| {
-                if let Some(e) = timeline(r, &rid).into_iter().find(|e| e["event_id"] == want.as_str()) {
-                    got = Some(e);
-                }
-                got.is_some()
-            })
+            sync_until(
+                &p.bob,
+                &format!("alice's m.image in the {label}"),
+                SEE_WITHIN,
+                |r| {
+                    if let Some(e) = timeline(r, &rid)
+                        .into_iter()
+                        .find(|e| e["event_id"] == want.as_str())
+                    {
+                        got = Some(e);
+                    }
+                    got.is_some()
+                },
+            )
             .await?;
             let ev = got.expect("found");
-            ensure!(!is_utd(&ev), "{label}: bob could not decrypt the m.image event: {ev}");
+            ensure!(
+                !is_utd(&ev),
+                "{label}: bob could not decrypt the m.image event: {ev}"
+            );
             let img = image_content(&ev)?;
             match (&img.source, encrypted) {
                 (MediaSource::Encrypted(_), true) | (MediaSource::Plain(_), false) => {}
                 (src, _) => bail!("{label}: unexpected media source {src:?}"),
             }
-            let meta = img.info.as_deref().ok_or_else(|| anyhow!("{label}: m.image without info: {ev}"))?;
+            let meta = img
+                .info
+                .as_deref()
+                .ok_or_else(|| anyhow!("{label}: m.image without info: {ev}"))?;
             ensure!(
                 meta.mimetype.as_deref() == Some("image/jpeg")
                     && meta.width == Some(UInt::from(PHOTO_W))
@@ -324,8 +395,18 @@ async fn image_message_downloaded_by_the_other_user() {
                 "{label}: m.image info {:?}",
                 ev["content"]["info"]
             );
-            let bytes = download(&p.bob, img.source.clone(), MediaFormat::File, &format!("m.image in the {label}")).await?;
-            ensure!(bytes == jpeg, "{label}: the image bob downloaded differs: {}", first_diff(&bytes, &jpeg));
+            let bytes = download(
+                &p.bob,
+                img.source.clone(),
+                MediaFormat::File,
+                &format!("m.image in the {label}"),
+            )
+            .await?;
+            ensure!(
+                bytes == jpeg,
+                "{label}: the image bob downloaded differs: {}",
+                first_diff(&bytes, &jpeg)
+            );
             if let MediaSource::Plain(uri) = &img.source {
                 check_thumbnail(
                     &p.bob,

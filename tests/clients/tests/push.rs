@@ -63,7 +63,9 @@ async fn send(room: &Room, content: RoomMessageEventContent, what: &str) -> Resu
     Ok(room
         .send(content)
         .await
-        .at(&format!("PUT /rooms/{{roomId}}/send/m.room.message/{{txnId}} ({what})"))?
+        .at(&format!(
+            "PUT /rooms/{{roomId}}/send/m.room.message/{{txnId}} ({what})"
+        ))?
         .response
         .event_id)
 }

@@ -26,7 +26,11 @@ impl Drop for Server {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `secta demo` on `port` with extra arguments; stderr goes to `DATA.log`.
@@ -44,8 +48,15 @@ pub fn start(data: &Path, port: u16, extra: &[String]) -> Server {
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if ureq::get(&format!("{base}/_matrix/client/versions")).call().is_ok() {
-            return Server { child, base, name: format!("127.0.0.1:{port}") };
+        if ureq::get(&format!("{base}/_matrix/client/versions"))
+            .call()
+            .is_ok()
+        {
+            return Server {
+                child,
+                base,
+                name: format!("127.0.0.1:{port}"),
+            };
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -54,8 +65,17 @@ pub fn start(data: &Path, port: u16, extra: &[String]) -> Server {
 
 /// Runs `secta admin --data DATA ARGS…` and returns its stdout.
 pub fn admin(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_secta")).args(["admin", "--data"]).arg(data).args(args).output().unwrap();
-    assert!(out.status.success(), "admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_secta"))
+        .args(["admin", "--data"])
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -71,14 +91,22 @@ pub fn login(base: &str, user: &str) -> String {
 
 /// Percent-encodes the characters of Matrix ids that matter in paths.
 pub fn enc(s: &str) -> String {
-    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('@', "%40")
+    s.replace('!', "%21")
+        .replace(':', "%3A")
+        .replace('$', "%24")
+        .replace('@', "%40")
 }
 
 /// An authenticated JSON request; errors come back as "STATUS BODY".
 pub fn call(method: &str, url: &str, token: &str, body: Value) -> Result<Value, String> {
-    match ureq::request(method, url).set("Authorization", &format!("Bearer {token}")).send_json(body) {
+    match ureq::request(method, url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(body)
+    {
         Ok(r) => Ok(r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => Err(format!("{code} {}", r.into_string().unwrap_or_default())),
+        Err(ureq::Error::Status(code, r)) => {
+            Err(format!("{code} {}", r.into_string().unwrap_or_default()))
+        }
         Err(e) => Err(e.to_string()),
     }
 }

@@ -133,8 +133,12 @@ impl Secta {
         let (pa, pb, ta, tb) = (ports[0], ports[1], ports[2], ports[3]);
         let mut a = Secta::spawn(pa, Some(ta), Some((pb, tb)))?;
         let mut b = Secta::spawn(pb, Some(tb), Some((pa, ta)))?;
-        a.wait_ready().await.context("starting box A of the federating pair")?;
-        b.wait_ready().await.context("starting box B of the federating pair")?;
+        a.wait_ready()
+            .await
+            .context("starting box A of the federating pair")?;
+        b.wait_ready()
+            .await
+            .context("starting box B of the federating pair")?;
         Ok((a, b))
     }
 
@@ -163,12 +167,18 @@ impl Secta {
         std::fs::create_dir_all(&data_dir)?;
 
         let mut cmd = Command::new(&bin);
-        cmd.arg("demo").arg("--data").arg(&data_dir).arg("--listen").arg(&listen);
+        cmd.arg("demo")
+            .arg("--data")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg(&listen);
         if let Some(t) = tls_port {
-            cmd.arg("--federation-tls-listen").arg(format!("127.0.0.1:{t}"));
+            cmd.arg("--federation-tls-listen")
+                .arg(format!("127.0.0.1:{t}"));
         }
         if let Some((pp, pt)) = peer {
-            cmd.arg("--peer").arg(format!("127.0.0.1:{pp}=https://127.0.0.1:{pt}"));
+            cmd.arg("--peer")
+                .arg(format!("127.0.0.1:{pp}=https://127.0.0.1:{pt}"));
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -290,7 +300,10 @@ impl Secta {
             })?;
         let expected = format!("@{localpart}:{}", self.listen);
         if resp.user_id.as_str() != expected {
-            bail!("register returned user_id {} but expected {expected}", resp.user_id);
+            bail!(
+                "register returned user_id {} but expected {expected}",
+                resp.user_id
+            );
         }
         if resp.access_token.is_none() {
             bail!("register returned no access_token (inhibit_login was not set)");
@@ -414,7 +427,10 @@ pub fn describe(e: &matrix_sdk::Error) -> String {
                 .iter()
                 .map(|f| f.stages.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .collect::<Vec<_>>(),
-            info.completed.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            info.completed
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
             info.session
         );
     }
@@ -431,7 +447,10 @@ pub fn describe(e: &matrix_sdk::Error) -> String {
 /// errcode of a failed request, from either a plain error body or a UIA body.
 pub fn errcode(e: &matrix_sdk::Error) -> Option<String> {
     if let Some(info) = e.as_uiaa_response() {
-        return info.auth_error.as_ref().map(|b| b.kind.errcode().to_string());
+        return info
+            .auth_error
+            .as_ref()
+            .map(|b| b.kind.errcode().to_string());
     }
     e.client_api_error_kind().map(|k| k.errcode().to_string())
 }
@@ -495,10 +514,13 @@ pub fn ephemeral(resp: &SyncResponse, room: &RoomId) -> Vec<Value> {
 /// One `/sync` (reusing the client's stored `since`), bounded in time.
 pub async fn sync_once(client: &Client) -> Result<SyncResponse> {
     let settings = SyncSettings::default().timeout(SYNC_POLL);
-    tokio::time::timeout(SYNC_POLL + Duration::from_secs(30), client.sync_once(settings))
-        .await
-        .map_err(|_| anyhow!("GET /_matrix/client/v3/sync did not return within 32 s"))?
-        .at("GET /_matrix/client/v3/sync")
+    tokio::time::timeout(
+        SYNC_POLL + Duration::from_secs(30),
+        client.sync_once(settings),
+    )
+    .await
+    .map_err(|_| anyhow!("GET /_matrix/client/v3/sync did not return within 32 s"))?
+    .at("GET /_matrix/client/v3/sync")
 }
 
 /// Sync repeatedly until `done` returns true for some response (`done` may
@@ -578,9 +600,14 @@ impl Pair {
             .get_room(&room_id)
             .ok_or_else(|| anyhow!("bob's client saw the invite but has no room object"))?;
         if room.state() != RoomState::Invited {
-            bail!("bob's room state after invite sync is {:?}, expected Invited", room.state());
+            bail!(
+                "bob's room state after invite sync is {:?}, expected Invited",
+                room.state()
+            );
         }
-        room.join().await.at("POST /rooms/{roomId}/join (bob joins)")?;
+        room.join()
+            .await
+            .at("POST /rooms/{roomId}/join (bob joins)")?;
 
         let bob_uid = server.user_id("bob");
         let rid = room_id.clone();
@@ -597,7 +624,12 @@ impl Pair {
             r.rooms.joined.contains_key(&rid)
         })
         .await?;
-        Ok(Pair { server, alice, bob, room_id })
+        Ok(Pair {
+            server,
+            alice,
+            bob,
+            room_id,
+        })
     }
 
     pub fn room(&self, client: &Client) -> Result<matrix_sdk::Room> {
@@ -605,7 +637,11 @@ impl Pair {
             .get_room(&self.room_id)
             .ok_or_else(|| anyhow!("client has no room {}", self.room_id))?;
         if r.state() != RoomState::Joined {
-            bail!("room {} is {:?} in the client, expected Joined", self.room_id, r.state());
+            bail!(
+                "room {} is {:?} in the client, expected Joined",
+                self.room_id,
+                r.state()
+            );
         }
         Ok(r)
     }
@@ -635,7 +671,9 @@ impl Secta {
             .initial_device_display_name(device_name)
             .await
             .map_err(|e| anyhow!("{}", describe(&e)))
-            .with_context(|| format!("POST /_matrix/client/v3/login for {localpart} ({device_name})"))?;
+            .with_context(|| {
+                format!("POST /_matrix/client/v3/login for {localpart} ({device_name})")
+            })?;
         Ok(client)
     }
 
@@ -673,7 +711,10 @@ pub struct RawBytes {
 
 impl RawBytes {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 
     /// The body as JSON (error bodies), or Null.
@@ -693,16 +734,31 @@ impl RawHttp {
         let http = matrix_sdk::reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()?;
-        Ok(RawHttp { http, base_url: base_url.to_owned(), token: token.to_owned() })
+        Ok(RawHttp {
+            http,
+            base_url: base_url.to_owned(),
+            token: token.to_owned(),
+        })
     }
 
     /// `method` on `/_matrix/client/v3{path}` (path includes any query string).
-    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<RawResponse> {
-        self.call_abs(method, &format!("/_matrix/client/v3{path}"), body).await
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<RawResponse> {
+        self.call_abs(method, &format!("/_matrix/client/v3{path}"), body)
+            .await
     }
 
     /// `method` on `{path}` as given (e.g. `/_matrix/client/v1/media/config`).
-    pub async fn call_abs(&self, method: &str, path: &str, body: Option<&Value>) -> Result<RawResponse> {
+    pub async fn call_abs(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<RawResponse> {
         let url = format!("{}{path}", self.base_url);
         let method = matrix_sdk::reqwest::Method::from_bytes(method.as_bytes())?;
         let mut req = self.http.request(method.clone(), &url);
@@ -723,8 +779,9 @@ impl RawHttp {
         let body = if text.trim().is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&text)
-                .with_context(|| format!("{method} {path}: HTTP {status}, body is not JSON: {text}"))?
+            serde_json::from_str(&text).with_context(|| {
+                format!("{method} {path}: HTTP {status}, body is not JSON: {text}")
+            })?
         };
         Ok(RawResponse { status, body })
     }
@@ -757,14 +814,22 @@ impl RawHttp {
             .await
             .with_context(|| format!("{method} {path}: reading the body"))?
             .to_vec();
-        Ok(RawBytes { status, headers, bytes })
+        Ok(RawBytes {
+            status,
+            headers,
+            bytes,
+        })
     }
 
     /// Like `call`, but anything other than 200 is an error naming the endpoint.
     pub async fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let r = self.call(method, path, body).await?;
         if r.status != 200 {
-            bail!("{method} {path}: expected 200, got HTTP {} {}", r.status, r.body);
+            bail!(
+                "{method} {path}: expected 200, got HTTP {} {}",
+                r.status,
+                r.body
+            );
         }
         Ok(r.body)
     }
@@ -783,7 +848,11 @@ impl RawHttp {
 pub fn device_list(sync: &Value, field: &str) -> Vec<String> {
     sync["device_lists"][field]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
