@@ -511,23 +511,8 @@ impl Hs {
         let rules = pdu::rules_for(&version)?;
         let _ = origin;
         let stream = self.db.write(|w| -> MxResult<i64> {
-            ruma::state_res::check_state_independent_auth_rules(
-                &rules.authorization,
-                &parsed,
-                |id: &EventId| pdu::load_pdu(w, id.as_str()),
-            )
-            .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
-            ruma::state_res::check_state_dependent_auth_rules(
-                &rules.authorization,
-                &parsed,
-                |ty, key| {
-                    pdu::state_event_id(w, &room_id, &ty.to_string(), key)
-                        .ok()
-                        .flatten()
-                        .and_then(|id| pdu::load_pdu(w, &id))
-                },
-            )
-            .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
+            auth_against_current_state(w, &rules, &room_id, &parsed)
+                .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
             let stream = self.store_pdu(w, &room_id, &parsed, &json, None)?;
             self.after_store(w, &room, &parsed, &json, stream, &rules, None)?;
             Ok(stream)
@@ -1148,23 +1133,8 @@ async fn send_membership(
         if pdu::get_event(w, &id)?.is_some() {
             return Ok(());
         }
-        ruma::state_res::check_state_independent_auth_rules(
-            &rules.authorization,
-            &parsed,
-            |e: &EventId| pdu::load_pdu(w, e.as_str()),
-        )
-        .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
-        ruma::state_res::check_state_dependent_auth_rules(
-            &rules.authorization,
-            &parsed,
-            |ty, key| {
-                pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key)
-                    .ok()
-                    .flatten()
-                    .and_then(|e| pdu::load_pdu(w, &e))
-            },
-        )
-        .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
+        auth_against_current_state(w, &rules, room_id.as_str(), &parsed)
+            .map_err(|e| MxError::forbidden(format!("{membership} not allowed: {e}")))?;
         hs.commit_built(
             w,
             &room_id,
@@ -1264,23 +1234,8 @@ pub async fn send_join(
     .map_err(|e| MxError::bad_json(e.to_string()))?;
     let state_ids: Vec<String> = hs.db.write(|w| -> MxResult<Vec<String>> {
         if pdu::get_event(w, &id)?.is_none() {
-            ruma::state_res::check_state_independent_auth_rules(
-                &rules.authorization,
-                &parsed,
-                |e: &EventId| pdu::load_pdu(w, e.as_str()),
-            )
-            .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
-            ruma::state_res::check_state_dependent_auth_rules(
-                &rules.authorization,
-                &parsed,
-                |ty, key| {
-                    pdu::state_event_id(w, room_id.as_str(), &ty.to_string(), key)
-                        .ok()
-                        .flatten()
-                        .and_then(|e| pdu::load_pdu(w, &e))
-                },
-            )
-            .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
+            auth_against_current_state(w, &rules, room_id.as_str(), &parsed)
+                .map_err(|e| MxError::forbidden(format!("Join not allowed: {e}")))?;
             let built = pdu::Built {
                 pdu: parsed.clone(),
                 json: json.clone(),
@@ -2013,6 +1968,27 @@ impl Hs {
         self.notify_room(room_id.as_str());
         Ok(event_id)
     }
+}
+
+/// Authorises an event from another server: its auth events are the right ones,
+/// and it is allowed by the room's current state.
+fn auth_against_current_state(
+    c: &Connection,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    room_id: &str,
+    pdu: &Pdu,
+) -> Result<(), String> {
+    ruma::state_res::check_state_independent_auth_rules(
+        &rules.authorization,
+        pdu,
+        |e: &EventId| pdu::load_pdu(c, e.as_str()),
+    )?;
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |ty, key| {
+        pdu::state_event_id(c, room_id, &ty.to_string(), key)
+            .ok()
+            .flatten()
+            .and_then(|e| pdu::load_pdu(c, &e))
+    })
 }
 
 /// Authorises an event against its own auth events (the spec's first check on

@@ -389,6 +389,10 @@ pub async fn create_room(
     let room_id = hs.db.write(|w| -> MxResult<OwnedRoomId> {
         let created = hs.append_create(w, &version, &me, create_content)?;
         let room_id = created.room_id;
+        let invite_contents = invitees
+            .iter()
+            .map(|i| hs.member_content(w, i, "invite"))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut send = |kind: &str, key: Option<&str>, content: Value| -> MxResult<()> {
             hs.append_event(
                 w,
@@ -455,24 +459,6 @@ pub async fn create_room(
         if let Some(t) = &body.topic {
             send("m.room.topic", Some(""), json!({ "topic": t }))?;
         }
-        let invite_contents = invitees
-            .iter()
-            .map(|i| hs.member_content(w, i, "invite"))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut send = |kind: &str, key: Option<&str>, content: Value| -> MxResult<()> {
-            hs.append_event(
-                w,
-                &room_id,
-                &me,
-                NewEvent {
-                    kind,
-                    state_key: key,
-                    content,
-                    txn: None,
-                },
-            )?;
-            Ok(())
-        };
         for (i, mut c) in invitees.iter().zip(invite_contents) {
             if body.is_direct {
                 c["is_direct"] = json!(true);
