@@ -245,17 +245,24 @@ CREATE TABLE IF NOT EXISTS sliding_sync_positions (
     state TEXT NOT NULL,
     PRIMARY KEY (user_id, device_id, conn_id, pos)
 );
-CREATE TABLE IF NOT EXISTS notifications (
-    user_id TEXT NOT NULL,
+-- One row per event that notified anyone. Users are listed in one string, not a
+-- row each, so a message to a room of N members writes one row instead of N
+-- scattered ones. `users` is "\n@a:b\t0\n@c:d\t1\n": each notified user and the
+-- index of their actions in `actions` (a JSON array of action lists);
+-- `highlights` is "\n@a:b\n" for the users among them it highlights. User ids
+-- never contain tabs or newlines, so `instr(users, char(10)||?||char(9))` is exact.
+CREATE TABLE IF NOT EXISTS event_push (
+    stream INTEGER PRIMARY KEY,
     room_id TEXT NOT NULL,
-    stream INTEGER NOT NULL,
     event_id TEXT NOT NULL,
     thread_id TEXT,
-    highlight INTEGER NOT NULL,
-    actions TEXT NOT NULL,
     ts INTEGER NOT NULL,
-    PRIMARY KEY (user_id, room_id, stream)
-) WITHOUT ROWID;
+    users TEXT NOT NULL,
+    highlights TEXT NOT NULL,
+    actions TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_push_room ON event_push(room_id, stream);
+CREATE INDEX IF NOT EXISTS event_push_thread ON event_push(room_id, thread_id, stream) WHERE thread_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS push_queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id TEXT NOT NULL,
@@ -347,6 +354,24 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              DROP TABLE txns_old;",
         )?;
     }
+    let old_notifications: bool = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type='table' AND name='notifications'")?
+        .exists([])?;
+    if old_notifications {
+        // One row per (user, event) became one row per event.
+        conn.execute_batch(
+            "BEGIN;
+             INSERT OR IGNORE INTO event_push(stream, room_id, event_id, thread_id, ts, users, highlights, actions)
+             SELECT stream, MAX(room_id), MAX(event_id), MAX(thread_id), MAX(ts),
+                    char(10) || group_concat(user_id || char(9) || i || char(10), '' ORDER BY i),
+                    char(10) || COALESCE(group_concat(CASE WHEN highlight THEN user_id || char(10) END, '' ORDER BY i), ''),
+                    json_group_array(json(actions) ORDER BY i)
+             FROM (SELECT *, row_number() OVER (PARTITION BY stream ORDER BY user_id) - 1 AS i FROM notifications)
+             GROUP BY stream;
+             DROP TABLE notifications;
+             COMMIT;",
+        )?;
+    }
     Ok(())
 }
 
@@ -365,9 +390,86 @@ pub struct Db {
     commits: Mutex<Commits>,
     committed: Condvar,
     readers: Mutex<Vec<Connection>>,
+    /// Turns for hot request handlers before they write (see [`Db::write_turn`]).
+    turns: tokio::sync::Semaphore,
     path: std::path::PathBuf,
     /// Highest committed stream position.
     stream: AtomicI64,
+    /// Moves committed WAL frames into the database file off the write path.
+    _checkpointer: Checkpointer,
+}
+
+/// A background thread that checkpoints the WAL (PASSIVE: it never blocks the
+/// writer or readers). The writer's own auto-checkpoint is off, so a commit
+/// never pays for copying pages into the main file and syncing it.
+struct Checkpointer {
+    stop: std::sync::Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the checkpointer looks for new WAL frames.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Checkpointer {
+    fn start(path: &Path) -> anyhow::Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(1))?;
+        let stop = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("secta-checkpoint".into())
+            .spawn(move || {
+                let (lock, cv) = &*flag;
+                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                while !*stopped {
+                    stopped = cv
+                        .wait_timeout(stopped, CHECKPOINT_EVERY)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "background WAL checkpoint failed");
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// WAL size (pages) at which the writer restarts the log after a commit.
+const WAL_RESTART_PAGES: i32 = 4096;
+
+/// Runs after each commit on the writer. A PASSIVE checkpoint alone never lets
+/// the WAL start over while writes keep coming, so once it is long the writer
+/// waits for readers to leave it (RESTART). The checkpointer thread has already
+/// copied nearly all of it, so this is mostly the final sync.
+fn restart_long_wal(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    if pages >= WAL_RESTART_PAGES {
+        // The commit has happened whatever this returns: an error here must not
+        // reach the committing statement.
+        match wal.checkpoint_v2(rusqlite::hooks::CheckpointMode::RESTART) {
+            Ok(_) => {}
+            // The checkpointer thread is mid-pass: the next commit tries again.
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                tracing::debug!(pages, "WAL restart deferred: checkpoint in progress");
+            }
+            Err(e) => tracing::warn!(error = %e, pages, "WAL restart failed"),
+        }
+    }
+    Ok(())
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 struct Writer {
@@ -388,6 +490,27 @@ struct Commits {
     failed: Vec<(u64, String)>,
 }
 
+/// Runs one statement through the connection's statement cache (transaction
+/// control runs for every write, and `execute_batch` would parse it each time).
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Undoes and ends the `op` savepoint after a failed or panicking write.
+fn rollback_savepoint(conn: &Connection) {
+    let _ = exec(conn, "ROLLBACK TO op");
+    let _ = exec(conn, "RELEASE op");
+}
+
+/// Read connections kept open between reads. Opening one parses the whole
+/// schema, so a burst of concurrent reads (a group commit releases up to
+/// [`MAX_BATCH`] writers at once, each then reading) must not churn them.
+const MAX_IDLE_READERS: usize = 16;
+
+/// Request handlers that may write at once after [`Db::write_turn`].
+const WRITE_TURNS: usize = 16;
+
 /// Largest batch before a commit is forced, so early writers do not wait long.
 const MAX_BATCH: usize = 32;
 
@@ -407,6 +530,12 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     // A modest page cache: RAM is scarce on the box.
     conn.pragma_update(None, "cache_size", -4000)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // The checkpointer thread copies the WAL into the database file; the writer
+    // only restarts the WAL when it has grown large (see `restart_long_wal`),
+    // and the file is cut back to this size afterwards.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "journal_size_limit", 8 * 1024 * 1024)?;
+    conn.wal_hook(Some(restart_long_wal));
     Ok(())
 }
 
@@ -440,8 +569,10 @@ impl Db {
             commits: Mutex::new(Commits::default()),
             committed: Condvar::new(),
             readers: Mutex::new(Vec::new()),
+            turns: tokio::sync::Semaphore::new(WRITE_TURNS),
             path: path.to_owned(),
             stream: AtomicI64::new(stream),
+            _checkpointer: Checkpointer::start(path)?,
         })
     }
 
@@ -463,6 +594,15 @@ impl Db {
         }
     }
 
+    /// Waits, without holding a thread, for one of a few turns to write. Every
+    /// writer waiting in [`Db::write`] holds an OS thread (`block_in_place`), so
+    /// handlers that many clients call at once (sending messages, receipts) take a
+    /// turn first: fifty concurrent senders then cost a handful of threads, not
+    /// fifty, while group commit still batches the writers that hold turns.
+    pub async fn write_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.turns.acquire().await.ok()
+    }
+
     fn write_now<T, E: From<rusqlite::Error>>(
         &self,
         f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, E>,
@@ -471,7 +611,7 @@ impl Db {
         let mut st = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.queued.fetch_sub(1, Ordering::AcqRel);
         if !st.in_txn {
-            if let Err(e) = st.conn.execute_batch("BEGIN IMMEDIATE") {
+            if let Err(e) = exec(&st.conn, "BEGIN IMMEDIATE") {
                 return Err(e.into());
             }
             st.in_txn = true;
@@ -479,7 +619,7 @@ impl Db {
         }
         let my_generation = st.generation;
         let mut panicked = None;
-        let out = match st.conn.execute_batch("SAVEPOINT op") {
+        let out = match exec(&st.conn, "SAVEPOINT op") {
             Err(e) => Err(E::from(e)),
             Ok(()) => {
                 let start_next = st.next;
@@ -493,23 +633,23 @@ impl Db {
                     (out, w.next)
                 }));
                 match run {
-                    Ok((Ok(v), next)) => match st.conn.execute_batch("RELEASE op") {
+                    Ok((Ok(v), next)) => match exec(&st.conn, "RELEASE op") {
                         Ok(()) => {
                             st.next = next;
                             st.batch += 1;
                             Ok(v)
                         }
                         Err(e) => {
-                            let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                            rollback_savepoint(&st.conn);
                             Err(e.into())
                         }
                     },
                     Ok((Err(e), _)) => {
-                        let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                        rollback_savepoint(&st.conn);
                         Err(e)
                     }
                     Err(p) => {
-                        let _ = st.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                        rollback_savepoint(&st.conn);
                         panicked = Some(p);
                         Err(E::from(rusqlite::Error::InvalidQuery))
                     }
@@ -584,12 +724,12 @@ impl Db {
     /// Commits the open batch (writer lock held) and wakes its waiters.
     fn commit_locked(&self, st: &mut Writer) -> rusqlite::Result<()> {
         let result = if st.in_txn {
-            st.conn.execute_batch("COMMIT")
+            exec(&st.conn, "COMMIT")
         } else {
             Ok(())
         };
         if result.is_err() {
-            let _ = st.conn.execute_batch("ROLLBACK");
+            let _ = exec(&st.conn, "ROLLBACK");
         } else if st.in_txn {
             self.stream.store(st.next, Ordering::Release);
         }
@@ -645,17 +785,18 @@ impl Db {
                 )?;
                 c.busy_timeout(std::time::Duration::from_secs(10))?;
                 c.set_prepared_statement_cache_capacity(96);
-                c.pragma_update(None, "cache_size", -2000)?;
+                // Small: in WAL mode any commit by the writer empties it anyway.
+                c.pragma_update(None, "cache_size", -1000)?;
                 c
             }
         };
-        let began = snapshot && conn.execute_batch("BEGIN").is_ok();
+        let began = snapshot && exec(&conn, "BEGIN").is_ok();
         let out = f(&conn);
         if began {
-            let _ = conn.execute_batch("COMMIT");
+            let _ = exec(&conn, "COMMIT");
         }
         let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < 4 {
+        if pool.len() < MAX_IDLE_READERS {
             pool.push(conn);
         }
         out
@@ -742,5 +883,68 @@ mod tests {
             })
             .unwrap();
         assert_eq!(keys, vec!["a", "d"]);
+    }
+
+    #[test]
+    fn per_user_notification_rows_are_folded_into_one_row_per_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                r#"CREATE TABLE notifications (user_id TEXT NOT NULL, room_id TEXT NOT NULL, stream INTEGER NOT NULL,
+                    event_id TEXT NOT NULL, thread_id TEXT, highlight INTEGER NOT NULL, actions TEXT NOT NULL,
+                    ts INTEGER NOT NULL, PRIMARY KEY (user_id, room_id, stream)) WITHOUT ROWID;
+                   INSERT INTO notifications VALUES('@a:x','!r:x',7,'$e',NULL,0,'["notify"]',1);
+                   INSERT INTO notifications VALUES('@b:x','!r:x',7,'$e',NULL,1,'["notify",{"set_tweak":"highlight"}]',1);
+                   INSERT INTO notifications VALUES('@a:x','!r:x',9,'$f','$root',0,'["notify"]',2);"#,
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path, Durability::Normal).unwrap();
+        let rows: Vec<(i64, String, String, Option<String>)> = db
+            .read(|c| {
+                let mut st = c.prepare(
+                    "SELECT stream, users, highlights, thread_id FROM event_push ORDER BY stream",
+                )?;
+                let r = st
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect();
+                r
+            })
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    7,
+                    "\n@a:x\t0\n@b:x\t1\n".to_owned(),
+                    "\n@b:x\n".to_owned(),
+                    None
+                ),
+                (
+                    9,
+                    "\n@a:x\t0\n".to_owned(),
+                    "\n".to_owned(),
+                    Some("$root".to_owned())
+                ),
+            ]
+        );
+        let b = db.read(|c| crate::push::actions_for(c, 7, "@b:x")).unwrap();
+        assert_eq!(
+            b,
+            Some(serde_json::json!(["notify", {"set_tweak": "highlight"}]))
+        );
+        assert_eq!(
+            db.read(|c| crate::push::actions_for(c, 7, "@c:x")).unwrap(),
+            None
+        );
+        let gone: bool = db
+            .read(|c| {
+                c.prepare("SELECT 1 FROM sqlite_master WHERE name='notifications'")?
+                    .exists([])
+            })
+            .unwrap();
+        assert!(!gone);
     }
 }

@@ -228,7 +228,7 @@ fn prune(hs: &Hs) -> MxResult<()> {
     let now = now_ms() as i64;
     let (n, m) = hs.db.write(|w| -> rusqlite::Result<(usize, usize)> {
         let n = w.tx.execute(
-            "DELETE FROM notifications WHERE ts<?1",
+            "DELETE FROM event_push WHERE ts<?1",
             [now - 30 * 24 * 3600 * 1000],
         )?;
         let m = w.tx.execute(
@@ -360,6 +360,7 @@ pub async fn receipt(
     if kind == "m.fully_read" && body.thread_id.is_some() {
         return Err(MxError::invalid_param("m.fully_read takes no thread_id"));
     }
+    let _turn = hs.db.write_turn().await;
     store_receipt(
         &hs,
         &room_id,
@@ -388,6 +389,7 @@ pub async fn read_markers(
     Json(body): Json<ReadMarkers>,
 ) -> MxResult<J> {
     let room_id = parse_room(&room)?;
+    let _turn = hs.db.write_turn().await;
     for (kind, ev) in [
         ("m.fully_read", &body.fully_read),
         ("m.read", &body.read),

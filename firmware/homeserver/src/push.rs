@@ -9,7 +9,7 @@ use std::{
 use axum::extract::State;
 use ruma::{
     power_levels::NotificationPowerLevels,
-    push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+    push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     room_version_rules::RoomPowerLevelsRules,
     serde::Raw,
     Int, OwnedUserId, RoomId, UInt, UserId,
@@ -86,11 +86,11 @@ impl UserRules {
     }
 
     /// The rule set that gives the right answer for an event with this body.
+    /// `body` is the event's body, already lowercased.
     fn for_body(&self, body: Option<&str>, display_name: &str) -> &Ruleset {
         let Some(body) = body else {
             return &self.without_body_words;
         };
-        let body = body.to_lowercase();
         let may_match = body.contains(&display_name.to_lowercase())
             || self.needles.iter().any(|n| body.contains(n.as_str()));
         if may_match {
@@ -202,7 +202,9 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
     }
     let power = power_ctx(c, room_id.as_str())?;
     let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(event)?);
-    let body = event["content"]["body"].as_str();
+    // Flattened once for all recipients (ruma's `get_actions` would flatten per call).
+    let flat = FlattenedJson::from_raw(&raw);
+    let body = event["content"]["body"].as_str().map(str::to_lowercase);
     for user in recipients {
         let Ok(uid) = UserId::parse(&user) else {
             continue;
@@ -222,9 +224,8 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
         if let Some(p) = &power {
             ctx = ctx.with_power_levels(p.clone());
         }
-        let rules = rules.for_body(body, &ctx.user_display_name);
-        let actions: Vec<Action> =
-            futures::executor::block_on(rules.get_actions(&raw, &ctx)).to_vec();
+        let rules = rules.for_body(body.as_deref(), &ctx.user_display_name);
+        let actions: Vec<Action> = futures::executor::block_on(first_match(rules, &flat, &ctx));
         if actions.iter().any(Action::should_notify) {
             rows.push((
                 user,
@@ -234,6 +235,21 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
         }
     }
     Ok(PushPlan { rows })
+}
+
+/// The actions of the first rule (in priority order) that applies, as ruma's
+/// `Ruleset::get_actions` but on an event flattened once by the caller.
+async fn first_match(
+    rules: &Ruleset,
+    event: &FlattenedJson,
+    ctx: &PushConditionRoomCtx,
+) -> Vec<Action> {
+    for rule in rules {
+        if rule.applies(event, ctx).await {
+            return rule.actions().to_vec();
+        }
+    }
+    Vec::new()
 }
 
 /// Stores the notification rows of a plan with the event they belong to.
@@ -247,28 +263,63 @@ pub fn store_plan(
     thread_root: Option<&str>,
     ts: i64,
 ) -> rusqlite::Result<()> {
-    let mut st = w.prepare_cached(
-        "INSERT OR IGNORE INTO notifications(user_id, room_id, stream, event_id, thread_id, highlight, actions, ts)
-         VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
-    )?;
-    let mut queued = false;
+    if plan.rows.is_empty() {
+        return Ok(());
+    }
+    // Distinct action lists, each stored once; users point at theirs by index.
+    let mut distinct: Vec<&str> = Vec::new();
+    let mut users = String::from("\n");
+    let mut highlights = String::from("\n");
     for (user, highlight, actions) in &plan.rows {
-        st.execute(params![
-            user,
-            room_id.as_str(),
-            stream,
-            event_id,
-            thread_root,
-            highlight,
-            actions,
-            ts
-        ])?;
+        let i = match distinct.iter().position(|a| a == actions) {
+            Some(i) => i,
+            None => {
+                distinct.push(actions);
+                distinct.len() - 1
+            }
+        };
+        users.push_str(&format!("{user}\t{i}\n"));
+        if *highlight {
+            highlights.push_str(user);
+            highlights.push('\n');
+        }
+    }
+    let actions = format!("[{}]", distinct.join(","));
+    w.prepare_cached(
+        "INSERT OR IGNORE INTO event_push(stream, room_id, event_id, thread_id, ts, users, highlights, actions)
+         VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+    )?
+    .execute(params![stream, room_id.as_str(), event_id, thread_root, ts, users, highlights, actions])?;
+    let mut queued = false;
+    for (user, _, _) in &plan.rows {
         queued |= crate::pushers::enqueue(hs, w, user, room_id.as_str(), event_id)?;
     }
     if queued {
         hs.push_wakeup.notify_one();
     }
     Ok(())
+}
+
+/// The `instr` needles that find a user in `event_push.users` and `.highlights`.
+fn needles(user: &str) -> (String, String) {
+    (format!("\n{user}\t"), format!("\n{user}\n"))
+}
+
+/// The actions an event's push row holds for a user, if it notified them.
+pub fn actions_for(c: &Connection, stream: i64, user: &str) -> rusqlite::Result<Option<Value>> {
+    let row: Option<(String, String)> = c
+        .prepare_cached("SELECT users, actions FROM event_push WHERE stream=?1")?
+        .query_row([stream], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.and_then(|(users, actions)| user_actions(&users, &actions, user)))
+}
+
+/// Picks one user's action list out of an `event_push` row.
+fn user_actions(users: &str, actions: &str, user: &str) -> Option<Value> {
+    let (needle, _) = needles(user);
+    let at = users.find(&needle)? + needle.len();
+    let i: usize = users[at..].split('\n').next()?.parse().ok()?;
+    serde_json::from_str::<Value>(actions).ok()?.get(i).cloned()
 }
 
 /// Stream position up to which the user has read the room (main timeline or unthreaded).
@@ -289,33 +340,124 @@ fn read_up_to(
 /// Counting stops here: clients show "99+" long before.
 const COUNT_CAP: i64 = 10_000;
 
+/// Unread counts already worked out, so a sync counts only what is new since
+/// the last one: a member who never sends read receipts would otherwise make
+/// every sync count the room's whole history.
+#[derive(Default)]
+pub struct UnreadCache {
+    map: Mutex<HashMap<(String, String, bool), Counted>>,
+}
+
+/// Counts of the notifying events in `(max(receipt, own), upto]`.
+#[derive(Clone, Copy)]
+struct Counted {
+    upto: i64,
+    receipt: i64,
+    own: i64,
+    notes: i64,
+    highlights: i64,
+}
+
+/// Entries kept before the cache starts over.
+const UNREAD_CACHE_MAX: usize = 50_000;
+
 /// (notification_count, highlight_count) of a room: all threads together, or
 /// only the main timeline when `per_thread` (then threads come from [`thread_counts`]).
+/// Counts events up to stream position `upto`, which must be committed (at or
+/// below [`crate::db::Db::current_stream`]); `i64::MAX` counts everything and
+/// leaves the cache alone.
 pub fn room_counts(
+    hs: &Hs,
     c: &Connection,
     room: &str,
     user: &str,
     per_thread: bool,
+    upto: i64,
 ) -> rusqlite::Result<(i64, i64)> {
-    let from = read_up_to(c, room, user, None)?;
-    // The user's own last message marks the room as read up to there.
-    let own: i64 = c
-        .prepare_cached(
-            "SELECT stream FROM events WHERE room_id=?1 AND sender=?2 ORDER BY stream DESC LIMIT 1",
-        )?
-        .query_row(params![room, user], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    let from = from.max(own);
-    let sql = if per_thread {
-        "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
-         WHERE user_id=?1 AND room_id=?2 AND stream>?3 AND thread_id IS NULL LIMIT ?4)"
-    } else {
-        "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
-         WHERE user_id=?1 AND room_id=?2 AND stream>?3 LIMIT ?4)"
+    let key = (user.to_owned(), room.to_owned(), per_thread);
+    let prev = hs
+        .unread
+        .map
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .copied()
+        .filter(|p| p.upto <= upto);
+    let receipt = read_up_to(c, room, user, None)?;
+    // The user's own newest message marks the room as read up to there.
+    let own =
+        own_newest(c, room, user, prev.map_or(0, |p| p.upto), upto)?.max(prev.map_or(0, |p| p.own));
+    let from = receipt.max(own);
+    let (notes, highlights) = match prev {
+        Some(p) if p.receipt == receipt && p.own == own => {
+            let (n, h) = count_notifying(c, room, user, per_thread, from.max(p.upto), upto)?;
+            (
+                (p.notes + n).min(COUNT_CAP),
+                (p.highlights + h).min(COUNT_CAP),
+            )
+        }
+        _ => count_notifying(c, room, user, per_thread, from, upto)?,
     };
+    if upto < i64::MAX {
+        let mut map = hs.unread.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= UNREAD_CACHE_MAX {
+            map.clear();
+        }
+        let entry = Counted {
+            upto,
+            receipt,
+            own,
+            notes,
+            highlights,
+        };
+        map.entry(key)
+            .and_modify(|e| {
+                if e.upto <= upto {
+                    *e = entry;
+                }
+            })
+            .or_insert(entry);
+    }
+    Ok((notes, highlights))
+}
+
+/// Stream position of the user's newest event in the room within `(after, upto]`, or 0.
+fn own_newest(
+    c: &Connection,
+    room: &str,
+    user: &str,
+    after: i64,
+    upto: i64,
+) -> rusqlite::Result<i64> {
+    Ok(c.prepare_cached(
+        "SELECT stream FROM events WHERE room_id=?1 AND stream>?3 AND stream<=?4 AND sender=?2
+             ORDER BY stream DESC LIMIT 1",
+    )?
+    .query_row(params![room, user, after, upto], |r| r.get(0))
+    .optional()?
+    .unwrap_or(0))
+}
+
+/// Notifying events for the user in `(after, upto]` (main timeline only when
+/// `main_only`), capped at [`COUNT_CAP`].
+fn count_notifying(
+    c: &Connection,
+    room: &str,
+    user: &str,
+    main_only: bool,
+    after: i64,
+    upto: i64,
+) -> rusqlite::Result<(i64, i64)> {
+    let sql = if main_only {
+        "SELECT COUNT(*), COALESCE(SUM(instr(highlights, ?5)>0),0) FROM (SELECT highlights FROM event_push
+         WHERE room_id=?2 AND stream>?3 AND stream<=?6 AND thread_id IS NULL AND instr(users, ?1)>0 LIMIT ?4)"
+    } else {
+        "SELECT COUNT(*), COALESCE(SUM(instr(highlights, ?5)>0),0) FROM (SELECT highlights FROM event_push
+         WHERE room_id=?2 AND stream>?3 AND stream<=?6 AND instr(users, ?1)>0 LIMIT ?4)"
+    };
+    let (n, h) = needles(user);
     c.prepare_cached(sql)?
-        .query_row(params![user, room, from, COUNT_CAP], |r| {
+        .query_row(params![n, room, after, COUNT_CAP, h, upto], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
 }
@@ -326,23 +468,23 @@ pub fn thread_counts(
     room: &str,
     user: &str,
 ) -> rusqlite::Result<BTreeMap<String, (i64, i64)>> {
+    let (n, h) = needles(user);
     let mut st = c.prepare_cached(
-        "SELECT DISTINCT thread_id FROM notifications WHERE user_id=?1 AND room_id=?2 AND thread_id IS NOT NULL",
+        "SELECT DISTINCT thread_id FROM event_push WHERE room_id=?1 AND thread_id IS NOT NULL AND instr(users, ?2)>0",
     )?;
     let threads: Vec<String> = st
-        .query_map(params![user, room], |r| r.get(0))?
+        .query_map(params![room, n], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let mut out = BTreeMap::new();
     for t in threads {
         let from = read_up_to(c, room, user, Some(&t))?;
-        let (n, h): (i64, i64) = c.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(highlight),0) FROM (SELECT highlight FROM notifications
-             WHERE user_id=?1 AND room_id=?2 AND thread_id=?3 AND stream>?4 LIMIT ?5)",
-            params![user, room, t, from, COUNT_CAP],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if n > 0 {
-            out.insert(t, (n, h));
+        let (count, high): (i64, i64) = c.prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(instr(highlights, ?5)>0),0) FROM (SELECT highlights FROM event_push
+             WHERE room_id=?2 AND thread_id=?3 AND stream>?4 AND instr(users, ?1)>0 LIMIT ?6)",
+        )?
+        .query_row(params![n, room, t, from, h, COUNT_CAP], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if count > 0 {
+            out.insert(t, (count, high));
         }
     }
     Ok(out)
@@ -381,19 +523,22 @@ pub async fn notifications(
         device_id: Some(auth.device_id.as_str()),
     };
     let out = hs.db.read(|c| -> MxResult<Value> {
+        let (n, h) = needles(user);
         let mut st = c.prepare_cached(
-            "SELECT n.room_id, n.stream, n.event_id, n.actions, n.ts, n.thread_id FROM notifications n
-             WHERE n.user_id=?1 AND n.stream<?2 AND (?3=0 OR n.highlight=1) ORDER BY n.stream DESC LIMIT ?4",
+            "SELECT room_id, stream, event_id, users, actions, ts, thread_id FROM event_push
+             WHERE stream<?2 AND instr(users, ?1)>0 AND (?3=0 OR instr(highlights, ?5)>0) ORDER BY stream DESC LIMIT ?4",
         )?;
         let rows = st
-            .query_map(params![user, from, only_highlight, limit + 1], |r| {
+            .query_map(params![n, from, only_highlight, limit + 1, h], |r| {
+                let users: String = r.get(3)?;
+                let actions: String = r.get(4)?;
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, Option<String>>(5)?,
+                    user_actions(&users, &actions, user).unwrap_or_else(|| json!([])),
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -403,7 +548,7 @@ pub async fn notifications(
             let Some(ev) = pdu::get_event(c, event_id)? else { continue };
             let read = read_up_to(c, room, user, thread.as_deref())? >= *stream;
             list.push(json!({
-                "actions": serde_json::from_str::<Value>(actions)?,
+                "actions": actions,
                 "event": client_event(c, &ev, &v, true),
                 "read": read,
                 "room_id": room,
@@ -447,7 +592,7 @@ mod tests {
             &r.full
         ));
         assert!(std::ptr::eq(
-            r.for_body(Some("PIZZAS tonight"), "Alice"),
+            r.for_body(Some(&"PIZZAS tonight".to_lowercase()), "Alice"),
             &r.full
         ));
     }

@@ -87,7 +87,7 @@ struct Job {
     attempts: i64,
 }
 
-fn payload(c: &Connection, job: &Job, pusher: &Value) -> rusqlite::Result<Option<Value>> {
+fn payload(hs: &Hs, c: &Connection, job: &Job, pusher: &Value) -> rusqlite::Result<Option<Value>> {
     let Some(ev) = pdu::get_event(c, &job.event)? else {
         return Ok(None);
     };
@@ -97,16 +97,10 @@ fn payload(c: &Connection, job: &Job, pusher: &Value) -> rusqlite::Result<Option
         .and_then(|m| m["displayname"].as_str().map(str::to_owned));
     let room_name = pdu::state_content(c, &job.room, "m.room.name", "")?
         .and_then(|m| m["name"].as_str().map(str::to_owned));
-    let (unread, _) = crate::push::room_counts(c, &job.room, &job.user, false)?;
-    let actions: Option<String> = c
-        .query_row(
-            "SELECT actions FROM notifications WHERE user_id=?1 AND room_id=?2 AND stream=?3",
-            params![job.user, job.room, ev.stream],
-            |r| r.get(0),
-        )
-        .ok();
+    let (unread, _) = crate::push::room_counts(hs, c, &job.room, &job.user, false, i64::MAX)?;
+    let actions = crate::push::actions_for(c, ev.stream, &job.user)?;
     let tweaks: Value = actions
-        .and_then(|a| serde_json::from_str::<Vec<Value>>(&a).ok())
+        .and_then(|a| a.as_array().cloned())
         .map(|acts| {
             let mut t = serde_json::Map::new();
             for a in acts {
@@ -202,7 +196,7 @@ pub async fn deliver(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
                     let Some(url) = pusher["data"]["url"].as_str().map(str::to_owned) else {
                         return Ok(None);
                     };
-                    Ok(payload(c, &job, &pusher)?.map(|p| (url, p)))
+                    Ok(payload(&hs, c, &job, &pusher)?.map(|p| (url, p)))
                 });
             let outcome = match prepared {
                 Ok(Some((url, body))) => match client.post(&url).json(&body).send().await {

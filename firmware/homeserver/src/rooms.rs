@@ -870,6 +870,7 @@ pub async fn send_message(
     if kind.is_empty() || kind.len() > 255 {
         return Err(MxError::invalid_param("Invalid event type"));
     }
+    let _turn = hs.db.write_turn().await;
     send_with_txn(
         &hs,
         &auth,

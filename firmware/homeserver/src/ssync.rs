@@ -466,7 +466,7 @@ fn build(
             &lazy,
             &v,
         )?;
-        let (notes, highlights) = crate::push::room_counts(c, room, user, false)?;
+        let (notes, highlights) = crate::push::room_counts(hs, c, room, user, false, upto)?;
         if initial {
             r.insert("initial".into(), json!(true));
         }

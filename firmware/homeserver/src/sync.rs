@@ -444,7 +444,8 @@ fn build(
                     .filter(|e| rf.ephemeral.allows_type(e["type"].as_str().unwrap_or("")))
                     .collect();
                 let per_thread = rf.timeline.unread_thread_notifications;
-                let (notes, highlights) = crate::push::room_counts(c, &room, user, per_thread)?;
+                let (notes, highlights) =
+                    crate::push::room_counts(hs, c, &room, user, per_thread, upto)?;
                 let mut thread_notes = Map::new();
                 if per_thread {
                     for (t, (n, h)) in crate::push::thread_counts(c, &room, user)? {
