@@ -514,9 +514,22 @@ const WRITE_TURNS: usize = 16;
 /// Largest batch before a commit is forced, so early writers do not wait long.
 const MAX_BATCH: usize = 32;
 
-fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+/// Settings every connection (writer and readers) shares.
+fn configure_common(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.set_prepared_statement_cache_capacity(96);
+    // Plans must not depend on bound values: otherwise a statement compared
+    // against a partial index or with `LIMIT ?` is compiled again whenever the
+    // value changes, and the statement cache saves nothing.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    Ok(())
+}
+
+fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+    configure_common(conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,
@@ -783,8 +796,7 @@ impl Db {
                     &self.path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
-                c.busy_timeout(std::time::Duration::from_secs(10))?;
-                c.set_prepared_statement_cache_capacity(96);
+                configure_common(&c)?;
                 // Small: in WAL mode any commit by the writer empties it anyway.
                 c.pragma_update(None, "cache_size", -1000)?;
                 c
