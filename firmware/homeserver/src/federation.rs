@@ -1807,6 +1807,7 @@ impl Hs {
                                  ON CONFLICT(room_id, type, state_key) DO UPDATE SET event_id=?4, stream=?5, membership=?6",
                                 params![room_id.as_str(), p.kind.to_string(), k, id, stream, if p.kind.to_string() == "m.room.member" { membership } else { None }],
                             )?;
+                            self.room_info.state_changed(room_id.as_str(), stream);
                         }
                     }
                     continue;

@@ -18,6 +18,7 @@ mod media;
 pub mod pdu;
 mod push;
 mod pushers;
+mod roominfo;
 mod rooms;
 mod routes;
 mod search;
@@ -65,6 +66,7 @@ pub struct Hs {
     pub(crate) typing: ephemeral::Typing,
     pub(crate) push_rules: push::RulesCache,
     pub(crate) unread: push::UnreadCache,
+    pub(crate) room_info: roominfo::RoomInfoCache,
     pub(crate) pusher_users: pushers::PusherUsers,
     pub(crate) push_wakeup: tokio::sync::Notify,
     pub(crate) fed: federation::Fed,
@@ -110,6 +112,7 @@ impl Hs {
             typing: ephemeral::Typing::new(),
             push_rules: push::RulesCache::default(),
             unread: push::UnreadCache::default(),
+            room_info: roominfo::RoomInfoCache::default(),
             pusher_users: pushers::PusherUsers::default(),
             push_wakeup: tokio::sync::Notify::new(),
             fed: federation::Fed::new()?,
@@ -157,8 +160,8 @@ impl Hs {
 
     /// Wakes every local member (joined or invited) of the room.
     pub(crate) fn notify_room(&self, room_id: &str) {
-        if let Ok(users) = self.db.read(|c| pdu::local_members(c, room_id, true)) {
-            self.notify_users(users.iter().map(String::as_str));
+        if let Ok(info) = self.db.read(|c| self.room_info.get(self, c, room_id)) {
+            self.notify_users(info.wake.iter().map(String::as_str));
         }
     }
 

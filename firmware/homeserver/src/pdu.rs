@@ -668,6 +668,7 @@ impl Hs {
                  ON CONFLICT(room_id, type, state_key) DO UPDATE SET event_id=?4, stream=?5, membership=?6",
                 params![room_id, pdu.kind.to_string(), key, pdu.event_id.as_str(), stream, membership],
             )?;
+            self.room_info.state_changed(room_id, stream);
             if pdu.kind == TimelineEventType::RoomMember && membership.as_deref() == Some("join") {
                 w.tx.execute(
                     "DELETE FROM forgotten_rooms WHERE user_id=?1 AND room_id=?2",

@@ -129,7 +129,10 @@ impl RulesCache {
     }
 }
 
-fn power_ctx(c: &Connection, room_id: &str) -> MxResult<Option<PushConditionPowerLevelsCtx>> {
+pub(crate) fn power_ctx(
+    c: &Connection,
+    room_id: &str,
+) -> MxResult<Option<PushConditionPowerLevelsCtx>> {
     let Some(version) = pdu::room_version(c, room_id)? else {
         return Ok(None);
     };
@@ -171,23 +174,8 @@ pub struct PushPlan {
 /// Evaluates every recipient's push rules (ruma's evaluator) for an event draft.
 pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResult<PushPlan> {
     let sender = event["sender"].as_str().unwrap_or_default();
-    // Joined members with their display names, in one query.
-    let mut names: HashMap<String, Option<String>> = HashMap::new();
-    {
-        let mut st = c.prepare_cached(
-            "SELECT s.state_key, e.json FROM room_state s JOIN events e ON e.event_id=s.event_id
-             WHERE s.room_id=?1 AND s.type='m.room.member' AND s.membership='join'",
-        )?;
-        for row in st.query_map([room_id.as_str()], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })? {
-            let (u, j) = row?;
-            let name = serde_json::from_str::<Value>(&j)
-                .ok()
-                .and_then(|v| v["content"]["displayname"].as_str().map(str::to_owned));
-            names.insert(u, name);
-        }
-    }
+    let info = hs.room_info.get(hs, c, room_id.as_str())?;
+    let names = &info.joined;
     let member_count = names.len() as i64;
     let mut recipients: Vec<String> = names.keys().cloned().collect();
     if event["type"] == "m.room.member" && event["content"]["membership"] == "invite" {
@@ -200,7 +188,7 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
     if recipients.is_empty() {
         return Ok(PushPlan { rows });
     }
-    let power = power_ctx(c, room_id.as_str())?;
+    let power = &info.power;
     let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(event)?);
     // Flattened once for all recipients (ruma's `get_actions` would flatten per call).
     let flat = FlattenedJson::from_raw(&raw);

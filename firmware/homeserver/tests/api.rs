@@ -1254,6 +1254,71 @@ async fn push_rules_drive_unread_and_highlight_counts() {
         .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
         .await;
     assert_eq!(counts(&v), (0, 0));
+    // Unmuted: new messages count again, on top of the (cached) earlier count.
+    let (s, _) = b
+        .call(
+            "DELETE",
+            &format!("/_matrix/client/v3/pushrules/global/room/{}", enc(&room)),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    send(
+        "4",
+        json!({"msgtype": "m.text", "body": "hi again", "m.mentions": {"user_ids": [alice_id]}}),
+    )
+    .await;
+    let next = v["next_batch"].as_str().unwrap().to_owned();
+    let (_, v) = b
+        .call(
+            "GET",
+            &format!("/_matrix/client/v3/sync?since={next}"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(counts(&v), (1, 1), "{}", v["rooms"]["join"][&room]);
+    // A member who joins after the room's members were cached is notified at once.
+    let (_, carol) = b.register("carol").await;
+    assert_eq!(
+        b.call(
+            "POST",
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&carol),
+            json!({})
+        )
+        .await
+        .0,
+        200
+    );
+    send("5", json!({"msgtype": "m.text", "body": "welcome"})).await;
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&carol), json!({}))
+        .await;
+    assert_eq!(counts(&v), (1, 0), "{}", v["rooms"]["join"][&room]);
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+        .await;
+    assert_eq!(counts(&v), (2, 1));
+    // Her own message marks the room read.
+    let url = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/own1",
+        enc(&room)
+    );
+    let (s, _) = b
+        .call(
+            "PUT",
+            &url,
+            Some(&alice),
+            json!({"msgtype": "m.text", "body": "да"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+        .await;
+    assert_eq!(counts(&v), (0, 0));
 }
 
 #[tokio::test]
