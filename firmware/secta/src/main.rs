@@ -298,7 +298,12 @@ fn tune_allocator() {
     // SAFETY: mallopt only changes allocator parameters; called before any threads start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        // Few arenas keep memory low; with two, request threads queued on the
+        // arena locks under load (secta-bench: 4 arenas ≈ +10% throughput, +9 MB).
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+        // Setting the mmap threshold freezes the trim threshold at 128 KiB, and
+        // the heap was then shrunk and regrown (brk) all the time under load.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 * 1024 * 1024);
     }
 }
 
