@@ -1,15 +1,10 @@
 // The admin corner: log in as a box admin, list and create invite codes
 // (the Synapse-compatible admin API of the box's homeserver).
 import type { Texts } from "./i18n";
+import { el } from "./dom";
 
 type Token = { token: string; uses_allowed: number | null; completed: number };
 
-function el<K extends keyof HTMLElementTagNameMap>(tag: K, attrs: Record<string, string> = {}, ...children: (Node | string)[]) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  for (const c of children) e.append(c);
-  return e;
-}
 
 async function api(homeserver: string, token: string, method: string, path: string, body?: unknown) {
   const r = await fetch(`${homeserver}${path}`, {

@@ -1,18 +1,13 @@
 import { texts, type Lang, type Texts } from "./i18n";
 import { register } from "./matrix";
 import { adminSection } from "./admin";
+import { el } from "./dom";
 
 type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean };
 
 const app = document.getElementById("app")!;
 let lang: Lang = (localStorage.getItem("lang") as Lang) || "ru";
 
-function el<K extends keyof HTMLElementTagNameMap>(tag: K, attrs: Record<string, string> = {}, ...children: (Node | string)[]) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  for (const c of children) e.append(c);
-  return e;
-}
 
 function errorText(t: Texts, errcode: string, error: string): string {
   switch (errcode) {
@@ -83,13 +78,29 @@ async function render(info: BoxInfo) {
     }
   };
   app.append(form);
+  const chat = el("a", { id: "open-chat", href: "#chat" }, t.openChat);
+  app.append(el("h2", {}, t.chatTitle), el("p", {}, chat));
   app.append(el("h2", {}, t.appsTitle), el("p", {}, t.apps, " ", el("code", { id: "server" }, info.homeserver)));
   app.append(adminSection(t, info.homeserver));
 }
 
+// The chat is its own chunk, fetched only when opened.
+async function route(info: BoxInfo) {
+  if (location.hash === "#chat") {
+    const { openChat } = await import("./chat");
+    document.title = `${texts[lang].chatTitle} — ${info.box_name}`;
+    openChat(app, texts[lang], info.homeserver, () => {
+      location.hash = "";
+    });
+  } else {
+    render(info);
+  }
+}
+
 async function start() {
   const info: BoxInfo = await (await fetch("/box.json", { cache: "no-store" })).json();
-  render(info);
+  window.addEventListener("hashchange", () => route(info));
+  route(info);
 }
 
 start();

@@ -38,11 +38,12 @@ async function waitFor(url, ms = 30000) {
   throw new Error(`${url} did not come up`);
 }
 
-test("newcomer accepts and registers in the browser", async (t) => {
+// Starts `secta demo` with the portal; skips (loudly) without Chromium.
+async function startBox(t) {
   if (!existsSync(chromium)) {
     console.log(`SKIPPED: browser test (${chromium} not installed)`);
     t.skip(`${chromium} not installed`);
-    return;
+    return null;
   }
   assert.ok(existsSync(secta), `secta binary missing at ${secta}: build it first`);
   assert.ok(existsSync(join(repo, "web-ui/dist/index.html")), "web-ui is not built (npm run build)");
@@ -56,14 +57,21 @@ test("newcomer accepts and registers in the browser", async (t) => {
   t.after(() => box.kill("SIGKILL"));
   await waitFor(`http://127.0.0.1:${hsPort}/_matrix/client/versions`);
   await waitFor(`http://127.0.0.1:${portalPort}/box.json`);
-  const token = execFileSync(secta, ["admin", "--data", data, "invite", "create", "--uses", "1"]).toString().trim().split("\n")[0];
-
   const browser = await pw.launch({
     executablePath: chromium,
     headless: true,
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
   });
   t.after(() => browser.close());
+  return { data, hsPort, portalPort, browser };
+}
+
+test("newcomer accepts and registers in the browser", async (t) => {
+  const started_box = await startBox(t);
+  if (!started_box) return;
+  const { data, hsPort, portalPort, browser } = started_box;
+  const token = execFileSync(secta, ["admin", "--data", data, "invite", "create", "--uses", "1"]).toString().trim().split("\n")[0];
+
   const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
   const started = Date.now();
   await page.goto(`http://127.0.0.1:${portalPort}/`, { waitUntil: "load" });
@@ -127,4 +135,77 @@ test("newcomer accepts and registers in the browser", async (t) => {
   assert.equal(login.status, 200);
   console.log(JSON.stringify({ bench: "portal_first_load", load_ms: loadMs, transferred_bytes: bytes }));
   assert.ok(bytes < 200 * 1024, `first page is ${bytes} bytes`);
+});
+
+test("two members chat in the browser", async (t) => {
+  const started_box = await startBox(t);
+  if (!started_box) return;
+  const { data, hsPort, portalPort, browser } = started_box;
+  for (const [name, pass] of [["anya", "anya-pass-1"], ["boris", "boris-pass-1"]]) {
+    execFileSync(secta, ["admin", "--data", data, "user", "create", name, "--password", pass]);
+  }
+  const open = async (user, pass) => {
+    const page = await (await browser.newContext({ viewport: { width: 390, height: 844 } })).newPage();
+    await page.goto(`http://127.0.0.1:${portalPort}/`, { waitUntil: "load" });
+    await page.click("#open-chat");
+    await page.fill("input[name=chat-user]", user);
+    await page.fill("input[name=chat-password]", pass);
+    await page.click("form#chat-login button[type=submit]");
+    await page.waitForSelector("#me");
+    return page;
+  };
+  const anya = await open("anya", "anya-pass-1");
+  // A wrong password says so and keeps the form.
+  const stranger = await (await browser.newContext()).newPage();
+  await stranger.goto(`http://127.0.0.1:${portalPort}/#chat`, { waitUntil: "load" });
+  await stranger.fill("input[name=chat-user]", "anya");
+  await stranger.fill("input[name=chat-password]", "wrong-password");
+  await stranger.click("form#chat-login button[type=submit]");
+  await stranger.waitForFunction(() => document.querySelector("#chat-status")?.textContent?.includes("Неверное имя или пароль"));
+
+  await anya.fill("input[name=new-room]", "Общая");
+  await anya.click("form#create-form button[type=submit]");
+  await anya.waitForFunction(() => document.querySelector("#room-name")?.textContent === "Общая");
+  const roomId = (await anya.textContent("#room-id")).trim();
+  assert.match(roomId, /^!/);
+  await anya.fill("#composer input[name=message]", "Привет всем!");
+  await anya.click("#composer button[type=submit]");
+  await anya.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("Привет всем!"));
+
+  const boris = await open("boris", "boris-pass-1");
+  await boris.fill("input[name=join-room]", roomId);
+  await boris.click("form#join-form button[type=submit]");
+  await boris.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("Привет всем!"));
+  await boris.fill("#composer input[name=message]", "Здравствуй, Аня");
+  await boris.click("#composer button[type=submit]");
+  // Anya sees Boris join and his message arrive live (long-polling sync).
+  await anya.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("Здравствуй, Аня"));
+  assert.match(await anya.textContent("#timeline"), /boris входит в комнату/);
+  await anya.fill("#composer input[name=message]", "Как дела?");
+  await anya.click("#composer button[type=submit]");
+  await boris.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("Как дела?"));
+  mkdirSync(shots, { recursive: true });
+  await anya.screenshot({ path: join(shots, "5-chat-anya.png"), fullPage: true });
+  await boris.screenshot({ path: join(shots, "6-chat-boris.png"), fullPage: true });
+
+  // Older history comes with "show earlier": 40 more messages through the API, then a fresh login.
+  const login = await (await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/login`, {
+    method: "POST",
+    body: JSON.stringify({ type: "m.login.password", identifier: { type: "m.id.user", user: "anya" }, password: "anya-pass-1" }),
+  })).json();
+  for (let i = 1; i <= 40; i++) {
+    const r = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/send/m.room.message/t${i}`, {
+      method: "PUT",
+      headers: { authorization: `Bearer ${login.access_token}` },
+      body: JSON.stringify({ msgtype: "m.text", body: `сообщение ${i}` }),
+    });
+    assert.equal(r.status, 200);
+  }
+  await boris.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("сообщение 40"));
+  const fresh = await open("boris", "boris-pass-1");
+  await fresh.click(`#rooms li[data-room="${roomId}"] a`);
+  await fresh.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("сообщение 40"));
+  assert.doesNotMatch(await fresh.textContent("#timeline"), /Привет всем!/);
+  await fresh.click("#earlier");
+  await fresh.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("Привет всем!"));
 });
