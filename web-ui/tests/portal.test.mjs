@@ -135,6 +135,24 @@ test("newcomer accepts and registers in the browser", async (t) => {
   assert.equal(login.status, 200);
   console.log(JSON.stringify({ bench: "portal_first_load", load_ms: loadMs, transferred_bytes: bytes }));
   assert.ok(bytes < 200 * 1024, `first page is ${bytes} bytes`);
+
+  // The new member opens the web chat from the welcome page and is in.
+  const before = await page.evaluate(() => performance.getEntriesByType("resource").length);
+  const chatStarted = Date.now();
+  await page.click("#open-chat");
+  await page.waitForSelector("form#chat-login");
+  await page.fill("input[name=chat-user]", "natasha");
+  await page.fill("input[name=chat-password]", "длинный пароль");
+  await page.click("form#chat-login button[type=submit]");
+  await page.waitForSelector("#me");
+  const chatMs = Date.now() - chatStarted;
+  const chatBytes = await page.evaluate(
+    (n) => performance.getEntriesByType("resource").slice(n).reduce((sum, e) => sum + (e.encodedBodySize || 0), 0),
+    before,
+  );
+  assert.match(await page.textContent("#me"), /@natasha:/);
+  await page.screenshot({ path: join(shots, "5-chat-logged-in.png") });
+  console.log(JSON.stringify({ bench: "web_chat_first_load", load_ms: chatMs, transferred_bytes: chatBytes }));
 });
 
 test("two members chat in the browser", async (t) => {
@@ -185,8 +203,8 @@ test("two members chat in the browser", async (t) => {
   await anya.click("#composer button[type=submit]");
   await boris.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("Как дела?"));
   mkdirSync(shots, { recursive: true });
-  await anya.screenshot({ path: join(shots, "5-chat-anya.png"), fullPage: true });
-  await boris.screenshot({ path: join(shots, "6-chat-boris.png"), fullPage: true });
+  await anya.screenshot({ path: join(shots, "6-chat-anya.png"), fullPage: true });
+  await boris.screenshot({ path: join(shots, "7-chat-boris.png"), fullPage: true });
 
   // Older history comes with "show earlier": 40 more messages through the API, then a fresh login.
   const login = await (await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/login`, {
