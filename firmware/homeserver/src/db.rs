@@ -395,6 +395,10 @@ pub struct Db {
     path: std::path::PathBuf,
     /// Highest committed stream position.
     stream: AtomicI64,
+    /// WAL length in frames, as the checkpointer last saw it.
+    wal_frames: std::sync::Arc<AtomicI64>,
+    /// No WAL restart is tried before this (after one that readers blocked).
+    next_restart: Mutex<std::time::Instant>,
     /// Moves committed WAL frames into the database file off the write path.
     _checkpointer: Checkpointer,
 }
@@ -411,7 +415,8 @@ struct Checkpointer {
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Checkpointer {
-    fn start(path: &Path) -> anyhow::Result<Self> {
+    /// `wal_frames` gets the WAL's length in frames after each pass.
+    fn start(path: &Path, wal_frames: std::sync::Arc<AtomicI64>) -> anyhow::Result<Self> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(1))?;
         let stop = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
@@ -426,9 +431,11 @@ impl Checkpointer {
                         .wait_timeout(stopped, CHECKPOINT_EVERY)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    match conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
                     {
-                        tracing::warn!(error = %e, "background WAL checkpoint failed");
+                        Ok(frames) => wal_frames.store(frames, Ordering::Relaxed),
+                        Err(e) => tracing::warn!(error = %e, "background WAL checkpoint failed"),
                     }
                 }
             })?;
@@ -439,28 +446,13 @@ impl Checkpointer {
     }
 }
 
-/// WAL size (pages) at which the writer restarts the log after a commit.
-const WAL_RESTART_PAGES: i32 = 4096;
+/// WAL size (pages) past which the writer restarts the log after a commit.
+const WAL_RESTART_PAGES: i64 = 4096;
 
-/// Runs after each commit on the writer. A PASSIVE checkpoint alone never lets
-/// the WAL start over while writes keep coming, so once it is long the writer
-/// waits for readers to leave it (RESTART). The checkpointer thread has already
-/// copied nearly all of it, so this is mostly the final sync.
-fn restart_long_wal(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
-    if pages >= WAL_RESTART_PAGES {
-        // The commit has happened whatever this returns: an error here must not
-        // reach the committing statement.
-        match wal.checkpoint_v2(rusqlite::hooks::CheckpointMode::RESTART) {
-            Ok(_) => {}
-            // The checkpointer thread is mid-pass: the next commit tries again.
-            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
-                tracing::debug!(pages, "WAL restart deferred: checkpoint in progress");
-            }
-            Err(e) => tracing::warn!(error = %e, pages, "WAL restart failed"),
-        }
-    }
-    Ok(())
-}
+/// How long a restart may wait for readers to leave the WAL, and how long to
+/// leave it before trying again when they did not (a long read, e.g. a backup).
+const WAL_RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+const WAL_RESTART_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
@@ -544,11 +536,10 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     conn.pragma_update(None, "cache_size", -4000)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // The checkpointer thread copies the WAL into the database file; the writer
-    // only restarts the WAL when it has grown large (see `restart_long_wal`),
+    // only restarts the WAL when it has grown large (`Db::maybe_restart_wal`),
     // and the file is cut back to this size afterwards.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "journal_size_limit", 8 * 1024 * 1024)?;
-    conn.wal_hook(Some(restart_long_wal));
     Ok(())
 }
 
@@ -570,6 +561,7 @@ impl Db {
             [],
             |r| r.get(0),
         )?;
+        let wal_frames = std::sync::Arc::new(AtomicI64::new(0));
         Ok(Self {
             writer: Mutex::new(Writer {
                 conn,
@@ -585,7 +577,9 @@ impl Db {
             turns: tokio::sync::Semaphore::new(WRITE_TURNS),
             path: path.to_owned(),
             stream: AtomicI64::new(stream),
-            _checkpointer: Checkpointer::start(path)?,
+            wal_frames: wal_frames.clone(),
+            next_restart: Mutex::new(std::time::Instant::now()),
+            _checkpointer: Checkpointer::start(path, wal_frames)?,
         })
     }
 
@@ -760,7 +754,42 @@ impl Db {
         }
         drop(commits);
         self.committed.notify_all();
+        if result.is_ok() {
+            self.maybe_restart_wal(st);
+        }
         result
+    }
+
+    /// A PASSIVE checkpoint never lets the WAL start over while writes keep
+    /// coming, so once it is long the writer (between batches, its waiters
+    /// already answered) checkpoints with RESTART: the checkpointer has copied
+    /// nearly all of it, so this is mostly waiting for readers to leave the WAL —
+    /// briefly, and not again for a while if a long read holds it.
+    fn maybe_restart_wal(&self, st: &Writer) {
+        if self.wal_frames.load(Ordering::Relaxed) < WAL_RESTART_PAGES {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut next = self.next_restart.lock().unwrap_or_else(|p| p.into_inner());
+        if now < *next {
+            return;
+        }
+        let _ = st.conn.busy_timeout(WAL_RESTART_WAIT);
+        let outcome = st
+            .conn
+            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+        let _ = st.conn.busy_timeout(std::time::Duration::from_secs(10));
+        match outcome {
+            Ok(0) => self.wal_frames.store(0, Ordering::Relaxed),
+            Ok(_) => {
+                tracing::debug!("WAL restart deferred: readers still in the WAL");
+                *next = now + WAL_RESTART_RETRY;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL restart failed");
+                *next = now + WAL_RESTART_RETRY;
+            }
+        }
     }
 
     /// Runs `f` with a read connection (each statement sees the latest commit).
@@ -958,5 +987,45 @@ mod tests {
             })
             .unwrap();
         assert!(!gone);
+    }
+
+    #[test]
+    fn the_wal_starts_over_under_constant_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let db = Db::open(&path, Durability::Normal).unwrap();
+        let wal = dir.path().join("w.db-wal");
+        let value = "x".repeat(1000);
+        let started = std::time::Instant::now();
+        let mut max_wal = 0;
+        // 64 000 rows of 1 KB in 64 batches, paced so the checkpointer (every
+        // 250 ms) sees the WAL grow; without restarts it would hold all ~50 MiB.
+        for batch in 0..64 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "too slow"
+            );
+            db.write(|w| -> rusqlite::Result<()> {
+                for i in 0..1000 {
+                    w.tx.execute(
+                        "INSERT INTO meta(key, value) VALUES(?1, ?2)",
+                        rusqlite::params![format!("k{batch}-{i}"), value],
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            max_wal = max_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+        assert!(max_wal < 40 * 1024 * 1024, "WAL grew to {max_wal} bytes");
+        let rows: i64 = db
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
+                    r.get(0)
+                })
+            })
+            .unwrap();
+        assert_eq!(rows, 64_000);
     }
 }
