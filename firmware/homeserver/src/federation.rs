@@ -872,19 +872,30 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
                     }
                     for (device, msg) in devices.as_object().into_iter().flatten() {
                         let targets: Vec<String> = if device == "*" {
-                            let mut st = w.prepare_cached("SELECT device_id FROM devices WHERE user_id=?1")?;
-                            let r = st.query_map([user], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+                            let mut st =
+                                w.prepare_cached("SELECT device_id FROM devices WHERE user_id=?1")?;
+                            let r = st
+                                .query_map([user], |r| r.get(0))?
+                                .collect::<Result<Vec<_>, _>>()?;
                             r
                         } else {
-                            w.query_row("SELECT device_id FROM devices WHERE user_id=?1 AND device_id=?2", params![user, device], |r| r.get(0))
-                                .optional()?
-                                .into_iter()
-                                .collect()
+                            w.query_row(
+                                "SELECT device_id FROM devices WHERE user_id=?1 AND device_id=?2",
+                                params![user, device],
+                                |r| r.get(0),
+                            )
+                            .optional()?
+                            .into_iter()
+                            .collect()
                         };
                         for t in targets {
-                            w.tx.execute(
-                                "INSERT INTO to_device(user_id, device_id, sender, type, content) VALUES(?1,?2,?3,?4,?5)",
-                                params![user, t, sender, kind, msg.to_string()],
+                            crate::keys::queue_to_device(
+                                hs,
+                                w,
+                                (user.as_str(), t.as_str()),
+                                sender,
+                                kind,
+                                &msg.to_string(),
                             )?;
                         }
                     }

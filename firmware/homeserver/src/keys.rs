@@ -987,10 +987,7 @@ pub async fn send_to_device(
                     exists.into_iter().collect()
                 };
                 for t in targets {
-                    w.tx.execute(
-                        "INSERT INTO to_device(user_id, device_id, sender, type, content) VALUES(?1,?2,?3,?4,?5)",
-                        params![user, t, me, kind, content.to_string()],
-                    )?;
+                    queue_to_device(&hs, w, (user.as_str(), t.as_str()), me, &kind, &content.to_string())?;
                 }
             }
         }
@@ -1015,6 +1012,72 @@ pub async fn send_to_device(
 
 /// Acknowledges to-device messages up to `acked` and returns the next batch for
 /// the device with the highest id handed out.
+/// What this process knows of each device's to-device queue, so that the
+/// syncs with nothing new (nearly all of them) skip its queries.
+#[derive(Default)]
+pub struct ToDeviceHints {
+    inner: std::sync::Mutex<ToDeviceInner>,
+}
+
+#[derive(Default)]
+struct ToDeviceInner {
+    /// Highest queue id when this process first looked.
+    startup_max: Option<i64>,
+    /// Highest id queued for a device since (recorded before commit).
+    newest: std::collections::HashMap<(String, String), i64>,
+    /// Acknowledged ids already deleted for a device.
+    deleted_upto: std::collections::HashMap<(String, String), i64>,
+}
+
+/// Queues one to-device message (every producer goes through here, so the
+/// hints above never miss a message).
+pub(crate) fn queue_to_device(
+    hs: &Hs,
+    w: &crate::db::WriteTxn<'_>,
+    (user, device): (&str, &str),
+    sender: &str,
+    kind: &str,
+    content: &str,
+) -> rusqlite::Result<()> {
+    w.tx.execute(
+        "INSERT INTO to_device(user_id, device_id, sender, type, content) VALUES(?1,?2,?3,?4,?5)",
+        params![user, device, sender, kind, content],
+    )?;
+    let id = w.tx.last_insert_rowid();
+    let mut h = hs
+        .to_device_hints
+        .inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let e = h
+        .newest
+        .entry((user.to_owned(), device.to_owned()))
+        .or_insert(id);
+    *e = (*e).max(id);
+    Ok(())
+}
+
+/// Deletes the messages a sync token acknowledged (if any are left).
+fn take_acked(hs: &Hs, user: &str, device: &str, acked: i64) -> MxResult<()> {
+    let pending_ack = hs.db.read(|c| {
+        c.query_row(
+            "SELECT 1 FROM to_device WHERE user_id=?1 AND device_id=?2 AND id<=?3 LIMIT 1",
+            params![user, device, acked],
+            |_| Ok(()),
+        )
+        .optional()
+    })?;
+    if pending_ack.is_some() {
+        hs.db.write(|w| {
+            w.tx.execute(
+                "DELETE FROM to_device WHERE user_id=?1 AND device_id=?2 AND id<=?3",
+                params![user, device, acked],
+            )
+        })?;
+    }
+    Ok(())
+}
+
 pub fn take_to_device(
     hs: &Hs,
     user: &str,
@@ -1022,23 +1085,55 @@ pub fn take_to_device(
     acked: i64,
     limit: i64,
 ) -> MxResult<(Vec<Value>, i64)> {
-    if acked > 0 {
-        let pending_ack = hs.db.read(|c| {
-            c.query_row(
-                "SELECT 1 FROM to_device WHERE user_id=?1 AND device_id=?2 AND id<=?3 LIMIT 1",
-                params![user, device, acked],
-                |_| Ok(()),
-            )
-            .optional()
-        })?;
-        if pending_ack.is_some() {
-            hs.db.write(|w| {
-                w.tx.execute(
-                    "DELETE FROM to_device WHERE user_id=?1 AND device_id=?2 AND id<=?3",
-                    params![user, device, acked],
-                )
-            })?;
+    let key = (user.to_owned(), device.to_owned());
+    let startup_max = {
+        let known = hs
+            .to_device_hints
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .startup_max;
+        match known {
+            Some(m) => m,
+            None => {
+                let m: i64 = hs.db.read(|c| {
+                    c.query_row("SELECT COALESCE(MAX(id),0) FROM to_device", [], |r| {
+                        r.get(0)
+                    })
+                })?;
+                let mut h = hs
+                    .to_device_hints
+                    .inner
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                *h.startup_max.get_or_insert(m)
+            }
         }
+    };
+    let (newest, deleted) = {
+        let h = hs
+            .to_device_hints
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        (
+            h.newest.get(&key).copied().unwrap_or(0).max(startup_max),
+            h.deleted_upto.get(&key).copied().unwrap_or(0),
+        )
+    };
+    if acked > deleted {
+        take_acked(hs, user, device, acked)?;
+        hs.to_device_hints
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deleted_upto
+            .entry(key)
+            .and_modify(|d| *d = (*d).max(acked))
+            .or_insert(acked);
+    }
+    if acked >= newest {
+        return Ok((Vec::new(), acked));
     }
     hs.db.read(|c| -> MxResult<(Vec<Value>, i64)> {
         let mut st = c.prepare_cached(
