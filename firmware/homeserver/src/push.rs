@@ -38,6 +38,10 @@ pub struct RulesCache {
 /// the words occurs in the body at all, those rules cannot apply, and the cheap
 /// rule set gives exactly the same answer.
 pub struct UserRules {
+    /// The rules are exactly the server's defaults for this user. Those depend on
+    /// the user only through their id (invites for them, mentions of them), so for
+    /// an event that does not contain the id, every such user gets the same answer.
+    standard: bool,
     full: Ruleset,
     without_body_words: Ruleset,
     /// Lowercased literal parts of the body-word patterns.
@@ -50,8 +54,9 @@ fn is_body_word_condition(c: &Value) -> bool {
 }
 
 impl UserRules {
-    fn new(full: Ruleset) -> MxResult<Self> {
+    fn new(full: Ruleset, user: &UserId) -> MxResult<Self> {
         let mut v = serde_json::to_value(&full)?;
+        let standard = v == serde_json::to_value(Ruleset::server_default(user))?;
         let mut needles = Vec::new();
         let mut note = |pattern: &str| {
             if let Some(longest) = pattern.split(['*', '?']).max_by_key(|s| s.len()) {
@@ -79,6 +84,7 @@ impl UserRules {
         v["content"] = json!([]);
         let without_body_words = serde_json::from_value(v)?;
         Ok(Self {
+            standard,
             full,
             without_body_words,
             needles,
@@ -111,7 +117,7 @@ impl RulesCache {
         {
             return Ok(r.clone());
         }
-        let rules = Arc::new(UserRules::new(ephemeral::push_rules(c, user)?)?);
+        let rules = Arc::new(UserRules::new(ephemeral::push_rules(c, user)?, user)?);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             map.clear();
@@ -193,11 +199,22 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
     // Flattened once for all recipients (ruma's `get_actions` would flatten per call).
     let flat = FlattenedJson::from_raw(&raw);
     let body = event["content"]["body"].as_str().map(str::to_lowercase);
+    // The answer for users with standard rules whom the event does not name.
+    let mut standard: Option<Option<(bool, String)>> = None;
     for user in recipients {
         let Ok(uid) = UserId::parse(&user) else {
             continue;
         };
         let rules = hs.push_rules.get(c, &uid)?;
+        let shared = rules.standard && !raw.json().get().contains(user.as_str());
+        if shared {
+            if let Some(answer) = &standard {
+                if let Some((highlight, actions)) = answer {
+                    rows.push((user, *highlight, actions.clone()));
+                }
+                continue;
+            }
+        }
         let display = names
             .get(&user)
             .cloned()
@@ -214,12 +231,21 @@ pub fn plan(hs: &Hs, c: &Connection, room_id: &RoomId, event: &Value) -> MxResul
         }
         let rules = rules.for_body(body.as_deref(), &ctx.user_display_name);
         let actions: Vec<Action> = futures::executor::block_on(first_match(rules, &flat, &ctx));
-        if actions.iter().any(Action::should_notify) {
-            rows.push((
-                user,
-                actions.iter().any(Action::is_highlight),
-                serde_json::to_string(&actions)?,
-            ));
+        let answer = actions
+            .iter()
+            .any(Action::should_notify)
+            .then(|| -> MxResult<_> {
+                Ok((
+                    actions.iter().any(Action::is_highlight),
+                    serde_json::to_string(&actions)?,
+                ))
+            })
+            .transpose()?;
+        if shared {
+            standard = Some(answer.clone());
+        }
+        if let Some((highlight, actions)) = answer {
+            rows.push((user, highlight, actions));
         }
     }
     Ok(PushPlan { rows })
@@ -569,7 +595,13 @@ mod tests {
             .unwrap(),
         );
         rules.insert(keyword, None, None).unwrap();
-        let r = UserRules::new(rules).unwrap();
+        let r = UserRules::new(rules, &user).unwrap();
+        assert!(!r.standard, "a keyword rule makes the rules the user's own");
+        assert!(
+            UserRules::new(Ruleset::server_default(&user), &user)
+                .unwrap()
+                .standard
+        );
         assert_eq!(r.needles, vec!["pizza".to_owned()]);
         assert!(std::ptr::eq(
             r.for_body(Some("hello"), "Alice"),

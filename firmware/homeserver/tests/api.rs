@@ -1280,7 +1280,7 @@ async fn push_rules_drive_unread_and_highlight_counts() {
         .await;
     assert_eq!(counts(&v), (1, 1), "{}", v["rooms"]["join"][&room]);
     // A member who joins after the room's members were cached is notified at once.
-    let (_, carol) = b.register("carol").await;
+    let (carol_id, carol) = b.register("carol").await;
     assert_eq!(
         b.call(
             "POST",
@@ -1301,6 +1301,20 @@ async fn push_rules_drive_unread_and_highlight_counts() {
         .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
         .await;
     assert_eq!(counts(&v), (2, 1));
+    // Both have the default rules; a mention of one highlights for her only.
+    send(
+        "6",
+        json!({"msgtype": "m.text", "body": "carol?", "m.mentions": {"user_ids": [carol_id]}}),
+    )
+    .await;
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&carol), json!({}))
+        .await;
+    assert_eq!(counts(&v), (2, 1));
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+        .await;
+    assert_eq!(counts(&v), (3, 1));
     // Her own message marks the room read.
     let url = format!(
         "/_matrix/client/v3/rooms/{}/send/m.room.message/own1",
