@@ -5,6 +5,7 @@
 //! a reader that saw position N has seen every row at or below N.
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::{
         atomic::{AtomicI64, AtomicUsize, Ordering},
@@ -395,6 +396,7 @@ pub struct Db {
     path: std::path::PathBuf,
     /// Highest committed stream position.
     stream: AtomicI64,
+    hints: UserHints,
     /// WAL length in frames, as the checkpointer last saw it.
     wal_frames: std::sync::Arc<AtomicI64>,
     /// No WAL restart is tried before this (after one that readers blocked).
@@ -577,6 +579,10 @@ impl Db {
             turns: tokio::sync::Semaphore::new(WRITE_TURNS),
             path: path.to_owned(),
             stream: AtomicI64::new(stream),
+            hints: UserHints {
+                startup: stream,
+                newest: Mutex::new(HashMap::new()),
+            },
             wal_frames: wal_frames.clone(),
             next_restart: Mutex::new(std::time::Instant::now()),
             _checkpointer: Checkpointer::start(path, wal_frames)?,
@@ -635,6 +641,7 @@ impl Db {
                     let mut w = WriteTxn {
                         tx: &st.conn,
                         next: start_next,
+                        hints: &self.hints,
                     };
                     let out = f(&mut w);
                     (out, w.next)
@@ -843,6 +850,16 @@ impl Db {
         out
     }
 
+    /// Whether rows of this kind for this user may have been written after
+    /// stream position `since` (false only when certainly not).
+    pub fn may_have_changed(&self, kind: UserRows, user: &str, since: i64) -> bool {
+        if since < self.hints.startup {
+            return true;
+        }
+        let m = self.hints.newest.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(kind, user.to_owned())).is_some_and(|&s| s > since)
+    }
+
     /// Highest committed stream position.
     pub fn current_stream(&self) -> i64 {
         self.stream.load(Ordering::Acquire)
@@ -866,9 +883,41 @@ impl Db {
 pub struct WriteTxn<'a> {
     pub tx: &'a Connection,
     next: i64,
+    hints: &'a UserHints,
+}
+
+/// Rows that only one user's syncs read and that change rarely (account data,
+/// invites from other servers): the stream position of the newest one written
+/// for each user by this process, recorded before commit. A sync whose token is
+/// at or past it (and past the start of this process) skips those queries.
+#[derive(Default)]
+pub struct UserHints {
+    startup: i64,
+    newest: Mutex<HashMap<(UserRows, String), i64>>,
+}
+
+/// The kinds of rows [`UserHints`] keeps track of.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum UserRows {
+    AccountData,
+    RemoteInvites,
+}
+
+impl UserHints {
+    fn note(&self, kind: UserRows, user: &str, stream: i64) {
+        let mut m = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry((kind, user.to_owned())).or_insert(stream);
+        *e = (*e).max(stream);
+    }
 }
 
 impl WriteTxn<'_> {
+    /// Records that a row of this kind for this user was written at `stream`
+    /// (see [`Db::may_have_changed`]); every writer of such rows calls it.
+    pub fn note(&self, kind: UserRows, user: &str, stream: i64) {
+        self.hints.note(kind, user, stream);
+    }
+
     /// Takes the next stream position.
     pub fn next_stream(&mut self) -> i64 {
         self.next += 1;

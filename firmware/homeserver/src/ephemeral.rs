@@ -415,6 +415,7 @@ pub fn set_account_data_row(
          ON CONFLICT(user_id, room_id, type) DO UPDATE SET content=?4, stream=?5",
         params![user, room, kind, content.to_string(), stream],
     )?;
+    conn.note(crate::db::UserRows::AccountData, user, stream);
     conn.persist_stream()
 }
 

@@ -1337,6 +1337,7 @@ pub async fn invite(
              ON CONFLICT(room_id, user_id) DO UPDATE SET event_json=?4, invite_state=?5, stream=?6, inviter_server=?7, declined=0",
             params![room, target.as_str(), version.as_str(), signed.to_string(), stripped.to_string(), stream, req.origin.as_str()],
         )?;
+        w.note(crate::db::UserRows::RemoteInvites, target.as_str(), stream);
         w.persist_stream()
     })?;
     hs.notify_users([target.as_str()]);

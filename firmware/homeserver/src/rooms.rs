@@ -808,6 +808,7 @@ pub async fn leave(
                     "UPDATE remote_invites SET declined=1, event_json=?1, stream=?2 WHERE room_id=?3 AND user_id=?4",
                     params![leave.to_string(), stream, room_id.as_str(), auth.user_id.as_str()],
                 )?;
+                w.note(crate::db::UserRows::RemoteInvites, auth.user_id.as_str(), stream);
                 w.persist_stream()
             })?;
             hs.notify_users([auth.user_id.as_str()]);

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::{
+    db::UserRows,
     ephemeral,
     error::{MxError, MxResult},
     extract::{Auth, QueryArgs},
@@ -303,13 +304,18 @@ fn build(
                 st.query_map(params![s.stream, upto], |r| r.get::<_, String>(0))?
                     .collect::<Result<Vec<_>, _>>()?,
             );
-            let mut st = c.prepare_cached(
-                "SELECT DISTINCT room_id FROM account_data WHERE user_id=?1 AND room_id<>'' AND stream>?2 AND stream<=?3",
-            )?;
-            set.extend(
-                st.query_map(params![user, s.stream, upto], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
+            if hs
+                .db
+                .may_have_changed(UserRows::AccountData, user, s.stream)
+            {
+                let mut st = c.prepare_cached(
+                    "SELECT DISTINCT room_id FROM account_data WHERE user_id=?1 AND room_id<>'' AND stream>?2 AND stream<=?3",
+                )?;
+                set.extend(
+                    st.query_map(params![user, s.stream, upto], |r| r.get::<_, String>(0))?
+                        .collect::<Result<Vec<_>, _>>()?,
+                );
+            }
             Some(set)
         }
     };
@@ -337,8 +343,12 @@ fn build(
                 if !initial_room && !room_changed && typing.is_none() {
                     continue;
                 }
-                let room_ad =
-                    account_data_since(c, user, &room, if initial_room { 0 } else { from }, upto)?;
+                let ad_from = if initial_room { 0 } else { from };
+                let room_ad = if hs.db.may_have_changed(UserRows::AccountData, user, ad_from) {
+                    account_data_since(c, user, &room, ad_from, upto)?
+                } else {
+                    Vec::new()
+                };
                 let tl_from = if initial_room && since.is_none() {
                     0
                 } else {
@@ -513,7 +523,11 @@ fn build(
         }
     }
     // Invites from other servers to rooms this box does not hold yet.
-    {
+    if hs.db.may_have_changed(
+        UserRows::RemoteInvites,
+        user,
+        if since.is_some() { from } else { 0 },
+    ) {
         let mut st = c.prepare_cached(
             "SELECT room_id, event_json, invite_state, declined FROM remote_invites WHERE user_id=?1 AND stream>?2 AND stream<=?3",
         )?;
@@ -554,7 +568,12 @@ fn build(
             invite.insert(room, json!({ "invite_state": { "events": events } }));
         }
     }
-    let global_ad: Vec<Value> = account_data_since(c, user, "", from, upto)?
+    let global_ad_rows = if hs.db.may_have_changed(UserRows::AccountData, user, from) {
+        account_data_since(c, user, "", from, upto)?
+    } else {
+        Vec::new()
+    };
+    let global_ad: Vec<Value> = global_ad_rows
         .into_iter()
         .filter(|e| {
             filter

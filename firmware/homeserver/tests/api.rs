@@ -1748,3 +1748,76 @@ async fn admin_registration_token_api() {
         "M_NOT_FOUND",
     );
 }
+
+#[tokio::test]
+async fn account_data_reaches_incremental_sync_once() {
+    let b = new_box();
+    let (alice_id, alice) = b.register("alice").await;
+    let room = b.room(&alice).await;
+    let (_, v) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+        .await;
+    let since = v["next_batch"].as_str().unwrap().to_owned();
+    let (s, _) = b
+        .call(
+            "PUT",
+            &format!(
+                "/_matrix/client/v3/user/{}/account_data/org.example.settings",
+                enc(&alice_id)
+            ),
+            Some(&alice),
+            json!({"theme": "dark"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = b
+        .call(
+            "PUT",
+            &format!(
+                "/_matrix/client/v3/user/{}/rooms/{}/account_data/org.example.tag",
+                enc(&alice_id),
+                enc(&room)
+            ),
+            Some(&alice),
+            json!({"pinned": true}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, v) = b
+        .call(
+            "GET",
+            &format!("/_matrix/client/v3/sync?since={since}"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    let global = v["account_data"]["events"].as_array().unwrap();
+    assert!(
+        global
+            .iter()
+            .any(|e| e["type"] == "org.example.settings" && e["content"]["theme"] == "dark"),
+        "{v}"
+    );
+    let in_room = v["rooms"]["join"][&room]["account_data"]["events"]
+        .as_array()
+        .unwrap();
+    assert!(
+        in_room.iter().any(|e| e["type"] == "org.example.tag"),
+        "{v}"
+    );
+    // Nothing new: the next incremental sync carries neither.
+    let next = v["next_batch"].as_str().unwrap().to_owned();
+    let (_, v) = b
+        .call(
+            "GET",
+            &format!("/_matrix/client/v3/sync?since={next}&timeout=0"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert!(
+        v["account_data"]["events"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
+    assert!(v["rooms"]["join"].get(&room).is_none(), "{v}");
+}
