@@ -147,6 +147,17 @@ pub(crate) async fn run(inner: Arc<Inner>, mut sock: TcpStream, req: Request) {
                     // Seen here; looked at again (marked changed) by the next round.
                     topo.mark_changed();
                 }
+                r = sock.readable() => {
+                    // A listener sends nothing after its request: this is its
+                    // close (or junk, which ends it too), seen even while the
+                    // stream is silent.
+                    let mut b = [0u8; 64];
+                    match (r, sock.try_read(&mut b)) {
+                        (Err(_), _) | (_, Ok(_)) => return,
+                        (_, Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+                        _ => {}
+                    }
+                }
             }
         }
     }
