@@ -37,7 +37,7 @@ pub struct HotspotConfig {
     /// Upstream interface for forwarding accepted clients (None: offline box).
     pub uplink: Option<String>,
     /// TCP ports of the box that hotspot clients may always reach (portal, web app,
-    /// homeserver).
+    /// radio, homeserver).
     pub web_ports: Vec<u16>,
     /// Port the portal listens on (HTTP to anywhere else is redirected there).
     pub portal_port: u16,
@@ -67,7 +67,7 @@ impl Default for HotspotConfig {
             dhcp_option_114: false,
             session_minutes: 12 * 60,
             uplink: None,
-            web_ports: vec![80, 443, 8008],
+            web_ports: vec![80, 443, 8000, 8008],
             portal_port: 80,
             run_hostapd: true,
             run_dnsmasq: true,

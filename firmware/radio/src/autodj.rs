@@ -51,12 +51,20 @@ pub(crate) async fn run(inner: Arc<Inner>, mount: Arc<Mount>) {
         ..Default::default()
     };
     let stream = Arc::new(Stream::new(Codec::Mp3, inner.cfg.queue_size, info, true));
-    *mount.auto.lock().expect("mount lock") = Some(stream.clone());
-    inner.changed();
+    // On the mount only while the playlist has files, so an empty one is no source.
+    let set = |on: bool| {
+        let mut auto = mount.auto.lock().expect("mount lock");
+        if auto.is_some() != on {
+            *auto = on.then(|| stream.clone());
+            drop(auto);
+            inner.changed();
+        }
+    };
     let mut warned_empty = false;
     let mut clock = Clock::new();
     while !inner.cancel.is_cancelled() {
         let files = playlist(&dir);
+        set(!files.is_empty());
         if files.is_empty() {
             if !warned_empty {
                 tracing::warn!(mount = %mount.name, dir = %dir.display(), "auto-DJ playlist folder has no audio files");
@@ -84,9 +92,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mount: Arc<Mount>) {
             break;
         }
     }
-    *mount.auto.lock().expect("mount lock") = None;
+    set(false);
     stream.close();
-    inner.changed();
 }
 
 /// Sleeps; `true` if shutdown came first.

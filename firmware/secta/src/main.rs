@@ -50,6 +50,9 @@ enum Cmd {
         /// The captive portal's address (its firewall is simulated in the demo).
         #[arg(long, default_value = "127.0.0.1:8080")]
         portal_listen: SocketAddr,
+        /// The radio's address (Icecast sources and listeners).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        radio_listen: SocketAddr,
     },
     /// Administer the box (works while it runs).
     Admin {
@@ -150,6 +153,7 @@ struct BoxSetup {
     boxcfg: BoxConfig,
     hs: HomeserverConfig,
     hotspot: secta_hotspot::HotspotConfig,
+    radio: secta_radio::RadioConfig,
     /// Where the captive portal listens (demo: loopback, firewall simulated).
     portal: Option<(SocketAddr, bool)>,
     /// The built web app the portal serves.
@@ -165,12 +169,18 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
     let portal = hotspot
         .enabled
         .then(|| (SocketAddr::from(([0, 0, 0, 0], hotspot.portal_port)), false));
+    let radio: secta_radio::RadioConfig = file.section("radio")?;
+    let problems = radio.problems();
+    if !problems.is_empty() {
+        bail!("invalid [radio] settings: {}", problems.join("; "));
+    }
     let boxcfg: BoxConfig = file.section("box")?;
     let web_ui = Some(boxcfg.web_ui_dir.clone()).filter(|d| d.join("index.html").exists());
     Ok(BoxSetup {
         boxcfg,
         hs: file.section("homeserver")?,
         hotspot,
+        radio,
         portal,
         web_ui,
     })
@@ -206,6 +216,7 @@ fn main() -> anyhow::Result<()> {
             peers,
             federation_tls_listen,
             portal_listen,
+            radio_listen,
         } => demo(
             &data,
             listen,
@@ -213,6 +224,7 @@ fn main() -> anyhow::Result<()> {
             &peers,
             federation_tls_listen,
             portal_listen,
+            radio_listen,
         ),
         Cmd::Admin { config, data, cmd } => {
             secta_runtime::init_logging("warn", false);
@@ -267,7 +279,7 @@ fn main() -> anyhow::Result<()> {
 fn default_config_text() -> String {
     let hs = HomeserverConfig::default();
     let b = BoxConfig::default();
-    format!(
+    let mut text = format!(
         "# Secta box configuration. Every key is optional; these are the defaults.\n\
          [box]\ndata_dir = {:?}\nname = {:?}\nlog = {:?}\nlog_json = {}\n\n\
          [homeserver]\nserver_name = {:?}\nlisten = {:?}\n# public_base_url = \"https://box.example\"\n\
@@ -277,6 +289,25 @@ fn default_config_text() -> String {
         b.data_dir, b.name, b.log, b.log_json, hs.server_name, hs.listen, hs.open_registration,
         hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
         hs.max_sync_timeout_ms,
+    );
+    text.push_str(&radio_config_text());
+    text
+}
+
+fn radio_config_text() -> String {
+    let r = secta_radio::RadioConfig::default();
+    format!(
+        "\n[radio]\nenabled = {}\nlisten = {:?}\n# public_url = \"http://secta.box:8000\"\n\
+         # source_password = \"...\"  (default: generated in DATA/radio/source_password)\n\
+         max_listeners = {}\nmax_sources = {}\nburst_size = {}\nqueue_size = {}\n\
+         source_timeout_secs = {}\nheader_timeout_secs = {}\nsend_timeout_secs = {}\n\
+         max_header_bytes = {}\nmetaint = {}\nmax_connections = {}\n\
+         # [[radio.mounts]]\n# name = \"/live\"\n# fallback = \"/autodj\"\n# fallback_override = true\n\
+         # record = true\n# room = \"radio\"\n# password = \"...\"\n# max_listeners = 500\n\
+         # [[radio.mounts]]\n# name = \"/autodj\"\n# playlist = \"/data/secta/radio/playlist\"\n",
+        r.enabled, r.listen, r.max_listeners, r.max_sources, r.burst_size, r.queue_size,
+        r.source_timeout_secs, r.header_timeout_secs, r.send_timeout_secs, r.max_header_bytes,
+        r.metaint, r.max_connections,
     )
 }
 
@@ -376,6 +407,15 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
                 }
             });
         }
+        if setup.radio.enabled {
+            let radio = secta_radio::Radio::new(setup.radio.clone(), &setup.boxcfg.data_dir)?;
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = radio.serve(sd).await {
+                    tracing::error!(error = %e, "radio failed");
+                }
+            });
+        }
         let homeserver = match listener {
             Some(l) => {
                 l.set_nonblocking(true)?;
@@ -428,6 +468,7 @@ fn demo(
     peers: &[String],
     federation_tls_listen: Option<SocketAddr>,
     portal_listen: SocketAddr,
+    radio_listen: SocketAddr,
 ) -> anyhow::Result<()> {
     secta_runtime::init_logging("info,tower_http=warn,ruma_state_res=warn", false);
     secta_runtime::ensure_data_dir(data)?;
@@ -459,6 +500,11 @@ fn demo(
         setup.hs.federation.tls_listen = Some(a.to_string());
     }
     setup.portal = Some((portal_listen, true));
+    setup.radio.listen = radio_listen.to_string();
+    if setup.radio.mounts.is_empty() {
+        setup.radio.mounts = demo_radio_mounts(data);
+    }
+    let radio = secta_radio::Radio::new(setup.radio.clone(), data)?;
     if setup.web_ui.is_none() && Path::new("web-ui/dist/index.html").exists() {
         setup.web_ui = Some(PathBuf::from("web-ui/dist"));
     }
@@ -490,12 +536,14 @@ fn demo(
          \n  Versions:         {base}/_matrix/client/versions\
          \n  Client discovery: {base}/.well-known/matrix/client\
          \n  Captive portal:   http://{}/ (firewall simulated)\
+         \n{}\
          \n  Data folder:      {}\
          \n\n{}\
          \n  Create more invites: {} admin --data {} invite create --uses 5\
          \n  Stop with Ctrl-C.\n",
         setup.hs.server_name,
         portal_listen,
+        demo_radio_text(&radio, data),
         data.display(),
         creds
             .lines()
@@ -508,6 +556,42 @@ fn demo(
         data.display(),
     );
     run_box(setup, Some(listener))
+}
+
+/// The demo's radio: a live mount that falls back to the auto-DJ and back.
+fn demo_radio_mounts(data: &Path) -> Vec<secta_radio::MountConfig> {
+    let playlist = data.join("radio").join("playlist");
+    let _ = std::fs::create_dir_all(&playlist);
+    vec![
+        secta_radio::MountConfig {
+            name: "/live".into(),
+            fallback: Some("/autodj".into()),
+            fallback_override: true,
+            record: true,
+            room: Some("radio".into()),
+            stream_name: Some("Secta radio".into()),
+            ..Default::default()
+        },
+        secta_radio::MountConfig {
+            name: "/autodj".into(),
+            playlist: Some(playlist),
+            stream_name: Some("Secta auto-DJ".into()),
+            ..Default::default()
+        },
+    ]
+}
+
+fn demo_radio_text(radio: &secta_radio::Radio, data: &Path) -> String {
+    let base = radio.base_url();
+    let host = base.trim_start_matches("http://");
+    format!(
+        "  Radio listen:     {base}/live  (falls back to {base}/autodj)\
+         \n  Radio status:     {base}/status-json.xsl\
+         \n  Radio source:     icecast://source:{}@{host}/live  (e.g. ffmpeg -re -i show.mp3 -c copy -content_type audio/mpeg -f mp3 URL)\
+         \n  Auto-DJ playlist: put MP3 files in {}",
+        radio.source_password(),
+        data.join("radio").join("playlist").display(),
+    )
 }
 
 fn mx(e: secta_homeserver::MxError) -> anyhow::Error {
