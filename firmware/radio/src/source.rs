@@ -117,8 +117,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut sock: TcpStream, req: Request) {
         pages: PageSplitter::default(),
         in_headers: false,
         announced: false,
+        pending: bytes::BytesMut::new(),
+        pending_since: std::time::Instant::now(),
     };
     let why = body_loop(&inner, &mut sock, req.rest, chunked, length, &mut feed).await;
+    feed.flush();
     match why {
         End::Eof => tracing::info!(mount = %name, "radio source disconnected"),
         End::Stalled => tracing::warn!(mount = %name, "radio source stalled; disconnected"),
@@ -178,11 +181,17 @@ async fn body_loop(
             }
         }
         buf.reserve(16 * 1024);
+        let wait = if feed.pending.is_empty() {
+            timeout
+        } else {
+            HOLD
+        };
         let read = tokio::select! {
             _ = inner.cancel.cancelled() => return End::Shutdown,
-            r = tokio::time::timeout(timeout, sock.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout(wait, sock.read_buf(&mut buf)) => r,
         };
         match read {
+            Err(_) if !feed.pending.is_empty() => feed.flush(),
             Err(_) => return End::Stalled,
             Ok(Ok(0)) | Ok(Err(_)) => return End::Eof,
             Ok(Ok(_)) => {}
@@ -201,7 +210,15 @@ struct Feed<'a> {
     pages: PageSplitter,
     in_headers: bool,
     announced: bool,
+    /// MP3/AAC bytes not yet pushed: sources write small pieces, and every push
+    /// wakes every listener, so pieces are gathered into chunks of about
+    /// [`CHUNK`] bytes (held at most [`HOLD`]).
+    pending: bytes::BytesMut,
+    pending_since: std::time::Instant,
 }
+
+const CHUNK: usize = 4096;
+const HOLD: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Feed<'_> {
     fn data(&mut self, data: Bytes) -> Result<(), &'static str> {
@@ -243,7 +260,13 @@ impl Feed<'_> {
             r.data(data.clone());
         }
         if self.stream.codec != Codec::Ogg {
-            self.stream.push(data);
+            if self.pending.is_empty() {
+                self.pending_since = std::time::Instant::now();
+            }
+            self.pending.extend_from_slice(&data);
+            if self.pending.len() >= CHUNK || self.pending_since.elapsed() >= HOLD {
+                self.flush();
+            }
             return Ok(());
         }
         for page in self.pages.push(&data)? {
@@ -266,6 +289,12 @@ impl Feed<'_> {
             }
         }
         Ok(())
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            self.stream.push(self.pending.split().freeze());
+        }
     }
 
     fn set_title(&mut self, title: &str) {
