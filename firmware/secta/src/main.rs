@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use secta_homeserver::{HomeserverConfig, Hs};
 use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 
+mod radio_bot;
+
 #[derive(Parser)]
 #[command(name = "secta", version, about = "Secta community box")]
 struct Cli {
@@ -341,6 +343,9 @@ fn tune_allocator() {
 /// Runs every enabled service until SIGTERM/SIGINT.
 fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     let hs = Hs::open(setup.hs.clone(), &setup.boxcfg.data_dir)?;
+    let radio_bot = (setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()))
+        .then(|| radio_bot::ensure_user(&hs, &setup.boxcfg.data_dir))
+        .transpose()?;
     runtime()?.block_on(async move {
         let (trigger, shutdown) = Shutdown::new();
         tokio::spawn(trigger.on_signals());
@@ -409,6 +414,17 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
         }
         if setup.radio.enabled {
             let radio = secta_radio::Radio::new(setup.radio.clone(), &setup.boxcfg.data_dir)?;
+            if let Some(password) = radio_bot {
+                let local = setup.hs.listen.replace("0.0.0.0", "127.0.0.1");
+                tokio::spawn(radio_bot::run(
+                    radio.clone(),
+                    setup.radio.mounts.clone(),
+                    format!("http://{local}"),
+                    setup.hs.server_name.clone(),
+                    password,
+                    shutdown.clone(),
+                ));
+            }
             let sd = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(e) = radio.serve(sd).await {
