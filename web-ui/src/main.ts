@@ -3,7 +3,7 @@ import { register } from "./matrix";
 import { adminSection } from "./admin";
 import { el } from "./dom";
 
-type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean };
+type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string };
 
 const app = document.getElementById("app")!;
 let lang: Lang = (localStorage.getItem("lang") as Lang) || "ru";
@@ -80,6 +80,9 @@ async function render(info: BoxInfo) {
   app.append(form);
   const chat = el("a", { id: "open-chat", href: "#chat" }, t.openChat);
   app.append(el("h2", {}, t.chatTitle), el("p", {}, chat));
+  if (info.radio) {
+    app.append(el("h2", {}, t.radioTitle), el("p", {}, el("a", { id: "open-radio", href: "#radio" }, t.openRadio)));
+  }
   app.append(el("h2", {}, t.appsTitle), el("p", {}, t.apps, " ", el("code", { id: "server" }, info.homeserver)));
   app.append(adminSection(t, info.homeserver));
 }
@@ -90,6 +93,12 @@ async function route(info: BoxInfo) {
     const { openChat } = await import("./chat");
     document.title = `${texts[lang].chatTitle} — ${info.box_name}`;
     openChat(app, texts[lang], info.homeserver, () => {
+      location.hash = "";
+    });
+  } else if (location.hash === "#radio" && info.radio) {
+    const { openRadio } = await import("./radio");
+    document.title = `${texts[lang].radioTitle} — ${info.box_name}`;
+    openRadio(app, texts[lang], info.radio, () => {
       location.hash = "";
     });
   } else {

@@ -39,7 +39,7 @@ async function waitFor(url, ms = 30000) {
 }
 
 // Starts `secta demo` with the portal; skips (loudly) without Chromium.
-async function startBox(t) {
+async function startBox(t, extra = []) {
   if (!existsSync(chromium)) {
     console.log(`SKIPPED: browser test (${chromium} not installed)`);
     t.skip(`${chromium} not installed`);
@@ -50,7 +50,7 @@ async function startBox(t) {
   const { chromium: pw } = await import("playwright-core");
   const data = mkdtempSync(join(tmpdir(), "secta-web-"));
   const [hsPort, portalPort] = [await freePort(), await freePort()];
-  const box = spawn(secta, ["demo", "--data", data, "--listen", `127.0.0.1:${hsPort}`, "--portal-listen", `127.0.0.1:${portalPort}`], {
+  const box = spawn(secta, ["demo", "--data", data, "--listen", `127.0.0.1:${hsPort}`, "--portal-listen", `127.0.0.1:${portalPort}`, ...extra], {
     cwd: repo,
     stdio: "ignore",
   });
@@ -226,4 +226,63 @@ test("two members chat in the browser", async (t) => {
   assert.doesNotMatch(await fresh.textContent("#timeline"), /Привет всем!/);
   await fresh.click("#earlier");
   await fresh.waitForFunction(() => document.querySelector("#timeline")?.textContent?.includes("Привет всем!"));
+});
+
+// The radio page: a show from a SOURCE client is listed with its title and
+// listener count, and plays in the browser's <audio> element.
+test("the radio page lists a live show and plays it", async (t) => {
+  let ffmpeg = true;
+  try {
+    execFileSync("ffmpeg", ["-version"], { stdio: "ignore" });
+  } catch {
+    ffmpeg = false;
+  }
+  if (!ffmpeg) {
+    console.log("SKIPPED: radio browser test (ffmpeg not installed)");
+    t.skip("ffmpeg not installed");
+    return;
+  }
+  const radioPort = await freePort();
+  const started_box = await startBox(t, ["--radio-listen", `127.0.0.1:${radioPort}`]);
+  if (!started_box) return;
+  const { data, portalPort, browser } = started_box;
+  const { readFileSync } = await import("node:fs");
+  const { connect } = await import("node:net");
+  const mp3 = join(data, "show.mp3");
+  execFileSync("ffmpeg", ["-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=30", "-c:a", "libmp3lame", "-b:a", "128k", mp3]);
+  const audio = readFileSync(mp3);
+  const password = readFileSync(join(data, "radio/source_password"), "utf8").trim();
+  const src = connect(radioPort, "127.0.0.1");
+  t.after(() => src.destroy());
+  await new Promise((r) => src.once("connect", r));
+  const auth = Buffer.from(`source:${password}`).toString("base64");
+  src.write(`SOURCE /live HTTP/1.0\r\nAuthorization: Basic ${auth}\r\nContent-Type: audio/mpeg\r\nice-name: Вечерний эфир\r\n\r\n`);
+  await new Promise((r) => src.once("data", r));
+  // Real time: 16 KB a second (128 kbps), a few seconds ahead.
+  let sent = 0;
+  const feed = () => {
+    const upto = Math.min(audio.length, sent + 16000);
+    src.write(audio.subarray(sent, upto));
+    sent = upto;
+  };
+  for (let i = 0; i < 4; i++) feed();
+  const timer = setInterval(() => sent < audio.length && feed(), 1000);
+  t.after(() => clearInterval(timer));
+  const meta = await fetch(`http://127.0.0.1:${radioPort}/admin/metadata?mount=/live&mode=updinfo&song=${encodeURIComponent("Песня про коробку")}`, { headers: { authorization: `Basic ${auth}` } });
+  assert.equal(meta.status, 200);
+
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  await page.goto(`http://127.0.0.1:${portalPort}/`, { waitUntil: "load" });
+  await page.click("#open-radio");
+  const item = page.locator('li[data-mount="/live"]');
+  await item.waitFor();
+  assert.match(await item.textContent(), /Вечерний эфир — Песня про коробку/);
+  await item.locator("button.play").click();
+  await page.waitForFunction(() => document.getElementById("player").currentTime > 0.5, null, { timeout: 20000 });
+  assert.equal(await item.locator("button.play").textContent(), "Стоп");
+  await page.screenshot({ path: join(shots, "7-radio.png") });
+  // The listener count follows on the next refresh.
+  const st = await (await fetch(`http://127.0.0.1:${radioPort}/status-json.xsl`)).json();
+  const live = [st.icestats.source].flat().find((s) => s.listenurl.endsWith("/live"));
+  assert.equal(live.listeners, 1);
 });

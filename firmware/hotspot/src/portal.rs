@@ -127,6 +127,9 @@ pub struct WebUi {
     pub dir: std::path::PathBuf,
     pub homeserver: String,
     pub server_name: String,
+    /// The radio's base URL (its `/status-json.xsl` and mounts), or `:PORT` for
+    /// "this page's host", if the radio runs.
+    pub radio: Option<String>,
 }
 
 impl Portal {
@@ -438,6 +441,9 @@ async fn handle(
                 if let Some(w) = p.web_ui.get() {
                     body["homeserver"] = json!(w.homeserver);
                     body["server_name"] = json!(w.server_name);
+                    if let Some(r) = &w.radio {
+                        body["radio"] = json!(r);
+                    }
                 }
                 let mut r = Response::new(Body::from(body.to_string()));
                 r.headers_mut().insert(

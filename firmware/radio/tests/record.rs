@@ -29,7 +29,10 @@ async fn a_live_show_is_recorded_with_its_titles() {
     let mut s = source_client(r.addr, "/show", PASSWORD).await;
     s.write_all(&body[..40_000]).await.unwrap();
     wait_status(r.addr, |st| mount_listeners(st, "/show").is_some()).await;
-    assert_eq!(set_title(r.addr, "/show", PASSWORD, "Первая часть").await, 200);
+    assert_eq!(
+        set_title(r.addr, "/show", PASSWORD, "Первая часть").await,
+        200
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.write_all(&body[40_000..]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -56,6 +59,7 @@ async fn a_live_show_is_recorded_with_its_titles() {
     // And over HTTP for the archive page.
     let (code, text) = raw(r.addr, b"GET /recordings.json HTTP/1.0\r\n\r\n").await;
     assert_eq!(code, 200);
-    let list: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(list[0]["file"], rec.file.as_str());
 }

@@ -403,6 +403,7 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
                     dir,
                     homeserver: setup.hs.base_url(),
                     server_name: setup.hs.server_name.clone(),
+                    radio: setup.radio.enabled.then(|| web_radio_url(&setup.radio)),
                 });
             }
             let sd = shutdown.clone();
@@ -572,6 +573,16 @@ fn demo(
         data.display(),
     );
     run_box(setup, Some(listener))
+}
+
+/// Where the web app finds the radio: its public URL, or `:PORT` (the page's own
+/// host) when it listens on every address.
+fn web_radio_url(r: &secta_radio::RadioConfig) -> String {
+    match (&r.public_url, r.listen.parse::<SocketAddr>()) {
+        (Some(u), _) => u.trim_end_matches('/').to_owned(),
+        (None, Ok(a)) if a.ip().is_unspecified() => format!(":{}", a.port()),
+        _ => r.base_url(),
+    }
 }
 
 /// The demo's radio: a live mount that falls back to the auto-DJ and back.
