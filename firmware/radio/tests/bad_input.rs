@@ -12,17 +12,6 @@ use tokio::{
     net::TcpStream,
 };
 
-/// A few valid MP3 frames (128 kbps, 44.1 kHz, 417 bytes each) — audio to the sniffer.
-fn frames(n: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(n * 417);
-    for i in 0..n {
-        let mut f = vec![(i % 251) as u8; 417];
-        f[..4].copy_from_slice(&[0xFF, 0xFB, 0x90, 0x00]);
-        v.extend(f);
-    }
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_are_refused_with_icecast_statuses() {
     let r = start(RadioConfig {

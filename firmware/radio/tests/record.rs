@@ -20,12 +20,7 @@ async fn a_live_show_is_recorded_with_its_titles() {
         ..Default::default()
     })
     .await;
-    let mut body = Vec::new();
-    for i in 0..200u32 {
-        let mut f = vec![(i % 200) as u8; 417];
-        f[..4].copy_from_slice(&[0xFF, 0xFB, 0x90, 0x00]);
-        body.extend(f);
-    }
+    let body = frames(200);
     let mut s = source_client(r.addr, "/show", PASSWORD).await;
     s.write_all(&body[..40_000]).await.unwrap();
     wait_status(r.addr, |st| mount_listeners(st, "/show").is_some()).await;

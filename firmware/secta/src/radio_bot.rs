@@ -334,47 +334,35 @@ fn answer(
         .filter(|m| rooms.get(&m.name).is_some_and(|r| r == room))
     {
         let Some(s) = find(&m.name) else { continue };
-        let title = if s.title.is_empty() {
-            "—".to_owned()
-        } else {
-            s.title.clone()
+        let fallback = m.fallback.as_deref().and_then(find).filter(|f| f.on_air);
+        // Who plays: the live show, else the fallback (auto-DJ), else the mount's own auto-DJ.
+        let (who, kind) = match fallback {
+            _ if s.live => (s, 0),
+            Some(f) => (f, 1),
+            None if s.on_air => (s, 2),
+            None => {
+                ru.push(format!("{}: сейчас тишина.", s.mount));
+                en.push(format!("{}: silent now.", s.mount));
+                continue;
+            }
         };
-        if s.live {
-            ru.push(format!(
-                "В эфире {}: «{title}», слушают: {}. {}",
-                s.name, s.listeners, s.listen_url
-            ));
-            en.push(format!(
-                "On air {}: “{title}”, {} listening. {}",
-                s.name, s.listeners, s.listen_url
-            ));
-        } else if let Some(f) = m.fallback.as_deref().and_then(find).filter(|f| f.on_air) {
-            let t = if f.title.is_empty() { "—" } else { &f.title };
-            ru.push(format!(
-                "Прямого эфира нет, играет {}: «{t}», слушают: {}. {}",
-                f.name,
-                s.listeners + f.listeners,
-                s.listen_url
-            ));
-            en.push(format!(
-                "No live show; {} plays “{t}”, {} listening. {}",
-                f.name,
-                s.listeners + f.listeners,
-                s.listen_url
-            ));
-        } else if s.on_air {
-            ru.push(format!(
-                "Играет {}: «{title}», слушают: {}. {}",
-                s.name, s.listeners, s.listen_url
-            ));
-            en.push(format!(
-                "{} plays “{title}”, {} listening. {}",
-                s.name, s.listeners, s.listen_url
-            ));
+        let title = if who.title.is_empty() {
+            "—"
         } else {
-            ru.push(format!("{}: сейчас тишина.", s.mount));
-            en.push(format!("{}: silent now.", s.mount));
-        }
+            &who.title
+        };
+        let n = s.listeners + if kind == 1 { who.listeners } else { 0 };
+        let (name, url) = (&who.name, &s.listen_url);
+        ru.push(match kind {
+            0 => format!("В эфире {name}: «{title}», слушают: {n}. {url}"),
+            1 => format!("Прямого эфира нет, играет {name}: «{title}», слушают: {n}. {url}"),
+            _ => format!("Играет {name}: «{title}», слушают: {n}. {url}"),
+        });
+        en.push(match kind {
+            0 => format!("On air {name}: “{title}”, {n} listening. {url}"),
+            1 => format!("No live show; {name} plays “{title}”, {n} listening. {url}"),
+            _ => format!("{name} plays “{title}”, {n} listening. {url}"),
+        });
     }
     if cmd == "!np" {
         format!("{}\n{}", en.join("\n"), ru.join("\n"))
