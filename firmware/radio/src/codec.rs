@@ -120,7 +120,7 @@ pub fn looks_like(codec: Codec, b: &[u8]) -> Option<bool> {
         Codec::Ogg => match page_len(b) {
             Ok(Some(n)) => Some(page_crc_ok(&b[..n])),
             Ok(None) => None,
-            Err(()) => Some(false),
+            Err(NotOgg) => Some(false),
         },
         Codec::Mp3 | Codec::Aac => {
             let mut start = 0;
@@ -158,18 +158,22 @@ pub fn looks_like(codec: Codec, b: &[u8]) -> Option<bool> {
     }
 }
 
+/// Bytes that do not start with an Ogg page header.
+#[derive(Debug, PartialEq)]
+pub struct NotOgg;
+
 /// The length of the Ogg page at the start of `b`: `Ok(None)` if incomplete,
 /// `Err` if `b` does not start with a page header.
-pub fn page_len(b: &[u8]) -> Result<Option<usize>, ()> {
+pub fn page_len(b: &[u8]) -> Result<Option<usize>, NotOgg> {
     if b.len() < 27 {
         return if b"OggS".starts_with(&b[..b.len().min(4)]) {
             Ok(None)
         } else {
-            Err(())
+            Err(NotOgg)
         };
     }
     if &b[..4] != b"OggS" || b[4] != 0 {
-        return Err(());
+        return Err(NotOgg);
     }
     let nseg = b[26] as usize;
     if b.len() < 27 + nseg {
@@ -253,7 +257,7 @@ impl PageSplitter {
                     out.push(Page { bytes });
                 }
                 Ok(None) => return Ok(out),
-                Err(()) => return Err("not an Ogg page"),
+                Err(NotOgg) => return Err("not an Ogg page"),
             }
         }
     }

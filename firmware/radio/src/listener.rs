@@ -84,7 +84,9 @@ pub(crate) async fn run(inner: Arc<Inner>, mut sock: TcpStream, req: Request) {
         inner: inner.clone(),
         mount: home.clone(),
     };
-    let icy = req.header("icy-metadata").is_some_and(|v| v.trim() == "1");
+    // Like Icecast: Ogg carries its titles in-band, so ICY blocks are for MP3/AAC.
+    let icy = stream.codec != crate::codec::Codec::Ogg
+        && req.header("icy-metadata").is_some_and(|v| v.trim() == "1");
     let mut icy = icy.then_some(Icy {
         metaint: inner.cfg.metaint,
         left: inner.cfg.metaint,

@@ -299,3 +299,29 @@ async fn a_stalled_source_times_out_and_listeners_move_to_the_fallback() {
     let _back = source_client(r.addr, "/live", PASSWORD).await;
     drop(feeder);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_head_times_out_with_408() {
+    let r = start(RadioConfig {
+        header_timeout_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let begun = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.0 408"),
+        "{buf:?}"
+    );
+    assert!(begun.elapsed() < Duration::from_secs(4));
+    // A connection that sends nothing at all is just closed.
+    let mut idle = TcpStream::connect(r.addr).await.unwrap();
+    let mut b = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut b)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))));
+}

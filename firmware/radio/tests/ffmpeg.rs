@@ -157,6 +157,9 @@ async fn ffmpeg_put_ogg_opus_decodes_for_late_listeners() {
         st["icestats"]["source"]["title"], "Вечерний эфир",
         "title from the in-band Opus comments"
     );
+    // Ogg titles are in-band: no ICY blocks even when asked (like Icecast).
+    let (_l, head, metaint) = listener(r.addr, "/opus", true).await;
+    assert!(metaint.is_none(), "{head}");
     let (ok, err) = ffmpeg_listen(r.addr, "/opus", 3).await;
     assert!(ok, "{err}");
     assert!(err.contains("Audio: opus"), "{err}");

@@ -205,8 +205,7 @@ async fn run_inner(
         .unwrap_or_default()
         .to_owned();
     let me = format!("@radio:{server_name}");
-    let mut last_title: HashMap<String, Instant> = HashMap::new();
-    let mut pending_title: HashMap<String, String> = HashMap::new();
+    let mut titles = Titles::default();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let sync_client = Client {
         http: c.http.clone(),
@@ -225,14 +224,14 @@ async fn run_inner(
                 }
                 Ok(RadioEvent::OffAir { mount }) => {
                     if let Some(room) = rooms.get(&mount) {
-                        pending_title.remove(room);
+                        titles.pending.remove(room);
                         c.notice(room, &format!("Эфир окончен ({mount}).\nOff air ({mount}).")).await;
                     }
                 }
                 Ok(RadioEvent::Title { mount, title, .. }) => {
                     if let Some(room) = rooms.get(&mount) {
                         if !title.is_empty() {
-                            pending_title.insert(room.clone(), title);
+                            titles.pending.insert(room.clone(), title);
                         }
                     }
                 }
@@ -260,22 +259,42 @@ async fn run_inner(
             }
         }
         // Post waiting titles whose room has been quiet for a minute.
-        let due: Vec<String> = pending_title
+        for (room, t) in titles.due(Instant::now()) {
+            c.notice(&room, &format!("Сейчас звучит: {t}\nNow playing: {t}"))
+                .await;
+        }
+    }
+}
+
+/// Title changes waiting to be posted: the newest per room, at most one post
+/// per room every [`TITLE_EVERY`].
+#[derive(Default)]
+struct Titles {
+    pending: HashMap<String, String>,
+    last: HashMap<String, Instant>,
+}
+
+impl Titles {
+    /// The posts due at `now` (and notes them as posted).
+    fn due(&mut self, now: Instant) -> Vec<(String, String)> {
+        let rooms: Vec<String> = self
+            .pending
             .keys()
             .filter(|r| {
-                last_title
+                self.last
                     .get(*r)
-                    .is_none_or(|t| t.elapsed() >= TITLE_EVERY)
+                    .is_none_or(|t| now.duration_since(*t) >= TITLE_EVERY)
             })
             .cloned()
             .collect();
-        for room in due {
-            if let Some(t) = pending_title.remove(&room) {
-                last_title.insert(room.clone(), Instant::now());
-                c.notice(&room, &format!("Сейчас звучит: {t}\nNow playing: {t}"))
-                    .await;
-            }
-        }
+        rooms
+            .into_iter()
+            .filter_map(|r| {
+                let t = self.pending.remove(&r)?;
+                self.last.insert(r.clone(), now);
+                Some((r, t))
+            })
+            .collect()
     }
 }
 
@@ -368,5 +387,32 @@ fn answer(
         format!("{}\n{}", en.join("\n"), ru.join("\n"))
     } else {
         format!("{}\n{}", ru.join("\n"), en.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles_are_posted_at_most_once_a_minute_per_room() {
+        let mut t = Titles::default();
+        let t0 = Instant::now();
+        t.pending.insert("!a".into(), "one".into());
+        assert_eq!(t.due(t0), vec![("!a".into(), "one".into())]);
+        t.pending.insert("!a".into(), "two".into());
+        t.pending.insert("!a".into(), "three".into());
+        t.pending.insert("!b".into(), "other room".into());
+        assert_eq!(
+            t.due(t0 + Duration::from_secs(30)),
+            vec![("!b".into(), "other room".into())]
+        );
+        assert!(t.due(t0 + Duration::from_secs(59)).is_empty());
+        assert_eq!(
+            t.due(t0 + Duration::from_secs(60)),
+            vec![("!a".into(), "three".into())],
+            "only the newest title, a minute after the last post"
+        );
+        assert!(t.due(t0 + Duration::from_secs(200)).is_empty());
     }
 }
