@@ -245,7 +245,32 @@ pub async fn upload_to(
     QueryArgs(q): QueryArgs<UploadQuery>,
     req: Request,
 ) -> MxResult<Response> {
-    let id = hs.local_media_id(&server, &id)?;
+    // A refused upload still reads the body it was sent (up to the size limit),
+    // so the client gets the answer rather than a connection reset mid-upload.
+    let (parts, body) = req.into_parts();
+    match check_upload_to(&hs, &auth, &server, &id).await {
+        Ok(id) => upload_claimed(hs, id, q, Request::from_parts(parts, body)).await,
+        Err(e) => {
+            let limit = hs.config.media_max_bytes;
+            let mut stream = body.into_data_stream();
+            let mut read: u64 = 0;
+            let drain = async {
+                while let Some(Ok(chunk)) = stream.next().await {
+                    read += chunk.len() as u64;
+                    if read > limit {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
+            Err(e)
+        }
+    }
+}
+
+/// The local media id a `PUT /upload/{server}/{id}` may fill, claimed for it.
+async fn check_upload_to(hs: &Hs, auth: &Auth, server: &str, id: &str) -> MxResult<String> {
+    let id = hs.local_media_id(server, id)?;
     let row: Option<(String, i64, i64)> = hs.db.read(|c| {
         c.query_row(
             "SELECT user_id, uploaded, created_ts FROM media WHERE media_id=?1",
@@ -284,6 +309,15 @@ pub async fn upload_to(
             "Media already uploaded",
         ));
     }
+    Ok(id)
+}
+
+async fn upload_claimed(
+    hs: Arc<Hs>,
+    id: String,
+    q: UploadQuery,
+    req: Request,
+) -> MxResult<Response> {
     let ctype = content_type(req.headers());
     let size = match store_body(&hs, &id, req.into_body(), ctype.as_deref()).await {
         Ok(s) => s,
