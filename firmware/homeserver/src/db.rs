@@ -104,6 +104,29 @@ CREATE TABLE IF NOT EXISTS room_state (
     PRIMARY KEY (room_id, type, state_key)
 );
 CREATE INDEX IF NOT EXISTS room_state_members ON room_state(type, state_key, membership);
+-- Room state at each point of the event graph (see state.rs): deltas over a
+-- parent group, a full snapshot (parent NULL) every hundred steps.
+CREATE TABLE IF NOT EXISTS state_groups (
+    id INTEGER PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    parent INTEGER,
+    depth INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state_group_entries (
+    grp INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    state_key TEXT NOT NULL,
+    event_id TEXT,
+    PRIMARY KEY (grp, type, state_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS event_state (
+    event_id TEXT PRIMARY KEY,
+    before_grp INTEGER NOT NULL,
+    after_grp INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS room_current_group (room_id TEXT PRIMARY KEY, grp INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state_resolutions (inputs TEXT PRIMARY KEY, grp INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejected_events (event_id TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
 -- A transaction id is scoped to one device and one endpoint (spec v1.7, MSC3970).
 CREATE TABLE IF NOT EXISTS txns (
     user_id TEXT NOT NULL,

@@ -39,7 +39,7 @@ use crate::{
     extract::{PathArgs, QueryArgs},
     now_ms,
     pdu::{self, to_canonical, Pdu, Placement},
-    random_string, Hs,
+    random_string, state, Hs,
 };
 
 type J = axum::Json<Value>;
@@ -500,6 +500,14 @@ impl Hs {
         }
         let (event_id, obj) = self.verify_pdu(&version, value).await?;
         if self.db.read(|c| pdu::get_event(c, &event_id))?.is_some() {
+            if let Some(p) = self
+                .db
+                .read(|c| Ok::<_, MxError>(pdu::load_pdu(c, &event_id)))?
+            {
+                if p.rejected {
+                    return Err(MxError::forbidden("PDU rejected earlier"));
+                }
+            }
             return Ok(event_id);
         }
         let json = serde_json::to_string(&obj)?;
@@ -508,16 +516,63 @@ impl Hs {
             &json,
         )
         .map_err(|e| MxError::bad_json(e.to_string()))?;
+        if !in_room(&parsed, &room) {
+            return Err(MxError::bad_json("PDU of another room"));
+        }
         let rules = pdu::rules_for(&version)?;
-        let _ = origin;
-        let stream = self.db.write(|w| -> MxResult<i64> {
-            auth_against_current_state(w, &rules, &room_id, &parsed)
-                .map_err(|e| MxError::forbidden(format!("PDU rejected: {e}")))?;
-            let stream = self.store_pdu(w, &room_id, &parsed, &json, None)?;
+        self.fetch_missing_auth(origin, &room, &version, &parsed)
+            .await?;
+        // The spec's checks on receipt: against the event's own auth events, then
+        // the state before it (from its prev events), then the current state;
+        // failing the last only soft-fails it (kept in the graph, not shown).
+        let outcome = self.db.write(|w| -> MxResult<Result<(), String>> {
+            let reject = |w: &mut WriteTxn<'_>, why: String| -> MxResult<Result<(), String>> {
+                self.store_pdu_as(w, &room_id, &parsed, &json, None, Placement::Outlier)?;
+                state::mark_rejected(w, &event_id, &why)?;
+                Ok(Err(format!("PDU rejected: {why}")))
+            };
+            if let Err(e) = auth_by_auth_events(w, &rules, &parsed, &HashMap::new()) {
+                return reject(w, e);
+            }
+            let current = state::ensure_current_group(w, &room_id)?;
+            let before =
+                state::state_before(w, &room_id, &rules, &parsed.prev_events)?.unwrap_or(current);
+            if before != current {
+                let at = state::load_group(w, before)?;
+                if let Err(e) = auth_against_state(w, &rules, &parsed, &at) {
+                    return reject(w, e);
+                }
+            }
+            if let Err(e) = auth_against_current_state(w, &rules, &room_id, &parsed) {
+                if before == current {
+                    return reject(w, e);
+                }
+                self.store_pdu_as(
+                    w,
+                    &room_id,
+                    &parsed,
+                    &json,
+                    None,
+                    Placement::SoftFailed(before),
+                )?;
+                return Ok(Err(format!("PDU soft-failed: {e}")));
+            }
+            let stream = self.store_pdu_at(
+                w,
+                &room_id,
+                &parsed,
+                &json,
+                None,
+                Placement::Timeline,
+                Some(before),
+            )?;
+            self.refresh_current_state(w, &room_id, &rules)?;
             self.after_store(w, &room, &parsed, &json, stream, &rules, None)?;
-            Ok(stream)
+            Ok(Ok(()))
         })?;
-        let _ = stream;
+        if let Err(why) = outcome {
+            return Err(MxError::forbidden(why));
+        }
         self.notify_room(&room_id);
         if let Some(k) = &parsed.state_key {
             self.notify_users([k.as_str()]);
@@ -1356,12 +1411,32 @@ fn require_in_room(c: &Connection, room: &str, server: &str) -> MxResult<()> {
     Ok(())
 }
 
-/// Current state ids of a room and their auth chain.
-fn state_and_chain(c: &Connection, room: &str) -> MxResult<(Vec<String>, Vec<String>)> {
-    let mut st = c.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1")?;
-    let ids = st
-        .query_map([room], |r| r.get(0))?
-        .collect::<Result<Vec<String>, _>>()?;
+/// State ids of a room and their auth chain: the state before `at` (an event
+/// of the room in the graph here), or the current state.
+fn state_and_chain(
+    c: &Connection,
+    room: &str,
+    at: Option<&str>,
+) -> MxResult<(Vec<String>, Vec<String>)> {
+    let ids: Vec<String> = match at {
+        Some(ev) => {
+            let known = pdu::get_event(c, ev)?.filter(|e| e.room_id == room);
+            let groups = state::event_groups(c, ev)?;
+            match (known, groups) {
+                (Some(_), Some((before, _))) => {
+                    state::load_group(c, before)?.into_values().collect()
+                }
+                _ => return Err(MxError::not_found("Event not found in this room's graph")),
+            }
+        }
+        None => {
+            let mut st = c.prepare_cached("SELECT event_id FROM room_state WHERE room_id=?1")?;
+            let r = st
+                .query_map([room], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            r
+        }
+    };
     let chain = auth_chain(c, &ids)?;
     Ok((ids, chain))
 }
@@ -1395,19 +1470,18 @@ pub async fn get_event(
 #[derive(Deserialize, Default)]
 #[serde(default)]
 pub struct StateIdsQuery {
-    #[allow(dead_code)]
     event_id: Option<String>,
 }
 
 pub async fn state_ids(
     State(hs): State<Arc<Hs>>,
     PathArgs(room): PathArgs<String>,
-    QueryArgs(_q): QueryArgs<StateIdsQuery>,
+    QueryArgs(q): QueryArgs<StateIdsQuery>,
     req: FedRequest,
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
         require_in_room(c, &room, req.origin.as_str())?;
-        let (ids, chain) = state_and_chain(c, &room)?;
+        let (ids, chain) = state_and_chain(c, &room, q.event_id.as_deref())?;
         Ok(json!({ "pdu_ids": ids, "auth_chain_ids": chain }))
     })?;
     Ok(axum::Json(out))
@@ -1820,6 +1894,7 @@ impl Hs {
                                 params![room_id.as_str(), p.kind.to_string(), k, id, stream, if p.kind.to_string() == "m.room.member" { membership } else { None }],
                             )?;
                             self.room_info.state_changed(room_id.as_str(), stream);
+                            state::forget_current(w, room_id.as_str())?;
                         }
                     }
                     continue;
@@ -2001,6 +2076,20 @@ fn auth_against_current_state(
             .ok()
             .flatten()
             .and_then(|e| pdu::load_pdu(c, &e))
+    })
+}
+
+/// Authorises an event against a given room state (the state before it).
+fn auth_against_state(
+    c: &Connection,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    pdu: &Pdu,
+    state: &state::StateIds,
+) -> Result<(), String> {
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |ty, key| {
+        state
+            .get(&(ty.to_string(), key.to_owned()))
+            .and_then(|e| pdu::load_pdu(c, e))
     })
 }
 
@@ -2404,11 +2493,93 @@ impl Hs {
         let Ok(v) = self.fed_request("POST", origin, &path, Some(&body)).await else {
             return;
         };
-        for e in v["events"].as_array().into_iter().flatten().take(20) {
-            if let Err(err) = self.receive_pdu(origin, e.clone()).await {
+        let mut events: Vec<Value> = v["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(20)
+            .cloned()
+            .collect();
+        events.sort_by_key(|e| e["depth"].as_u64().unwrap_or(0));
+        for e in events {
+            if let Err(err) = self.receive_pdu(origin, e).await {
                 tracing::debug!(errcode = err.errcode, "missing event not accepted");
             }
         }
+    }
+
+    /// Fetches the auth chain of an incoming event from its sender when some of
+    /// its auth events are unknown here, and stores it (as outliers, each
+    /// checked against its own auth events; failures are kept as rejected).
+    async fn fetch_missing_auth(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        version: &RoomVersionId,
+        p: &Pdu,
+    ) -> MxResult<()> {
+        let missing = |c: &Connection| -> rusqlite::Result<Vec<String>> {
+            let mut out = Vec::new();
+            for a in &p.auth_events {
+                if pdu::get_event(c, a.as_str())?.is_none() {
+                    out.push(a.to_string());
+                }
+            }
+            Ok(out)
+        };
+        if self.db.read(missing)?.is_empty() {
+            return Ok(());
+        }
+        let path = format!(
+            "/_matrix/federation/v1/event_auth/{}/{}",
+            urlenc(room.as_str()),
+            urlenc(p.event_id.as_str())
+        );
+        let v = self.fed_request("GET", origin, &path, None).await?;
+        let rules = pdu::rules_for(version)?;
+        let mut chain: Vec<(Pdu, String)> = Vec::new();
+        for e in v["auth_chain"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(10_000)
+        {
+            let Ok((id, obj)) = self.verify_pdu(version, e.clone()).await else {
+                continue;
+            };
+            let json = serde_json::to_string(&obj)?;
+            let Ok(parsed) = Pdu::parse(
+                EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?,
+                &json,
+            ) else {
+                continue;
+            };
+            if in_room(&parsed, room) {
+                chain.push((parsed, json));
+            }
+        }
+        chain.sort_by_key(|(p, _)| p.depth);
+        self.db.write(|w| -> MxResult<()> {
+            for (e, json) in &chain {
+                if pdu::get_event(w, e.event_id.as_str())?.is_some() {
+                    continue;
+                }
+                let verdict = auth_by_auth_events(w, &rules, e, &HashMap::new());
+                self.store_pdu_as(w, room.as_str(), e, json, None, Placement::Outlier)?;
+                if let Err(why) = verdict {
+                    state::mark_rejected(w, e.event_id.as_str(), &why)?;
+                }
+            }
+            Ok(())
+        })?;
+        let still = self.db.read(missing)?;
+        if !still.is_empty() {
+            return Err(MxError::forbidden(format!(
+                "auth events unavailable: {}",
+                still.join(", ")
+            )));
+        }
+        Ok(())
     }
 
     /// Fetches older history of a room from another server in it, once we reach
@@ -2501,12 +2672,12 @@ impl Hs {
 pub async fn state_endpoint(
     State(hs): State<Arc<Hs>>,
     PathArgs(room): PathArgs<String>,
-    QueryArgs(_q): QueryArgs<StateIdsQuery>,
+    QueryArgs(q): QueryArgs<StateIdsQuery>,
     req: FedRequest,
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
         require_in_room(c, &room, req.origin.as_str())?;
-        let (ids, chain) = state_and_chain(c, &room)?;
+        let (ids, chain) = state_and_chain(c, &room, q.event_id.as_deref())?;
         let pdus: Vec<Value> = ids
             .iter()
             .filter_map(|i| pdu_value(c, i).ok().flatten())

@@ -23,6 +23,7 @@ mod rooms;
 mod routes;
 mod search;
 mod ssync;
+mod state;
 mod sync;
 
 use std::{

@@ -37,6 +37,8 @@ pub struct Pdu {
     pub auth_events: Vec<OwnedEventId>,
     pub redacts: Option<OwnedEventId>,
     pub depth: u64,
+    /// Rejected by the auth rules when it was received (kept so events citing it fail too).
+    pub rejected: bool,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +87,7 @@ impl Pdu {
             auth_events: raw.auth_events,
             redacts,
             depth: raw.depth,
+            rejected: false,
         })
     }
 }
@@ -122,7 +125,7 @@ impl ruma::state_res::Event for Pdu {
         self.redacts.as_ref()
     }
     fn rejected(&self) -> bool {
-        false
+        self.rejected
     }
 }
 
@@ -164,12 +167,17 @@ pub fn get_event(conn: &Connection, event_id: &str) -> rusqlite::Result<Option<S
 }
 
 pub fn load_pdu(conn: &Connection, event_id: &str) -> Option<Pdu> {
-    let json: String = conn
-        .prepare_cached("SELECT json FROM events WHERE event_id=?1")
+    let (json, rejected): (String, bool) = conn
+        .prepare_cached(
+            "SELECT e.json, r.event_id IS NOT NULL FROM events e
+             LEFT JOIN rejected_events r ON r.event_id=e.event_id WHERE e.event_id=?1",
+        )
         .ok()?
-        .query_row([event_id], |r| r.get(0))
+        .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .ok()?;
-    Pdu::parse(EventId::parse(event_id).ok()?, &json).ok()
+    let mut p = Pdu::parse(EventId::parse(event_id).ok()?, &json).ok()?;
+    p.rejected = rejected;
+    Some(p)
 }
 
 pub fn room_version(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<RoomVersionId>> {
@@ -262,6 +270,9 @@ pub enum Placement {
     OutlierState,
     /// Outside the timeline and the current state (auth chains).
     Outlier,
+    /// Soft-failed (allowed by the state before it, not by the current state):
+    /// in the event graph with its state, hidden from clients, never an extremity.
+    SoftFailed(i64),
     /// Older history fetched from another server: in the timeline, before
     /// everything known (negative stream positions), never current state.
     Backfill,
@@ -630,6 +641,30 @@ impl Hs {
         txn: Option<(&str, &str)>,
         placement: Placement,
     ) -> MxResult<i64> {
+        self.store_pdu_at(w, room_id, pdu, json, txn, placement, None)
+    }
+
+    /// As [`Self::store_pdu_as`]; `before` is the state group before a timeline
+    /// event when that is not the room's current state (an event from another
+    /// server made on a fork of the graph). The current state then stays as it
+    /// is: the caller resolves it over the forward extremities.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn store_pdu_at(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room_id: &str,
+        pdu: &Pdu,
+        json: &str,
+        txn: Option<(&str, &str)>,
+        placement: Placement,
+        before: Option<i64>,
+    ) -> MxResult<i64> {
+        if let Placement::SoftFailed(before) = placement {
+            let stream = w.next_stream();
+            self.insert_event_row(w, room_id, pdu, json, stream, true, None)?;
+            crate::state::record_event(w, room_id, pdu, before)?;
+            return Ok(stream);
+        }
         if placement == Placement::Backfill {
             let stream: i64 =
                 w.query_row("SELECT COALESCE(MIN(stream), 0) - 1 FROM events", [], |r| {
@@ -645,6 +680,18 @@ impl Hs {
         if !timeline && placement != Placement::OutlierState {
             return Ok(stream);
         }
+        let mut apply = true;
+        if timeline {
+            let current = crate::state::ensure_current_group(w, room_id)?;
+            let before = before.unwrap_or(current);
+            let after = crate::state::record_event(w, room_id, pdu, before)?;
+            apply = before == current;
+            if apply {
+                crate::state::set_current_group(w, room_id, after)?;
+            }
+        } else {
+            crate::state::forget_current(w, room_id)?;
+        }
         for p in pdu.prev_events.iter().filter(|_| timeline) {
             w.tx.execute(
                 "DELETE FROM forward_extremities WHERE room_id=?1 AND event_id=?2",
@@ -657,7 +704,7 @@ impl Hs {
                 params![room_id, pdu.event_id.as_str()],
             )?;
         }
-        if let Some(key) = &pdu.state_key {
+        if let Some(key) = pdu.state_key.as_ref().filter(|_| apply) {
             let membership = if pdu.kind == TimelineEventType::RoomMember {
                 content["membership"].as_str().map(str::to_owned)
             } else {

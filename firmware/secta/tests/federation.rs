@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{admin, call, enc, free_port, login, start, Server};
+use common::{admin, call, create_room, enc, free_port, login, send, start, Server};
 use serde_json::{json, Value};
 
 /// A box on `port` (client API) and `port_tls` (federation over TLS), whose peer
@@ -56,20 +56,6 @@ fn timeline_has(v: &Value, room: &str, body: &str) -> bool {
         .is_some_and(|evs| evs.iter().any(|e| e["content"]["body"] == body))
 }
 
-fn send(base: &str, token: &str, room: &str, txn: &str, body: &str) {
-    let url = format!(
-        "{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
-        enc(room)
-    );
-    call(
-        "PUT",
-        &url,
-        token,
-        json!({"msgtype": "m.text", "body": body}),
-    )
-    .expect("send");
-}
-
 #[test]
 fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let dir = tempfile::tempdir().unwrap();
@@ -93,16 +79,11 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let bob = login(&b.base, "bob");
     let bob_id = format!("@bob:{}", b.name);
 
-    let room = call(
-        "POST",
-        &format!("{}/_matrix/client/v3/createRoom", a.base),
+    let room = create_room(
+        &a.base,
         &alice,
         json!({"preset": "public_chat", "visibility": "public", "name": "Между коробками"}),
-    )
-    .unwrap()["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    );
     for i in 0..5 {
         send(
             &a.base,
@@ -240,18 +221,13 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     assert_eq!(state["membership"], "leave", "{state}");
     // A restricted room on A that members of `room` may join: bob (on B) joins
     // without an invite, authorised by A (join_authorised_via_users_server).
-    let restricted = call(
-        "POST",
-        &format!("{}/_matrix/client/v3/createRoom", a.base),
+    let restricted = create_room(
+        &a.base,
         &alice,
         json!({"preset": "private_chat", "room_version": "10",
                "initial_state": [{"type": "m.room.join_rules", "state_key": "",
                                   "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": room}]}}]}),
-    )
-    .unwrap()["room_id"]
-    .as_str()
-    .unwrap()
-    .to_owned();
+    );
     call(
         "POST",
         &format!(

@@ -110,3 +110,31 @@ pub fn call(method: &str, url: &str, token: &str, body: Value) -> Result<Value, 
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// Creates a room with the given `createRoom` body and returns its id.
+pub fn create_room(base: &str, token: &str, body: Value) -> String {
+    call(
+        "POST",
+        &format!("{base}/_matrix/client/v3/createRoom"),
+        token,
+        body,
+    )
+    .expect("createRoom")["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Sends an `m.text` message with transaction id `txn`.
+pub fn send(base: &str, token: &str, room: &str, txn: &str, body: &str) {
+    call(
+        "PUT",
+        &format!(
+            "{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(room)
+        ),
+        token,
+        json!({"msgtype": "m.text", "body": body}),
+    )
+    .expect("send");
+}
