@@ -534,7 +534,7 @@ const MAX_BATCH: usize = 32;
 /// Settings every connection (writer and readers) shares.
 fn configure_common(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.set_prepared_statement_cache_capacity(96);
+    conn.set_prepared_statement_cache_capacity(256);
     // Plans must not depend on bound values: otherwise a statement compared
     // against a partial index or with `LIMIT ?` is compiled again whenever the
     // value changes, and the statement cache saves nothing.
@@ -935,6 +935,13 @@ impl UserHints {
 }
 
 impl WriteTxn<'_> {
+    /// Runs a statement through the connection's statement cache (the write
+    /// path runs the same few statements for every event; parsing them each
+    /// time showed in profiles).
+    pub fn execute<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.tx.prepare_cached(sql)?.execute(params)
+    }
+
     /// Records that a row of this kind for this user was written at `stream`
     /// (see [`Db::may_have_changed`]); every writer of such rows calls it.
     pub fn note(&self, kind: UserRows, user: &str, stream: i64) {

@@ -371,7 +371,7 @@ impl Hs {
         if room_version(w, room_id.as_str())?.is_some() {
             return Err(MxError::room_in_use("Room already exists"));
         }
-        w.tx.execute(
+        w.execute(
             "INSERT INTO rooms(room_id, room_version, created_ts) VALUES(?1,?2,?3)",
             params![room_id.as_str(), version.as_str(), ts as i64],
         )?;
@@ -603,7 +603,7 @@ impl Hs {
             Some(k) => state_event_id(w, room_id, &pdu.kind.to_string(), k)?,
             None => None,
         };
-        w.tx.execute(
+        w.execute(
             "INSERT INTO events(stream, event_id, room_id, sender, type, state_key, depth, origin_server_ts, json,
                                 rel_type, relates_to, thread_root, txn_id, txn_device, prev_state, outlier)
              VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
@@ -693,13 +693,13 @@ impl Hs {
             crate::state::forget_current(w, room_id)?;
         }
         for p in pdu.prev_events.iter().filter(|_| timeline) {
-            w.tx.execute(
+            w.execute(
                 "DELETE FROM forward_extremities WHERE room_id=?1 AND event_id=?2",
                 params![room_id, p.as_str()],
             )?;
         }
         if timeline {
-            w.tx.execute(
+            w.execute(
                 "INSERT OR IGNORE INTO forward_extremities(room_id, event_id) VALUES(?1,?2)",
                 params![room_id, pdu.event_id.as_str()],
             )?;
@@ -710,14 +710,14 @@ impl Hs {
             } else {
                 None
             };
-            w.tx.execute(
+            w.execute(
                 "INSERT INTO room_state(room_id, type, state_key, event_id, stream, membership) VALUES(?1,?2,?3,?4,?5,?6)
                  ON CONFLICT(room_id, type, state_key) DO UPDATE SET event_id=?4, stream=?5, membership=?6",
                 params![room_id, pdu.kind.to_string(), key, pdu.event_id.as_str(), stream, membership],
             )?;
             self.room_info.state_changed(room_id, stream);
             if pdu.kind == TimelineEventType::RoomMember && membership.as_deref() == Some("join") {
-                w.tx.execute(
+                w.execute(
                     "DELETE FROM forgotten_rooms WHERE user_id=?1 AND room_id=?2",
                     params![key, room_id],
                 )?;
@@ -728,7 +728,7 @@ impl Hs {
         }
         search::index_event(w, stream, room_id, &pdu.kind, &content)?;
         if is_bump(&pdu.kind) {
-            w.tx.execute(
+            w.execute(
                 "UPDATE rooms SET bump_stamp=?1 WHERE room_id=?2",
                 params![stream, room_id],
             )?;
@@ -775,7 +775,7 @@ fn apply_redaction(
     )
     .map_err(|e| MxError::unknown(e.to_string()))?;
     let json = serde_json::to_string(&redacted).map_err(|e| MxError::unknown(e.to_string()))?;
-    w.tx.execute(
+    w.execute(
         "UPDATE events SET json=?1, redacted_by=?2 WHERE event_id=?3",
         params![json, redaction_id.as_str(), target],
     )?;

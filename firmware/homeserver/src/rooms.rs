@@ -466,13 +466,13 @@ pub async fn create_room(
             send("m.room.member", Some(i.as_str()), c)?;
         }
         if let Some(a) = &alias {
-            w.tx.execute(
+            w.execute(
                 "INSERT INTO room_aliases(alias, room_id, creator) VALUES(?1,?2,?3)",
                 params![a.as_str(), room_id.as_str(), me.as_str()],
             )?;
         }
         if visibility_public {
-            w.tx.execute(
+            w.execute(
                 "UPDATE rooms SET is_public=1 WHERE room_id=?1",
                 [room_id.as_str()],
             )?;
@@ -804,7 +804,7 @@ pub async fn leave(
             // Kept as declined, with a new stream position, so the user's other devices hear of it.
             hs.db.write(|w| -> rusqlite::Result<()> {
                 let stream = w.next_stream();
-                w.tx.execute(
+                w.execute(
                     "UPDATE remote_invites SET declined=1, event_json=?1, stream=?2 WHERE room_id=?3 AND user_id=?4",
                     params![leave.to_string(), stream, room_id.as_str(), auth.user_id.as_str()],
                 )?;
@@ -853,7 +853,7 @@ pub async fn forget(
         None => return Err(MxError::not_found("You were never in this room")),
     }
     hs.db.write(|w| {
-        w.tx.execute(
+        w.execute(
             "INSERT OR IGNORE INTO forgotten_rooms(user_id, room_id) VALUES(?1,?2)",
             params![auth.user_id.as_str(), room_id.as_str()],
         )
@@ -920,7 +920,7 @@ fn send_with_txn(
             NewEvent { kind, state_key, content, txn: Some((auth.device_id.as_str(), txn_id)) },
             plan.take(),
         )?;
-        w.tx.execute(
+        w.execute(
             "INSERT INTO txns(user_id, device_id, txn_id, request, event_id) VALUES(?1,?2,?3,?4,?5)",
             params![auth.user_id.as_str(), auth.device_id.as_str(), txn_id, request, a.event_id.as_str()],
         )?;
@@ -1608,7 +1608,7 @@ pub async fn put_alias(
             return Err(MxError::not_found("Unknown room"));
         }
         require_joined(w, room_id.as_str(), auth.user_id.as_str())?;
-        let n = w.tx.execute(
+        let n = w.execute(
             "INSERT OR IGNORE INTO room_aliases(alias, room_id, creator) VALUES(?1,?2,?3)",
             params![alias.as_str(), room_id.as_str(), auth.user_id.as_str()],
         )?;
@@ -1649,7 +1649,7 @@ pub async fn delete_alias(
         if !may {
             return Err(MxError::forbidden("You may not remove this alias"));
         }
-        w.tx.execute("DELETE FROM room_aliases WHERE alias=?1", [alias.as_str()])?;
+        w.execute("DELETE FROM room_aliases WHERE alias=?1", [alias.as_str()])?;
         Ok(())
     })?;
     Ok(axum::Json(json!({})))
@@ -1703,7 +1703,7 @@ pub async fn set_visibility(
         if !auth.is_admin && pl.user(auth.user_id.as_str()) < pl.action("state_default", 50) {
             return Err(MxError::forbidden("You may not publish this room"));
         }
-        w.tx.execute(
+        w.execute(
             "UPDATE rooms SET is_public=?1 WHERE room_id=?2",
             params![public, room_id.as_str()],
         )?;

@@ -68,7 +68,7 @@ pub fn index_event(
     if s.is_empty() {
         return Ok(());
     }
-    w.tx.execute(
+    w.execute(
         "INSERT INTO events_fts(rowid, stems, room_id, event_stream) VALUES(?1,?2,?3,?1)",
         params![stream, s, room_id],
     )?;
@@ -76,7 +76,7 @@ pub fn index_event(
 }
 
 pub fn unindex_event(w: &WriteTxn<'_>, stream: i64) -> rusqlite::Result<()> {
-    w.tx.execute("DELETE FROM events_fts WHERE rowid=?1", [stream])?;
+    w.execute("DELETE FROM events_fts WHERE rowid=?1", [stream])?;
     Ok(())
 }
 

@@ -450,14 +450,14 @@ impl Hs {
                             .flatten()
                             .and_then(|ev| serde_json::from_str::<Value>(&ev.json).ok())
                             .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned));
-                        w.tx.execute(
+                        w.execute(
                             "INSERT INTO room_state(room_id, type, state_key, event_id, stream, membership) VALUES(?1,?2,?3,?4,?5,?6)
                              ON CONFLICT(room_id, type, state_key) DO UPDATE SET event_id=?4, stream=?5, membership=?6",
                             params![room, t, k, e, stream, membership],
                         )?;
                     }
                     None => {
-                        w.tx.execute(
+                        w.execute(
                             "DELETE FROM room_state WHERE room_id=?1 AND type=?2 AND state_key=?3",
                             params![room, t, k],
                         )?;
