@@ -127,6 +127,7 @@ CREATE TABLE IF NOT EXISTS event_state (
 CREATE TABLE IF NOT EXISTS room_current_group (room_id TEXT PRIMARY KEY, grp INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state_resolutions (inputs TEXT PRIMARY KEY, grp INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejected_events (event_id TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS soft_failed_events (event_id TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
 -- A transaction id is scoped to one device and one endpoint (spec v1.7, MSC3970).
 CREATE TABLE IF NOT EXISTS txns (
     user_id TEXT NOT NULL,

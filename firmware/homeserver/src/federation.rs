@@ -555,6 +555,7 @@ impl Hs {
                     None,
                     Placement::SoftFailed(before),
                 )?;
+                state::mark_soft_failed(w, &event_id, &e)?;
                 return Ok(Err(format!("PDU soft-failed: {e}")));
             }
             let stream = self.store_pdu_at(
@@ -680,6 +681,12 @@ impl FromRequest<Arc<Hs>> for FedRequest {
         let bytes = axum::body::to_bytes(body, hs.config.max_request_bytes)
             .await
             .map_err(|_| MxError::too_large("Request body too large"))?;
+        // Malformed JSON is refused before any key is fetched or signature checked.
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|_| MxError::not_json("Body is not JSON"))?
+        };
         let keys = hs.server_keys(&x.origin).await?;
         let mut map = PublicKeyMap::new();
         map.insert(x.origin.to_string(), keys);
@@ -703,11 +710,6 @@ impl FromRequest<Arc<Hs>> for FedRequest {
                     "X-Matrix signature does not verify",
                 )
             })?;
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(|_| MxError::not_json("Body is not JSON"))?
-        };
         // A server that talks to us is up: retry its queue now, not at the end of its back-off.
         let origin = x.origin.clone();
         let _ = hs.db.write(|w| {
@@ -815,7 +817,11 @@ pub async fn send_transaction(
     let mut results = Map::new();
     for p in pdus {
         hs.fill_gap(&origin, &p).await;
-        let id_hint = p["event_id"].as_str().map(str::to_owned);
+        // The spec keys results by event id, which rooms v3+ do not carry: compute it.
+        let id_hint = p["event_id"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| computed_event_id(&hs, &p));
         match hs.receive_pdu(&origin, p).await {
             Ok(id) => {
                 results.insert(id, json!({}));
@@ -833,6 +839,15 @@ pub async fn send_transaction(
         receive_edu(&hs, &origin, &e);
     }
     Ok(axum::Json(json!({ "pdus": results })))
+}
+
+/// The id of a PDU of a room known here (its reference hash), if it can be worked out.
+fn computed_event_id(hs: &Hs, p: &Value) -> Option<String> {
+    let room = p["room_id"].as_str()?;
+    let version = hs.db.read(|c| pdu::room_version(c, room)).ok()??;
+    let rules = pdu::rules_for(&version).ok()?;
+    let obj = to_canonical(p.clone()).ok()?;
+    Some(format!("${}", reference_hash(&obj, &rules).ok()?))
 }
 
 fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {

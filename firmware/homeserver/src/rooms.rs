@@ -1342,6 +1342,7 @@ pub async fn get_event(
         let vis = Visibility::load(c, room_id.as_str(), auth.user_id.as_str())?;
         let ev = pdu::get_event(c, &event_id)?
             .filter(|e| e.room_id == room_id.as_str() && vis.allows(e.stream))
+            .filter(|_| !crate::state::hidden_from_clients(c, &event_id).unwrap_or(true))
             .ok_or_else(|| MxError::not_found("Event not found"))?;
         Ok(axum::Json(client_event(c, &ev, &viewer(&auth), true)))
     })

@@ -232,6 +232,23 @@ pub(crate) fn mark_rejected(c: &Connection, event: &str, reason: &str) -> rusqli
     Ok(())
 }
 
+/// Marks an event as soft-failed (allowed by the state before it, not by the
+/// current state): in the graph, never shown to clients.
+pub(crate) fn mark_soft_failed(c: &Connection, event: &str, reason: &str) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT OR IGNORE INTO soft_failed_events(event_id, reason) VALUES(?1,?2)")?
+        .execute(params![event, reason])?;
+    Ok(())
+}
+
+/// Whether an event was rejected or soft-failed (clients never see it).
+pub(crate) fn hidden_from_clients(c: &Connection, event: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM rejected_events WHERE event_id=?1)
+             OR EXISTS(SELECT 1 FROM soft_failed_events WHERE event_id=?1)",
+    )?
+    .query_row([event], |r| r.get(0))
+}
+
 /// The state before an event whose `prev_events` are given: the state after
 /// the one prev event, or the resolution of the states after each of them.
 /// `None` when none of the prev events is in the graph here.

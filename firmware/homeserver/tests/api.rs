@@ -44,12 +44,12 @@ impl Box_ {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let resp = self
-            .app
-            .clone()
-            .oneshot(req.body(Body::from(body)).unwrap())
-            .await
-            .unwrap();
+        self.send(req.body(Body::from(body)).unwrap()).await
+    }
+
+    /// Sends a request to the box's router: status and JSON answer (or null).
+    async fn send(&self, req: Request<Body>) -> (u16, Value) {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
             .await
@@ -1820,4 +1820,391 @@ async fn account_data_reaches_incremental_sync_once() {
         "{v}"
     );
     assert!(v["rooms"]["join"].get(&room).is_none(), "{v}");
+}
+
+/// Federation input from peers: a real peer (its key pinned in the peer table)
+/// joins a room and talks; forged signatures, tampered content, forged
+/// senders, a server not in the room, bad X-Matrix headers, malformed JSON and
+/// oversized transactions are refused, and nothing of them reaches a client.
+mod federation_input {
+    use super::*;
+    use ruma::{
+        api::federation::authentication::{XMatrix, XMatrixSigningInput},
+        serde::Base64,
+        signatures::{hash_and_sign_event, reference_hash, Ed25519KeyPair},
+        CanonicalJsonObject, RoomVersionId, ServerName,
+    };
+    use secta_homeserver::config::{FederationConfig, Peer};
+
+    fn keypair(version: &str) -> (Ed25519KeyPair, String) {
+        let der = Ed25519KeyPair::generate();
+        let kp = Ed25519KeyPair::from_der(&der, version.into()).unwrap();
+        let public =
+            Base64::<ruma::serde::base64::Standard>::new(kp.public_key().to_vec()).encode();
+        (kp, public)
+    }
+
+    fn peer(name: &str, public: &str) -> Peer {
+        Peer {
+            server_name: name.into(),
+            url: "https://127.0.0.1:9".into(),
+            pinned_key: Some(("ed25519:k1".into(), public.into())),
+            accept_self_signed: false,
+        }
+    }
+
+    /// A PDU hashed and signed by `origin` with `kp`; returns (event id, JSON).
+    fn sign_pdu(kp: &Ed25519KeyPair, origin: &str, v: Value) -> (String, Value) {
+        let rules = RoomVersionId::V11.rules().unwrap();
+        let mut obj: CanonicalJsonObject = serde_json::from_value(v).unwrap();
+        hash_and_sign_event(origin, kp, &mut obj, &rules.redaction).unwrap();
+        let id = format!("${}", reference_hash(&obj, &rules).unwrap());
+        (id, serde_json::to_value(obj).unwrap())
+    }
+
+    impl Box_ {
+        /// A federation request from `origin` to `dest`, X-Matrix signed with `kp`
+        /// over `signed` (the body sent is `sent`, normally the same bytes).
+        #[allow(clippy::too_many_arguments)]
+        async fn fed_raw(
+            &self,
+            kp: Option<&Ed25519KeyPair>,
+            origin: &str,
+            dest: &str,
+            method: &str,
+            uri: &str,
+            signed: Vec<u8>,
+            sent: Vec<u8>,
+        ) -> (u16, Value) {
+            let mut req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("content-type", "application/json");
+            if let Some(kp) = kp {
+                let to_sign = http::Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .body(signed)
+                    .unwrap();
+                let x = XMatrix::sign_http_request(
+                    &to_sign,
+                    XMatrixSigningInput::new(
+                        ServerName::parse(origin).unwrap(),
+                        ServerName::parse(dest).unwrap(),
+                        kp,
+                    ),
+                )
+                .unwrap();
+                req = req.header("authorization", http::HeaderValue::from(&x));
+            }
+            self.send(req.body(Body::from(sent)).unwrap()).await
+        }
+
+        async fn fed(
+            &self,
+            kp: &Ed25519KeyPair,
+            origin: &str,
+            method: &str,
+            uri: &str,
+            body: Option<Value>,
+        ) -> (u16, Value) {
+            let b = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+            self.fed_raw(Some(kp), origin, "test.box", method, uri, b.clone(), b)
+                .await
+        }
+    }
+
+    fn enc(s: &str) -> String {
+        s.replace('!', "%21")
+            .replace(':', "%3A")
+            .replace('$', "%24")
+            .replace('@', "%40")
+    }
+
+    #[tokio::test]
+    async fn forged_and_malformed_federation_input_is_refused() {
+        let (good, good_pub) = keypair("k1");
+        let (other, other_pub) = keypair("k1");
+        // Same key id as good.test's, different key: a forgery.
+        let (forger, _) = keypair("k1");
+        let b = new_box_with(HomeserverConfig {
+            server_name: "test.box".into(),
+            federation: FederationConfig {
+                peers: vec![peer("good.test", &good_pub), peer("other.test", &other_pub)],
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let (_alice, tok) = b.register("alice").await;
+        let (s, v) = b
+            .call(
+                "POST",
+                "/_matrix/client/v3/createRoom",
+                Some(&tok),
+                json!({"preset": "public_chat", "room_version": "11"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let room = v["room_id"].as_str().unwrap().to_owned();
+
+        // mallory on good.test joins through make_join / send_join.
+        let mallory = "@mallory:good.test";
+        let (s, made) = b
+            .fed(
+                &good,
+                "good.test",
+                "GET",
+                &format!(
+                    "/_matrix/federation/v1/make_join/{}/{}?ver=11",
+                    enc(&room),
+                    enc(mallory)
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{made}");
+        let mut tpl = made["event"].clone();
+        tpl["origin_server_ts"] = json!(1_700_000_000_000u64);
+        let (join_id, join) = sign_pdu(&good, "good.test", tpl);
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "PUT",
+                &format!(
+                    "/_matrix/federation/v2/send_join/{}/{}",
+                    enc(&room),
+                    enc(&join_id)
+                ),
+                Some(join.clone()),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+
+        let (_, state) = b
+            .call(
+                "GET",
+                &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
+                Some(&tok),
+                json!({}),
+            )
+            .await;
+        let id_of = |t: &str| -> String {
+            state
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["type"] == t)
+                .unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let (create, pl) = (id_of("m.room.create"), id_of("m.room.power_levels"));
+        let depth = join["depth"].as_u64().unwrap();
+        let message = |sender: &str, body: &str, auth: Vec<String>, n: u64| {
+            json!({
+                "type": "m.room.message", "room_id": room, "sender": sender,
+                "content": {"msgtype": "m.text", "body": body},
+                "origin_server_ts": 1_700_000_000_000u64 + n, "depth": depth + n,
+                "prev_events": [join_id], "auth_events": auth,
+            })
+        };
+        let member_auth = vec![create.clone(), pl.clone(), join_id.clone()];
+        let send = |txn: &str, pdus: Vec<Value>| {
+            let body = json!({"origin": "good.test", "origin_server_ts": 1, "pdus": pdus});
+            (format!("/_matrix/federation/v1/send/{txn}"), body)
+        };
+
+        // A real message is taken in (the control: the checks below can fail).
+        let (ok_id, ok) = sign_pdu(
+            &good,
+            "good.test",
+            message(mallory, "честное сообщение", member_auth.clone(), 1),
+        );
+        let (uri, body) = send("t1", vec![ok]);
+        let (s, v) = b.fed(&good, "good.test", "PUT", &uri, Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["pdus"][&ok_id], json!({}), "{v}");
+
+        // Forged signature: signed with another key under good.test's key id.
+        let (forged_id, forged) = sign_pdu(
+            &forger,
+            "good.test",
+            message(mallory, "подделка", member_auth.clone(), 2),
+        );
+        // Forged sender: a local user's name on an event good.test signed.
+        let (fake_local_id, fake_local) = sign_pdu(
+            &good,
+            "good.test",
+            message(
+                "@alice:test.box",
+                "я не alice",
+                vec![create.clone(), pl.clone()],
+                3,
+            ),
+        );
+        // Tampered after signing: the content hash no longer matches.
+        let (_, mut tampered) = sign_pdu(
+            &good,
+            "good.test",
+            message(mallory, "до правки", member_auth.clone(), 4),
+        );
+        tampered["content"]["body"] = json!("после правки");
+        let (uri, body) = send("t3", vec![forged, fake_local, tampered]);
+        let (s, v) = b.fed(&good, "good.test", "PUT", &uri, Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        assert!(
+            v["pdus"][&forged_id]["error"].is_string(),
+            "forged signature: {v}"
+        );
+        assert!(
+            v["pdus"][&fake_local_id]["error"].is_string(),
+            "forged sender: {v}"
+        );
+
+        // A server none of whose users are in the room cannot post to it.
+        let (stranger_id, stranger) = sign_pdu(
+            &other,
+            "other.test",
+            message(
+                "@eve:other.test",
+                "чужак",
+                vec![create.clone(), pl.clone()],
+                5,
+            ),
+        );
+        let body = json!({"origin": "other.test", "origin_server_ts": 1, "pdus": [stranger]});
+        let (s, v) = b
+            .fed(
+                &other,
+                "other.test",
+                "PUT",
+                "/_matrix/federation/v1/send/o1",
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert!(
+            v["pdus"][&stranger_id]["error"].is_string(),
+            "server not in the room: {v}"
+        );
+
+        // Bad requests: no X-Matrix, wrong destination, a body other than the
+        // one signed, malformed JSON, too many PDUs.
+        let body = br#"{"origin":"good.test","pdus":[]}"#.to_vec();
+        let altered = br#"{"origin":"good.test","pdus":[{}]}"#.to_vec();
+        let cases: [(
+            &str,
+            Option<&Ed25519KeyPair>,
+            &str,
+            Vec<u8>,
+            Vec<u8>,
+            u16,
+            &str,
+        ); 4] = [
+            (
+                "no X-Matrix",
+                None,
+                "test.box",
+                vec![],
+                body.clone(),
+                401,
+                "M_UNAUTHORIZED",
+            ),
+            (
+                "wrong destination",
+                Some(&good),
+                "elsewhere.test",
+                body.clone(),
+                body.clone(),
+                401,
+                "M_UNAUTHORIZED",
+            ),
+            (
+                "altered body",
+                Some(&good),
+                "test.box",
+                body.clone(),
+                altered,
+                401,
+                "M_UNAUTHORIZED",
+            ),
+            (
+                "malformed JSON",
+                Some(&good),
+                "test.box",
+                b"{}".to_vec(),
+                b"{not json".to_vec(),
+                400,
+                "M_NOT_JSON",
+            ),
+        ];
+        for (i, (what, kp, dest, signed, sent, status, errcode)) in cases.into_iter().enumerate() {
+            let uri = format!("/_matrix/federation/v1/send/x{i}");
+            let (s, v) = b
+                .fed_raw(kp, "good.test", dest, "PUT", &uri, signed, sent)
+                .await;
+            assert_eq!(
+                (s, v["errcode"].as_str()),
+                (status, Some(errcode)),
+                "{what}: {v}"
+            );
+        }
+        let many: Vec<Value> = (0..51).map(|_| json!({})).collect();
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "PUT",
+                "/_matrix/federation/v1/send/x5",
+                Some(json!({"origin": "good.test", "pdus": many})),
+            )
+            .await;
+        assert_eq!((s, v["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{v}");
+
+        // What alice sees: the real message, none of the forgeries.
+        let (s, v) = b
+            .call(
+                "GET",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+                    enc(&room)
+                ),
+                Some(&tok),
+                json!({}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let bodies: Vec<&str> = v["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str())
+            .collect();
+        assert!(bodies.contains(&"честное сообщение"), "{bodies:?}");
+        for bad in [
+            "подделка",
+            "я не alice",
+            "после правки",
+            "до правки",
+            "чужак",
+        ] {
+            assert!(
+                !bodies.contains(&bad),
+                "{bad:?} reached a client: {bodies:?}"
+            );
+        }
+        for id in [&forged_id, &fake_local_id, &stranger_id] {
+            let (s, _) = b
+                .call(
+                    "GET",
+                    &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id)),
+                    Some(&tok),
+                    json!({}),
+                )
+                .await;
+            assert_eq!(s, 404, "{id} is visible to clients");
+        }
+    }
 }
