@@ -163,6 +163,10 @@ impl Hs {
 
     /// Wakes every local member (joined or invited) of the room.
     pub(crate) fn notify_room(&self, room_id: &str) {
+        // Called after commit: the federation sender now sees any queue rows
+        // the write added (a wake-up from inside the transaction can come too
+        // early, and the sender would then wait for its next round).
+        self.fed.wakeup.notify_one();
         if let Ok(info) = self.db.read(|c| self.room_info.get(self, c, room_id)) {
             self.notify_users(info.wake.iter().map(String::as_str));
         }
