@@ -1475,7 +1475,9 @@ pub async fn get_event(
     req: FedRequest,
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
-        let ev = pdu::get_event(c, &event_id)?.ok_or_else(|| MxError::not_found("Event not found"))?;
+        let ev = pdu::get_event(c, &event_id)?
+            .filter(|_| !pdu::load_pdu(c, &event_id).is_some_and(|p| p.rejected))
+            .ok_or_else(|| MxError::not_found("Event not found"))?;
         require_in_room(c, &ev.room_id, req.origin.as_str())?;
         Ok(json!({ "origin": hs.server_name, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&ev.json)?] }))
     })?;

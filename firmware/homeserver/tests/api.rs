@@ -2206,5 +2206,26 @@ mod federation_input {
                 .await;
             assert_eq!(s, 404, "{id} is visible to clients");
         }
+        // A rejected event is not served to other servers either.
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "GET",
+                &format!("/_matrix/federation/v1/event/{}", enc(&stranger_id)),
+                None,
+            )
+            .await;
+        assert_eq!(s, 404, "rejected event served over federation: {v}");
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "GET",
+                &format!("/_matrix/federation/v1/event/{}", enc(&ok_id)),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
     }
 }
