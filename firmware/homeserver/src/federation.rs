@@ -499,16 +499,16 @@ impl Hs {
             ));
         }
         let (event_id, obj) = self.verify_pdu(&version, value).await?;
-        if self.db.read(|c| pdu::get_event(c, &event_id))?.is_some() {
-            if let Some(p) = self
-                .db
-                .read(|c| Ok::<_, MxError>(pdu::load_pdu(c, &event_id)))?
-            {
-                if p.rejected {
-                    return Err(MxError::forbidden("PDU rejected earlier"));
-                }
+        let known = self.db.read(|c| -> rusqlite::Result<Option<bool>> {
+            match pdu::get_event(c, &event_id)? {
+                Some(_) => state::is_rejected(c, &event_id).map(Some),
+                None => Ok(None),
             }
-            return Ok(event_id);
+        })?;
+        match known {
+            Some(true) => return Err(MxError::forbidden("PDU rejected earlier")),
+            Some(false) => return Ok(event_id),
+            None => {}
         }
         let json = serde_json::to_string(&obj)?;
         let parsed = Pdu::parse(
@@ -558,14 +558,13 @@ impl Hs {
                 state::mark_soft_failed(w, &event_id, &e)?;
                 return Ok(Err(format!("PDU soft-failed: {e}")));
             }
-            let stream = self.store_pdu_at(
+            let stream = self.store_pdu_as(
                 w,
                 &room_id,
                 &parsed,
                 &json,
                 None,
-                Placement::Timeline,
-                Some(before),
+                Placement::TimelineAfter(before),
             )?;
             self.refresh_current_state(w, &room_id, &rules)?;
             self.after_store(w, &room, &parsed, &json, stream, &rules, None)?;
@@ -1476,7 +1475,7 @@ pub async fn get_event(
 ) -> MxResult<J> {
     let out = hs.db.read(|c| -> MxResult<Value> {
         let ev = pdu::get_event(c, &event_id)?
-            .filter(|_| !pdu::load_pdu(c, &event_id).is_some_and(|p| p.rejected))
+            .filter(|_| !state::is_rejected(c, &event_id).unwrap_or(true))
             .ok_or_else(|| MxError::not_found("Event not found"))?;
         require_in_room(c, &ev.room_id, req.origin.as_str())?;
         Ok(json!({ "origin": hs.server_name, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&ev.json)?] }))

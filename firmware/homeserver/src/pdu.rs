@@ -270,6 +270,11 @@ pub enum Placement {
     OutlierState,
     /// Outside the timeline and the current state (auth chains).
     Outlier,
+    /// In the timeline with the given state group before it (an event from
+    /// another server, perhaps made on a fork of the graph). When that is not
+    /// the current state, the current state stays as it is: the caller
+    /// resolves it over the forward extremities.
+    TimelineAfter(i64),
     /// Soft-failed (allowed by the state before it, not by the current state):
     /// in the event graph with its state, hidden from clients, never an extremity.
     SoftFailed(i64),
@@ -641,24 +646,6 @@ impl Hs {
         txn: Option<(&str, &str)>,
         placement: Placement,
     ) -> MxResult<i64> {
-        self.store_pdu_at(w, room_id, pdu, json, txn, placement, None)
-    }
-
-    /// As [`Self::store_pdu_as`]; `before` is the state group before a timeline
-    /// event when that is not the room's current state (an event from another
-    /// server made on a fork of the graph). The current state then stays as it
-    /// is: the caller resolves it over the forward extremities.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn store_pdu_at(
-        &self,
-        w: &mut WriteTxn<'_>,
-        room_id: &str,
-        pdu: &Pdu,
-        json: &str,
-        txn: Option<(&str, &str)>,
-        placement: Placement,
-        before: Option<i64>,
-    ) -> MxResult<i64> {
         if let Placement::SoftFailed(before) = placement {
             let stream = w.next_stream();
             self.insert_event_row(w, room_id, pdu, json, stream, true, None)?;
@@ -674,7 +661,11 @@ impl Hs {
                 .insert_event_row(w, room_id, pdu, json, stream, false, None)
                 .map(|_| stream);
         }
-        let timeline = placement == Placement::Timeline;
+        let (timeline, before) = match placement {
+            Placement::Timeline => (true, None),
+            Placement::TimelineAfter(g) => (true, Some(g)),
+            _ => (false, None),
+        };
         let stream = w.next_stream();
         let content = self.insert_event_row(w, room_id, pdu, json, stream, !timeline, txn)?;
         if !timeline && placement != Placement::OutlierState {

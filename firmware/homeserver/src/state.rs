@@ -127,18 +127,6 @@ pub(crate) fn child_group(
     )
 }
 
-/// A group holding exactly `state`, stored as a delta over `base`.
-fn group_from_state(
-    c: &Connection,
-    room: &str,
-    base: i64,
-    state: &StateIds,
-) -> rusqlite::Result<i64> {
-    let before = load_group(c, base)?;
-    let delta = diff(&before, state);
-    child_group(c, room, base, &delta)
-}
-
 /// The changes that turn `from` into `to`.
 pub(crate) fn diff(from: &StateIds, to: &StateIds) -> Vec<(Key, Option<String>)> {
     let mut out: Vec<(Key, Option<String>)> = to
@@ -240,6 +228,12 @@ pub(crate) fn mark_soft_failed(c: &Connection, event: &str, reason: &str) -> rus
     Ok(())
 }
 
+/// Whether an event was rejected by the auth rules when it was received.
+pub(crate) fn is_rejected(c: &Connection, event: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached("SELECT EXISTS(SELECT 1 FROM rejected_events WHERE event_id=?1)")?
+        .query_row([event], |r| r.get(0))
+}
+
 /// Whether an event was rejected or soft-failed (clients never see it).
 pub(crate) fn hidden_from_clients(c: &Connection, event: &str) -> rusqlite::Result<bool> {
     c.prepare_cached(
@@ -298,7 +292,8 @@ pub(crate) fn resolve_groups(
         .map(|g| load_group(c, *g))
         .collect::<Result<Vec<_>, _>>()?;
     let resolved = resolve(c, rules, &states)?;
-    let g = group_from_state(c, room, groups[0], &resolved)?;
+    // Stored as a delta over the first input, whose state is already at hand.
+    let g = child_group(c, room, groups[0], &diff(&states[0], &resolved))?;
     c.prepare_cached("INSERT OR REPLACE INTO state_resolutions(inputs, grp) VALUES(?1,?2)")?
         .execute(params![key, g])?;
     Ok(Some(g))
