@@ -248,7 +248,7 @@ pub async fn upload_to(
     // A refused upload still reads the body it was sent (up to the size limit),
     // so the client gets the answer rather than a connection reset mid-upload.
     let (parts, body) = req.into_parts();
-    match check_upload_to(&hs, &auth, &server, &id).await {
+    match check_upload_to(&hs, &auth, &server, &id) {
         Ok(id) => upload_claimed(hs, id, q, Request::from_parts(parts, body)).await,
         Err(e) => {
             let limit = hs.config.media_max_bytes;
@@ -269,7 +269,7 @@ pub async fn upload_to(
 }
 
 /// The local media id a `PUT /upload/{server}/{id}` may fill, claimed for it.
-async fn check_upload_to(hs: &Hs, auth: &Auth, server: &str, id: &str) -> MxResult<String> {
+fn check_upload_to(hs: &Hs, auth: &Auth, server: &str, id: &str) -> MxResult<String> {
     let id = hs.local_media_id(server, id)?;
     let row: Option<(String, i64, i64)> = hs.db.read(|c| {
         c.query_row(
