@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use symphonia::core::{
     codecs::CODEC_TYPE_MP3,
     formats::FormatOptions,
@@ -22,7 +22,7 @@ use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     codec::Codec,
-    stream::{Stream, StreamInfo},
+    stream::{Stream, StreamInfo, CHUNK, HOLD},
     Inner, Mount, RadioEvent,
 };
 
@@ -31,10 +31,11 @@ const AUDIO_EXT: [&str; 6] = ["mp3", "ogg", "oga", "flac", "wav", "opus"];
 /// Most files read from one playlist folder.
 const MAX_FILES: usize = 10_000;
 
-/// A packet ready to send at `at` seconds into its track, or the track's title.
+/// Packets (one or more, back to back) to send at `at` seconds into their
+/// track and lasting until `end`, or the track's title.
 enum Item {
     Title(String),
-    Packet(f64, Bytes),
+    Packet { at: f64, end: f64, data: Bytes },
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, mount: Arc<Mount>) {
@@ -182,7 +183,7 @@ async fn play(
                     });
                 }
             }
-            Item::Packet(at, data) => {
+            Item::Packet { at, end, data } => {
                 if mount.is_live() {
                     // A live show took over the mount: stop this track.
                     break;
@@ -199,15 +200,15 @@ async fn play(
                     clock.base = Instant::now();
                     clock.offset = -at;
                 }
-                last_end = at;
+                last_end = end;
                 stream.push(data);
             }
         }
     }
     drop(rx);
     let skipped = match demux.await {
-        Ok(Ok(duration_of_last)) => {
-            clock.offset += last_end + duration_of_last;
+        Ok(Ok(())) => {
+            clock.offset += last_end;
             false
         }
         Ok(Err(why)) => {
@@ -222,9 +223,9 @@ async fn play(
     any && !skipped
 }
 
-/// Demuxes `path` on a blocking thread, sending the title then every packet
-/// with its start in seconds; returns the last packet's duration in seconds.
-fn demux(path: &Path, tx: mpsc::Sender<Item>) -> Result<f64, String> {
+/// Demuxes `path` on a blocking thread, sending the title then the packets
+/// in batches.
+fn demux(path: &Path, tx: mpsc::Sender<Item>) -> Result<(), String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mss = MediaSourceStream::new(Box::new(file), Default::default());
     let mut hint = Hint::new();
@@ -286,9 +287,14 @@ fn demux(path: &Path, tx: mpsc::Sender<Item>) -> Result<f64, String> {
         _ => stem,
     };
     if tx.blocking_send(Item::Title(shown)).is_err() {
-        return Ok(0.0);
+        return Ok(());
     }
-    let mut last_dur = 0.0;
+    // Frames are sent in batches of about CHUNK bytes or HOLD of audio,
+    // stamped with the first frame's time (one listener wake-up per batch).
+    let mut batch = BytesMut::new();
+    let mut batch_at = 0.0;
+    let mut batch_end = 0.0;
+    let hold = HOLD.as_secs_f64();
     // A file is bounded; the count bounds a corrupt one that never ends.
     for _ in 0..50_000_000u64 {
         let packet = match probed.format.next_packet() {
@@ -307,13 +313,33 @@ fn demux(path: &Path, tx: mpsc::Sender<Item>) -> Result<f64, String> {
         let t = tb.calc_time(packet.ts());
         let at = t.seconds as f64 + t.frac;
         let d = tb.calc_time(packet.dur());
-        last_dur = d.seconds as f64 + d.frac;
-        if tx
-            .blocking_send(Item::Packet(at, Bytes::from(packet.data)))
-            .is_err()
-        {
-            break;
+        let end = at + d.seconds as f64 + d.frac;
+        if batch.is_empty() {
+            batch_at = at;
         }
+        batch.extend_from_slice(&packet.data);
+        if batch.len() >= CHUNK || end - batch_at >= hold {
+            let data = batch.split().freeze();
+            if tx
+                .blocking_send(Item::Packet {
+                    at: batch_at,
+                    end,
+                    data,
+                })
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        batch_end = end;
     }
-    Ok(last_dur)
+    if !batch.is_empty() {
+        let data = batch.freeze();
+        let _ = tx.blocking_send(Item::Packet {
+            at: batch_at,
+            end: batch_end,
+            data,
+        });
+    }
+    Ok(())
 }

@@ -216,34 +216,72 @@ pub(crate) fn meta_block(title: &str) -> Vec<u8> {
     v
 }
 
+/// Writes the chunks (with ICY blocks cut in where they fall) in as few
+/// system calls as the socket takes: one vectored write per round, usually.
 async fn write_chunks(
     sock: &mut TcpStream,
     chunks: &[Bytes],
     icy: &mut Option<Icy>,
     stream: &Arc<Stream>,
 ) -> std::io::Result<()> {
-    for c in chunks {
-        let Some(icy) = icy.as_mut() else {
-            sock.write_all(c).await?;
-            continue;
-        };
-        let mut c = c.clone();
-        while !c.is_empty() {
-            let n = icy.left.min(c.len());
-            sock.write_all(&c.split_to(n)).await?;
-            icy.left -= n;
-            if icy.left == 0 {
-                icy.left = icy.metaint;
-                let now = (Arc::as_ptr(stream) as usize, stream.title_version());
-                if icy.sent == Some(now) {
-                    sock.write_all(&[0]).await?;
-                } else {
-                    icy.sent = Some(now);
-                    sock.write_all(&meta_block(&stream.title())).await?;
+    let mut pieces: Vec<Bytes> = Vec::with_capacity(chunks.len() + 4);
+    match icy.as_mut() {
+        None => pieces.extend(chunks.iter().cloned()),
+        Some(icy) => {
+            for c in chunks {
+                let mut c = c.clone();
+                while !c.is_empty() {
+                    let n = icy.left.min(c.len());
+                    pieces.push(c.split_to(n));
+                    icy.left -= n;
+                    if icy.left == 0 {
+                        icy.left = icy.metaint;
+                        let now = (Arc::as_ptr(stream) as usize, stream.title_version());
+                        if icy.sent == Some(now) {
+                            pieces.push(Bytes::from_static(&[0]));
+                        } else {
+                            icy.sent = Some(now);
+                            pieces.push(Bytes::from(meta_block(&stream.title())));
+                        }
+                    }
                 }
             }
         }
     }
+    write_all_vectored(sock, &mut pieces).await
+}
+
+/// `write_all` over several buffers; consumes `pieces`.
+async fn write_all_vectored(sock: &mut TcpStream, pieces: &mut Vec<Bytes>) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    loop {
+        while pieces.get(first).is_some_and(Bytes::is_empty) {
+            first += 1;
+        }
+        if first == pieces.len() {
+            break;
+        }
+        let slices: Vec<std::io::IoSlice<'_>> = pieces[first..]
+            .iter()
+            .take(64)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = sock.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let b = &mut pieces[first];
+            let k = n.min(b.len());
+            b.advance(k);
+            n -= k;
+            if b.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    pieces.clear();
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use crate::{
     http::{self, Chunked, Request},
     record::Recorder,
     same_secret,
-    stream::{Stream, StreamInfo},
+    stream::{Stream, StreamInfo, CHUNK, HOLD},
     valid_mount, Inner, Mount, RadioEvent,
 };
 
@@ -216,9 +216,6 @@ struct Feed<'a> {
     pending: bytes::BytesMut,
     pending_since: std::time::Instant,
 }
-
-const CHUNK: usize = 4096;
-const HOLD: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Feed<'_> {
     fn data(&mut self, data: Bytes) -> Result<(), &'static str> {

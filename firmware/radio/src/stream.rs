@@ -16,6 +16,14 @@ use tokio::sync::watch;
 
 use crate::codec::Codec;
 
+/// Audio is handed to listeners in chunks of about this many bytes: every
+/// push wakes every listener and costs each one a write, so small pieces
+/// from sources and single frames from the auto-DJ are gathered first.
+/// 8 KiB is half a second of a 128 kbps stream.
+pub(crate) const CHUNK: usize = 8 * 1024;
+/// The longest a gathered piece is held back before it is pushed anyway.
+pub(crate) const HOLD: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What the source said about itself (`ice-*` headers) and what is playing.
 #[derive(Debug, Clone, Default)]
 pub struct StreamInfo {
