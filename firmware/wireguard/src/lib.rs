@@ -1,0 +1,20 @@
+//! The WireGuard gateway of the Secta box, on boringtun in userspace (no kernel
+//! module needed): members' devices dial in, hotspot traffic can leave through
+//! an upstream exit with a kill switch, and boxes link to each other.
+//!
+//! The protocol is boringtun's `noise::Tunn`; this crate owns the device loop
+//! (TUN queues, UDP sockets, timers, the `wg` UAPI socket) so it can add
+//! obfuscation, mark its own UDP packets and run several workers.
+
+pub mod alloc;
+pub mod conf;
+pub mod config;
+pub mod keys;
+pub mod obfs;
+pub mod profile;
+pub mod store;
+
+pub use conf::WgConf;
+pub use config::WireguardConfig;
+pub use keys::{PublicKey, SecretKey};
+pub use store::Store;
