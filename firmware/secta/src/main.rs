@@ -13,6 +13,7 @@ use secta_homeserver::{HomeserverConfig, Hs};
 use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 
 mod radio_bot;
+mod vpn;
 
 #[derive(Parser)]
 #[command(name = "secta", version, about = "Secta community box")]
@@ -80,6 +81,27 @@ enum Cmd {
         /// hostapd, dnsmasq (offline) or nft.
         what: String,
     },
+    /// Run a WireGuard tunnel from a .conf (the box's engine, like `wg-quick up`).
+    Vpn {
+        #[command(subcommand)]
+        cmd: VpnTopCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VpnTopCmd {
+    /// Bring up one interface from a .conf file and keep it until SIGTERM/SIGINT.
+    Up {
+        conf: PathBuf,
+        /// The TUN interface name.
+        #[arg(long, default_value = "wg0")]
+        interface: String,
+        /// Where the `wg`-compatible UAPI socket goes.
+        #[arg(long, default_value = "/var/run/wireguard")]
+        uapi_dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,6 +120,11 @@ enum AdminCmd {
     Federation {
         #[command(subcommand)]
         cmd: Option<FedCmd>,
+    },
+    /// The WireGuard gateway: members' devices, the upstream exit, box links, status.
+    Vpn {
+        #[command(subcommand)]
+        cmd: vpn::VpnCmd,
     },
 }
 
@@ -156,6 +183,7 @@ struct BoxSetup {
     hs: HomeserverConfig,
     hotspot: secta_hotspot::HotspotConfig,
     radio: secta_radio::RadioConfig,
+    wireguard: secta_wireguard::WireguardConfig,
     /// Where the captive portal listens (demo: loopback, firewall simulated).
     portal: Option<(SocketAddr, bool)>,
     /// The built web app the portal serves.
@@ -176,6 +204,11 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
     if !problems.is_empty() {
         bail!("invalid [radio] settings: {}", problems.join("; "));
     }
+    let wireguard: secta_wireguard::WireguardConfig = file.section("wireguard")?;
+    let problems = wireguard.problems();
+    if !problems.is_empty() {
+        bail!("invalid [wireguard] settings: {}", problems.join("; "));
+    }
     let boxcfg: BoxConfig = file.section("box")?;
     let web_ui = Some(boxcfg.web_ui_dir.clone()).filter(|d| d.join("index.html").exists());
     Ok(BoxSetup {
@@ -183,6 +216,7 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
         hs: file.section("homeserver")?,
         hotspot,
         radio,
+        wireguard,
         portal,
         web_ui,
     })
@@ -244,6 +278,17 @@ fn main() -> anyhow::Result<()> {
                 }
                 (None, None) => load_setup(&ConfigFile::load(Path::new("/etc/secta/secta.toml"))?)?,
             };
+            if let AdminCmd::Vpn { cmd } = cmd {
+                return vpn::admin(
+                    &vpn::Ctx {
+                        cfg: &setup.wireguard,
+                        data: &setup.boxcfg.data_dir,
+                        server_name: &setup.hs.server_name,
+                        parse_duration,
+                    },
+                    cmd,
+                );
+            }
             if let AdminCmd::Federation {
                 cmd: Some(FedCmd::RotateKey),
             } = cmd
@@ -275,6 +320,18 @@ fn main() -> anyhow::Result<()> {
             print!("{}", default_config_text());
             Ok(())
         }
+        Cmd::Vpn {
+            cmd:
+                VpnTopCmd::Up {
+                    conf,
+                    interface,
+                    uapi_dir,
+                    workers,
+                },
+        } => {
+            secta_runtime::init_logging("info", false);
+            vpn::up(&conf, &interface, Some(&uapi_dir), workers)
+        }
     }
 }
 
@@ -293,6 +350,7 @@ fn default_config_text() -> String {
         hs.max_sync_timeout_ms,
     );
     text.push_str(&radio_config_text());
+    text.push_str(&secta_wireguard::WireguardConfig::default_text());
     text
 }
 
@@ -341,7 +399,26 @@ fn tune_allocator() {
 }
 
 /// Runs every enabled service until SIGTERM/SIGINT.
-fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+    // Boxes linked over WireGuard are federation peers at their link address.
+    for (server_name, url) in vpn::link_peers(&setup.wireguard, &setup.boxcfg.data_dir)? {
+        if !setup
+            .hs
+            .federation
+            .peers
+            .iter()
+            .any(|p| p.server_name == server_name)
+        {
+            setup.hs.federation.peers.push(secta_homeserver::Peer {
+                server_name,
+                url,
+                pinned_key: None,
+                // The link authenticates the box (its WireGuard key owns the
+                // address); its identity is its signing key.
+                accept_self_signed: true,
+            });
+        }
+    }
     let hs = Hs::open(setup.hs.clone(), &setup.boxcfg.data_dir)?;
     let radio_bot = (setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()))
         .then(|| radio_bot::ensure_user(&hs, &setup.boxcfg.data_dir))
@@ -410,6 +487,17 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
             tokio::spawn(async move {
                 if let Err(e) = portal.serve(addr, sd).await {
                     tracing::error!(error = %e, "captive portal failed");
+                }
+            });
+        }
+        if setup.wireguard.enabled {
+            let sd = shutdown.clone();
+            let cfg = setup.wireguard.clone();
+            let data = setup.boxcfg.data_dir.clone();
+            tokio::spawn(async move {
+                let net = Arc::new(secta_wireguard::net::SystemNet);
+                if let Err(e) = secta_wireguard::serve(cfg, data, net, sd).await {
+                    tracing::error!(error = %format!("{e:#}"), "WireGuard gateway failed");
                 }
             });
         }
@@ -679,7 +767,8 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
         }
         AdminCmd::Federation {
             cmd: Some(FedCmd::RotateKey),
-        } => unreachable!("handled before opening the database"),
+        }
+        | AdminCmd::Vpn { .. } => unreachable!("handled before opening the database"),
         AdminCmd::Federation {
             cmd: None | Some(FedCmd::Status),
         } => {

@@ -9,12 +9,22 @@
 pub mod alloc;
 pub mod conf;
 pub mod config;
+pub mod device;
+pub mod exit;
+pub mod iface;
 pub mod keys;
+pub mod link;
+pub mod net;
 pub mod obfs;
 pub mod profile;
+pub mod qr;
+pub mod service;
 pub mod store;
+pub mod tun;
+pub mod uapi;
 
 pub use conf::WgConf;
 pub use config::WireguardConfig;
 pub use keys::{PublicKey, SecretKey};
+pub use service::{serve, Gateway};
 pub use store::Store;
