@@ -209,6 +209,13 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
     if !problems.is_empty() {
         bail!("invalid [wireguard] settings: {}", problems.join("; "));
     }
+    let mut hotspot = hotspot;
+    if wireguard.enabled {
+        // Accepted hotspot clients may be routed into the exit (when one is set).
+        hotspot
+            .tunnel_uplinks
+            .push(wireguard.exit.interface.clone());
+    }
     let boxcfg: BoxConfig = file.section("box")?;
     let web_ui = Some(boxcfg.web_ui_dir.clone()).filter(|d| d.join("index.html").exists());
     Ok(BoxSetup {
@@ -420,6 +427,23 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
         }
     }
     let hs = Hs::open(setup.hs.clone(), &setup.boxcfg.data_dir)?;
+    // The WireGuard gateway starts before the hotspot forwards anything, so an
+    // exit's routing (and kill switch) is in place first.
+    let wireguard = if setup.wireguard.enabled {
+        match secta_wireguard::Gateway::start(
+            setup.wireguard.clone(),
+            &setup.boxcfg.data_dir,
+            Arc::new(secta_wireguard::net::SystemNet),
+        ) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the WireGuard gateway could not start");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let radio_bot = (setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()))
         .then(|| radio_bot::ensure_user(&hs, &setup.boxcfg.data_dir))
         .transpose()?;
@@ -490,17 +514,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                 }
             });
         }
-        if setup.wireguard.enabled {
-            let sd = shutdown.clone();
-            let cfg = setup.wireguard.clone();
-            let data = setup.boxcfg.data_dir.clone();
-            tokio::spawn(async move {
-                let net = Arc::new(secta_wireguard::net::SystemNet);
-                if let Err(e) = secta_wireguard::serve(cfg, data, net, sd).await {
-                    tracing::error!(error = %format!("{e:#}"), "WireGuard gateway failed");
-                }
-            });
-        }
+        let wireguard = wireguard.map(|g| tokio::spawn(secta_wireguard::run(g, shutdown.clone())));
         if setup.radio.enabled {
             let radio = secta_radio::Radio::new(setup.radio.clone(), &setup.boxcfg.data_dir)?;
             if let Some(password) = radio_bot {
@@ -543,6 +557,15 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
         if setup.portal.is_some_and(|(_, simulated)| !simulated) {
             if let Err(e) = secta_hotspot::NftFirewall::teardown() {
                 tracing::warn!(error = %e, "removing the hotspot firewall rules failed");
+            }
+        }
+        if let Some(w) = wireguard {
+            match w.await {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "WireGuard gateway failed")
+                }
+                Err(e) => tracing::error!(error = %e, "WireGuard gateway panicked"),
+                Ok(Ok(())) => {}
             }
         }
         homeserver

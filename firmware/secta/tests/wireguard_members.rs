@@ -304,19 +304,7 @@ fn members_vpn_in_network_namespaces() {
     // Standard WireGuard (wireguard-go, configured by wg from the tablet's .conf) interoperates.
     if Path::new("/usr/bin/wireguard-go").exists() && Path::new("/usr/bin/wg-quick").exists() {
         let go_if = "stwm-go";
-        lab.spawn(
-            "wireguard-go",
-            GO,
-            &["wireguard-go", "-f", go_if],
-            &d.join("go.log"),
-        );
-        let sock = Path::new(UAPI).join(format!("{go_if}.sock"));
-        for _ in 0..50 {
-            if sock.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        lab.wireguard_go(GO, go_if, &d.join("go.log"));
         let stripped = ok(&["wg-quick", "strip", tablet.to_str().unwrap()]);
         let plain = d.join("tablet-wg.conf");
         std::fs::write(&plain, stripped).unwrap();
@@ -344,7 +332,7 @@ fn members_vpn_in_network_namespaces() {
             std::fs::read(&got).unwrap(),
             std::fs::read(www_box.join("blob")).unwrap()
         );
-        lab.stop("wireguard-go", true);
+        lab.stop(go_if, true);
     } else {
         println!("SKIPPED: interop with wireguard-go (wireguard-go or wg-quick not installed)");
     }

@@ -26,5 +26,5 @@ pub mod uapi;
 pub use conf::WgConf;
 pub use config::WireguardConfig;
 pub use keys::{PublicKey, SecretKey};
-pub use service::{serve, Gateway};
+pub use service::{run, serve, Gateway};
 pub use store::Store;

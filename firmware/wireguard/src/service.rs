@@ -135,7 +135,10 @@ impl Gateway {
                 with_prefix(own, subnet.prefix_len()),
             )?);
         }
-        g.sync(&store)?;
+        // A failing exit keeps the kill switch; it must not stop the members' VPN.
+        if let Err(e) = g.sync(&store) {
+            tracing::error!(error = %format!("{e:#}"), "WireGuard sync failed");
+        }
         Ok(g)
     }
 
@@ -292,6 +295,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let d = data.clone();
     let gw = tokio::task::spawn_blocking(move || Gateway::start(cfg, &d, net)).await??;
+    run(gw, shutdown).await
+}
+
+/// Keeps a started gateway in step with the database until shutdown, then
+/// takes it down. (Start it with [`Gateway::start`] before anything forwards
+/// traffic, so the exit's rules are in place first.)
+pub async fn run(gw: Gateway, shutdown: Shutdown) -> anyhow::Result<()> {
+    let data = gw.data.clone();
     let gw = Arc::new(parking_lot::Mutex::new(gw));
     let mut last_error = String::new();
     loop {

@@ -121,6 +121,23 @@ impl Lab {
         let _ = c.wait();
     }
 
+    /// Starts wireguard-go (foreground) for `iface` in `ns` and waits until its
+    /// UAPI socket answers (a stale socket from an earlier run is removed first).
+    pub fn wireguard_go(&mut self, ns: &str, iface: &str, log: &Path) {
+        let sock = Path::new("/var/run/wireguard").join(format!("{iface}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        self.spawn(iface, ns, &["wireguard-go", "-f", iface], log);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "wireguard-go did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether `ping` from `ns` to `to` gets one answer within a second.
     pub fn ping(&self, ns: &str, to: &str) -> bool {
         self.run(ns, &["ping", "-c", "1", "-W", "1", to])
