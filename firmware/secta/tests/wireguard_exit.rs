@@ -49,6 +49,27 @@ fn captured(pcap: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Starts tcpdump on the box's uplink, writing the client's packets to `pcap`.
+fn capture(lab: &mut Lab, label: &str, pcap: &Path) {
+    let log = pcap.with_extension("log");
+    lab.spawn(
+        label,
+        BOX,
+        &[
+            "tcpdump",
+            "-U",
+            "-n",
+            "-i",
+            "stwx-up",
+            "-w",
+            pcap.to_str().unwrap(),
+            FILTER,
+        ],
+        &log,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+}
+
 /// Client traffic on the uplink: the web server, the client's subnets.
 const FILTER: &str = "host 203.0.113.10 or net 10.42.0.0/24 or net fd42::/64";
 
@@ -180,22 +201,7 @@ fn exit_with_kill_switch_in_network_namespaces() {
 
     // Without an exit: direct, and the capture on the uplink sees it (the capture works).
     let pcap0 = d.join("direct.pcap");
-    lab.spawn(
-        "tcpdump0",
-        BOX,
-        &[
-            "tcpdump",
-            "-U",
-            "-n",
-            "-i",
-            "stwx-up",
-            "-w",
-            pcap0.to_str().unwrap(),
-            FILTER,
-        ],
-        &d.join("tcpdump0.log"),
-    );
-    std::thread::sleep(Duration::from_millis(800));
+    capture(&mut lab, "tcpdump0", &pcap0);
     let mut direct = None;
     for _ in 0..20 {
         direct = seen_as(&lab);
@@ -219,7 +225,7 @@ fn exit_with_kill_switch_in_network_namespaces() {
     assert!(
         !captured(&pcap0).is_empty(),
         "the capture saw nothing: {}",
-        log("tcpdump0.log")
+        log("direct.log")
     );
 
     // The exit server and the box's exit .conf, as a provider would hand it out.
@@ -360,22 +366,7 @@ fn exit_with_kill_switch_in_network_namespaces() {
     );
     // From now on, none of the client's packets may show on the plain uplink.
     let pcap = d.join("exit.pcap");
-    lab.spawn(
-        "tcpdump",
-        BOX,
-        &[
-            "tcpdump",
-            "-U",
-            "-n",
-            "-i",
-            "stwx-up",
-            "-w",
-            pcap.to_str().unwrap(),
-            FILTER,
-        ],
-        &d.join("tcpdump.log"),
-    );
-    std::thread::sleep(Duration::from_millis(800));
+    capture(&mut lab, "tcpdump", &pcap);
     assert_eq!(seen_as(&lab).as_deref(), Some("10.2.0.2"));
     // The box's resolver reaches the exit's DNS through the tunnel.
     let route = String::from_utf8_lossy(&lab.run(BOX, &["ip", "route", "get", "10.2.0.1"]).stdout)
