@@ -148,6 +148,8 @@ struct Peer {
     endpoint: RwLock<Option<SocketAddr>>,
     rx: AtomicU64,
     tx: AtomicU64,
+    /// Start a handshake on the next timer tick.
+    kick: AtomicBool,
 }
 
 struct Peers {
@@ -284,7 +286,9 @@ impl Shared {
         )
         .map_err(|e| DeviceError::Config(format!("peer {}: {e}", cfg.public_key)))?;
         let endpoint = cfg.endpoint;
+        let kick = cfg.persistent_keepalive.is_some_and(|k| k > 0);
         Ok(Arc::new(Peer {
+            kick: AtomicBool::new(kick),
             cfg: RwLock::new(cfg),
             index,
             tunn: Mutex::new(tunn),
@@ -527,10 +531,21 @@ impl Shared {
             self.limiter.read().reset_count();
             let peers: Vec<Arc<Peer>> = self.peers.read().by_key.values().cloned().collect();
             for peer in peers {
-                let len = match peer.tunn.lock().update_timers(&mut out[PAD..]) {
+                let mut tunn = peer.tunn.lock();
+                // A peer with a keepalive (a box link behind NAT, an exit) is
+                // dialled at once rather than at its first keepalive.
+                let kick =
+                    peer.kick.swap(false, Ordering::Relaxed) && peer.endpoint.read().is_some();
+                let res = if kick {
+                    tunn.format_handshake_initiation(&mut out[PAD..], false)
+                } else {
+                    tunn.update_timers(&mut out[PAD..])
+                };
+                let len = match res {
                     TunnResult::WriteToNetwork(p) => p.len(),
                     _ => continue,
                 };
+                drop(tunn);
                 let ep = *peer.endpoint.read();
                 if let Some(ep) = ep {
                     let n = self.send(&self.sockets[0], &mut out, len, ep);
