@@ -36,6 +36,9 @@ pub enum VpnCmd {
     },
     /// Interfaces, peers, last handshakes and traffic.
     Status,
+    /// Print fresh random obfuscation settings for [wireguard.members] or
+    /// [wireguard.links] (both ends must use the same).
+    Obfuscation,
 }
 
 #[derive(Subcommand)]
@@ -402,6 +405,13 @@ pub fn admin(ctx: &Ctx, cmd: VpnCmd) -> anyhow::Result<()> {
             }
         },
         VpnCmd::Status => status(ctx, &store)?,
+        VpnCmd::Obfuscation => {
+            let o = secta_wireguard::obfs::Obfuscation::random();
+            println!(
+                "obfuscation = {{ jc = {}, jmin = {}, jmax = {}, s1 = {}, s2 = {}, h1 = {}, h2 = {}, h3 = {}, h4 = {} }}",
+                o.jc, o.jmin, o.jmax, o.s1, o.s2, o.h1, o.h2, o.h3, o.h4
+            );
+        }
     }
     Ok(())
 }

@@ -49,27 +49,6 @@ fn captured(pcap: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Starts tcpdump on the box's uplink, writing the client's packets to `pcap`.
-fn capture(lab: &mut Lab, label: &str, pcap: &Path) {
-    let log = pcap.with_extension("log");
-    lab.spawn(
-        label,
-        BOX,
-        &[
-            "tcpdump",
-            "-U",
-            "-n",
-            "-i",
-            "stwx-up",
-            "-w",
-            pcap.to_str().unwrap(),
-            FILTER,
-        ],
-        &log,
-    );
-    std::thread::sleep(Duration::from_millis(800));
-}
-
 /// Client traffic on the uplink: the web server, the client's subnets.
 const FILTER: &str = "host 203.0.113.10 or net 10.42.0.0/24 or net fd42::/64";
 
@@ -201,7 +180,7 @@ fn exit_with_kill_switch_in_network_namespaces() {
 
     // Without an exit: direct, and the capture on the uplink sees it (the capture works).
     let pcap0 = d.join("direct.pcap");
-    capture(&mut lab, "tcpdump0", &pcap0);
+    lab.capture("tcpdump0", BOX, "stwx-up", &pcap0, FILTER);
     let mut direct = None;
     for _ in 0..20 {
         direct = seen_as(&lab);
@@ -216,10 +195,7 @@ fn exit_with_kill_switch_in_network_namespaces() {
         "no direct path: {}",
         log("httpd.log")
     );
-    assert!(lab
-        .run(CLI, &["ping", "-6", "-c", "1", "-W", "2", "2001:db8::2"])
-        .status
-        .success());
+    assert!(lab.wait_ping(CLI, "2001:db8::2", 10), "no direct IPv6 path");
     std::thread::sleep(Duration::from_millis(300));
     lab.stop("tcpdump0", true);
     assert!(
@@ -366,7 +342,7 @@ fn exit_with_kill_switch_in_network_namespaces() {
     );
     // From now on, none of the client's packets may show on the plain uplink.
     let pcap = d.join("exit.pcap");
-    capture(&mut lab, "tcpdump", &pcap);
+    lab.capture("tcpdump", BOX, "stwx-up", &pcap, FILTER);
     assert_eq!(seen_as(&lab).as_deref(), Some("10.2.0.2"));
     // The box's resolver reaches the exit's DNS through the tunnel.
     let route = String::from_utf8_lossy(&lab.run(BOX, &["ip", "route", "get", "10.2.0.1"]).stdout)

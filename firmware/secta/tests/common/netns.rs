@@ -138,6 +138,36 @@ impl Lab {
         }
     }
 
+    /// Starts tcpdump on `iface` in `ns`, writing every packet matching
+    /// `filter` to `pcap` at once (immediate mode), and waits for it to listen.
+    pub fn capture(&mut self, label: &str, ns: &str, iface: &str, pcap: &Path, filter: &str) {
+        let log = pcap.with_extension("log");
+        self.spawn(
+            label,
+            ns,
+            &[
+                "tcpdump",
+                "-U",
+                "--immediate-mode",
+                "-n",
+                "-i",
+                iface,
+                "-w",
+                pcap.to_str().unwrap(),
+                filter,
+            ],
+            &log,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            assert!(Instant::now() < deadline, "tcpdump did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether `ping` from `ns` to `to` gets one answer within a second.
     pub fn ping(&self, ns: &str, to: &str) -> bool {
         self.run(ns, &["ping", "-c", "1", "-W", "1", to])
