@@ -37,6 +37,7 @@ use parking_lot::{Mutex, RwLock};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
+    gso::{self, Coalescer, VnetHdr, VNET_HDR_LEN},
     keys::{PublicKey, SecretKey},
     obfs::Obfuscation,
     tun::{self, Tun, TunError},
@@ -46,6 +47,158 @@ use crate::{
 const PAD: usize = crate::obfs::MAX_JUNK;
 const BUF: usize = 65536;
 const BATCH: usize = 64;
+/// Most datagrams in one `UDP_SEGMENT` send (the kernel's limit is 64).
+const MAX_SEGMENTS: usize = 64;
+
+/// Encrypted data messages to one peer, of one size (the last may be shorter),
+/// to leave in one send.
+#[derive(Default)]
+struct TxBatch {
+    buf: Vec<u8>,
+    seg: usize,
+    count: usize,
+    last_short: bool,
+    dest: Option<(SocketAddr, Arc<Peer>)>,
+}
+
+impl TxBatch {
+    /// Adds a datagram; `false` when it does not fit this batch (flush first).
+    fn push(&mut self, d: &[u8], to: SocketAddr, peer: &Arc<Peer>) -> bool {
+        match &self.dest {
+            None => {
+                self.dest = Some((to, peer.clone()));
+                self.seg = d.len();
+            }
+            Some((t, _)) => {
+                if *t != to
+                    || self.last_short
+                    || d.len() > self.seg
+                    || self.count >= MAX_SEGMENTS
+                    || self.buf.len() + d.len() > 65000
+                {
+                    return false;
+                }
+                self.last_short = d.len() < self.seg;
+            }
+        }
+        self.buf.extend_from_slice(d);
+        self.count += 1;
+        true
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+        self.seg = 0;
+        self.last_short = false;
+        self.dest = None;
+    }
+}
+
+fn tun_write(name: &str, fd: i32, b: &[u8]) {
+    if let Err(e) = tun::write_fd(fd, b) {
+        tracing::trace!(iface = %name, error = %e, "TUN write failed");
+    }
+}
+
+/// One `sendmsg` of `buf` cut by the kernel into `seg`-byte datagrams.
+fn send_segments(sock: &UdpSocket, buf: &[u8], seg: usize, to: SocketAddr) -> io::Result<()> {
+    let addr = socket2::SockAddr::from(to);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain old data; the pointers set below stay valid for the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = addr.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one cmsg of CMSG_SPACE(2) bytes.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = gso::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+    }
+    // SAFETY: msg is fully initialised and points at live buffers.
+    let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks the kernel to coalesce arriving datagrams (`UDP_GRO`); whether it will.
+fn enable_udp_gro(sock: &UdpSocket) -> bool {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int option value.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            gso::UDP_GRO,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        ) == 0
+    }
+}
+
+/// Receives one datagram, or with GRO several of `seg` bytes each (`seg` = 0: one).
+fn recv_segments(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    gro: bool,
+) -> io::Result<(usize, usize, SocketAddr)> {
+    if !gro {
+        let (n, from) = sock.recv_from(buf)?;
+        return Ok((n, 0, from));
+    }
+    let mut storage = socket2::SockAddrStorage::zeroed();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain old data; the pointers set below stay valid for the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_namelen = storage.size_of();
+    // SAFETY: a SockAddrStorage is a sockaddr_storage.
+    msg.msg_name =
+        unsafe { storage.view_as::<libc::sockaddr_storage>() } as *mut _ as *mut libc::c_void;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: msg points at live buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut seg = 0usize;
+    // SAFETY: walking the control messages the kernel wrote into `control`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == gso::UDP_GRO {
+                seg = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as usize;
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    // SAFETY: the kernel filled `storage` with msg_namelen bytes of an address.
+    let addr = unsafe { socket2::SockAddr::new(storage, msg.msg_namelen) };
+    let from = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP source"))?;
+    Ok((n as usize, seg, from))
+}
 
 /// A peer as configured.
 #[derive(Debug, Clone)]
@@ -199,6 +352,8 @@ struct Shared {
     v6: bool,
     port: u16,
     fwmark: AtomicU32,
+    /// The kernel takes `UDP_SEGMENT` sends (turned off at the first refusal).
+    udp_gso: AtomicBool,
     tun: Tun,
     stop: AtomicBool,
     next_index: AtomicU32,
@@ -333,8 +488,9 @@ impl Shared {
             .cloned()
     }
 
-    /// A packet read from the TUN device: encrypt for the peer routing its destination.
-    fn from_tun(&self, sock: &UdpSocket, pkt: &[u8], out: &mut [u8]) {
+    /// A packet read from the TUN device: encrypt for the peer routing its
+    /// destination. Data messages join `batch` (sent together); handshakes go at once.
+    fn from_tun(&self, sock: &UdpSocket, pkt: &[u8], out: &mut [u8], batch: &mut TxBatch) {
         let Some(dst) = Tunn::dst_address(pkt) else {
             return;
         };
@@ -356,11 +512,49 @@ impl Shared {
             }
             _ => return,
         };
-        let ep = *peer.endpoint.read();
-        if let Some(ep) = ep {
+        let Some(ep) = *peer.endpoint.read() else {
+            return;
+        };
+        if out[PAD] == crate::obfs::DATA as u8 && len >= crate::obfs::DATA_MIN_LEN {
+            let (start, n, _) = self.obfs.wrap(out, PAD, len);
+            if !batch.push(&out[start..start + n], self.dest(ep), &peer) {
+                self.flush(sock, batch);
+                batch.push(&out[start..start + n], self.dest(ep), &peer);
+            }
+        } else {
+            self.flush(sock, batch);
             let n = self.send(sock, out, len, ep);
             peer.tx.fetch_add(n as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Sends the batched datagrams: one `sendmsg` with `UDP_SEGMENT` when there
+    /// are several (falling back to one call each where the kernel refuses).
+    fn flush(&self, sock: &UdpSocket, batch: &mut TxBatch) {
+        let Some((to, peer)) = batch.dest.take() else {
+            return;
+        };
+        let sent = if batch.count > 1 && self.udp_gso.load(Ordering::Relaxed) {
+            match send_segments(sock, &batch.buf, batch.seg, to) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(iface = %self.name, error = %e, "UDP segmentation offload refused; sending one by one");
+                    self.udp_gso.store(false, Ordering::Relaxed);
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        if !sent {
+            for d in batch.buf.chunks(batch.seg) {
+                if let Err(e) = sock.send_to(d, to) {
+                    tracing::debug!(iface = %self.name, error = %e, "UDP send failed");
+                }
+            }
+        }
+        peer.tx.fetch_add(batch.buf.len() as u64, Ordering::Relaxed);
+        batch.clear();
     }
 
     /// A datagram from the network.
@@ -371,6 +565,7 @@ impl Shared {
         buf: &mut [u8],
         src: SocketAddr,
         out: &mut [u8],
+        rx: &mut Coalescer,
     ) {
         let (start, len) = if self.obfs.is_on() {
             match self.obfs.unwrap(buf) {
@@ -427,6 +622,7 @@ impl Shared {
         let mut tunn = peer.tunn.lock();
         let mut res = tunn.decapsulate(Some(src.ip()), datagram, &mut out[PAD..]);
         let mut authenticated = false;
+        let mut deliver = None;
         loop {
             match res {
                 TunnResult::WriteToNetwork(p) => {
@@ -438,12 +634,12 @@ impl Shared {
                 }
                 TunnResult::WriteToTunnelV4(p, from) => {
                     authenticated = true;
-                    self.to_tun(&peer, tun_fd, p, IpAddr::V4(from));
+                    deliver = Some((p.as_ptr() as usize, p.len(), IpAddr::V4(from)));
                     break;
                 }
                 TunnResult::WriteToTunnelV6(p, from) => {
                     authenticated = true;
-                    self.to_tun(&peer, tun_fd, p, IpAddr::V6(from));
+                    deliver = Some((p.as_ptr() as usize, p.len(), IpAddr::V6(from)));
                     break;
                 }
                 TunnResult::Done => {
@@ -458,6 +654,10 @@ impl Shared {
             }
         }
         drop(tunn);
+        if let Some((ptr, len, from)) = deliver {
+            let off = ptr - out.as_ptr() as usize;
+            self.to_tun(&peer, tun_fd, &out[off..off + len], from, rx);
+        }
         if authenticated {
             peer.rx.fetch_add(wire_len, Ordering::Relaxed);
             let mut ep = peer.endpoint.write();
@@ -467,7 +667,9 @@ impl Shared {
         }
     }
 
-    fn to_tun(&self, peer: &Arc<Peer>, tun_fd: i32, pkt: &[u8], from: IpAddr) {
+    /// Hands a decrypted packet to the TUN device (through the receive
+    /// coalescer), if its source is one of the peer's AllowedIPs.
+    fn to_tun(&self, peer: &Arc<Peer>, tun_fd: i32, pkt: &[u8], from: IpAddr, rx: &mut Coalescer) {
         let allowed = self
             .peers
             .read()
@@ -479,24 +681,33 @@ impl Shared {
             tracing::debug!(iface = %self.name, %from, "packet from outside the peer's AllowedIPs dropped");
             return;
         }
-        if let Err(e) = tun::write_fd(tun_fd, pkt) {
-            tracing::trace!(iface = %self.name, error = %e, "TUN write failed");
-        }
+        rx.push(pkt, &mut |b| tun_write(&self.name, tun_fd, b));
     }
 
     fn worker(self: Arc<Self>, i: usize) {
         let sock = &self.sockets[i];
         let tun_fd = self.tun.fd(i);
         let sock_fd = sock.as_raw_fd();
-        let mut inbuf = vec![0u8; BUF];
+        let gro = enable_udp_gro(sock);
+        let mut inbuf = vec![0u8; BUF + VNET_HDR_LEN];
         let mut out = vec![0u8; PAD + BUF];
+        let mut scratch = Vec::with_capacity(BUF);
+        let mut batch = TxBatch::default();
+        let mut rx = Coalescer::default();
         while !self.stop.load(Ordering::Relaxed) {
             let [tun_ready, udp_ready] = tun::poll_readable([tun_fd, sock_fd], 200);
             if tun_ready {
                 for _ in 0..BATCH {
                     match tun::read_fd(tun_fd, &mut inbuf) {
-                        Ok(Some(n)) if n > 0 => self.from_tun(sock, &inbuf[..n], &mut out),
-                        Ok(_) => break,
+                        Ok(Some(n)) if n > VNET_HDR_LEN => {
+                            let hdr = VnetHdr::parse(&inbuf[..VNET_HDR_LEN]);
+                            let pkt = &mut inbuf[VNET_HDR_LEN..n];
+                            gso::segments(&hdr, pkt, &mut scratch, |seg| {
+                                self.from_tun(sock, seg, &mut out, &mut batch)
+                            });
+                        }
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
                         Err(e) => {
                             tracing::warn!(iface = %self.name, error = %e, "TUN read failed");
                             std::thread::sleep(Duration::from_millis(50));
@@ -504,12 +715,27 @@ impl Shared {
                         }
                     }
                 }
+                self.flush(sock, &mut batch);
             }
             if udp_ready {
                 for _ in 0..BATCH {
-                    match sock.recv_from(&mut inbuf) {
-                        Ok((n, src)) => {
-                            self.from_udp(sock, tun_fd, &mut inbuf[..n], canonical(src), &mut out)
+                    match recv_segments(sock, &mut inbuf, gro) {
+                        Ok((n, seg, src)) => {
+                            let src = canonical(src);
+                            let seg = if seg == 0 { n } else { seg };
+                            let mut at = 0;
+                            while at < n {
+                                let end = (at + seg).min(n);
+                                self.from_udp(
+                                    sock,
+                                    tun_fd,
+                                    &mut inbuf[at..end],
+                                    src,
+                                    &mut out,
+                                    &mut rx,
+                                );
+                                at = end;
+                            }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -520,6 +746,7 @@ impl Shared {
                         }
                     }
                 }
+                rx.flush(&mut |b| tun_write(&self.name, tun_fd, b));
             }
         }
     }
@@ -594,6 +821,7 @@ impl Device {
             v6,
             port,
             fwmark: AtomicU32::new(cfg.fwmark),
+            udp_gso: AtomicBool::new(true),
             tun,
             stop: AtomicBool::new(false),
             next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),

@@ -11,6 +11,7 @@ pub mod conf;
 pub mod config;
 pub mod device;
 pub mod exit;
+pub mod gso;
 pub mod iface;
 pub mod keys;
 pub mod link;

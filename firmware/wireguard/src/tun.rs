@@ -1,6 +1,7 @@
 //! A Linux TUN device with one queue per worker (`IFF_MULTI_QUEUE`), opened
 //! through `/dev/net/tun` and `TUNSETIFF`. The device exists while the queues
-//! are open and disappears with them.
+//! are open and disappears with them. Every packet read or written starts with
+//! a `virtio_net_hdr` (`IFF_VNET_HDR`, see `gso`).
 
 use std::{
     io,
@@ -65,7 +66,8 @@ impl Tun {
                 *d = s as libc::c_char;
             }
             req.ifr_ifru.ifru_flags =
-                (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short;
+                (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE | libc::IFF_VNET_HDR)
+                    as libc::c_short;
             // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
             let r = unsafe { libc::ioctl(owned.as_raw_fd(), libc::TUNSETIFF, &mut req) };
             if r < 0 {
@@ -83,6 +85,17 @@ impl Tun {
                     },
                 });
             }
+            // TCP segmentation offload: the kernel may hand over 64 KiB TCP
+            // blocks (cut up in `gso`). Without it, packets come one by one.
+            let offload = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            // SAFETY: TUNSETOFFLOAD takes its flags by value.
+            let _ = unsafe {
+                libc::ioctl(
+                    owned.as_raw_fd(),
+                    libc::TUNSETOFFLOAD,
+                    offload as libc::c_ulong,
+                )
+            };
             fds.push(owned);
         }
         Ok(Tun {
