@@ -59,6 +59,8 @@ struct TxBatch {
     count: usize,
     last_short: bool,
     dest: Option<(SocketAddr, Arc<Peer>)>,
+    /// The peer of the current TUN read's destination (forgotten after it).
+    route: Option<(IpAddr, Arc<Peer>)>,
 }
 
 impl TxBatch {
@@ -494,15 +496,23 @@ impl Shared {
         let Some(dst) = Tunn::dst_address(pkt) else {
             return;
         };
-        let peer = self
-            .peers
-            .read()
-            .routes
-            .longest_match(dst)
-            .map(|(_, p)| p.clone());
-        let Some(peer) = peer else {
-            self.drops.no_route.fetch_add(1, Ordering::Relaxed);
-            return;
+        // Segments of one TUN read share their destination: look it up once.
+        let peer = match &batch.route {
+            Some((ip, p)) if *ip == dst => p.clone(),
+            _ => {
+                let found = self
+                    .peers
+                    .read()
+                    .routes
+                    .longest_match(dst)
+                    .map(|(_, p)| p.clone());
+                let Some(p) = found else {
+                    self.drops.no_route.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                batch.route = Some((dst, p.clone()));
+                p
+            }
         };
         let len = match peer.tunn.lock().encapsulate(pkt, &mut out[PAD..]) {
             TunnResult::WriteToNetwork(p) => p.len(),
@@ -705,6 +715,7 @@ impl Shared {
                             gso::segments(&hdr, pkt, &mut scratch, |seg| {
                                 self.from_tun(sock, seg, &mut out, &mut batch)
                             });
+                            batch.route = None;
                         }
                         Ok(Some(_)) => continue,
                         Ok(None) => break,

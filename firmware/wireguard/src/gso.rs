@@ -53,19 +53,23 @@ pub fn write_hdr(b: &mut [u8]) {
     b[0] = F_DATA_VALID;
 }
 
-/// RFC 1071 sum of `data` added to `sum` (not folded).
-fn sum16(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum = sum.wrapping_add(u16::from_be_bytes([c[0], c[1]]) as u32);
+/// RFC 1071 sum of `data` added to `sum` (not folded), 32 bits at a time.
+fn sum16(data: &[u8], mut sum: u64) -> u64 {
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        sum += u32::from_be_bytes(w.try_into().expect("4")) as u64;
     }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add((*last as u32) << 8);
+    let mut rest = words.remainder().chunks_exact(2);
+    for c in &mut rest {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
+    }
+    if let [last] = rest.remainder() {
+        sum += (*last as u64) << 8;
     }
     sum
 }
 
-fn fold(mut sum: u32) -> u16 {
+fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -73,14 +77,13 @@ fn fold(mut sum: u32) -> u16 {
 }
 
 /// The TCP/UDP pseudo-header sum for an IPv4 or IPv6 packet.
-fn pseudo(pkt: &[u8], proto: u8, len: usize) -> u32 {
-    let mut s = 0u32;
-    if pkt[0] >> 4 == 4 {
-        s = sum16(&pkt[12..20], s);
+fn pseudo(pkt: &[u8], proto: u8, len: usize) -> u64 {
+    let s = if pkt[0] >> 4 == 4 {
+        sum16(&pkt[12..20], 0)
     } else {
-        s = sum16(&pkt[8..40], s);
-    }
-    s.wrapping_add(proto as u32).wrapping_add(len as u32)
+        sum16(&pkt[8..40], 0)
+    };
+    s + proto as u64 + len as u64
 }
 
 /// Calls `f` with every IP packet carried by one TUN read (`pkt` after the
