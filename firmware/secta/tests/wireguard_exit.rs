@@ -393,6 +393,10 @@ fn exit_with_kill_switch_in_network_namespaces() {
     assert!(table.contains("blackhole"), "{table}");
     std::thread::sleep(Duration::from_millis(300));
     lab.stop("tcpdump", true);
+    // The killed processes could not remove their UAPI sockets.
+    for s in ["stwx-exit", "stwx-srv"] {
+        let _ = std::fs::remove_file(Path::new(UAPI).join(format!("{s}.sock")));
+    }
     let leaked = captured(&pcap);
     assert!(
         leaked.is_empty(),
