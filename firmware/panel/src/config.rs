@@ -66,6 +66,9 @@ pub struct PanelConfig {
     /// Holding the first two buttons together also wipes, after `chord_ms`.
     pub chord_wipe: bool,
     pub chord_ms: u64,
+    /// Serve the panel's HTTP endpoint (virtual panel, duress wipe) here, e.g.
+    /// "127.0.0.1:8090"; off by default.
+    pub http_listen: Option<String>,
 }
 
 impl Default for PanelConfig {
@@ -97,6 +100,7 @@ impl Default for PanelConfig {
             wipe_hold_ms: 3000,
             chord_wipe: true,
             chord_ms: 1500,
+            http_listen: None,
         }
     }
 }
