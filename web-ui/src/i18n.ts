@@ -62,6 +62,11 @@ const ru = {
   invitation: "приглашение",
   sessionEnded: "Сеанс закончился: войдите снова.",
   offline: "Нет связи с коробкой, пробуем снова…",
+  panelTitle: "Панель коробки",
+  openPanel: "Панель: светодиоды и кнопки (демо)",
+  panelHold: "Удерживайте «Тревогу», чтобы стереть все данные коробки; отпустите, чтобы отменить.",
+  panelState: "Сейчас:",
+  panelSimulated: "Кнопки виртуальные: это демо-режим.",
 };
 
 const en: typeof ru = {
@@ -125,6 +130,11 @@ const en: typeof ru = {
   invitation: "invitation",
   sessionEnded: "Your session ended: log in again.",
   offline: "No connection to the box, trying again…",
+  panelTitle: "The box's panel",
+  openPanel: "Panel: LEDs and buttons (demo)",
+  panelHold: "Hold “Panic” to wipe all of the box's data; let go to cancel.",
+  panelState: "Now:",
+  panelSimulated: "The buttons are virtual: this is demo mode.",
 };
 
 export const texts = { ru, en };
