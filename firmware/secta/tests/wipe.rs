@@ -311,18 +311,26 @@ fn encrypted_box_wipes_under_load_into_first_boot_state() {
         "clients were sending during the countdown"
     );
 
-    // The strip shows "wiped" (all LEDs the same lit colour).
-    let s = panel_state(&b);
-    let frame: Vec<&str> = s["frame"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert!(
-        frame.iter().all(|c| *c == frame[0] && *c != "#000000"),
-        "{frame:?}"
-    );
+    // The strip shows "wiped" (all LEDs the same lit colour) from its next frame on.
+    let wiped_frame = |s: &Value| {
+        let frame: Vec<&str> = s["frame"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        frame.iter().all(|c| *c == frame[0] && *c != "#000000")
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut s = panel_state(&b);
+    while !wiped_frame(&s) {
+        assert!(
+            Instant::now() < deadline,
+            "the strip does not show wiped: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+        s = panel_state(&b);
+    }
     assert_eq!(s["rows"], json!(["wiped"]));
 
     // Key first, everything gone, nothing opens, within the budget.
