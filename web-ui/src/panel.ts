@@ -25,7 +25,8 @@ export function openPanel(root: HTMLElement, t: Texts, panel: string, back: () =
   const strip = el("div", { id: "strip", role: "img" });
   const state = el("p", { id: "panel-state", role: "status" });
   const buttons = el("div", { id: "panel-buttons" });
-  root.replaceChildren(backBtn, el("h1", {}, t.panelTitle), strip, state, buttons, el("p", {}, t.panelHold));
+  // Buttons above the text that changes, so they never move under a finger.
+  root.replaceChildren(backBtn, el("h1", {}, t.panelTitle), strip, buttons, el("p", {}, t.panelHold), state);
 
   const press = (i: number, pressed: boolean) =>
     fetch(`${base}/panel/buttons/${i}`, {
@@ -34,14 +35,22 @@ export function openPanel(root: HTMLElement, t: Texts, panel: string, back: () =
       body: JSON.stringify({ pressed }),
     }).catch(() => undefined);
 
+  // The strip's colours are brightness-limited; show them at full strength
+  // (same hue) so they can be told apart on a screen.
+  const shown = (c: string) => {
+    const v = [1, 3, 5].map((i) => parseInt(c.slice(i, i + 2), 16));
+    const m = Math.max(...v);
+    return m === 0 ? "#222" : `rgb(${v.map((x) => Math.round((x * 255) / m)).join(",")})`;
+  };
   let drawnButtons = "";
   const draw = (s: PanelState) => {
     strip.replaceChildren(
-      ...s.frame.map((c, i) => el("span", { class: "led", "data-led": String(i), "data-color": c, style: `background:${c}` })),
+      ...s.frame.map((c, i) => el("span", { class: "led", "data-led": String(i), "data-color": c, style: `background:${shown(c)};color:${shown(c)}` })),
     );
     strip.setAttribute("aria-label", s.rows.join(", "));
     const wipe = s.status.wipe;
-    state.textContent = `${t.panelState} ${s.rows.join(", ")}${wipe.remaining_ms !== undefined ? ` (${(wipe.remaining_ms / 1000).toFixed(1)} s)` : ""}`;
+    const rows = s.rows.map((r) => `${t.panelRows[r] ?? r} (${r})`);
+    state.textContent = `${t.panelState} ${rows.join(", ")}${wipe.remaining_ms !== undefined ? ` (${(wipe.remaining_ms / 1000).toFixed(1)} s)` : ""}`;
     const names = s.buttons.map((b) => b.name).join(",");
     if (s.simulated && names !== drawnButtons) {
       drawnButtons = names;

@@ -312,7 +312,15 @@ test("virtual panel: the strip shows the box, holding Panic counts down and wipe
   await page.mouse.down();
   await page.waitForFunction(() => document.querySelector("#panel-state")?.textContent?.includes("wipe_armed"));
   await page.screenshot({ path: join(shots, "panel-2-armed.png") });
-  await page.waitForFunction(() => document.querySelector("#panel-state")?.textContent?.includes("wiped"), null, { timeout: 15000 });
+  // "wiped" in the state, and the strip's next frame all one lit colour.
+  await page.waitForFunction(
+    () => {
+      const cs = [...document.querySelectorAll("#strip .led")].map((l) => l.getAttribute("data-color"));
+      return document.querySelector("#panel-state")?.textContent?.includes("wiped") && cs.length > 0 && cs.every((c) => c === cs[0] && c !== "#000000");
+    },
+    null,
+    { timeout: 15000 },
+  );
   await page.mouse.up();
   await page.screenshot({ path: join(shots, "panel-3-wiped.png") });
   const colors = await page.$$eval("#strip .led", (ls) => ls.map((l) => l.getAttribute("data-color")));
