@@ -670,7 +670,11 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
         }
         let mut radio_handle = None;
         if setup.radio.enabled && hs.is_some() {
-            let radio = secta_radio::Radio::new(setup.radio.clone(), &data)?;
+            let radio = secta_radio::Radio::new_with_vault(
+                setup.radio.clone(),
+                &data,
+                vault.clone().flatten(),
+            )?;
             radio_handle = Some(radio.clone());
             if let Some(password) = radio_bot {
                 let local = setup.hs.listen.replace("0.0.0.0", "127.0.0.1");
