@@ -553,6 +553,7 @@ fn apply_key(conn: &Connection, key: Option<&str>) -> rusqlite::Result<()> {
     if let Some(k) = key {
         let stmt = zeroize::Zeroizing::new(format!("PRAGMA key = \"{k}\";"));
         conn.execute_batch(&stmt)?;
+        conn.execute_batch(secta_vault::SQLCIPHER_SETTINGS)?;
     }
     Ok(())
 }
@@ -663,6 +664,7 @@ impl Db {
                     top: stream,
                     map: HashMap::new(),
                 }),
+                ..Default::default()
             },
             wal_frames,
             wal_restart_pages: WAL_RESTART_PAGES,
@@ -815,6 +817,9 @@ impl Db {
 
     /// Ends the open batch as failed (writer lock held) and wakes its waiters.
     fn fail_batch(&self, st: &mut Writer, why: &str) {
+        if self.hints.keys_dirty.swap(false, Ordering::AcqRel) {
+            self.hints.keys_version.fetch_add(1, Ordering::AcqRel);
+        }
         st.batch = 0;
         st.next = self.stream.load(Ordering::Acquire);
         let generation = st.generation;
@@ -840,6 +845,9 @@ impl Db {
             let _ = exec(&st.conn, "ROLLBACK");
         } else if st.in_txn {
             self.stream.store(st.next, Ordering::Release);
+        }
+        if self.hints.keys_dirty.swap(false, Ordering::AcqRel) {
+            self.hints.keys_version.fetch_add(1, Ordering::AcqRel);
         }
         st.in_txn = false;
         st.batch = 0;
@@ -955,6 +963,13 @@ impl Db {
                 .is_some_and(|&s| s > since)
     }
 
+    /// Changes whenever a committed write changed one-time or fallback keys: a
+    /// value read before a query and unchanged after it means the query saw
+    /// the keys of that version.
+    pub fn keys_version(&self) -> u64 {
+        self.hints.keys_version.load(Ordering::Acquire)
+    }
+
     /// Highest committed stream position.
     pub fn current_stream(&self) -> i64 {
         self.stream.load(Ordering::Acquire)
@@ -1001,6 +1016,11 @@ pub struct WriteTxn<'a> {
 #[derive(Default)]
 pub struct UserHints {
     newest: Mutex<Hints>,
+    /// A write of the open batch changed one-time or fallback keys.
+    keys_dirty: std::sync::atomic::AtomicBool,
+    /// Counts batches that changed one-time or fallback keys, raised after
+    /// their commit (see [`Db::keys_version`]).
+    keys_version: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -1025,6 +1045,8 @@ pub enum UserRows {
     RemoteInvites,
     /// A timeline event or receipt in a room (key: room id).
     Room,
+    /// A receipt in a room (key: room id).
+    Receipts,
     /// A local user's event in a room (key: [`user_room`]).
     Sent,
     /// A local user's read receipt in a room (key: [`user_room`]).
@@ -1071,6 +1093,12 @@ impl WriteTxn<'_> {
     /// (see [`Db::may_have_changed`]); every writer of such rows calls it.
     pub fn note(&self, kind: UserRows, key: &str, stream: i64) {
         self.hints.note(kind, key, stream);
+    }
+
+    /// Records that this write changes one-time or fallback keys (see
+    /// [`Db::keys_version`]).
+    pub fn keys_changed(&self) {
+        self.hints.keys_dirty.store(true, Ordering::Release);
     }
 
     /// Takes the next stream position.

@@ -321,6 +321,7 @@ fn store_receipt(
             params![room_id.as_str(), user.as_str(), kind, thread, event_id, now_ms() as i64, stream],
         )?;
         w.note(UserRows::Room, room_id.as_str(), stream);
+        w.note(UserRows::Receipts, room_id.as_str(), stream);
         w.note(UserRows::ReadReceipt, &user_room(user.as_str(), room_id.as_str()), stream);
         w.persist_stream()?;
         Ok(())

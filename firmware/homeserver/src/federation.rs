@@ -916,6 +916,7 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
                                 params![room, user, thread, event_id, ts, stream],
                             )?;
                             w.note(crate::db::UserRows::Room, room, stream);
+                            w.note(crate::db::UserRows::Receipts, room, stream);
                             w.persist_stream()?;
                             Ok(true)
                         });

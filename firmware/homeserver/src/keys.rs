@@ -93,6 +93,7 @@ pub fn delete_device_keys(w: &mut WriteTxn<'_>, user: &str, device: &str) -> rus
         )
         .optional()?
         .unwrap_or(false);
+    w.keys_changed();
     for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
         w.tx.execute(
             &format!("DELETE FROM {table} WHERE user_id=?1 AND device_id=?2"),
@@ -154,6 +155,44 @@ pub fn otk_counts(
         m.insert(a, json!(n));
     }
     Ok(m)
+}
+
+/// One-time key counts and unused fallback key types of each device, as every
+/// sync reports them, kept while no committed write changed any device's keys.
+#[derive(Default)]
+pub struct KeyCountsCache {
+    map: std::sync::Mutex<std::collections::HashMap<(String, String), (u64, KeyCounts)>>,
+}
+
+type KeyCounts = (Map<String, Value>, Vec<String>);
+
+/// The device's one-time key counts and unused fallback key types.
+pub fn device_key_counts(hs: &Hs, user: &str, device: &str) -> rusqlite::Result<KeyCounts> {
+    // Read before the query: if it is unchanged after, the query saw every
+    // key write of this version (the version moves after each such commit).
+    let version = hs.db.keys_version();
+    let key = (user.to_owned(), device.to_owned());
+    {
+        let map = hs.key_counts.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, counts)) = map.get(&key).filter(|(v, _)| *v == version) {
+            debug_assert_eq!(*v, version);
+            return Ok(counts.clone());
+        }
+    }
+    let counts = hs.db.read(|c| -> rusqlite::Result<KeyCounts> {
+        Ok((
+            otk_counts(c, user, device)?,
+            unused_fallback_types(c, user, device)?,
+        ))
+    })?;
+    let mut map = hs.key_counts.map.lock().unwrap_or_else(|p| p.into_inner());
+    if hs.db.keys_version() == version {
+        if map.len() >= 10_000 {
+            map.clear();
+        }
+        map.insert(key, (version, counts.clone()));
+    }
+    Ok(counts)
 }
 
 /// Algorithms of the device's fallback keys not yet used.
@@ -289,6 +328,7 @@ pub async fn upload(
                 Some(o) if &o == json => {}
                 Some(_) => return Err(MxError::invalid_param(format!("one-time key {id} already exists with other content"))),
                 None => {
+                    w.keys_changed();
                     w.tx.execute(
                         "INSERT INTO one_time_keys(user_id, device_id, key_id, algorithm, json) VALUES(?1,?2,?3,?4,?5)",
                         params![user, device, id, algorithm, json],
@@ -297,6 +337,7 @@ pub async fn upload(
             }
         }
         for (id, algorithm, json) in &fallbacks {
+            w.keys_changed();
             w.tx.execute(
                 "INSERT INTO fallback_keys(user_id, device_id, algorithm, key_id, json, used) VALUES(?1,?2,?3,?4,?5,0)
                  ON CONFLICT(user_id, device_id, algorithm) DO UPDATE SET key_id=?4, json=?5, used=0",
@@ -309,7 +350,7 @@ pub async fn upload(
     if changed {
         hs.notify_device_change(user);
     }
-    let counts = hs.db.read(|c| otk_counts(c, user, device))?;
+    let (counts, _) = device_key_counts(&hs, user, device)?;
     Ok(axum::Json(json!({ "one_time_key_counts": counts })))
 }
 
@@ -590,6 +631,7 @@ pub(crate) fn local_claim(
                     .optional()?;
                 let found = match otk {
                     Some((id, json)) => {
+                        w.keys_changed();
                         w.tx.execute(
                             "DELETE FROM one_time_keys WHERE user_id=?1 AND device_id=?2 AND key_id=?3",
                             params![user, device, id],
@@ -605,6 +647,7 @@ pub(crate) fn local_claim(
                             )
                             .optional()?;
                         if fb.is_some() {
+                            w.keys_changed();
                             w.tx.execute(
                                 "UPDATE fallback_keys SET used=1 WHERE user_id=?1 AND device_id=?2 AND algorithm=?3",
                                 params![user, device, algorithm],

@@ -589,12 +589,14 @@ fn build(
         if !changed.is_empty() || !dl_left.is_empty() {
             has_news = true;
         }
+        let (otk_counts, fallback_types) =
+            keys::device_key_counts(&hs, user, auth.device_id.as_str())?;
         extensions.insert(
             "e2ee".into(),
             json!({
                 "device_lists": { "changed": changed, "left": dl_left },
-                "device_one_time_keys_count": keys::otk_counts(c, user, auth.device_id.as_str())?,
-                "device_unused_fallback_key_types": keys::unused_fallback_types(c, user, auth.device_id.as_str())?,
+                "device_one_time_keys_count": otk_counts,
+                "device_unused_fallback_key_types": fallback_types,
             }),
         );
     }

@@ -349,8 +349,13 @@ fn build(
                 if initial_room && since.is_none() && events.first().is_some_and(|e| e.stream > 1) {
                     limited = limited || events.len() as i64 >= tl_limit;
                 }
-                let receipts =
-                    receipts_since(c, &room, user, if initial_room { 0 } else { from }, upto)?;
+                let receipts = if initial_room {
+                    receipts_since(c, &room, user, 0, upto)?
+                } else if hs.db.may_have_changed(UserRows::Receipts, &room, from) {
+                    receipts_since(c, &room, user, from, upto)?
+                } else {
+                    None
+                };
                 if !initial_room
                     && typing.is_none()
                     && events.is_empty()
@@ -594,6 +599,7 @@ fn build(
         && to_device.is_empty()
         && changed.is_empty()
         && left.is_empty();
+    let (otk_counts, fallback_types) = keys::device_key_counts(hs, user, auth.device_id.as_str())?;
     let resp = json!({
         "next_batch": format!("s{upto}_{typing_now}_{to_device_pos}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
@@ -601,8 +607,8 @@ fn build(
         "presence": { "events": presence },
         "to_device": { "events": to_device },
         "device_lists": { "changed": changed, "left": left },
-        "device_one_time_keys_count": keys::otk_counts(c, user, auth.device_id.as_str())?,
-        "device_unused_fallback_key_types": keys::unused_fallback_types(c, user, auth.device_id.as_str())?,
+        "device_one_time_keys_count": otk_counts,
+        "device_unused_fallback_key_types": fallback_types,
     });
     Ok((resp, empty))
 }

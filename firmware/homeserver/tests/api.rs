@@ -2236,3 +2236,84 @@ mod federation_input {
         }
     }
 }
+
+/// Every sync reports the device's one-time key counts and unused fallback key
+/// types (kept in memory between key writes): uploads and claims show at once.
+#[tokio::test]
+async fn sync_reports_key_counts_after_uploads_and_claims() {
+    let b = new_box();
+    let (alice_id, alice) = b.register("alice").await;
+    let (_, bob) = b.register("bob").await;
+    let (_, who) = b
+        .call(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    let device = who["device_id"].as_str().unwrap().to_owned();
+    async fn counts(b: &Box_, token: &str) -> (i64, Value) {
+        let (s, v) = b
+            .call("GET", "/_matrix/client/v3/sync", Some(token), json!({}))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        (
+            v["device_one_time_keys_count"]["curve25519"]
+                .as_i64()
+                .unwrap_or(0),
+            v["device_unused_fallback_key_types"].clone(),
+        )
+    }
+    assert_eq!(counts(&b, &alice).await, (0, json!([])));
+    let upload = json!({
+        "one_time_keys": {"curve25519:a1": "a2V5MQ", "curve25519:a2": "a2V5Mg"},
+        "fallback_keys": {"curve25519:f1": "ZmFsbGJhY2s"},
+    });
+    let (s, v) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/keys/upload",
+            Some(&alice),
+            upload,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(counts(&b, &alice).await, (2, json!(["curve25519"])));
+    let claim = json!({"one_time_keys": {alice_id.clone(): {device.clone(): "curve25519"}}});
+    let mut claimed = Vec::new();
+    for left in [1, 0] {
+        let (s, v) = b
+            .call(
+                "POST",
+                "/_matrix/client/v3/keys/claim",
+                Some(&bob),
+                claim.clone(),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        claimed.push(v["one_time_keys"][&alice_id][&device].clone());
+        assert_eq!(counts(&b, &alice).await, (left, json!(["curve25519"])));
+    }
+    // With no one-time key left, a claim gets the fallback key, now used.
+    let (_, v) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/keys/claim",
+            Some(&bob),
+            claim.clone(),
+        )
+        .await;
+    assert!(
+        v["one_time_keys"][&alice_id][&device]["curve25519:f1"].is_string(),
+        "{v}"
+    );
+    assert_eq!(counts(&b, &alice).await, (0, json!([])));
+    assert_ne!(claimed[0], claimed[1]);
+    let more = json!({"one_time_keys": {"curve25519:a3": "a2V5Mw"}});
+    let (s, _) = b
+        .call("POST", "/_matrix/client/v3/keys/upload", Some(&alice), more)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(counts(&b, &alice).await, (1, json!([])));
+}

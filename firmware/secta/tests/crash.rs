@@ -80,6 +80,7 @@ fn check_all_present(data: &Path, acked: &[String], room: &str) {
     let key = vault.sqlcipher_key("homeserver.db").unwrap();
     conn.execute_batch(&format!("PRAGMA key = \"{}\";", key.as_str()))
         .unwrap();
+    conn.execute_batch(secta_vault::SQLCIPHER_SETTINGS).unwrap();
     let ok: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
