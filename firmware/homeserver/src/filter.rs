@@ -83,8 +83,15 @@ impl EventFilter {
 
     /// Whether a client-formatted (or PDU) event passes.
     pub fn allows(&self, ev: &Value) -> bool {
-        let kind = ev["type"].as_str().unwrap_or_default();
-        let sender = ev["sender"].as_str().unwrap_or_default();
+        self.allows_fields(
+            ev["type"].as_str().unwrap_or_default(),
+            ev["sender"].as_str().unwrap_or_default(),
+            ev["content"]["url"].is_string(),
+        )
+    }
+
+    /// [`EventFilter::allows`] given the fields it looks at.
+    pub fn allows_fields(&self, kind: &str, sender: &str, has_url: bool) -> bool {
         if !self.allows_type(kind) {
             return false;
         }
@@ -97,7 +104,7 @@ impl EventFilter {
             }
         }
         if let Some(want) = self.contains_url {
-            if ev["content"]["url"].is_string() != want {
+            if has_url != want {
                 return false;
             }
         }

@@ -823,6 +823,22 @@ pub fn client_event(
     viewer: &Viewer<'_>,
     with_room_id: bool,
 ) -> Value {
+    let mut out = client_fields(ev, with_room_id);
+    let unsigned = client_unsigned(
+        conn,
+        ev,
+        viewer,
+        with_room_id,
+        out.get("origin_server_ts").and_then(Value::as_u64),
+        out.get("sender").and_then(Value::as_str),
+    );
+    out.insert("unsigned".into(), Value::Object(unsigned));
+    Value::Object(out)
+}
+
+/// The fields of an event's client form that are the same for every viewer
+/// (all but `unsigned`).
+fn client_fields(ev: &StoredEvent, with_room_id: bool) -> serde_json::Map<String, Value> {
     let mut pdu: serde_json::Map<String, Value> =
         serde_json::from_str(&ev.json).unwrap_or_default();
     let mut out = serde_json::Map::new();
@@ -849,12 +865,25 @@ pub fn client_event(
     if with_room_id {
         out.insert("room_id".into(), json!(ev.room_id));
     }
+    out
+}
+
+/// An event's `unsigned` as this viewer sees it now: its age, the viewer's
+/// transaction id, the redaction, the state it replaced, bundled relations.
+fn client_unsigned(
+    conn: &Connection,
+    ev: &StoredEvent,
+    viewer: &Viewer<'_>,
+    with_room_id: bool,
+    ts: Option<u64>,
+    sender: Option<&str>,
+) -> serde_json::Map<String, Value> {
     let mut unsigned = serde_json::Map::new();
-    if let Some(ts) = out.get("origin_server_ts").and_then(Value::as_u64) {
+    if let Some(ts) = ts {
         unsigned.insert("age".into(), json!(now_ms().saturating_sub(ts)));
     }
     if let (Some(txn), Some(dev), Some(vdev)) = (&ev.txn_id, &ev.txn_device, viewer.device_id) {
-        if dev == vdev && out.get("sender").and_then(Value::as_str) == Some(viewer.user_id) {
+        if dev == vdev && sender == Some(viewer.user_id) {
             unsigned.insert("transaction_id".into(), json!(txn));
         }
     }
@@ -880,8 +909,82 @@ pub fn client_event(
             unsigned.insert("m.relations".into(), rel);
         }
     }
-    out.insert("unsigned".into(), Value::Object(unsigned));
-    Value::Object(out)
+    unsigned
+}
+
+/// An event's viewer-independent client form, serialized once and shared by
+/// every sync that sends the event (a busy room's message goes to each of its
+/// members' syncs): the fields as JSON without the closing brace, and what
+/// filters look at.
+pub struct Formatted {
+    head: String,
+    redacted: bool,
+    pub kind: String,
+    pub sender: String,
+    pub has_url: bool,
+    ts: Option<u64>,
+}
+
+/// Recently formatted events by id (bounded: started over when full).
+#[derive(Default)]
+pub struct FormattedCache {
+    map: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Formatted>>>,
+}
+
+const FORMATTED_MAX: usize = 2048;
+
+impl FormattedCache {
+    /// The event's shared form. A redaction rewrites a stored event, so an
+    /// entry is used only while the event's redaction state is the same.
+    pub fn get(&self, ev: &StoredEvent) -> std::sync::Arc<Formatted> {
+        let redacted = ev.redacted_by.is_some();
+        {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = map.get(&ev.event_id).filter(|f| f.redacted == redacted) {
+                return f.clone();
+            }
+        }
+        let fields = client_fields(ev, false);
+        let text = |k: &str| {
+            fields
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let mut head = Value::Object(fields.clone()).to_string();
+        head.pop();
+        let f = std::sync::Arc::new(Formatted {
+            kind: text("type"),
+            sender: text("sender"),
+            has_url: fields.get("content").is_some_and(|c| c["url"].is_string()),
+            ts: fields.get("origin_server_ts").and_then(Value::as_u64),
+            head,
+            redacted,
+        });
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= FORMATTED_MAX {
+            map.clear();
+        }
+        map.insert(ev.event_id.clone(), f.clone());
+        f
+    }
+}
+
+/// [`client_event`] (without the room id) as JSON text, from the shared form.
+pub fn client_event_json(
+    conn: &Connection,
+    f: &Formatted,
+    ev: &StoredEvent,
+    viewer: &Viewer<'_>,
+) -> Box<RawValue> {
+    let unsigned = client_unsigned(conn, ev, viewer, false, f.ts, Some(&f.sender));
+    let mut json = String::with_capacity(f.head.len() + 64);
+    json.push_str(&f.head);
+    json.push_str(",\"unsigned\":");
+    json.push_str(&Value::Object(unsigned).to_string());
+    json.push('}');
+    RawValue::from_string(json).expect("an object with one more member is JSON")
 }
 
 fn bundled_relations(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) -> Option<Value> {
@@ -970,22 +1073,7 @@ fn client_event_plain(conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) 
 }
 
 fn client_event_no_bundle(_conn: &Connection, ev: &StoredEvent, viewer: &Viewer<'_>) -> Value {
-    let mut pdu: serde_json::Map<String, Value> =
-        serde_json::from_str(&ev.json).unwrap_or_default();
-    let mut out = serde_json::Map::new();
-    for key in [
-        "content",
-        "origin_server_ts",
-        "sender",
-        "type",
-        "state_key",
-        "redacts",
-    ] {
-        if let Some(v) = pdu.remove(key) {
-            out.insert(key.to_owned(), v);
-        }
-    }
-    out.insert("event_id".into(), json!(ev.event_id));
+    let mut out = client_fields(ev, false);
     let mut unsigned = serde_json::Map::new();
     if let (Some(txn), Some(dev), Some(vdev)) = (&ev.txn_id, &ev.txn_device, viewer.device_id) {
         if dev == vdev {

@@ -1,11 +1,15 @@
 //! `/sync`: initial and incremental, long-polling, filters, limited timelines.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::extract::State;
 use rusqlite::{params, Connection};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, value::RawValue, Map, Value};
 
 use crate::{
     db::UserRows,
@@ -14,7 +18,7 @@ use crate::{
     extract::{Auth, QueryArgs},
     filter::Filter,
     keys,
-    pdu::{self, client_event, row_to_event, StoredEvent, Viewer, EVENT_COLS},
+    pdu::{self, client_event, row_to_event, Formatted, StoredEvent, Viewer, EVENT_COLS},
     rooms::{member_events_for, Visibility},
     Hs,
 };
@@ -96,7 +100,7 @@ pub async fn sync(
     State(hs): State<Arc<Hs>>,
     auth: Auth,
     QueryArgs(q): QueryArgs<SyncQuery>,
-) -> MxResult<axum::Json<Value>> {
+) -> MxResult<axum::Json<SyncResponse>> {
     let since = q.since.as_deref().map(parse_since).transpose()?;
     let timeout = match q.timeout.as_deref() {
         None => 0,
@@ -268,6 +272,48 @@ pub(crate) fn summary(c: &Connection, room: &str, user: &str) -> rusqlite::Resul
     )
 }
 
+/// A `/sync` response. Joined rooms' timelines are JSON text made from the
+/// shared form of each event ([`pdu::Formatted`]), not value trees.
+#[derive(Serialize)]
+pub struct SyncResponse {
+    next_batch: String,
+    rooms: Rooms,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct Rooms {
+    join: BTreeMap<String, JoinedRoom>,
+    invite: Map<String, Value>,
+    leave: Map<String, Value>,
+    knock: Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct JoinedRoom {
+    timeline: Timeline,
+    state: Events,
+    ephemeral: Events,
+    account_data: Events,
+    unread_notifications: Value,
+    unread_thread_notifications: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Timeline {
+    events: Vec<Box<RawValue>>,
+    limited: bool,
+    prev_batch: String,
+}
+
+#[derive(Serialize)]
+struct Events {
+    events: Vec<Value>,
+}
+
 /// Builds one sync response; the flag says whether it carries nothing new.
 fn build(
     hs: &Hs,
@@ -278,7 +324,7 @@ fn build(
     full_state: bool,
     (to_device, to_device_pos): (Vec<Value>, i64),
     upto: i64,
-) -> MxResult<(Value, bool)> {
+) -> MxResult<(SyncResponse, bool)> {
     let user = auth.user_id.as_str();
     let v = Viewer {
         user_id: user,
@@ -288,7 +334,7 @@ fn build(
     let from = since.map_or(0, |s| s.stream);
     let rf = &filter.room;
     let tl_limit = rf.timeline.limit.unwrap_or(10).clamp(1, 100) as i64;
-    let mut join = Map::new();
+    let mut join = BTreeMap::new();
     let mut invite = Map::new();
     let mut leave = Map::new();
     let mut knock = Map::new();
@@ -371,11 +417,13 @@ fn build(
                 } else {
                     None
                 };
-                let timeline: Vec<Value> = events
+                // Each event's viewer-independent form is shared by every sync
+                // that sends it; only `unsigned` is made for this viewer.
+                let timeline: Vec<(Arc<Formatted>, &StoredEvent)> = events
                     .iter()
                     .filter(|e| vis.as_ref().is_none_or(|v| v.allows(e.stream)))
-                    .map(|e| client_event(c, e, &v, false))
-                    .filter(|e| rf.timeline.allows(e))
+                    .map(|e| (hs.formatted.get(e), e))
+                    .filter(|(f, _)| rf.timeline.allows_fields(&f.kind, &f.sender, f.has_url))
                     .collect();
                 // State between `since` (or the beginning) and the start of the timeline.
                 let state_from = if initial_room {
@@ -400,10 +448,8 @@ fn build(
                         .query_map(params![room, state_from, tl_start], row_to_event)?
                         .collect::<Result<_, _>>()?;
                     let lazy = rf.state.lazy_load_members && !full_state;
-                    let senders: HashSet<&str> = timeline
-                        .iter()
-                        .filter_map(|e| e["sender"].as_str())
-                        .collect();
+                    let senders: HashSet<&str> =
+                        timeline.iter().map(|(f, _)| f.sender.as_str()).collect();
                     for e in &rows {
                         let ce = client_event(c, e, &v, false);
                         if ce["type"] == "m.room.member" && lazy {
@@ -455,17 +501,37 @@ fn build(
                     }
                 }
                 let prev_batch = format!("s{}", tl_start - 1);
-                let mut entry = json!({
-                    "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch },
-                    "state": { "events": state },
-                    "ephemeral": { "events": ephemeral },
-                    "account_data": { "events": room_ad.into_iter().filter(|e| rf.account_data.allows_type(e["type"].as_str().unwrap_or(""))).collect::<Vec<_>>() },
-                    "unread_notifications": { "notification_count": notes, "highlight_count": highlights },
-                    "unread_thread_notifications": thread_notes,
-                });
-                if initial_room || events.iter().any(|e| e.json.contains("\"m.room.member\"")) {
-                    entry["summary"] = summary(c, &room, user)?;
-                }
+                let summary = if initial_room
+                    || events.iter().any(|e| e.json.contains("\"m.room.member\""))
+                {
+                    Some(summary(c, &room, user)?)
+                } else {
+                    None
+                };
+                let entry = JoinedRoom {
+                    timeline: Timeline {
+                        events: timeline
+                            .iter()
+                            .map(|(f, e)| pdu::client_event_json(c, f, e, &v))
+                            .collect(),
+                        limited,
+                        prev_batch,
+                    },
+                    state: Events { events: state },
+                    ephemeral: Events { events: ephemeral },
+                    account_data: Events {
+                        events: room_ad
+                            .into_iter()
+                            .filter(|e| {
+                                rf.account_data
+                                    .allows_type(e["type"].as_str().unwrap_or(""))
+                            })
+                            .collect(),
+                    },
+                    unread_notifications: json!({ "notification_count": notes, "highlight_count": highlights }),
+                    unread_thread_notifications: thread_notes,
+                    summary,
+                };
                 join.insert(room, entry);
             }
             "invite" => {
@@ -600,9 +666,7 @@ fn build(
         && changed.is_empty()
         && left.is_empty();
     let (otk_counts, fallback_types) = keys::device_key_counts(hs, user, auth.device_id.as_str())?;
-    let resp = json!({
-        "next_batch": format!("s{upto}_{typing_now}_{to_device_pos}"),
-        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
+    let rest = json!({
         "account_data": { "events": global_ad },
         "presence": { "events": presence },
         "to_device": { "events": to_device },
@@ -610,5 +674,18 @@ fn build(
         "device_one_time_keys_count": otk_counts,
         "device_unused_fallback_key_types": fallback_types,
     });
+    let Value::Object(rest) = rest else {
+        unreachable!("json! of an object")
+    };
+    let resp = SyncResponse {
+        next_batch: format!("s{upto}_{typing_now}_{to_device_pos}"),
+        rooms: Rooms {
+            join,
+            invite,
+            leave,
+            knock,
+        },
+        rest,
+    };
     Ok((resp, empty))
 }

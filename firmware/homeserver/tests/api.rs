@@ -2317,3 +2317,65 @@ async fn sync_reports_key_counts_after_uploads_and_claims() {
     assert_eq!(s, 200);
     assert_eq!(counts(&b, &alice).await, (1, json!([])));
 }
+
+/// Sync shares each event's formatted form between viewers: the sender's own
+/// transaction id must stay hers, and a redaction must show at once (the
+/// shared form of the original is made again).
+#[tokio::test]
+async fn synced_events_are_per_viewer_and_redactions_show() {
+    let b = new_box();
+    let (_, alice) = b.register("alice").await;
+    let (_, bob) = b.register("bob").await;
+    let room = b.room(&alice).await;
+    let join = format!("/_matrix/client/v3/join/{}", enc(&room));
+    assert_eq!(b.call("POST", &join, Some(&bob), json!({})).await.0, 200);
+    let send = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+        enc(&room)
+    );
+    let body = json!({"msgtype": "m.text", "body": "секрет до редакции"});
+    let (s, v) = b.call("PUT", &send, Some(&alice), body).await;
+    assert_eq!(s, 200, "{v}");
+    let event_id = v["event_id"].as_str().unwrap().to_owned();
+    let find = |v: &Value| -> Value {
+        v["rooms"]["join"][&room]["timeline"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event_id"] == event_id.as_str())
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let (_, for_bob) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&bob), json!({}))
+        .await;
+    let (_, for_alice) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+        .await;
+    let (seen_by_bob, seen_by_alice) = (find(&for_bob), find(&for_alice));
+    assert_eq!(seen_by_bob["content"]["body"], "секрет до редакции");
+    assert!(seen_by_bob["unsigned"]["transaction_id"].is_null());
+    assert_eq!(seen_by_alice["unsigned"]["transaction_id"], "t1");
+    assert!(seen_by_bob["unsigned"]["age"].is_u64());
+    let redact = format!(
+        "/_matrix/client/v3/rooms/{}/redact/{}/r1",
+        enc(&room),
+        enc(&event_id)
+    );
+    let (s, v) = b
+        .call("PUT", &redact, Some(&alice), json!({"reason": "oops"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let redaction_id = v["event_id"].as_str().unwrap().to_owned();
+    let (_, again) = b
+        .call("GET", "/_matrix/client/v3/sync", Some(&bob), json!({}))
+        .await;
+    let redacted = find(&again);
+    assert_eq!(redacted["content"], json!({}), "{redacted}");
+    assert_eq!(
+        redacted["unsigned"]["redacted_because"]["event_id"],
+        redaction_id.as_str()
+    );
+    let text = again.to_string();
+    assert!(!text.contains("секрет до редакции"), "{text}");
+}
