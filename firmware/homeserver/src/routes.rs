@@ -326,7 +326,9 @@ async fn well_known_server(
     axum::extract::State(hs): axum::extract::State<Arc<Hs>>,
 ) -> impl IntoResponse {
     let name = hs.server_name.as_str();
-    let server = if hs.server_name.port().is_some() {
+    let server = if let Some(s) = &hs.config.federation.well_known_server {
+        s.clone()
+    } else if hs.server_name.port().is_some() {
         name.to_owned()
     } else {
         format!("{name}:443")
