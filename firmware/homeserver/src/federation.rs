@@ -422,10 +422,9 @@ impl Hs {
             .ok_or_else(|| MxError::bad_json("PDU without room_id"))?
             .to_owned();
         let room = RoomId::parse(&room_id).map_err(|_| MxError::bad_json("bad room_id"))?;
-        let version = self
-            .db
-            .read(|c| pdu::room_version(c, &room_id))?
-            .ok_or_else(|| MxError::not_found("Room unknown here"))?;
+        let Some(version) = self.db.read(|c| pdu::room_version(c, &room_id))? else {
+            return self.receive_out_of_band(&room, value).await;
+        };
         let sender_server = value["sender"]
             .as_str()
             .and_then(|s| UserId::parse(s).ok())
@@ -543,6 +542,57 @@ impl Hs {
         if let Some(k) = &parsed.state_key {
             self.notify_users([k.as_str()]);
         }
+        Ok(event_id)
+    }
+}
+
+impl Hs {
+    /// A membership event of a room this box does not hold, about a local user
+    /// with an invite from that room or a knock on it pending: a leave (a knock
+    /// refused, an invite withdrawn) or a ban ends it, and the user's clients
+    /// see them leave. Its signatures are checked; the room's auth rules cannot
+    /// be (the state is not here).
+    async fn receive_out_of_band(&self, room: &RoomId, value: Value) -> MxResult<String> {
+        let unknown = || MxError::not_found("Room unknown here");
+        let Some(user) = value["state_key"]
+            .as_str()
+            .filter(|_| value["type"] == "m.room.member")
+            .and_then(|k| UserId::parse(k).ok())
+            .filter(|u| u.server_name() == self.server_name)
+        else {
+            return Err(unknown());
+        };
+        if !matches!(
+            value["content"]["membership"].as_str(),
+            Some("leave" | "ban")
+        ) {
+            return Err(unknown());
+        }
+        let pending: Option<String> = self.db.read(|c| {
+            c.query_row(
+                "SELECT room_version FROM remote_invites WHERE room_id=?1 AND user_id=?2 AND declined=0",
+                params![room.as_str(), user.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        let version = pending
+            .and_then(|v| RoomVersionId::try_from(v.as_str()).ok())
+            .ok_or_else(unknown)?;
+        let (event_id, obj) = self.verify_pdu(&version, value).await?;
+        let mut ev = serde_json::to_value(&obj)?;
+        ev["event_id"] = json!(event_id);
+        self.db.write(|w| -> rusqlite::Result<()> {
+            let stream = w.next_stream();
+            w.tx.execute(
+                "UPDATE remote_invites SET declined=1, event_json=?1, stream=?2 WHERE room_id=?3 AND user_id=?4",
+                params![ev.to_string(), stream, room.as_str(), user.as_str()],
+            )?;
+            w.note(crate::db::UserRows::RemoteInvites, user.as_str(), stream);
+            w.persist_stream()
+        })?;
+        self.notify_users([user.as_str()]);
+        tracing::info!(%room, "a pending invite or knock was answered by the room");
         Ok(event_id)
     }
 }

@@ -374,3 +374,120 @@ fn discovery_with_well_known_delegation() {
         "127.0.0.42:7010",
     );
 }
+
+/// Waits (bounded) until the newest message of `room` seen by a user of `base` is `body`.
+fn wait_for_message(base: &str, token: &str, room: &str, body: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = common::call(
+            "GET",
+            &format!(
+                "{base}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1",
+                common::enc(room)
+            ),
+            token,
+            serde_json::json!({}),
+        );
+        if v.is_ok_and(|v| v["chunk"][0]["content"]["body"] == body) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{body:?} never reached {base}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Two boxes named `a.test` and `b.test` with no peer table: each finds the
+/// other through DNS (dnsmasq) — B by `_matrix-fed._tcp`, A by the deprecated
+/// `_matrix._tcp` — and checks its certificate against the community CA.
+#[test]
+fn two_boxes_find_each_other_through_srv_records() {
+    if let Some(why) = dnsmasq_missing() {
+        eprintln!("SKIPPED: boxes found by SRV ({why})");
+        println!("SKIPPED: boxes found by SRV ({why})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let ca_path = ca.write(dir.path());
+    let (ip_a, ip_b) = ("127.0.0.6", "127.0.0.7");
+    let (pa, ta) = (free_port_on(ip_a), free_port_on(ip_a));
+    let (pb, tb) = (free_port_on(ip_b), free_port_on(ip_b));
+    let dns = dnsmasq(
+        dir.path(),
+        60,
+        &[
+            srv("_matrix._tcp.a.test", "fed.a.test", ta, 0),
+            a("fed.a.test", ip_a),
+            srv("_matrix-fed._tcp.b.test", "fed.b.test", tb, 0),
+            a("fed.b.test", ip_b),
+        ],
+    );
+    let mut boxes = Vec::new();
+    for (name, ip, port, tls) in [("a.test", ip_a, pa, ta), ("b.test", ip_b, pb, tb)] {
+        let data = dir.path().join(name);
+        std::fs::create_dir_all(&data).unwrap();
+        let (cert, key) = ca.issue(&[name]);
+        std::fs::write(data.join("tls.crt"), cert).unwrap();
+        std::fs::write(data.join("tls.key"), key).unwrap();
+        std::fs::write(
+            data.join("secta.toml"),
+            format!(
+                "[box]\nname = \"box\"\n\n[homeserver]\nserver_name = \"{name}\"\nlisten = \"{ip}:{port}\"\n\n\
+                 [homeserver.federation]\ntls_listen = \"{ip}:{tls}\"\ntls_cert = {:?}\ntls_key = {:?}\n\
+                 dns_servers = [\"{}\"]\nca_certificates = [{:?}]\n",
+                data.join("tls.crt"),
+                data.join("tls.key"),
+                dns.addr,
+                ca_path
+            ),
+        )
+        .unwrap();
+        boxes.push((common::start_at(&data, ip, port, &[]), data));
+    }
+    let ((a_box, da), (b_box, db)) = (&boxes[0], &boxes[1]);
+    common::admin(da, &["user", "create", "alice", "--password", "pw"]);
+    common::admin(db, &["user", "create", "bob", "--password", "pw"]);
+    let alice = common::login(&a_box.base, "alice");
+    let bob = common::login(&b_box.base, "bob");
+    let room = common::create_room(
+        &a_box.base,
+        &alice,
+        serde_json::json!({"preset": "public_chat", "name": "Через DNS"}),
+    );
+    common::call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/invite",
+            a_box.base,
+            common::enc(&room)
+        ),
+        &alice,
+        serde_json::json!({"user_id": "@bob:b.test"}),
+    )
+    .expect("invite @bob:b.test: A finds B by _matrix-fed._tcp.b.test");
+    common::call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/join/{}",
+            b_box.base,
+            common::enc(&room)
+        ),
+        &bob,
+        serde_json::json!({}),
+    )
+    .expect("bob joins through a.test: B finds A by _matrix._tcp.a.test");
+    common::send(&b_box.base, &bob, &room, "dns1", "нашёл по SRV");
+    wait_for_message(&a_box.base, &alice, &room, "нашёл по SRV");
+    common::send(&a_box.base, &alice, &room, "dns2", "и я тебя");
+    wait_for_message(&b_box.base, &bob, &room, "и я тебя");
+    let status = common::admin(da, &["federation"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("b.test") && l.contains("queued 0")),
+        "{status}"
+    );
+}

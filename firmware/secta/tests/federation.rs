@@ -407,9 +407,12 @@ fn a_user_knocks_on_a_room_of_another_box_and_gets_in() {
     let b = start_box(&db, ip_b, pb, tb, (ip_a, pa, ta));
     admin(&da, &["user", "create", "alice", "--password", "pw"]);
     admin(&db, &["user", "create", "bob", "--password", "pw"]);
+    admin(&db, &["user", "create", "carol", "--password", "pw"]);
     let alice = login(&a.base, "alice");
     let bob = login(&b.base, "bob");
+    let carol = login(&b.base, "carol");
     let bob_id = format!("@bob:{}", b.name);
+    let carol_id = format!("@carol:{}", b.name);
     let knock_room = create_room(
         &a.base,
         &alice,
@@ -515,4 +518,66 @@ fn a_user_knocks_on_a_room_of_another_box_and_gets_in() {
     sync_until(&a.base, &alice, "bob's message on A", 30, |v| {
         timeline_has(v, &knock_room, "спасибо, что впустили")
     });
+
+    // Carol knocks too and is refused: her box hears it (the room is not
+    // there) and her clients see her knock end.
+    call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/knock/{}?via={}",
+            b.base,
+            enc(&knock_room),
+            enc(&a.name)
+        ),
+        &carol,
+        json!({}),
+    )
+    .expect("carol knocks");
+    let knocked = sync_until(&b.base, &carol, "carol's knock", 20, |v| {
+        v["rooms"]["knock"].get(&knock_room).is_some()
+    });
+    sync_until(&a.base, &alice, "carol's knock on A", 20, |v| {
+        v["rooms"]["join"][&knock_room]["timeline"]["events"]
+            .as_array()
+            .is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    e["state_key"] == carol_id.as_str() && e["content"]["membership"] == "knock"
+                })
+            })
+    });
+    call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/kick",
+            a.base,
+            enc(&knock_room)
+        ),
+        &alice,
+        json!({"user_id": carol_id, "reason": "не сегодня"}),
+    )
+    .expect("refuse carol's knock");
+    let mut since = knocked["next_batch"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = call(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/sync?since={since}&timeout=1000",
+                b.base
+            ),
+            &carol,
+            json!({}),
+        )
+        .unwrap();
+        let left = &v["rooms"]["leave"][&knock_room]["timeline"]["events"][0];
+        if left["content"]["membership"] == "leave" {
+            assert_eq!(left["content"]["reason"], "не сегодня", "{v}");
+            break;
+        }
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        assert!(
+            Instant::now() < deadline,
+            "carol never heard her knock was refused"
+        );
+    }
 }
