@@ -4,11 +4,12 @@
 //! SRV, then the deprecated `_matrix._tcp`; port 8448), with results cached
 //! for as long as DNS TTLs and the well-known response's cache headers allow.
 //!
-//! DNS goes through hickory-resolver, to the servers of
-//! `[homeserver.federation] dns_servers` or the system's `/etc/resolv.conf`.
-//! HTTPS connections are made by reqwest with a resolver that knows the SRV
-//! answers: the URL keeps the name the certificate must be valid for (and
-//! the `Host` header), while the connection goes to the SRV target and port.
+//! SRV lookups go through hickory-resolver, to the servers of
+//! `[homeserver.federation] dns_servers` or the system's `/etc/resolv.conf`;
+//! A/AAAA lookups too when `dns_servers` is set, else through the system's
+//! resolver. HTTPS connections are made by reqwest with a resolver that knows
+//! the SRV answers: the URL keeps the name the certificate must be valid for
+//! (and the `Host` header), while the connection goes to the SRV target and port.
 
 use std::{
     collections::HashMap,
@@ -105,9 +106,12 @@ pub struct Discovery {
     well_known: Mutex<HashMap<String, (WellKnown, Instant)>>,
 }
 
-/// DNS for reqwest: host names through hickory, SRV names to their targets.
+/// DNS for reqwest: SRV names to their targets; host names through hickory
+/// when DNS servers are configured, else the system's resolver (so
+/// `/etc/hosts`, mDNS and the like keep working for peers named in URLs).
 struct DnsForHttp {
     dns: TokioResolver,
+    system: bool,
     srv: SrvMap,
 }
 
@@ -121,22 +125,25 @@ impl reqwest::dns::Resolve for DnsForHttp {
             .cloned()
             // Port 0: the URL's port (or 443) is used.
             .unwrap_or_else(|| vec![(name.as_str().to_owned(), 0)]);
-        let dns = self.dns.clone();
+        let (dns, system) = (self.dns.clone(), self.system);
         Box::pin(async move {
             let mut addrs: Vec<SocketAddr> = Vec::new();
-            let mut last_err = None;
+            let mut last_err: Option<Box<dyn std::error::Error + Send + Sync>> = None;
             for (host, port) in targets.iter().take(8) {
+                if system {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(found) => addrs.extend(found),
+                        Err(e) => last_err = Some(Box::new(e)),
+                    }
+                    continue;
+                }
                 match dns.lookup_ip(fqdn(host)).await {
                     Ok(ips) => addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, *port))),
-                    Err(e) => last_err = Some(e),
+                    Err(e) => last_err = Some(Box::new(e)),
                 }
             }
             if addrs.is_empty() {
-                let e: Box<dyn std::error::Error + Send + Sync> = match last_err {
-                    Some(e) => Box::new(e),
-                    None => "no address".into(),
-                };
-                return Err(e);
+                return Err(last_err.unwrap_or_else(|| "no address".into()));
             }
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
@@ -227,6 +234,7 @@ impl Discovery {
                 .connect_timeout(Duration::from_secs(10))
                 .dns_resolver(Arc::new(DnsForHttp {
                     dns: dns.clone(),
+                    system: cfg.dns_servers.is_empty(),
                     srv,
                 }))
                 .danger_accept_invalid_certs(self_signed)

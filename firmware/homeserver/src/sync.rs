@@ -351,15 +351,18 @@ fn build(
                 }
                 let receipts =
                     receipts_since(c, &room, user, if initial_room { 0 } else { from }, upto)?;
-                if !initial_room
+                // State rewritten since `since` without a timeline event of its own
+                // (a resolution across a fork) may be all there is to say.
+                let resolved = !initial_room
+                    && hs
+                        .db
+                        .may_have_changed(UserRows::StateRewritten, &room, from);
+                let quiet = !initial_room
                     && typing.is_none()
                     && events.is_empty()
                     && receipts.is_none()
-                    && room_ad.is_empty()
-                    && !hs
-                        .db
-                        .may_have_changed(UserRows::StateRewritten, &room, from)
-                {
+                    && room_ad.is_empty();
+                if quiet && !resolved {
                     // A hint ahead of this snapshot, or only outliers: nothing to say.
                     continue;
                 }
@@ -376,13 +379,8 @@ fn build(
                     .filter(|e| rf.timeline.allows(e))
                     .collect();
                 // State between `since` (or the beginning) and the start of the timeline;
-                // and state rewritten since `since` without a timeline event of its own
-                // (a resolution across a fork): what the room's state is now, less what
+                // and, when it was rewritten, what the room's state is now, less what
                 // the timeline carries.
-                let resolved = !initial_room
-                    && hs
-                        .db
-                        .may_have_changed(UserRows::StateRewritten, &room, from);
                 let state_from = if initial_room {
                     0
                 } else if limited || resolved {
@@ -444,6 +442,9 @@ fn build(
                             state.extend(member_events_for(c, &room, &missing, &v)?);
                         }
                     }
+                }
+                if quiet && state.is_empty() {
+                    continue;
                 }
                 let mut ephemeral = Vec::new();
                 if let Some(users) = typing {
