@@ -1936,6 +1936,99 @@ mod federation_input {
         }
     }
 
+    /// A public room (v11) made by alice on the box, and mallory of good.test
+    /// joined to it through make_join/send_join.
+    struct Joined {
+        tok: String,
+        room: String,
+        join_id: String,
+        join: Value,
+        create: String,
+        pl: String,
+        join_rules: String,
+    }
+
+    impl Box_ {
+        async fn room_with_mallory(&self, good: &Ed25519KeyPair) -> Joined {
+            let b = self;
+            let (_alice, tok) = b.register("alice").await;
+            let (s, v) = b
+                .call(
+                    "POST",
+                    "/_matrix/client/v3/createRoom",
+                    Some(&tok),
+                    json!({"preset": "public_chat", "room_version": "11"}),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let room = v["room_id"].as_str().unwrap().to_owned();
+
+            // mallory on good.test joins through make_join / send_join.
+            let mallory = "@mallory:good.test";
+            let (s, made) = b
+                .fed(
+                    &good,
+                    "good.test",
+                    "GET",
+                    &format!(
+                        "/_matrix/federation/v1/make_join/{}/{}?ver=11",
+                        enc(&room),
+                        enc(mallory)
+                    ),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{made}");
+            let mut tpl = made["event"].clone();
+            tpl["origin_server_ts"] = json!(1_700_000_000_000u64);
+            let (join_id, join) = sign_pdu(&good, "good.test", tpl);
+            let (s, v) = b
+                .fed(
+                    &good,
+                    "good.test",
+                    "PUT",
+                    &format!(
+                        "/_matrix/federation/v2/send_join/{}/{}",
+                        enc(&room),
+                        enc(&join_id)
+                    ),
+                    Some(join.clone()),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+
+            let (_, state) = b
+                .call(
+                    "GET",
+                    &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
+                    Some(&tok),
+                    json!({}),
+                )
+                .await;
+            let id_of = |t: &str| -> String {
+                state
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["type"] == t)
+                    .unwrap()["event_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            };
+            let (create, pl) = (id_of("m.room.create"), id_of("m.room.power_levels"));
+            Joined {
+                tok,
+                room,
+                join_id,
+                join,
+                create,
+                pl,
+                join_rules: id_of("m.room.join_rules"),
+            }
+        }
+    }
+
     fn enc(s: &str) -> String {
         s.replace('!', "%21")
             .replace(':', "%3A")
@@ -1957,72 +2050,16 @@ mod federation_input {
             },
             ..Default::default()
         });
-        let (_alice, tok) = b.register("alice").await;
-        let (s, v) = b
-            .call(
-                "POST",
-                "/_matrix/client/v3/createRoom",
-                Some(&tok),
-                json!({"preset": "public_chat", "room_version": "11"}),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        let room = v["room_id"].as_str().unwrap().to_owned();
-
-        // mallory on good.test joins through make_join / send_join.
+        let Joined {
+            tok,
+            room,
+            join_id,
+            join,
+            create,
+            pl,
+            ..
+        } = b.room_with_mallory(&good).await;
         let mallory = "@mallory:good.test";
-        let (s, made) = b
-            .fed(
-                &good,
-                "good.test",
-                "GET",
-                &format!(
-                    "/_matrix/federation/v1/make_join/{}/{}?ver=11",
-                    enc(&room),
-                    enc(mallory)
-                ),
-                None,
-            )
-            .await;
-        assert_eq!(s, 200, "{made}");
-        let mut tpl = made["event"].clone();
-        tpl["origin_server_ts"] = json!(1_700_000_000_000u64);
-        let (join_id, join) = sign_pdu(&good, "good.test", tpl);
-        let (s, v) = b
-            .fed(
-                &good,
-                "good.test",
-                "PUT",
-                &format!(
-                    "/_matrix/federation/v2/send_join/{}/{}",
-                    enc(&room),
-                    enc(&join_id)
-                ),
-                Some(join.clone()),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-
-        let (_, state) = b
-            .call(
-                "GET",
-                &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
-                Some(&tok),
-                json!({}),
-            )
-            .await;
-        let id_of = |t: &str| -> String {
-            state
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|e| e["type"] == t)
-                .unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        };
-        let (create, pl) = (id_of("m.room.create"), id_of("m.room.power_levels"));
         let depth = join["depth"].as_u64().unwrap();
         let message = |sender: &str, body: &str, auth: Vec<String>, n: u64| {
             json!({
@@ -2234,5 +2271,142 @@ mod federation_input {
             let (s, v) = b.fed(&good, "good.test", "GET", &uri, None).await;
             assert_eq!(s, want, "federation /event of {id}: {v}");
         }
+    }
+
+    /// With more forward extremities than an event may cite (20), a local
+    /// event's state is the resolution of the ones it cites — what other
+    /// servers compute from its prev_events — while the room's current state
+    /// still resolves over all of them.
+    #[tokio::test]
+    async fn an_event_citing_20_of_21_extremities_has_their_state() {
+        let (good, good_pub) = keypair("k1");
+        let b = new_box_with(HomeserverConfig {
+            server_name: "test.box".into(),
+            federation: FederationConfig {
+                peers: vec![peer("good.test", &good_pub)],
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let Joined {
+            tok,
+            room,
+            join_id,
+            join,
+            create,
+            pl,
+            join_rules,
+        } = b.room_with_mallory(&good).await;
+        let mallory = "@mallory:good.test";
+        let depth = join["depth"].as_u64().unwrap();
+        // 21 forks off mallory's join: a new display name (the lowest, so not
+        // cited) and 20 messages.
+        let (rename_id, rename) = sign_pdu(
+            &good,
+            "good.test",
+            json!({
+                "type": "m.room.member", "state_key": mallory, "room_id": room, "sender": mallory,
+                "content": {"membership": "join", "displayname": "Новое имя"},
+                "origin_server_ts": 1_700_000_000_001u64, "depth": depth + 1,
+                "prev_events": [join_id], "auth_events": [create, pl, join_id, join_rules],
+            }),
+        );
+        let mut pdus = vec![rename];
+        for i in 0..20u64 {
+            pdus.push(
+                sign_pdu(
+                    &good,
+                    "good.test",
+                    json!({
+                        "type": "m.room.message", "room_id": room, "sender": mallory,
+                        "content": {"msgtype": "m.text", "body": format!("ветка {i}")},
+                        "origin_server_ts": 1_700_000_000_100u64 + i, "depth": depth + 5,
+                        "prev_events": [join_id], "auth_events": [create, pl, join_id],
+                    }),
+                )
+                .1,
+            );
+        }
+        let body = json!({"origin": "good.test", "origin_server_ts": 1, "pdus": pdus});
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "PUT",
+                "/_matrix/federation/v1/send/f1",
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert!(
+            v["pdus"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|r| r == &json!({})),
+            "{v}"
+        );
+        let (s, v) = b
+            .call(
+                "PUT",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+                    enc(&room)
+                ),
+                Some(&tok),
+                json!({"msgtype": "m.text", "body": "всем ветвям"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let ev_id = v["event_id"].as_str().unwrap().to_owned();
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "GET",
+                &format!("/_matrix/federation/v1/event/{}", enc(&ev_id)),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let prevs = v["pdus"][0]["prev_events"].as_array().unwrap().clone();
+        assert_eq!(prevs.len(), 20, "{prevs:?}");
+        assert!(!prevs.contains(&json!(rename_id)), "{prevs:?}");
+        // The state before it (served to other servers) is that of the cited
+        // forks: mallory's join, not his rename.
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "GET",
+                &format!(
+                    "/_matrix/federation/v1/state_ids/{}?event_id={}",
+                    enc(&room),
+                    enc(&ev_id)
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let ids = v["pdu_ids"].as_array().unwrap();
+        assert!(
+            ids.contains(&json!(join_id)) && !ids.contains(&json!(rename_id)),
+            "{v}"
+        );
+        // The room's current state has the rename (resolved over every extremity).
+        let (s, v) = b
+            .call(
+                "GET",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+                    enc(&room),
+                    enc(mallory)
+                ),
+                Some(&tok),
+                json!({}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["displayname"], "Новое имя", "{v}");
     }
 }
