@@ -1875,6 +1875,18 @@ mod federation_input {
         }
     }
 
+    /// The box `test.box` knowing these peers.
+    fn fed_box(peers: Vec<Peer>) -> Box_ {
+        new_box_with(HomeserverConfig {
+            server_name: "test.box".into(),
+            federation: FederationConfig {
+                peers,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    }
+
     /// A PDU hashed and signed by `origin` with `kp`; returns (event id, JSON).
     fn sign_pdu(kp: &Ed25519KeyPair, origin: &str, v: Value) -> (String, Value) {
         let rules = RoomVersionId::V11.rules().unwrap();
@@ -2042,14 +2054,10 @@ mod federation_input {
         let (other, other_pub) = keypair("k1");
         // Same key id as good.test's, different key: a forgery.
         let (forger, _) = keypair("k1");
-        let b = new_box_with(HomeserverConfig {
-            server_name: "test.box".into(),
-            federation: FederationConfig {
-                peers: vec![peer("good.test", &good_pub), peer("other.test", &other_pub)],
-                ..Default::default()
-            },
-            ..Default::default()
-        });
+        let b = fed_box(vec![
+            peer("good.test", &good_pub),
+            peer("other.test", &other_pub),
+        ]);
         let Joined {
             tok,
             room,
@@ -2280,14 +2288,7 @@ mod federation_input {
     #[tokio::test]
     async fn an_event_citing_20_of_21_extremities_has_their_state() {
         let (good, good_pub) = keypair("k1");
-        let b = new_box_with(HomeserverConfig {
-            server_name: "test.box".into(),
-            federation: FederationConfig {
-                peers: vec![peer("good.test", &good_pub)],
-                ..Default::default()
-            },
-            ..Default::default()
-        });
+        let b = fed_box(vec![peer("good.test", &good_pub)]);
         let Joined {
             tok,
             room,
