@@ -471,21 +471,52 @@ impl Hs {
         let unknown: Vec<String> = self.db.read(|c| -> rusqlite::Result<Vec<String>> {
             let mut out = Vec::new();
             for p in &parsed.prev_events {
-                if state::event_groups(c, p.as_str())?.is_none() {
+                // Rejected prev events stay out of the state (they have none).
+                if state::event_groups(c, p.as_str())?.is_none()
+                    && !state::is_rejected(c, p.as_str())?
+                {
                     out.push(p.to_string());
                 }
             }
             Ok(out)
         })?;
         for prev in unknown.iter().take(10) {
-            self.state_after_remote(origin, &room, &version, prev)
-                .await
-                .map_err(|e| {
-                    MxError::forbidden(format!(
-                        "state at prev event {prev} unavailable: {}",
-                        e.message
-                    ))
-                })?;
+            // The sender first; then (it may not know yet that we are in the
+            // room, or be gone) a few other servers in the room.
+            let mut asked = vec![origin.to_owned()];
+            if let Err(first) = self.state_after_remote(origin, &room, &version, prev).await {
+                let others = self.db.read(|c| joined_servers(c, room.as_str()))?;
+                let mut last = first;
+                let mut found = false;
+                for s in others
+                    .iter()
+                    .filter(|s| {
+                        s.as_str() != self.server_name.as_str() && s.as_str() != origin.as_str()
+                    })
+                    .filter_map(|s| ServerName::parse(s).ok())
+                    .take(3)
+                {
+                    asked.push(s.clone());
+                    match self.state_after_remote(&s, &room, &version, prev).await {
+                        Ok(()) => {
+                            found = true;
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                if !found {
+                    return Err(MxError::forbidden(format!(
+                        "state at prev event {prev} unavailable (asked {}): {}",
+                        asked
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        last.message
+                    )));
+                }
+            }
         }
         // The spec's checks on receipt: against the event's own auth events, then
         // the state before it (from its prev events), then the current state;
@@ -1474,6 +1505,16 @@ fn state_and_chain(
     Ok((ids, chain))
 }
 
+/// The servers with a user joined to the room (as this box knows it).
+fn joined_servers(c: &Connection, room: &str) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
+         WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
+    )?;
+    let r = st.query_map([room], |r| r.get(0))?.collect();
+    r
+}
+
 /// Whether a user of `server` is joined to the room now (so it may read its events
 /// and state; a server whose users all left reads nothing new).
 fn server_in_room(c: &Connection, room: &str, server: &str) -> rusqlite::Result<bool> {
@@ -1641,13 +1682,7 @@ pub fn enqueue_room_edu(hs: &Hs, room_id: &str, edu: Value) -> MxResult<()> {
         return Ok(());
     }
     hs.db.write(|w| -> MxResult<()> {
-        let mut st = w.prepare_cached(
-            "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
-             WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
-        )?;
-        let servers: Vec<String> = st
-            .query_map([room_id], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+        let servers = joined_servers(w, room_id)?;
         for s in servers
             .iter()
             .filter(|s| s.as_str() != hs.server_name.as_str() && !hs.is_blocked(s))
@@ -2884,11 +2919,7 @@ impl Hs {
                 .prepare_cached("SELECT event_id, type FROM events WHERE room_id=?1 AND outlier=0 ORDER BY stream ASC LIMIT 1")?
                 .query_row([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let mut st = c.prepare_cached(
-                "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
-                 WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
-            )?;
-            let servers: Vec<String> = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let servers = joined_servers(c, room_id.as_str())?;
             Ok((earliest, servers, pdu::room_version(c, room_id.as_str())?))
         })?;
         let (Some((earliest, kind)), Some(version)) = (earliest, version) else {
