@@ -1848,6 +1848,51 @@ async fn account_data_reaches_incremental_sync_once() {
 /// joins a room and talks; forged signatures, tampered content, forged
 /// senders, a server not in the room, bad X-Matrix headers, malformed JSON and
 /// oversized transactions are refused, and nothing of them reaches a client.
+/// `/.well-known/matrix/server` says where federation for this server name
+/// goes: the configured delegation, else the name itself when it has a port,
+/// else its host on the federation TLS port (443 without a TLS listener).
+#[tokio::test]
+async fn well_known_server_delegation() {
+    use secta_homeserver::config::FederationConfig;
+    let cases = [
+        ("box.test", None, None, "box.test:443"),
+        ("box.test", Some("0.0.0.0:8448"), None, "box.test:8448"),
+        ("box.test:8449", Some("0.0.0.0:8448"), None, "box.test:8449"),
+        (
+            "box.test",
+            Some("0.0.0.0:8448"),
+            Some("matrix.box.test"),
+            "matrix.box.test",
+        ),
+    ];
+    for (name, tls, delegated, want) in cases {
+        let b = new_box_with(HomeserverConfig {
+            server_name: name.into(),
+            federation: FederationConfig {
+                tls_listen: tls.map(str::to_owned),
+                well_known_server: delegated.map(str::to_owned),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let (s, v) = b
+            .call("GET", "/.well-known/matrix/server", None, json!({}))
+            .await;
+        assert_eq!((s, v["m.server"].as_str()), (200, Some(want)), "{name}");
+    }
+    // A delegation that is no server name is refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = HomeserverConfig {
+        federation: FederationConfig {
+            well_known_server: Some("not a name".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = Hs::open(bad, dir.path()).err().expect("refused");
+    assert!(format!("{err:#}").contains("well_known_server"), "{err:#}");
+}
+
 mod federation_input {
     use super::*;
     use ruma::{
