@@ -72,7 +72,8 @@ pub struct FederationConfig {
     pub ca_certificates: Vec<std::path::PathBuf>,
     /// What `/.well-known/matrix/server` answers (`host[:port]`): where other
     /// servers send federation requests for this server name. Default: the
-    /// server name (with port 443 when it has none).
+    /// server name when it has a port, else its host with the port of
+    /// `tls_listen` (443 without one: a reverse proxy in front).
     pub well_known_server: Option<String>,
 }
 
