@@ -628,6 +628,16 @@ impl Hs {
     }
 }
 
+/// What clients are shown of an invite from (or our knock on) a room this box
+/// does not hold: the stripped state that came with it and the member event.
+pub(crate) fn remote_stripped_state(member_event: &Value, stripped: &str) -> Vec<Value> {
+    let mut events: Vec<Value> = serde_json::from_str(stripped).unwrap_or_default();
+    events.retain(|e| e.is_object());
+    let ev = member_event;
+    events.push(json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"], "content": ev["content"] }));
+    events
+}
+
 /// Whether the room's `m.room.server_acl` lets `server` take part.
 pub(crate) fn acl_allows(c: &Connection, room: &str, server: &str) -> MxResult<bool> {
     let Some(acl) = pdu::state_content(c, room, "m.room.server_acl", "")? else {

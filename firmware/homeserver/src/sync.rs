@@ -571,9 +571,7 @@ fn build(
                 }
                 continue;
             }
-            let mut events: Vec<Value> = serde_json::from_str(&state).unwrap_or_default();
-            events.retain(|e| e.is_object());
-            events.push(json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"], "content": ev["content"] }));
+            let events = crate::federation::remote_stripped_state(&ev, &state);
             if membership == "knock" {
                 // Our knock on a room of another server, until it is answered.
                 knock.insert(room, json!({ "knock_state": { "events": events } }));

@@ -2455,4 +2455,88 @@ mod federation_input {
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["displayname"], "Новое имя", "{v}");
     }
+
+    /// An invite from another server to a room this box does not hold shows in
+    /// `/sync` and in sliding sync (Element X), with the state that came with it.
+    #[tokio::test]
+    async fn an_invite_from_another_server_shows_in_both_syncs() {
+        let (good, good_pub) = keypair("k1");
+        let b = fed_box(vec![peer("good.test", &good_pub)]);
+        let (alice_id, alice) = b.register("alice").await;
+        let room = "!elsewhere:good.test";
+        let (invite_id, invite) = sign_pdu(
+            &good,
+            "good.test",
+            json!({
+                "type": "m.room.member", "state_key": alice_id, "room_id": room,
+                "sender": "@mallory:good.test", "content": {"membership": "invite", "is_direct": true},
+                "origin_server_ts": 1_700_000_000_000u64, "depth": 5,
+                "prev_events": ["$prev"], "auth_events": ["$create"],
+            }),
+        );
+        let body = json!({
+            "room_version": "11", "event": invite,
+            "invite_room_state": [
+                {"type": "m.room.name", "state_key": "", "sender": "@mallory:good.test", "content": {"name": "Снаружи"}},
+                {"type": "m.room.encryption", "state_key": "", "sender": "@mallory:good.test", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+            ],
+        });
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "PUT",
+                &format!(
+                    "/_matrix/federation/v2/invite/{}/{}",
+                    enc(room),
+                    enc(&invite_id)
+                ),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let (_, v) = b
+            .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+            .await;
+        let state = &v["rooms"]["invite"][room]["invite_state"]["events"];
+        assert!(
+            state
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["content"]["name"] == "Снаружи"),
+            "{v}"
+        );
+        let body = json!({
+            "conn_id": "remote",
+            "lists": {
+                "invites": {"ranges": [[0, 10]], "timeline_limit": 0, "filters": {"is_invite": true}},
+                "encrypted": {"ranges": [[0, 10]], "timeline_limit": 0, "filters": {"is_encrypted": true}}
+            }
+        });
+        let (s, v) = b
+            .call(
+                "POST",
+                "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+                Some(&alice),
+                body,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["lists"]["invites"]["count"], 1, "{v}");
+        assert_eq!(v["lists"]["encrypted"]["count"], 1, "{v}");
+        let r = &v["rooms"][room];
+        assert_eq!(r["name"], "Снаружи", "{v}");
+        assert_eq!(r["is_dm"], true, "{v}");
+        assert!(
+            r["invite_state"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["type"] == "m.room.member"
+                    && e["state_key"] == alice_id.as_str()
+                    && e["content"]["membership"] == "invite"),
+            "{v}"
+        );
+    }
 }
