@@ -382,20 +382,16 @@ impl Discovery {
                 .await
             {
                 Ok(lookup) => {
-                    let mut records: Vec<_> = lookup
+                    let records: Vec<SrvRecord> = lookup
                         .iter()
                         .filter(|r| !r.target().is_root())
-                        .map(|r| {
-                            let t = r.target().to_utf8();
-                            (
-                                r.priority(),
-                                std::cmp::Reverse(r.weight()),
-                                t.trim_end_matches('.').to_owned(),
-                                r.port(),
-                            )
+                        .map(|r| SrvRecord {
+                            priority: r.priority(),
+                            weight: r.weight(),
+                            target: r.target().to_utf8().trim_end_matches('.').to_owned(),
+                            port: r.port(),
                         })
                         .collect();
-                    records.sort();
                     if records.is_empty() {
                         continue;
                     }
@@ -404,7 +400,7 @@ impl Discovery {
                             step,
                             base: format!("https://{host}"),
                             host: host.to_owned(),
-                            srv: records.into_iter().map(|(_, _, t, p)| (t, p)).collect(),
+                            srv: srv_order(records, &mut rand::thread_rng()),
                         },
                         lookup.as_lookup().valid_until().min(until),
                     ));
@@ -483,6 +479,49 @@ impl Discovery {
     }
 }
 
+/// One SRV answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SrvRecord {
+    priority: u16,
+    weight: u16,
+    target: String,
+    port: u16,
+}
+
+/// The order to try SRV targets in (RFC 2782): lowest priority first; within
+/// a priority, a weighted random order (weight 0 rarely first).
+fn srv_order(mut records: Vec<SrvRecord>, rng: &mut impl rand::Rng) -> Vec<(String, u16)> {
+    records.sort_by_key(|r| r.priority);
+    let mut out = Vec::with_capacity(records.len());
+    while !records.is_empty() {
+        let prio = records[0].priority;
+        let end = records
+            .iter()
+            .position(|r| r.priority != prio)
+            .unwrap_or(records.len());
+        let mut group: Vec<SrvRecord> = records.drain(..end).collect();
+        while !group.is_empty() {
+            let total: u32 = group.iter().map(|r| u32::from(r.weight) + 1).sum();
+            let mut pick = rng.gen_range(0..total);
+            let i = group
+                .iter()
+                .position(|r| {
+                    let w = u32::from(r.weight) + 1;
+                    if pick < w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+                .unwrap_or(0);
+            let r = group.remove(i);
+            out.push((r.target, r.port));
+        }
+    }
+    out
+}
+
 /// For "no such record" answers: `Some(negative TTL if the answer had one)`;
 /// `None` for other failures (timeouts, refused queries).
 fn not_found(e: &ResolveError) -> Option<Option<Duration>> {
@@ -532,6 +571,33 @@ mod tests {
         assert_eq!(cache_ttl(&h), WK_MAX_TTL);
         h.insert("cache-control", "no-store".parse().unwrap());
         assert_eq!(cache_ttl(&h), WK_MIN_TTL);
+    }
+
+    #[test]
+    fn srv_targets_by_priority_then_weight() {
+        let rec = |priority, weight, target: &str| SrvRecord {
+            priority,
+            weight,
+            target: target.into(),
+            port: 8448,
+        };
+        let mut rng = rand::thread_rng();
+        let mut heavy_first = 0;
+        for _ in 0..1000 {
+            let order = srv_order(
+                vec![
+                    rec(20, 0, "backup"),
+                    rec(10, 90, "heavy"),
+                    rec(10, 9, "light"),
+                ],
+                &mut rng,
+            );
+            let names: Vec<&str> = order.iter().map(|(t, _)| t.as_str()).collect();
+            assert_eq!(names[2], "backup", "{names:?}");
+            heavy_first += usize::from(names[0] == "heavy");
+        }
+        // Weight 90 against 9 (each +1): "heavy" first about 91 % of the time.
+        assert!((850..=960).contains(&heavy_first), "{heavy_first}");
     }
 
     #[test]
