@@ -3,7 +3,7 @@ import { register } from "./matrix";
 import { adminSection } from "./admin";
 import { el } from "./dom";
 
-type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string };
+type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string; panel?: string };
 
 const app = document.getElementById("app")!;
 let lang: Lang = (localStorage.getItem("lang") as Lang) || "ru";
@@ -83,6 +83,9 @@ async function render(info: BoxInfo) {
   if (info.radio) {
     app.append(el("h2", {}, t.radioTitle), el("p", {}, el("a", { id: "open-radio", href: "#radio" }, t.openRadio)));
   }
+  if (info.panel) {
+    app.append(el("h2", {}, t.panelTitle), el("p", {}, el("a", { id: "open-panel", href: "#panel" }, t.openPanel)));
+  }
   app.append(el("h2", {}, t.appsTitle), el("p", {}, t.apps, " ", el("code", { id: "server" }, info.homeserver)));
   app.append(adminSection(t, info.homeserver));
 }
@@ -99,6 +102,12 @@ async function route(info: BoxInfo) {
     const { openRadio } = await import("./radio");
     document.title = `${texts[lang].radioTitle} — ${info.box_name}`;
     openRadio(app, texts[lang], info.radio, () => {
+      location.hash = "";
+    });
+  } else if (location.hash === "#panel" && info.panel) {
+    const { openPanel } = await import("./panel");
+    document.title = `${texts[lang].panelTitle} — ${info.box_name}`;
+    openPanel(app, texts[lang], info.panel, () => {
       location.hash = "";
     });
   } else {

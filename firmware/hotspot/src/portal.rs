@@ -130,6 +130,8 @@ pub struct WebUi {
     /// The radio's base URL (its `/status-json.xsl` and mounts), or `:PORT` for
     /// "this page's host", if the radio runs.
     pub radio: Option<String>,
+    /// The panel's HTTP endpoint (virtual strip and buttons, duress wipe), if served.
+    pub panel: Option<String>,
 }
 
 impl Portal {
@@ -198,6 +200,14 @@ impl Portal {
                 (*until > now).then(|| Some(until.duration_since(now).as_secs()))
             }
         }
+    }
+
+    /// Clients with a session now (for the status strip).
+    pub fn accepted_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     pub fn is_accepted(&self, ip: IpAddr) -> bool {
@@ -443,6 +453,9 @@ async fn handle(
                     body["server_name"] = json!(w.server_name);
                     if let Some(r) = &w.radio {
                         body["radio"] = json!(r);
+                    }
+                    if let Some(p) = &w.panel {
+                        body["panel"] = json!(p);
                     }
                 }
                 let mut r = Response::new(Body::from(body.to_string()));
