@@ -64,6 +64,17 @@ pub struct FederationConfig {
     pub blocked_servers: Vec<String>,
     /// Known peers: boxes reachable without DNS, e.g. over WireGuard links.
     pub peers: Vec<Peer>,
+    /// DNS servers (`IP` or `IP:PORT`) for server discovery (SRV, A/AAAA);
+    /// empty: the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<String>,
+    /// Extra certificate authorities (PEM files) trusted for other servers'
+    /// TLS certificates, besides the public web PKI (e.g. a community's own CA).
+    pub ca_certificates: Vec<std::path::PathBuf>,
+    /// What `/.well-known/matrix/server` answers (`host[:port]`): where other
+    /// servers send federation requests for this server name. Default: the
+    /// server name when it has a port, else its host with the port of
+    /// `tls_listen` (443 without one: a reverse proxy in front).
+    pub well_known_server: Option<String>,
 }
 
 impl Default for FederationConfig {
@@ -75,6 +86,9 @@ impl Default for FederationConfig {
             tls_key: None,
             blocked_servers: Vec::new(),
             peers: Vec::new(),
+            dns_servers: Vec::new(),
+            ca_certificates: Vec::new(),
+            well_known_server: None,
         }
     }
 }

@@ -337,6 +337,8 @@ CREATE TABLE IF NOT EXISTS remote_invites (
     inviter_server TEXT NOT NULL,
     -- 1 once the user declined: kept (with the leave event) so other devices hear of it.
     declined INTEGER NOT NULL DEFAULT 0,
+    -- 'invite' (from another server), or 'knock' (ours, on a room of another server).
+    membership TEXT NOT NULL DEFAULT 'invite',
     PRIMARY KEY (room_id, user_id)
 );
 CREATE TABLE IF NOT EXISTS blocked_servers (server_name TEXT PRIMARY KEY, ts INTEGER NOT NULL);
@@ -365,6 +367,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_declined {
         conn.execute_batch(
             "ALTER TABLE remote_invites ADD COLUMN declined INTEGER NOT NULL DEFAULT 0;",
+        )?;
+    }
+    let has_knocks: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('remote_invites') WHERE name='membership'")?
+        .exists([])?;
+    if !has_knocks {
+        conn.execute_batch(
+            "ALTER TABLE remote_invites ADD COLUMN membership TEXT NOT NULL DEFAULT 'invite';",
         )?;
     }
     let txn_scoped: bool = conn
@@ -1053,6 +1063,9 @@ pub enum UserRows {
     ReadReceipt,
     /// Any membership event, or any device-list change (key: empty).
     Membership,
+    /// A room's current state rewritten without a timeline event of its own:
+    /// a resolution across a fork, or the state a remote join brought (key: room id).
+    StateRewritten,
     DeviceLists,
 }
 

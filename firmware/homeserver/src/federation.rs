@@ -54,28 +54,16 @@ const KEY_VALIDITY_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// Outbound HTTP and caches of the federation side.
 pub struct Fed {
-    http: reqwest::Client,
-    /// For peers configured with `accept_self_signed`.
-    http_self_signed: reqwest::Client,
-    resolved: Mutex<HashMap<String, (String, bool, Instant)>>,
+    /// Server discovery and the HTTPS clients that follow it.
+    pub(crate) discovery: crate::discovery::Discovery,
     key_failures: Mutex<HashMap<String, Instant>>,
     pub(crate) wakeup: tokio::sync::Notify,
 }
 
 impl Fed {
-    pub fn new() -> anyhow::Result<Self> {
-        let ua = concat!("Secta/", env!("CARGO_PKG_VERSION"));
+    pub fn new(cfg: &crate::config::FederationConfig) -> anyhow::Result<Self> {
         Ok(Self {
-            http: reqwest::Client::builder()
-                .user_agent(ua)
-                .timeout(Duration::from_secs(30))
-                .build()?,
-            http_self_signed: reqwest::Client::builder()
-                .user_agent(ua)
-                .timeout(Duration::from_secs(30))
-                .danger_accept_invalid_certs(true)
-                .build()?,
-            resolved: Mutex::new(HashMap::new()),
+            discovery: crate::discovery::Discovery::new(cfg)?,
             key_failures: Mutex::new(HashMap::new()),
             wakeup: tokio::sync::Notify::new(),
         })
@@ -161,66 +149,25 @@ impl Hs {
         serde_json::to_value(obj).unwrap_or_default()
     }
 
-    /// Base URL of a server's federation API and whether a self-signed certificate is fine.
-    async fn base_url(&self, server: &ServerName) -> MxResult<(String, bool)> {
+    /// Where a server's federation API is: a configured peer, or found by the
+    /// spec's discovery. Returns the base URL, the `Host` header to send (when
+    /// the URL's is not it) and whether a self-signed certificate is fine.
+    async fn base_url(&self, server: &ServerName) -> MxResult<(String, Option<String>, bool)> {
         if let Some(p) = self.peer(server.as_str()) {
-            return Ok((p.url.trim_end_matches('/').to_owned(), p.accept_self_signed));
+            return Ok((
+                p.url.trim_end_matches('/').to_owned(),
+                None,
+                p.accept_self_signed,
+            ));
         }
-        if let Some((url, ss, at)) = self
+        let t = self
             .fed
-            .resolved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(server.as_str())
-        {
-            if at.elapsed() < Duration::from_secs(3600) {
-                return Ok((url.clone(), *ss));
-            }
-        }
-        // Spec discovery: IP literals and explicit ports are used as they are;
-        // otherwise `.well-known/matrix/server`, then port 8448.
-        let url = if server.is_ip_literal() || server.port().is_some() {
-            format!(
-                "https://{}",
-                if server.port().is_some() {
-                    server.to_string()
-                } else {
-                    format!("{}:8448", server.host())
-                }
-            )
-        } else {
-            let wk = self
-                .fed
-                .http
-                .get(format!(
-                    "https://{}/.well-known/matrix/server",
-                    server.host()
-                ))
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success());
-            let delegated = match wk {
-                Some(r) => r
-                    .json::<Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["m.server"].as_str().map(str::to_owned)),
-                None => None,
-            };
-            match delegated.and_then(|d| ServerName::parse(&d).ok()) {
-                Some(d) if d.port().is_some() => format!("https://{d}"),
-                Some(d) => format!("https://{}:8448", d.host()),
-                None => format!("https://{}:8448", server.host()),
-            }
-        };
-        self.fed
-            .resolved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(server.to_string(), (url.clone(), false, Instant::now()));
-        Ok((url, false))
+            .discovery
+            .resolve(server)
+            .await
+            .map_err(|e| fed_error("M_UNKNOWN", format!("{server} not found: {e}")))?;
+        let host = (t.base.trim_start_matches("https://") != t.host).then_some(t.host);
+        Ok((t.base, host, false))
     }
 
     /// Sends a signed federation request and returns the JSON answer.
@@ -232,7 +179,7 @@ impl Hs {
         body: Option<&Value>,
     ) -> MxResult<Value> {
         self.check_federation(dest.as_str())?;
-        let (base, self_signed) = self.base_url(dest).await?;
+        let (base, host, self_signed) = self.base_url(dest).await?;
         let body_bytes = body
             .map(|b| serde_json::to_vec(b))
             .transpose()?
@@ -247,16 +194,15 @@ impl Hs {
             XMatrixSigningInput::new(self.server_name.clone(), dest.to_owned(), &self.keypair),
         )
         .map_err(|e| MxError::unknown(format!("signing request: {e}")))?;
-        let client = if self_signed {
-            &self.fed.http_self_signed
-        } else {
-            &self.fed.http
-        };
+        let client = self.fed.discovery.client(self_signed);
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| MxError::unknown(e.to_string()))?;
         let mut rb = client
             .request(method, format!("{base}{path}"))
             .header(http::header::AUTHORIZATION, http::HeaderValue::from(&x));
+        if let Some(h) = host {
+            rb = rb.header(http::header::HOST, h);
+        }
         if body.is_some() {
             rb = rb
                 .header(http::header::CONTENT_TYPE, "application/json")
@@ -410,22 +356,21 @@ impl Hs {
 
     async fn fed_get_unsigned(&self, server: &ServerName, path: &str) -> MxResult<Value> {
         self.check_federation(server.as_str())?;
-        let (base, self_signed) = self.base_url(server).await?;
-        let client = if self_signed {
-            &self.fed.http_self_signed
-        } else {
-            &self.fed.http
-        };
-        let resp = client
-            .get(format!("{base}{path}"))
-            .send()
-            .await
-            .map_err(|e| {
-                fed_error(
-                    "M_UNKNOWN",
-                    format!("{server} unreachable: {}", short_reason(&e)),
-                )
-            })?;
+        let (base, host, self_signed) = self.base_url(server).await?;
+        let mut rb = self
+            .fed
+            .discovery
+            .client(self_signed)
+            .get(format!("{base}{path}"));
+        if let Some(h) = host {
+            rb = rb.header(http::header::HOST, h);
+        }
+        let resp = rb.send().await.map_err(|e| {
+            fed_error(
+                "M_UNKNOWN",
+                format!("{server} unreachable: {}", short_reason(&e)),
+            )
+        })?;
         if !resp.status().is_success() {
             return Err(fed_error(
                 "M_UNKNOWN",
@@ -477,10 +422,9 @@ impl Hs {
             .ok_or_else(|| MxError::bad_json("PDU without room_id"))?
             .to_owned();
         let room = RoomId::parse(&room_id).map_err(|_| MxError::bad_json("bad room_id"))?;
-        let version = self
-            .db
-            .read(|c| pdu::room_version(c, &room_id))?
-            .ok_or_else(|| MxError::not_found("Room unknown here"))?;
+        let Some(version) = self.db.read(|c| pdu::room_version(c, &room_id))? else {
+            return self.receive_out_of_band(&room, value).await;
+        };
         let sender_server = value["sender"]
             .as_str()
             .and_then(|s| UserId::parse(s).ok())
@@ -522,6 +466,58 @@ impl Hs {
         let rules = pdu::rules_for(&version)?;
         self.fetch_missing_auth(origin, &room, &version, &parsed)
             .await?;
+        // Prev events not in the graph here (a gap get_missing_events could not
+        // fill): the state after each is asked of the sender (/state_ids).
+        let unknown: Vec<String> = self.db.read(|c| -> rusqlite::Result<Vec<String>> {
+            let mut out = Vec::new();
+            for p in &parsed.prev_events {
+                // Rejected prev events stay out of the state (they have none).
+                if state::event_groups(c, p.as_str())?.is_none()
+                    && !state::is_rejected(c, p.as_str())?
+                {
+                    out.push(p.to_string());
+                }
+            }
+            Ok(out)
+        })?;
+        for prev in unknown.iter().take(10) {
+            // The sender first; then (it may not know yet that we are in the
+            // room, or be gone) a few other servers in the room.
+            let mut asked = vec![origin.to_owned()];
+            if let Err(first) = self.state_after_remote(origin, &room, &version, prev).await {
+                let others = self.db.read(|c| joined_servers(c, room.as_str()))?;
+                let mut last = first;
+                let mut found = false;
+                for s in others
+                    .iter()
+                    .filter(|s| {
+                        s.as_str() != self.server_name.as_str() && s.as_str() != origin.as_str()
+                    })
+                    .filter_map(|s| ServerName::parse(s).ok())
+                    .take(3)
+                {
+                    asked.push(s.clone());
+                    match self.state_after_remote(&s, &room, &version, prev).await {
+                        Ok(()) => {
+                            found = true;
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                if !found {
+                    return Err(MxError::forbidden(format!(
+                        "state at prev event {prev} unavailable (asked {}): {}",
+                        asked
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        last.message
+                    )));
+                }
+            }
+        }
         // The spec's checks on receipt: against the event's own auth events, then
         // the state before it (from its prev events), then the current state;
         // failing the last only soft-fails it (kept in the graph, not shown).
@@ -579,6 +575,67 @@ impl Hs {
         }
         Ok(event_id)
     }
+}
+
+impl Hs {
+    /// A membership event of a room this box does not hold, about a local user
+    /// with an invite from that room or a knock on it pending: a leave (a knock
+    /// refused, an invite withdrawn) or a ban ends it, and the user's clients
+    /// see them leave. Its signatures are checked; the room's auth rules cannot
+    /// be (the state is not here).
+    async fn receive_out_of_band(&self, room: &RoomId, value: Value) -> MxResult<String> {
+        let unknown = || MxError::not_found("Room unknown here");
+        let Some(user) = value["state_key"]
+            .as_str()
+            .filter(|_| value["type"] == "m.room.member")
+            .and_then(|k| UserId::parse(k).ok())
+            .filter(|u| u.server_name() == self.server_name)
+        else {
+            return Err(unknown());
+        };
+        if !matches!(
+            value["content"]["membership"].as_str(),
+            Some("leave" | "ban")
+        ) {
+            return Err(unknown());
+        }
+        let pending: Option<String> = self.db.read(|c| {
+            c.query_row(
+                "SELECT room_version FROM remote_invites WHERE room_id=?1 AND user_id=?2 AND declined=0",
+                params![room.as_str(), user.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        let version = pending
+            .and_then(|v| RoomVersionId::try_from(v.as_str()).ok())
+            .ok_or_else(unknown)?;
+        let (event_id, obj) = self.verify_pdu(&version, value).await?;
+        let mut ev = serde_json::to_value(&obj)?;
+        ev["event_id"] = json!(event_id);
+        self.db.write(|w| -> rusqlite::Result<()> {
+            let stream = w.next_stream();
+            w.tx.execute(
+                "UPDATE remote_invites SET declined=1, event_json=?1, stream=?2 WHERE room_id=?3 AND user_id=?4",
+                params![ev.to_string(), stream, room.as_str(), user.as_str()],
+            )?;
+            w.note(crate::db::UserRows::RemoteInvites, user.as_str(), stream);
+            w.persist_stream()
+        })?;
+        self.notify_users([user.as_str()]);
+        tracing::info!(%room, "a pending invite or knock was answered by the room");
+        Ok(event_id)
+    }
+}
+
+/// What clients are shown of an invite from (or our knock on) a room this box
+/// does not hold: the stripped state that came with it and the member event.
+pub(crate) fn remote_stripped_state(member_event: &Value, stripped: &str) -> Vec<Value> {
+    let mut events: Vec<Value> = serde_json::from_str(stripped).unwrap_or_default();
+    events.retain(|e| e.is_object());
+    let ev = member_event;
+    events.push(json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"], "content": ev["content"] }));
+    events
 }
 
 /// Whether the room's `m.room.server_acl` lets `server` take part.
@@ -1224,6 +1281,7 @@ async fn send_membership(
                 pdu: parsed.clone(),
                 json: json.clone(),
                 rules: rules.clone(),
+                cited_groups: Vec::new(),
             },
             None,
             None,
@@ -1322,6 +1380,7 @@ pub async fn send_join(
                 pdu: parsed.clone(),
                 json: json.clone(),
                 rules: rules.clone(),
+                cited_groups: Vec::new(),
             };
             hs.commit_built(w, &room_id, built, None, None, Some(req.origin.as_str()))?;
         }
@@ -1403,9 +1462,9 @@ pub async fn invite(
     hs.db.write(|w| -> rusqlite::Result<()> {
         let stream = w.next_stream();
         w.tx.execute(
-            "INSERT INTO remote_invites(room_id, user_id, room_version, event_json, invite_state, stream, inviter_server)
-             VALUES(?1,?2,?3,?4,?5,?6,?7)
-             ON CONFLICT(room_id, user_id) DO UPDATE SET event_json=?4, invite_state=?5, stream=?6, inviter_server=?7, declined=0",
+            "INSERT INTO remote_invites(room_id, user_id, room_version, event_json, invite_state, stream, inviter_server, membership)
+             VALUES(?1,?2,?3,?4,?5,?6,?7,'invite')
+             ON CONFLICT(room_id, user_id) DO UPDATE SET event_json=?4, invite_state=?5, stream=?6, inviter_server=?7, declined=0, membership='invite'",
             params![room, target.as_str(), version.as_str(), signed.to_string(), stripped.to_string(), stream, req.origin.as_str()],
         )?;
         w.note(crate::db::UserRows::RemoteInvites, target.as_str(), stream);
@@ -1455,6 +1514,16 @@ fn state_and_chain(
     };
     let chain = auth_chain(c, &ids)?;
     Ok((ids, chain))
+}
+
+/// The servers with a user joined to the room (as this box knows it).
+fn joined_servers(c: &Connection, room: &str) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
+         WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
+    )?;
+    let r = st.query_map([room], |r| r.get(0))?.collect();
+    r
 }
 
 /// Whether a user of `server` is joined to the room now (so it may read its events
@@ -1624,13 +1693,7 @@ pub fn enqueue_room_edu(hs: &Hs, room_id: &str, edu: Value) -> MxResult<()> {
         return Ok(());
     }
     hs.db.write(|w| -> MxResult<()> {
-        let mut st = w.prepare_cached(
-            "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
-             WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
-        )?;
-        let servers: Vec<String> = st
-            .query_map([room_id], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+        let servers = joined_servers(w, room_id)?;
         for s in servers
             .iter()
             .filter(|s| s.as_str() != hs.server_name.as_str() && !hs.is_blocked(s))
@@ -1912,6 +1975,8 @@ impl Hs {
                                 params![room_id.as_str(), p.kind.to_string(), k, id, stream, if p.kind.to_string() == "m.room.member" { membership } else { None }],
                             )?;
                             self.room_info.state_changed(room_id.as_str(), stream);
+                            w.note(crate::db::UserRows::Room, room_id.as_str(), stream);
+                            w.note(crate::db::UserRows::StateRewritten, room_id.as_str(), stream);
                             state::forget_current(w, room_id.as_str())?;
                         }
                     }
@@ -2003,6 +2068,95 @@ impl Hs {
         Ok(ev)
     }
 
+    /// Knocks on a room that lives on other servers (make_knock, sign,
+    /// send_knock through the first of `via` that answers). The knock is kept
+    /// with the room's stripped state, so the user's clients show it until an
+    /// invite (or a refusal) comes.
+    pub(crate) async fn remote_knock(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        reason: Option<&str>,
+        via: &[OwnedServerName],
+    ) -> MxResult<()> {
+        let mut last_err = MxError::not_found("No server to knock through");
+        for server in via.iter().filter(|s| **s != self.server_name) {
+            match self.remote_knock_via(room_id, user, reason, server).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::info!(%server, errcode = e.errcode, reason = %e.message, "knock through server failed");
+                    last_err = e;
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn remote_knock_via(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        reason: Option<&str>,
+        server: &ServerName,
+    ) -> MxResult<()> {
+        // Knocking needs room version 7 or later; this server takes part in 10-12.
+        let path = format!(
+            "/_matrix/federation/v1/make_knock/{}/{}?ver=10&ver=11&ver=12",
+            urlenc(room_id.as_str()),
+            urlenc(user.as_str())
+        );
+        let made = self.fed_request("GET", server, &path, None).await?;
+        let (version, rules, mut template) = check_template(&made, room_id, user, "knock")?;
+        if template["content"]["membership"] != "knock" {
+            return Err(fed_error("M_UNKNOWN", "the knock template is not a knock"));
+        }
+        let mut content = self.db.read(|c| self.member_content(c, user, "knock"))?;
+        if let Some(r) = reason {
+            content["reason"] = json!(r);
+        }
+        template["content"] = content;
+        let (event_id, obj) = self.sign_template(template, &rules)?;
+        let body = serde_json::to_value(&obj)?;
+        let answer = self
+            .fed_request(
+                "PUT",
+                server,
+                &format!(
+                    "/_matrix/federation/v1/send_knock/{}/{}",
+                    urlenc(room_id.as_str()),
+                    urlenc(&event_id)
+                ),
+                Some(&body),
+            )
+            .await?;
+        // Stripped state events only (type, state_key, sender, content), bounded.
+        let stripped: Vec<Value> = answer["knock_room_state"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["type"].is_string() && e["state_key"].is_string() && e["content"].is_object())
+            .take(100)
+            .map(|e| json!({ "type": e["type"], "state_key": e["state_key"], "sender": e["sender"], "content": e["content"] }))
+            .collect();
+        let mut ev = body;
+        ev["event_id"] = json!(event_id);
+        self.db.write(|w| -> rusqlite::Result<()> {
+            let stream = w.next_stream();
+            w.tx.execute(
+                "INSERT INTO remote_invites(room_id, user_id, room_version, event_json, invite_state, stream, inviter_server, membership)
+                 VALUES(?1,?2,?3,?4,?5,?6,?7,'knock')
+                 ON CONFLICT(room_id, user_id) DO UPDATE SET room_version=?3, event_json=?4, invite_state=?5, stream=?6,
+                     inviter_server=?7, declined=0, membership='knock'",
+                params![room_id.as_str(), user.as_str(), version.as_str(), ev.to_string(), json!(stripped).to_string(), stream, server.as_str()],
+            )?;
+            w.note(crate::db::UserRows::RemoteInvites, user.as_str(), stream);
+            w.persist_stream()
+        })?;
+        self.notify_users([user.as_str()]);
+        tracing::info!(room = %room_id, %server, "knocked on a room on another server");
+        Ok(())
+    }
+
     /// Invites a user of another server: their server countersigns the invite first.
     pub(crate) async fn remote_invite(
         &self,
@@ -2065,6 +2219,7 @@ impl Hs {
                     pdu,
                     json,
                     rules: built.rules,
+                    cited_groups: built.cited_groups,
                 },
                 None,
                 None,
@@ -2439,7 +2594,9 @@ pub async fn backfill_endpoint(
     let out = hs.db.read(|c| -> MxResult<Value> {
         require_in_room(c, &room, req.origin.as_str())?;
         if !acl_allows(c, &room, req.origin.as_str())? {
-            return Err(MxError::forbidden("Your server is denied by the room's server ACL"));
+            return Err(MxError::forbidden(
+                "Your server is denied by the room's server ACL",
+            ));
         }
         // Newest starting point among the given events, then everything before it.
         let mut start: Option<i64> = None;
@@ -2448,9 +2605,12 @@ pub async fn backfill_endpoint(
                 start = Some(start.map_or(e.stream, |s: i64| s.max(e.stream)));
             }
         }
-        let start = start.ok_or_else(|| MxError::not_found("None of the given events is known here"))?;
+        let start =
+            start.ok_or_else(|| MxError::not_found("None of the given events is known here"))?;
         let mut st = c.prepare_cached(
-            "SELECT json FROM events WHERE room_id=?1 AND outlier=0 AND stream<=?2 ORDER BY stream DESC LIMIT ?3",
+            "SELECT json FROM events e WHERE room_id=?1 AND outlier=0 AND stream<=?2
+             AND NOT EXISTS (SELECT 1 FROM rejected_events r WHERE r.event_id=e.event_id)
+             ORDER BY stream DESC LIMIT ?3",
         )?;
         let pdus: Vec<Value> = st
             .query_map(params![room, start, limit], |r| r.get::<_, String>(0))?
@@ -2526,6 +2686,194 @@ impl Hs {
         }
     }
 
+    /// Events fetched from another server whose signatures and hashes check out
+    /// and that belong to `room` (and to `only`, if given), oldest first.
+    async fn verified_in_room(
+        &self,
+        version: &RoomVersionId,
+        room: &RoomId,
+        fetched: impl IntoIterator<Item = Value>,
+        only: Option<&HashSet<String>>,
+    ) -> MxResult<Vec<(Pdu, String)>> {
+        let mut out: Vec<(Pdu, String)> = Vec::new();
+        for e in fetched {
+            let Ok((id, obj)) = self.verify_pdu(version, e).await else {
+                continue;
+            };
+            if only.is_some_and(|o| !o.contains(&id)) {
+                continue;
+            }
+            let json = serde_json::to_string(&obj)?;
+            let Ok(p) = Pdu::parse(
+                EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?,
+                &json,
+            ) else {
+                continue;
+            };
+            if in_room(&p, room) {
+                out.push((p, json));
+            }
+        }
+        out.sort_by_key(|(p, _)| p.depth);
+        Ok(out)
+    }
+
+    /// Stores events (oldest first) as outliers, each checked against its own
+    /// auth events; those that fail are kept as rejected.
+    fn store_outliers(
+        &self,
+        w: &mut WriteTxn<'_>,
+        room: &RoomId,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+        events: &[(Pdu, String)],
+    ) -> MxResult<()> {
+        for (e, json) in events {
+            if pdu::get_event(w, e.event_id.as_str())?.is_some() {
+                continue;
+            }
+            let verdict = auth_by_auth_events(w, rules, e, &HashMap::new());
+            self.store_pdu_as(w, room.as_str(), e, json, None, Placement::Outlier)?;
+            if let Err(why) = verdict {
+                state::mark_rejected(w, e.event_id.as_str(), &why)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The state after `prev`, an event of the room that is not in the graph
+    /// here: asked of `origin` (`/state_ids` at `prev`, which is the state
+    /// before it), the events it names that are unknown here fetched (`/event`
+    /// for a few, `/state` for many) and checked against their own auth events
+    /// (stored as outliers; failures as rejected), then recorded as `prev`'s
+    /// state groups so the question is asked once.
+    async fn state_after_remote(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        version: &RoomVersionId,
+        prev: &str,
+    ) -> MxResult<()> {
+        const MAX_STATE: usize = 100_000;
+        let q = format!("{}?event_id={}", urlenc(room.as_str()), urlenc(prev));
+        let v = self
+            .fed_request(
+                "GET",
+                origin,
+                &format!("/_matrix/federation/v1/state_ids/{q}"),
+                None,
+            )
+            .await?;
+        let ids_of = |k: &str| -> Vec<String> {
+            v[k].as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.as_str().map(str::to_owned))
+                .take(MAX_STATE)
+                .collect()
+        };
+        let (state_ids, chain_ids) = (ids_of("pdu_ids"), ids_of("auth_chain_ids"));
+        let mut wanted: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for id in chain_ids
+            .iter()
+            .chain(&state_ids)
+            .chain(std::iter::once(&prev.to_owned()))
+        {
+            if seen.insert(id.clone()) && self.db.read(|c| pdu::get_event(c, id))?.is_none() {
+                wanted.push(id.clone());
+            }
+        }
+        let mut fetched: Vec<Value> = Vec::new();
+        if wanted.len() > 50 {
+            let all = self
+                .fed_request(
+                    "GET",
+                    origin,
+                    &format!("/_matrix/federation/v1/state/{q}"),
+                    None,
+                )
+                .await?;
+            fetched.extend(
+                ["auth_chain", "pdus"]
+                    .iter()
+                    .flat_map(|k| all[*k].as_array().cloned().unwrap_or_default())
+                    .take(2 * MAX_STATE),
+            );
+            if wanted.iter().any(|w| w == prev) {
+                let one = self
+                    .fed_request(
+                        "GET",
+                        origin,
+                        &format!("/_matrix/federation/v1/event/{}", urlenc(prev)),
+                        None,
+                    )
+                    .await?;
+                fetched.extend(
+                    one["pdus"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .take(1),
+                );
+            }
+        } else {
+            for id in &wanted {
+                let one = self
+                    .fed_request(
+                        "GET",
+                        origin,
+                        &format!("/_matrix/federation/v1/event/{}", urlenc(id)),
+                        None,
+                    )
+                    .await?;
+                fetched.extend(
+                    one["pdus"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .take(1),
+                );
+            }
+        }
+        let rules = pdu::rules_for(version)?;
+        let wanted: HashSet<String> = wanted.into_iter().collect();
+        let events = self
+            .verified_in_room(version, room, fetched, Some(&wanted))
+            .await?;
+        self.db.write(|w| -> MxResult<()> {
+            self.store_outliers(w, room, &rules, &events)?;
+            let prev_pdu = pdu::load_pdu(w, prev)
+                .ok_or_else(|| fed_error("M_UNKNOWN", format!("{origin} did not give {prev}")))?;
+            let mut before = state::StateIds::new();
+            for id in &state_ids {
+                if state::is_rejected(w, id)? {
+                    continue;
+                }
+                let Some(p) = pdu::load_pdu(w, id) else {
+                    return Err(fed_error(
+                        "M_UNKNOWN",
+                        format!("{origin} did not give state event {id}"),
+                    ));
+                };
+                if let Some(k) = &p.state_key {
+                    before.insert((p.kind.to_string(), k.clone()), id.clone());
+                }
+            }
+            let group = state::snapshot_group(w, room.as_str(), &before)?;
+            // The state after it: with itself, if it is an accepted state event.
+            let mut after_pdu = prev_pdu;
+            if state::is_rejected(w, prev)? {
+                after_pdu.state_key = None;
+            }
+            state::record_event(w, room.as_str(), &after_pdu, group)?;
+            Ok(())
+        })?;
+        tracing::info!(room = %room, %origin, events = events.len(), "state at an unknown prev event fetched");
+        Ok(())
+    }
+
     /// Fetches the auth chain of an incoming event from its sender when some of
     /// its auth events are unknown here, and stores it (as outliers, each
     /// checked against its own auth events; failures are kept as rejected).
@@ -2555,41 +2903,15 @@ impl Hs {
         );
         let v = self.fed_request("GET", origin, &path, None).await?;
         let rules = pdu::rules_for(version)?;
-        let mut chain: Vec<(Pdu, String)> = Vec::new();
-        for e in v["auth_chain"]
+        let fetched = v["auth_chain"]
             .as_array()
             .into_iter()
             .flatten()
             .take(10_000)
-        {
-            let Ok((id, obj)) = self.verify_pdu(version, e.clone()).await else {
-                continue;
-            };
-            let json = serde_json::to_string(&obj)?;
-            let Ok(parsed) = Pdu::parse(
-                EventId::parse(&id).map_err(|e| MxError::bad_json(e.to_string()))?,
-                &json,
-            ) else {
-                continue;
-            };
-            if in_room(&parsed, room) {
-                chain.push((parsed, json));
-            }
-        }
-        chain.sort_by_key(|(p, _)| p.depth);
-        self.db.write(|w| -> MxResult<()> {
-            for (e, json) in &chain {
-                if pdu::get_event(w, e.event_id.as_str())?.is_some() {
-                    continue;
-                }
-                let verdict = auth_by_auth_events(w, &rules, e, &HashMap::new());
-                self.store_pdu_as(w, room.as_str(), e, json, None, Placement::Outlier)?;
-                if let Err(why) = verdict {
-                    state::mark_rejected(w, e.event_id.as_str(), &why)?;
-                }
-            }
-            Ok(())
-        })?;
+            .cloned();
+        let chain = self.verified_in_room(version, room, fetched, None).await?;
+        self.db
+            .write(|w| self.store_outliers(w, room, &rules, &chain))?;
         let still = self.db.read(missing)?;
         if !still.is_empty() {
             return Err(MxError::forbidden(format!(
@@ -2608,11 +2930,7 @@ impl Hs {
                 .prepare_cached("SELECT event_id, type FROM events WHERE room_id=?1 AND outlier=0 ORDER BY stream ASC LIMIT 1")?
                 .query_row([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let mut st = c.prepare_cached(
-                "SELECT DISTINCT substr(state_key, instr(state_key, ':')+1) FROM room_state
-                 WHERE room_id=?1 AND type='m.room.member' AND membership='join'",
-            )?;
-            let servers: Vec<String> = st.query_map([room_id.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let servers = joined_servers(c, room_id.as_str())?;
             Ok((earliest, servers, pdu::room_version(c, room_id.as_str())?))
         })?;
         let (Some((earliest, kind)), Some(version)) = (earliest, version) else {
@@ -2774,7 +3092,10 @@ pub async fn get_missing_events(
             if depth < min_depth {
                 continue;
             }
-            found.push((depth, serde_json::from_str(&ev.json)?));
+            // Rejected events are never handed to other servers; the walk goes on past them.
+            if !state::is_rejected(c, &id)? {
+                found.push((depth, serde_json::from_str(&ev.json)?));
+            }
             if let Some(p) = p {
                 queue.extend(p.prev_events.iter().map(|e| e.to_string()));
             }

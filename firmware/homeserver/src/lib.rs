@@ -8,6 +8,7 @@ pub mod admin;
 mod backup;
 pub mod config;
 mod db;
+pub mod discovery;
 mod ephemeral;
 mod error;
 mod extract;
@@ -125,6 +126,11 @@ impl Hs {
             None => load_or_create_shared_secret(data_dir, Secrets(None))?,
         };
         let rate = RateLimiter::new(config.auth_rate_burst, config.auth_rate_per_second);
+        if let Some(w) = &config.federation.well_known_server {
+            ServerName::parse(w)
+                .with_context(|| format!("invalid federation.well_known_server {w:?}"))?;
+        }
+        let fed = federation::Fed::new(&config.federation)?;
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -144,7 +150,7 @@ impl Hs {
             formatted: pdu::FormattedCache::default(),
             pusher_users: pushers::PusherUsers::default(),
             push_wakeup: tokio::sync::Notify::new(),
-            fed: federation::Fed::new()?,
+            fed,
             filter_cache: Mutex::new(HashMap::new()),
             rate,
             shared_secret,

@@ -288,7 +288,14 @@ pub struct Built {
     pub pdu: Pdu,
     pub json: String,
     pub rules: RoomVersionRules,
+    /// When the room had more forward extremities than an event may cite:
+    /// the state groups after the cited ones, whose resolution is the state
+    /// before the event (empty: the current state is).
+    pub cited_groups: Vec<i64>,
 }
+
+/// The most prev events an event may cite (the PDU format's limit).
+const MAX_PREV_EVENTS: usize = 20;
 
 /// The outcome of appending an event.
 #[derive(Debug, Clone)]
@@ -434,25 +441,61 @@ impl Hs {
             &rules.authorization,
         )
         .map_err(MxError::bad_json)?;
+        let (prev_events, depth, over) = {
+            let mut st = c.prepare_cached(
+                "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id=f.event_id
+                 WHERE f.room_id=?1 ORDER BY e.depth DESC",
+            )?;
+            let mut rows: Vec<(String, i64)> = st
+                .query_map([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let over = rows.len() > MAX_PREV_EVENTS;
+            rows.truncate(MAX_PREV_EVENTS);
+            let depth = rows.iter().map(|r| r.1).max().unwrap_or(0) + 1;
+            (
+                rows.into_iter().map(|r| r.0).collect::<Vec<_>>(),
+                depth,
+                over,
+            )
+        };
+        // More extremities than an event may cite: the state before it is the
+        // resolution of the cited ones' states (what other servers will compute),
+        // not the current state (the resolution of all of them).
+        let mut cited_groups = Vec::new();
+        let cited_state = if over {
+            for p in &prev_events {
+                if let Some((_, after)) = crate::state::event_groups(c, p)? {
+                    cited_groups.push(after);
+                }
+            }
+            cited_groups.sort_unstable();
+            cited_groups.dedup();
+            let states = cited_groups
+                .iter()
+                .map(|g| crate::state::load_group(c, *g))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(match states.len() {
+                0 => return Err(MxError::unknown("no state at the room's extremities")),
+                1 => states.into_iter().next().unwrap_or_default(),
+                _ => crate::state::resolve(c, &rules, &states)?,
+            })
+        } else {
+            None
+        };
+        let state_at = |ty: &str, key: &str| -> rusqlite::Result<Option<String>> {
+            match &cited_state {
+                Some(s) => Ok(s.get(&(ty.to_owned(), key.to_owned())).cloned()),
+                None => state_event_id(c, room_id.as_str(), ty, key),
+            }
+        };
         let mut auth_events = Vec::new();
         for (ty, key) in &auth_types {
-            if let Some(id) = state_event_id(c, room_id.as_str(), &ty.to_string(), key)? {
+            if let Some(id) = state_at(&ty.to_string(), key)? {
                 if !auth_events.contains(&id) {
                     auth_events.push(id);
                 }
             }
         }
-        let (prev_events, depth) = {
-            let mut st = c.prepare_cached(
-                "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id=f.event_id
-                 WHERE f.room_id=?1 ORDER BY e.depth DESC LIMIT 20",
-            )?;
-            let rows: Vec<(String, i64)> = st
-                .query_map([room_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            let depth = rows.iter().map(|r| r.1).max().unwrap_or(0) + 1;
-            (rows.into_iter().map(|r| r.0).collect::<Vec<_>>(), depth)
-        };
         let mut obj = json!({
             "type": ev.kind,
             "room_id": room_id,
@@ -478,6 +521,7 @@ impl Hs {
             return Err(MxError::too_large("Event is larger than 64 KiB"));
         }
         let pdu = Pdu::parse(event_id, &json).map_err(|e| MxError::bad_json(e.to_string()))?;
+        // Allowed by the current state, and (when they differ) by the state before it.
         check_state_dependent_auth_rules(
             &rules.authorization,
             &pdu,
@@ -489,7 +533,25 @@ impl Hs {
             },
         )
         .map_err(|e| MxError::forbidden(format!("Event not allowed: {e}")))?;
-        Ok(Built { pdu, json, rules })
+        if cited_state.is_some() {
+            check_state_dependent_auth_rules(
+                &rules.authorization,
+                &pdu,
+                |ty: &StateEventType, key: &str| {
+                    state_at(&ty.to_string(), key)
+                        .ok()
+                        .flatten()
+                        .and_then(|id| load_pdu(c, &id))
+                },
+            )
+            .map_err(|e| MxError::forbidden(format!("Event not allowed: {e}")))?;
+        }
+        Ok(Built {
+            pdu,
+            json,
+            rules,
+            cited_groups,
+        })
     }
 
     /// Stores a built local event: timeline, state, push, redaction, and the
@@ -507,9 +569,27 @@ impl Hs {
             pdu,
             json: pdu_json,
             rules,
+            cited_groups,
         } = built;
         let event_id = pdu.event_id.clone();
-        let stream = self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, txn)?;
+        let stream = match crate::state::resolve_groups(w, room_id.as_str(), &rules, cited_groups)?
+        {
+            None => self.store_pdu(w, room_id.as_str(), &pdu, &pdu_json, txn)?,
+            Some(before) => {
+                // Not every extremity cited: its state is that of the cited ones,
+                // and the current state the resolution over all that remain.
+                let stream = self.store_pdu_as(
+                    w,
+                    room_id.as_str(),
+                    &pdu,
+                    &pdu_json,
+                    txn,
+                    Placement::TimelineAfter(before),
+                )?;
+                self.refresh_current_state(w, room_id.as_str(), &rules)?;
+                stream
+            }
+        };
         self.after_store(w, room_id, &pdu, &pdu_json, stream, &rules, plan)?;
         crate::federation::enqueue_pdu(self, w, room_id, &pdu, &pdu_json, skip_server)?;
         Ok(Appended {

@@ -511,37 +511,45 @@ pub async fn join_by_id_or_alias(
     Json(body): Json<ReasonBody>,
 ) -> MxResult<J> {
     let mut via = via_servers(q.as_deref());
-    let room_id = if room.starts_with('#') {
-        let alias =
-            RoomAliasId::parse(&room).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
-        if alias.server_name() == hs.server_name {
-            hs.resolve_alias(&room)?
-        } else {
-            let path = format!(
-                "/_matrix/federation/v1/query/directory?room_alias={}",
-                crate::federation::urlenc(alias.as_str())
-            );
-            let v = hs
-                .fed_request("GET", alias.server_name(), &path, None)
-                .await?;
-            for s in v["servers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-            {
-                if let Ok(s) = ruma::ServerName::parse(s) {
-                    via.push(s);
-                }
-            }
-            via.push(alias.server_name().to_owned());
-            parse_room(v["room_id"].as_str().unwrap_or_default())?
-        }
-    } else {
-        parse_room(&room)?
-    };
+    let room_id = room_and_servers(&hs, &room, &mut via).await?;
     join_any(&hs, &room_id, &auth.user_id, body.reason.as_deref(), via).await?;
     Ok(axum::Json(json!({ "room_id": room_id })))
+}
+
+/// A room id, or an alias resolved here or by its server (whose answer adds
+/// servers to go through to `via`).
+async fn room_and_servers(
+    hs: &Hs,
+    room: &str,
+    via: &mut Vec<ruma::OwnedServerName>,
+) -> MxResult<ruma::OwnedRoomId> {
+    if !room.starts_with('#') {
+        return parse_room(room);
+    }
+    let alias =
+        RoomAliasId::parse(room).map_err(|_| MxError::invalid_param("Invalid room alias"))?;
+    if alias.server_name() == hs.server_name {
+        return hs.resolve_alias(room);
+    }
+    let path = format!(
+        "/_matrix/federation/v1/query/directory?room_alias={}",
+        crate::federation::urlenc(alias.as_str())
+    );
+    let v = hs
+        .fed_request("GET", alias.server_name(), &path, None)
+        .await?;
+    for s in v["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        if let Ok(s) = ruma::ServerName::parse(s) {
+            via.push(s);
+        }
+    }
+    via.push(alias.server_name().to_owned());
+    parse_room(v["room_id"].as_str().unwrap_or_default())
 }
 
 pub async fn join_room(
@@ -580,16 +588,7 @@ async fn join_any(
     reason: Option<&str>,
     mut via: Vec<ruma::OwnedServerName>,
 ) -> MxResult<()> {
-    let local = hs
-        .db
-        .read(|c| pdu::room_version(c, room_id.as_str()))?
-        .is_some();
-    let joined_here = local
-        && hs.db.read(|c| -> MxResult<bool> {
-            Ok(!pdu::local_members(c, room_id.as_str(), false)?.is_empty()
-                || room_id.server_name() == Some(&hs.server_name))
-        })?;
-    if joined_here {
+    if room_is_here(hs, room_id)? {
         return hs.do_join(room_id, user, reason);
     }
     // Through the server that invited us, the room id's server and the given ones.
@@ -604,35 +603,44 @@ async fn join_any(
     if let Some(s) = inviter.and_then(|s| ruma::ServerName::parse(&s).ok()) {
         via.insert(0, s);
     }
+    let via = servers_to_go_through(room_id, via, "join")?;
+    hs.remote_join(room_id, user, &via).await
+}
+
+/// The servers to reach a room of other servers through: the given ones and
+/// the room id's server (rooms before v12 name one); an error if none.
+fn servers_to_go_through(
+    room_id: &RoomId,
+    mut via: Vec<ruma::OwnedServerName>,
+    what: &str,
+) -> MxResult<Vec<ruma::OwnedServerName>> {
     if let Some(s) = room_id.server_name() {
         via.push(s.to_owned());
     }
     via.dedup();
     if via.is_empty() {
-        return Err(MxError::not_found(
-            "This box does not know that room; give a server to join through",
-        ));
+        return Err(MxError::not_found(format!(
+            "This box does not know that room; give a server to {what} through"
+        )));
     }
-    hs.remote_join(room_id, user, &via).await
+    Ok(via)
 }
 
 pub async fn knock(
     State(hs): State<Arc<Hs>>,
     auth: Auth,
     PathArgs(room): PathArgs<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
     Json(body): Json<ReasonBody>,
 ) -> MxResult<J> {
-    let room_id = if room.starts_with('#') {
-        hs.resolve_alias(&room)?
-    } else {
-        parse_room(&room)?
-    };
-    if hs
-        .db
-        .read(|c| pdu::room_version(c, room_id.as_str()))?
-        .is_none()
-    {
-        return Err(MxError::not_found("This box does not know that room"));
+    let mut via = via_servers(q.as_deref());
+    let room_id = room_and_servers(&hs, &room, &mut via).await?;
+    if !room_is_here(&hs, &room_id)? {
+        // A room of other servers: knock through one of them (make_knock/send_knock).
+        let via = servers_to_go_through(&room_id, via, "knock")?;
+        hs.remote_knock(&room_id, &auth.user_id, body.reason.as_deref(), &via)
+            .await?;
+        return Ok(axum::Json(json!({ "room_id": room_id })));
     }
     hs.set_membership(
         &room_id,
@@ -643,6 +651,20 @@ pub async fn knock(
         None,
     )?;
     Ok(axum::Json(json!({ "room_id": room_id })))
+}
+
+/// Whether this box takes part in the room itself (a local member, or made here),
+/// so membership changes are made here rather than through another server.
+fn room_is_here(hs: &Hs, room_id: &RoomId) -> MxResult<bool> {
+    let local = hs
+        .db
+        .read(|c| pdu::room_version(c, room_id.as_str()))?
+        .is_some();
+    Ok(local
+        && hs.db.read(|c| -> MxResult<bool> {
+            Ok(!pdu::local_members(c, room_id.as_str(), false)?.is_empty()
+                || room_id.server_name() == Some(&hs.server_name))
+        })?)
 }
 
 #[derive(Deserialize)]

@@ -326,10 +326,21 @@ async fn well_known_server(
     axum::extract::State(hs): axum::extract::State<Arc<Hs>>,
 ) -> impl IntoResponse {
     let name = hs.server_name.as_str();
-    let server = if hs.server_name.port().is_some() {
+    // Configured, else the server name itself when it has a port, else its
+    // host on the federation TLS port (443: behind a reverse proxy).
+    let tls_port = hs
+        .config
+        .federation
+        .tls_listen
+        .as_deref()
+        .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+        .map_or(443, |a| a.port());
+    let server = if let Some(s) = &hs.config.federation.well_known_server {
+        s.clone()
+    } else if hs.server_name.port().is_some() {
         name.to_owned()
     } else {
-        format!("{name}:443")
+        format!("{name}:{tls_port}")
     };
     Json(json!({ "m.server": server }))
 }

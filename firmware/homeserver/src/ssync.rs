@@ -134,6 +134,21 @@ struct RoomMeta {
     membership: String,
     membership_stream: i64,
     bump: i64,
+    /// For an invite from (or our knock on) a room this box does not hold:
+    /// the stripped state that came with it, the user's member event last.
+    remote: Option<Vec<Value>>,
+}
+
+impl RoomMeta {
+    /// Content of a stripped state event of a room this box does not hold.
+    fn remote_content(&self, kind: &str, key: &str) -> Option<&Value> {
+        self.remote
+            .as_ref()?
+            .iter()
+            .rev()
+            .find(|e| e["type"] == kind && e["state_key"] == key)
+            .map(|e| &e["content"])
+    }
 }
 
 fn user_rooms(c: &Connection, user: &str) -> rusqlite::Result<Vec<RoomMeta>> {
@@ -155,10 +170,41 @@ fn user_rooms(c: &Connection, user: &str) -> rusqlite::Result<Vec<RoomMeta>> {
                 },
                 membership,
                 membership_stream: ms,
+                remote: None,
             })
         })?
-        .collect();
-    r
+        .collect::<rusqlite::Result<Vec<RoomMeta>>>()?;
+    // Invites from other servers to rooms not held here, and knocks on them.
+    let held: HashSet<String> = r.iter().map(|m| m.room_id.clone()).collect();
+    let mut st = c.prepare_cached(
+        "SELECT room_id, membership, stream, event_json, invite_state FROM remote_invites WHERE user_id=?1 AND declined=0",
+    )?;
+    let rows = st.query_map([user], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut r = r;
+    for row in rows {
+        let (room_id, membership, ms, ev, stripped) = row?;
+        if held.contains(&room_id) {
+            continue;
+        }
+        let ev: Value = serde_json::from_str(&ev).unwrap_or_default();
+        let events = crate::federation::remote_stripped_state(&ev, &stripped);
+        r.push(RoomMeta {
+            room_id,
+            membership,
+            membership_stream: ms,
+            bump: ms,
+            remote: Some(events),
+        });
+    }
+    Ok(r)
 }
 
 fn direct_rooms(c: &Connection, user: &str) -> rusqlite::Result<HashSet<String>> {
@@ -183,6 +229,11 @@ fn is_dm(
 ) -> rusqlite::Result<bool> {
     if direct.contains(&m.room_id) {
         return Ok(true);
+    }
+    if m.remote.is_some() {
+        return Ok(m
+            .remote_content("m.room.member", user)
+            .is_some_and(|c| c["is_direct"].as_bool() == Some(true)));
     }
     if m.membership == "invite" {
         let content = pdu::state_content(c, &m.room_id, "m.room.member", user)?;
@@ -209,13 +260,20 @@ fn passes(
         }
     }
     if let Some(want) = f.is_encrypted {
-        if pdu::state_event_id(c, &m.room_id, "m.room.encryption", "")?.is_some() != want {
+        let encrypted = match &m.remote {
+            Some(_) => m.remote_content("m.room.encryption", "").is_some(),
+            None => pdu::state_event_id(c, &m.room_id, "m.room.encryption", "")?.is_some(),
+        };
+        if encrypted != want {
             return Ok(false);
         }
     }
     if !f.room_types.is_empty() || !f.not_room_types.is_empty() {
-        let t = pdu::state_content(c, &m.room_id, "m.room.create", "")?
-            .and_then(|v| v["type"].as_str().map(str::to_owned));
+        let t = match &m.remote {
+            Some(_) => m.remote_content("m.room.create", "").cloned(),
+            None => pdu::state_content(c, &m.room_id, "m.room.create", "")?,
+        }
+        .and_then(|v| v["type"].as_str().map(str::to_owned));
         if !f.room_types.is_empty() && !f.room_types.contains(&t) {
             return Ok(false);
         }
@@ -389,8 +447,16 @@ fn build(
             if state.invites.get(room).is_some_and(|k| *k >= ms) {
                 continue;
             }
-            let mut invite_state = pdu::stripped_state(c, room)?;
-            if let Some(id) = pdu::state_event_id(c, room, "m.room.member", user)? {
+            let remote = m.and_then(|m| m.remote.as_ref());
+            let mut invite_state = match remote {
+                Some(r) => r.clone(),
+                None => pdu::stripped_state(c, room)?,
+            };
+            let member = match remote {
+                Some(_) => None,
+                None => pdu::state_event_id(c, room, "m.room.member", user)?,
+            };
+            if let Some(id) = member {
                 if let Some(ev) = pdu::get_event(c, &id)? {
                     let ce = client_event(c, &ev, &v, false);
                     invite_state.push(json!({ "type": ce["type"], "state_key": ce["state_key"], "sender": ce["sender"], "content": ce["content"] }));
@@ -410,8 +476,11 @@ fn build(
             if let Some(m) = m {
                 r.insert("is_dm".into(), json!(is_dm(c, m, &direct, user)?));
             }
-            let name = pdu::state_content(c, room, "m.room.name", "")?
-                .and_then(|n| n["name"].as_str().map(str::to_owned));
+            let name = match m.filter(|m| m.remote.is_some()) {
+                Some(m) => m.remote_content("m.room.name", "").cloned(),
+                None => pdu::state_content(c, room, "m.room.name", "")?,
+            }
+            .and_then(|n| n["name"].as_str().map(str::to_owned));
             if let Some(n) = name {
                 r.insert("name".into(), json!(n));
             }

@@ -24,7 +24,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::{
-    db::WriteTxn,
+    db::{UserRows, WriteTxn},
     error::{MxError, MxResult},
     pdu::{self, Pdu},
     Hs,
@@ -77,6 +77,15 @@ pub(crate) fn ensure_current_group(c: &Connection, room: &str) -> rusqlite::Resu
     let g = write_group(c, room, None, 0, state.iter().map(|(k, v)| (k, Some(v))))?;
     set_current_group(c, room, g)?;
     Ok(g)
+}
+
+/// A new group holding exactly `state` (a full snapshot).
+pub(crate) fn snapshot_group(
+    c: &Connection,
+    room: &str,
+    state: &StateIds,
+) -> rusqlite::Result<i64> {
+    write_group(c, room, None, 0, state.iter().map(|(k, v)| (k, Some(v))))
 }
 
 fn write_group<'a>(
@@ -477,6 +486,13 @@ impl Hs {
                 }
             }
             self.room_info.state_changed(room, stream);
+            // Syncs skip rooms the hints call unchanged: this room changed, and
+            // without an event of its own (see `sync::build`).
+            w.note(UserRows::Room, room, stream);
+            w.note(UserRows::StateRewritten, room, stream);
+            if changes.iter().any(|((t, _), _)| t == "m.room.member") {
+                w.note(UserRows::Membership, "", stream);
+            }
             tracing::info!(
                 room,
                 changed = changes.len(),

@@ -402,12 +402,18 @@ fn build(
                 } else {
                     None
                 };
-                if !initial_room
+                // State rewritten since `since` without a timeline event of its own
+                // (a resolution across a fork) may be all there is to say.
+                let resolved = !initial_room
+                    && hs
+                        .db
+                        .may_have_changed(UserRows::StateRewritten, &room, from);
+                let quiet = !initial_room
                     && typing.is_none()
                     && events.is_empty()
                     && receipts.is_none()
-                    && room_ad.is_empty()
-                {
+                    && room_ad.is_empty();
+                if quiet && !resolved {
                     // A hint ahead of this snapshot, or only outliers: nothing to say.
                     continue;
                 }
@@ -425,14 +431,17 @@ fn build(
                     .map(|e| (hs.formatted.get(e), e))
                     .filter(|(f, _)| rf.timeline.allows_fields(&f.kind, &f.sender, f.has_url))
                     .collect();
-                // State between `since` (or the beginning) and the start of the timeline.
+                // State between `since` (or the beginning) and the start of the timeline;
+                // and, when it was rewritten, what the room's state is now, less what
+                // the timeline carries.
                 let state_from = if initial_room {
                     0
-                } else if limited {
+                } else if limited || resolved {
                     from
                 } else {
                     i64::MAX
                 };
+                let state_to = if resolved { upto + 1 } else { tl_start };
                 let mut state = Vec::new();
                 if state_from != i64::MAX {
                     let mut st = c.prepare_cached(&format!(
@@ -444,8 +453,14 @@ fn build(
                             .collect::<Vec<_>>()
                             .join(", ")
                     ))?;
+                    let in_timeline: HashSet<&str> =
+                        events.iter().map(|e| e.event_id.as_str()).collect();
                     let rows: Vec<StoredEvent> = st
-                        .query_map(params![room, state_from, tl_start], row_to_event)?
+                        .query_map(params![room, state_from, state_to], row_to_event)?
+                        .filter(|r| {
+                            r.as_ref()
+                                .map_or(true, |e| !in_timeline.contains(e.event_id.as_str()))
+                        })
                         .collect::<Result<_, _>>()?;
                     let lazy = rf.state.lazy_load_members && !full_state;
                     let senders: HashSet<&str> =
@@ -478,6 +493,9 @@ fn build(
                             state.extend(member_events_for(c, &room, &missing, &v)?);
                         }
                     }
+                }
+                if quiet && state.is_empty() {
+                    continue;
                 }
                 let mut ephemeral = Vec::new();
                 if let Some(users) = typing {
@@ -579,14 +597,14 @@ fn build(
             _ => {}
         }
     }
-    // Invites from other servers to rooms this box does not hold yet.
+    // Invites from other servers to rooms this box does not hold yet, and our knocks on them.
     if hs.db.may_have_changed(
         UserRows::RemoteInvites,
         user,
         if since.is_some() { from } else { 0 },
     ) {
         let mut st = c.prepare_cached(
-            "SELECT room_id, event_json, invite_state, declined FROM remote_invites WHERE user_id=?1 AND stream>?2 AND stream<=?3",
+            "SELECT room_id, event_json, invite_state, declined, membership FROM remote_invites WHERE user_id=?1 AND stream>?2 AND stream<=?3",
         )?;
         let rows = st
             .query_map(
@@ -597,12 +615,17 @@ fn build(
                         r.get::<_, String>(1)?,
                         r.get::<_, String>(2)?,
                         r.get::<_, bool>(3)?,
+                        r.get::<_, String>(4)?,
                     ))
                 },
             )?
             .collect::<Result<Vec<_>, _>>()?;
-        for (room, ev, state, declined) in rows {
-            if invite.contains_key(&room) || join.contains_key(&room) || !rf.allows_room(&room) {
+        for (room, ev, state, declined, membership) in rows {
+            if invite.contains_key(&room)
+                || join.contains_key(&room)
+                || knock.contains_key(&room)
+                || !rf.allows_room(&room)
+            {
                 continue;
             }
             let ev: Value = serde_json::from_str(&ev).unwrap_or_default();
@@ -619,10 +642,13 @@ fn build(
                 }
                 continue;
             }
-            let mut events: Vec<Value> = serde_json::from_str(&state).unwrap_or_default();
-            events.retain(|e| e.is_object());
-            events.push(json!({ "type": ev["type"], "state_key": ev["state_key"], "sender": ev["sender"], "content": ev["content"] }));
-            invite.insert(room, json!({ "invite_state": { "events": events } }));
+            let events = crate::federation::remote_stripped_state(&ev, &state);
+            if membership == "knock" {
+                // Our knock on a room of another server, until it is answered.
+                knock.insert(room, json!({ "knock_state": { "events": events } }));
+            } else {
+                invite.insert(room, json!({ "invite_state": { "events": events } }));
+            }
         }
     }
     let global_ad_rows = if hs.db.may_have_changed(UserRows::AccountData, user, from) {

@@ -1848,6 +1848,51 @@ async fn account_data_reaches_incremental_sync_once() {
 /// joins a room and talks; forged signatures, tampered content, forged
 /// senders, a server not in the room, bad X-Matrix headers, malformed JSON and
 /// oversized transactions are refused, and nothing of them reaches a client.
+/// `/.well-known/matrix/server` says where federation for this server name
+/// goes: the configured delegation, else the name itself when it has a port,
+/// else its host on the federation TLS port (443 without a TLS listener).
+#[tokio::test]
+async fn well_known_server_delegation() {
+    use secta_homeserver::config::FederationConfig;
+    let cases = [
+        ("box.test", None, None, "box.test:443"),
+        ("box.test", Some("0.0.0.0:8448"), None, "box.test:8448"),
+        ("box.test:8449", Some("0.0.0.0:8448"), None, "box.test:8449"),
+        (
+            "box.test",
+            Some("0.0.0.0:8448"),
+            Some("matrix.box.test"),
+            "matrix.box.test",
+        ),
+    ];
+    for (name, tls, delegated, want) in cases {
+        let b = new_box_with(HomeserverConfig {
+            server_name: name.into(),
+            federation: FederationConfig {
+                tls_listen: tls.map(str::to_owned),
+                well_known_server: delegated.map(str::to_owned),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let (s, v) = b
+            .call("GET", "/.well-known/matrix/server", None, json!({}))
+            .await;
+        assert_eq!((s, v["m.server"].as_str()), (200, Some(want)), "{name}");
+    }
+    // A delegation that is no server name is refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = HomeserverConfig {
+        federation: FederationConfig {
+            well_known_server: Some("not a name".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = Hs::open(bad, dir.path()).err().expect("refused");
+    assert!(format!("{err:#}").contains("well_known_server"), "{err:#}");
+}
+
 mod federation_input {
     use super::*;
     use ruma::{
@@ -1873,6 +1918,18 @@ mod federation_input {
             pinned_key: Some(("ed25519:k1".into(), public.into())),
             accept_self_signed: false,
         }
+    }
+
+    /// The box `test.box` knowing these peers.
+    fn fed_box(peers: Vec<Peer>) -> Box_ {
+        new_box_with(HomeserverConfig {
+            server_name: "test.box".into(),
+            federation: FederationConfig {
+                peers,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
     }
 
     /// A PDU hashed and signed by `origin` with `kp`; returns (event id, JSON).
@@ -1936,6 +1993,99 @@ mod federation_input {
         }
     }
 
+    /// A public room (v11) made by alice on the box, and mallory of good.test
+    /// joined to it through make_join/send_join.
+    struct Joined {
+        tok: String,
+        room: String,
+        join_id: String,
+        join: Value,
+        create: String,
+        pl: String,
+        join_rules: String,
+    }
+
+    impl Box_ {
+        async fn room_with_mallory(&self, good: &Ed25519KeyPair) -> Joined {
+            let b = self;
+            let (_alice, tok) = b.register("alice").await;
+            let (s, v) = b
+                .call(
+                    "POST",
+                    "/_matrix/client/v3/createRoom",
+                    Some(&tok),
+                    json!({"preset": "public_chat", "room_version": "11"}),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let room = v["room_id"].as_str().unwrap().to_owned();
+
+            // mallory on good.test joins through make_join / send_join.
+            let mallory = "@mallory:good.test";
+            let (s, made) = b
+                .fed(
+                    &good,
+                    "good.test",
+                    "GET",
+                    &format!(
+                        "/_matrix/federation/v1/make_join/{}/{}?ver=11",
+                        enc(&room),
+                        enc(mallory)
+                    ),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{made}");
+            let mut tpl = made["event"].clone();
+            tpl["origin_server_ts"] = json!(1_700_000_000_000u64);
+            let (join_id, join) = sign_pdu(&good, "good.test", tpl);
+            let (s, v) = b
+                .fed(
+                    &good,
+                    "good.test",
+                    "PUT",
+                    &format!(
+                        "/_matrix/federation/v2/send_join/{}/{}",
+                        enc(&room),
+                        enc(&join_id)
+                    ),
+                    Some(join.clone()),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+
+            let (_, state) = b
+                .call(
+                    "GET",
+                    &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
+                    Some(&tok),
+                    json!({}),
+                )
+                .await;
+            let id_of = |t: &str| -> String {
+                state
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["type"] == t)
+                    .unwrap()["event_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            };
+            let (create, pl) = (id_of("m.room.create"), id_of("m.room.power_levels"));
+            Joined {
+                tok,
+                room,
+                join_id,
+                join,
+                create,
+                pl,
+                join_rules: id_of("m.room.join_rules"),
+            }
+        }
+    }
+
     fn enc(s: &str) -> String {
         s.replace('!', "%21")
             .replace(':', "%3A")
@@ -1949,80 +2099,20 @@ mod federation_input {
         let (other, other_pub) = keypair("k1");
         // Same key id as good.test's, different key: a forgery.
         let (forger, _) = keypair("k1");
-        let b = new_box_with(HomeserverConfig {
-            server_name: "test.box".into(),
-            federation: FederationConfig {
-                peers: vec![peer("good.test", &good_pub), peer("other.test", &other_pub)],
-                ..Default::default()
-            },
-            ..Default::default()
-        });
-        let (_alice, tok) = b.register("alice").await;
-        let (s, v) = b
-            .call(
-                "POST",
-                "/_matrix/client/v3/createRoom",
-                Some(&tok),
-                json!({"preset": "public_chat", "room_version": "11"}),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        let room = v["room_id"].as_str().unwrap().to_owned();
-
-        // mallory on good.test joins through make_join / send_join.
+        let b = fed_box(vec![
+            peer("good.test", &good_pub),
+            peer("other.test", &other_pub),
+        ]);
+        let Joined {
+            tok,
+            room,
+            join_id,
+            join,
+            create,
+            pl,
+            ..
+        } = b.room_with_mallory(&good).await;
         let mallory = "@mallory:good.test";
-        let (s, made) = b
-            .fed(
-                &good,
-                "good.test",
-                "GET",
-                &format!(
-                    "/_matrix/federation/v1/make_join/{}/{}?ver=11",
-                    enc(&room),
-                    enc(mallory)
-                ),
-                None,
-            )
-            .await;
-        assert_eq!(s, 200, "{made}");
-        let mut tpl = made["event"].clone();
-        tpl["origin_server_ts"] = json!(1_700_000_000_000u64);
-        let (join_id, join) = sign_pdu(&good, "good.test", tpl);
-        let (s, v) = b
-            .fed(
-                &good,
-                "good.test",
-                "PUT",
-                &format!(
-                    "/_matrix/federation/v2/send_join/{}/{}",
-                    enc(&room),
-                    enc(&join_id)
-                ),
-                Some(join.clone()),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-
-        let (_, state) = b
-            .call(
-                "GET",
-                &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
-                Some(&tok),
-                json!({}),
-            )
-            .await;
-        let id_of = |t: &str| -> String {
-            state
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|e| e["type"] == t)
-                .unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        };
-        let (create, pl) = (id_of("m.room.create"), id_of("m.room.power_levels"));
         let depth = join["depth"].as_u64().unwrap();
         let message = |sender: &str, body: &str, auth: Vec<String>, n: u64| {
             json!({
@@ -2234,6 +2324,220 @@ mod federation_input {
             let (s, v) = b.fed(&good, "good.test", "GET", &uri, None).await;
             assert_eq!(s, want, "federation /event of {id}: {v}");
         }
+    }
+
+    /// With more forward extremities than an event may cite (20), a local
+    /// event's state is the resolution of the ones it cites — what other
+    /// servers compute from its prev_events — while the room's current state
+    /// still resolves over all of them.
+    #[tokio::test]
+    async fn an_event_citing_20_of_21_extremities_has_their_state() {
+        let (good, good_pub) = keypair("k1");
+        let b = fed_box(vec![peer("good.test", &good_pub)]);
+        let Joined {
+            tok,
+            room,
+            join_id,
+            join,
+            create,
+            pl,
+            join_rules,
+        } = b.room_with_mallory(&good).await;
+        let mallory = "@mallory:good.test";
+        let depth = join["depth"].as_u64().unwrap();
+        // 21 forks off mallory's join: a new display name (the lowest, so not
+        // cited) and 20 messages.
+        let (rename_id, rename) = sign_pdu(
+            &good,
+            "good.test",
+            json!({
+                "type": "m.room.member", "state_key": mallory, "room_id": room, "sender": mallory,
+                "content": {"membership": "join", "displayname": "Новое имя"},
+                "origin_server_ts": 1_700_000_000_001u64, "depth": depth + 1,
+                "prev_events": [join_id], "auth_events": [create, pl, join_id, join_rules],
+            }),
+        );
+        let mut pdus = vec![rename];
+        for i in 0..20u64 {
+            pdus.push(
+                sign_pdu(
+                    &good,
+                    "good.test",
+                    json!({
+                        "type": "m.room.message", "room_id": room, "sender": mallory,
+                        "content": {"msgtype": "m.text", "body": format!("ветка {i}")},
+                        "origin_server_ts": 1_700_000_000_100u64 + i, "depth": depth + 5,
+                        "prev_events": [join_id], "auth_events": [create, pl, join_id],
+                    }),
+                )
+                .1,
+            );
+        }
+        let body = json!({"origin": "good.test", "origin_server_ts": 1, "pdus": pdus});
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "PUT",
+                "/_matrix/federation/v1/send/f1",
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert!(
+            v["pdus"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|r| r == &json!({})),
+            "{v}"
+        );
+        let (s, v) = b
+            .call(
+                "PUT",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+                    enc(&room)
+                ),
+                Some(&tok),
+                json!({"msgtype": "m.text", "body": "всем ветвям"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let ev_id = v["event_id"].as_str().unwrap().to_owned();
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "GET",
+                &format!("/_matrix/federation/v1/event/{}", enc(&ev_id)),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let prevs = v["pdus"][0]["prev_events"].as_array().unwrap().clone();
+        assert_eq!(prevs.len(), 20, "{prevs:?}");
+        assert!(!prevs.contains(&json!(rename_id)), "{prevs:?}");
+        // The state before it (served to other servers) is that of the cited
+        // forks: mallory's join, not his rename.
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "GET",
+                &format!(
+                    "/_matrix/federation/v1/state_ids/{}?event_id={}",
+                    enc(&room),
+                    enc(&ev_id)
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let ids = v["pdu_ids"].as_array().unwrap();
+        assert!(
+            ids.contains(&json!(join_id)) && !ids.contains(&json!(rename_id)),
+            "{v}"
+        );
+        // The room's current state has the rename (resolved over every extremity).
+        let (s, v) = b
+            .call(
+                "GET",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+                    enc(&room),
+                    enc(mallory)
+                ),
+                Some(&tok),
+                json!({}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["displayname"], "Новое имя", "{v}");
+    }
+
+    /// An invite from another server to a room this box does not hold shows in
+    /// `/sync` and in sliding sync (Element X), with the state that came with it.
+    #[tokio::test]
+    async fn an_invite_from_another_server_shows_in_both_syncs() {
+        let (good, good_pub) = keypair("k1");
+        let b = fed_box(vec![peer("good.test", &good_pub)]);
+        let (alice_id, alice) = b.register("alice").await;
+        let room = "!elsewhere:good.test";
+        let (invite_id, invite) = sign_pdu(
+            &good,
+            "good.test",
+            json!({
+                "type": "m.room.member", "state_key": alice_id, "room_id": room,
+                "sender": "@mallory:good.test", "content": {"membership": "invite", "is_direct": true},
+                "origin_server_ts": 1_700_000_000_000u64, "depth": 5,
+                "prev_events": ["$prev"], "auth_events": ["$create"],
+            }),
+        );
+        let body = json!({
+            "room_version": "11", "event": invite,
+            "invite_room_state": [
+                {"type": "m.room.name", "state_key": "", "sender": "@mallory:good.test", "content": {"name": "Снаружи"}},
+                {"type": "m.room.encryption", "state_key": "", "sender": "@mallory:good.test", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+            ],
+        });
+        let (s, v) = b
+            .fed(
+                &good,
+                "good.test",
+                "PUT",
+                &format!(
+                    "/_matrix/federation/v2/invite/{}/{}",
+                    enc(room),
+                    enc(&invite_id)
+                ),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let (_, v) = b
+            .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
+            .await;
+        let state = &v["rooms"]["invite"][room]["invite_state"]["events"];
+        assert!(
+            state
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["content"]["name"] == "Снаружи"),
+            "{v}"
+        );
+        let body = json!({
+            "conn_id": "remote",
+            "lists": {
+                "invites": {"ranges": [[0, 10]], "timeline_limit": 0, "filters": {"is_invite": true}},
+                "encrypted": {"ranges": [[0, 10]], "timeline_limit": 0, "filters": {"is_encrypted": true}}
+            }
+        });
+        let (s, v) = b
+            .call(
+                "POST",
+                "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+                Some(&alice),
+                body,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["lists"]["invites"]["count"], 1, "{v}");
+        assert_eq!(v["lists"]["encrypted"]["count"], 1, "{v}");
+        let r = &v["rooms"][room];
+        assert_eq!(r["name"], "Снаружи", "{v}");
+        assert_eq!(r["is_dm"], true, "{v}");
+        assert!(
+            r["invite_state"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["type"] == "m.room.member"
+                    && e["state_key"] == alice_id.as_str()
+                    && e["content"]["membership"] == "invite"),
+            "{v}"
+        );
     }
 }
 

@@ -403,7 +403,13 @@ fn default_config_text() -> String {
          [homeserver]\nserver_name = {:?}\nlisten = {:?}\n# public_base_url = \"https://box.example\"\n\
          open_registration = {}\n# registration_shared_secret = \"...\"  (default: generated in DATA/registration_shared_secret)\n\
          default_room_version = {:?}\nmax_request_bytes = {}\nmedia_max_bytes = 104857600\nencrypt_private_rooms = true\npresence = {}\ndurability = \"normal\"\n\
-         auth_rate_burst = {}\nauth_rate_per_second = {}\nmax_sync_timeout_ms = {}\nsync_coalesce_ms = 10\n",
+         auth_rate_burst = {}\nauth_rate_per_second = {}\nmax_sync_timeout_ms = {}\nsync_coalesce_ms = 10\n\n\
+         [homeserver.federation]\nenabled = true\n# tls_listen = \"0.0.0.0:8448\"\n\
+         # tls_cert = \"/etc/secta/fed.crt\"  (with tls_key; default: self-signed, made in DATA on first start)\n\
+         blocked_servers = []\n# dns_servers = [\"192.168.1.1:53\"]  (for discovery; default: /etc/resolv.conf)\n\
+         # ca_certificates = [\"/etc/secta/community-ca.pem\"]  (trusted besides the web PKI)\n\
+         # well_known_server = \"matrix.example.org:8448\"  (answered at /.well-known/matrix/server)\n\
+         # [[homeserver.federation.peers]]\n# server_name = \"other.box\"\n# url = \"https://10.77.1.2:8448\"\n# accept_self_signed = true\n",
         b.data_dir, b.name, b.log, b.log_json, hs.server_name, hs.listen, hs.open_registration,
         hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
         hs.max_sync_timeout_ms,

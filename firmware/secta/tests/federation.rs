@@ -8,20 +8,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{admin, call, create_room, enc, free_port, login, send, start, Server};
+use common::{admin, call, create_room, enc, free_port_at, login, send, start_at, Server};
 use serde_json::{json, Value};
 
-/// A box on `port` (client API) and `port_tls` (federation over TLS), whose peer
-/// is reached over TLS on `peer_tls`.
-fn start_box(data: &Path, port: u16, port_tls: u16, peer_port: u16, peer_tls: u16) -> Server {
-    start(
+/// Box A's and box B's loopback addresses: each box has its own.
+const IP_A: &str = "127.0.0.2";
+const IP_B: &str = "127.0.0.3";
+
+/// A box on `ip:port` (client API) and `ip:port_tls` (federation over TLS),
+/// whose peer `(ip, client port, TLS port)` is reached over TLS.
+fn start_box(data: &Path, ip: &str, port: u16, port_tls: u16, peer: (&str, u16, u16)) -> Server {
+    let (pip, peer_port, peer_tls) = peer;
+    start_at(
         data,
+        ip,
         port,
         &[
             "--peer".into(),
-            format!("127.0.0.1:{peer_port}=https://127.0.0.1:{peer_tls}"),
+            format!("{pip}:{peer_port}=https://{pip}:{peer_tls}"),
             "--federation-tls-listen".into(),
-            format!("127.0.0.1:{port_tls}"),
+            format!("{ip}:{port_tls}"),
         ],
     )
 }
@@ -60,18 +66,19 @@ fn timeline_has(v: &Value, room: &str, body: &str) -> bool {
 fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let dir = tempfile::tempdir().unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let (pa, pb, ta, tb) = (free_port(), free_port(), free_port(), free_port());
+    let (pa, ta) = (free_port_at(IP_A), free_port_at(IP_A));
+    let (pb, tb) = (free_port_at(IP_B), free_port_at(IP_B));
     // Both boxes track presence (off by default), to see it cross over.
-    for (d, p) in [(&da, pa), (&db, pb)] {
+    for (d, ip, p) in [(&da, IP_A, pa), (&db, IP_B, pb)] {
         std::fs::create_dir_all(d).unwrap();
         std::fs::write(
             d.join("secta.toml"),
-            format!("[box]\nname = \"box\"\n\n[homeserver]\nserver_name = \"127.0.0.1:{p}\"\nlisten = \"127.0.0.1:{p}\"\npresence = true\n"),
+            format!("[box]\nname = \"box\"\n\n[homeserver]\nserver_name = \"{ip}:{p}\"\nlisten = \"{ip}:{p}\"\npresence = true\n"),
         )
         .unwrap();
     }
-    let a = start_box(&da, pa, ta, pb, tb);
-    let mut b = start_box(&db, pb, tb, pa, ta);
+    let a = start_box(&da, IP_A, pa, ta, (IP_B, pb, tb));
+    let mut b = start_box(&db, IP_B, pb, tb, (IP_A, pa, ta));
     admin(&da, &["user", "create", "alice", "--password", "pw"]);
     admin(&db, &["user", "create", "bob", "--password", "pw"]);
     admin(&db, &["user", "create", "carol", "--password", "pw"]);
@@ -279,13 +286,13 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let status = admin(&da, &["federation"]);
     let queued: u32 = status
         .lines()
-        .find(|l| l.starts_with(&format!("127.0.0.1:{pb}")))
+        .find(|l| l.starts_with(&format!("{IP_B}:{pb}")))
         .and_then(|l| l.split("queued ").nth(1))
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(queued >= 1, "the message waits in A's queue: {status}");
-    b = start_box(&db, pb, tb, pa, ta);
+    b = start_box(&db, IP_B, pb, tb, (IP_A, pa, ta));
     let bob = login(&b.base, "bob");
     let v = sync_until(
         &b.base,
@@ -314,8 +321,32 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
     let status = admin(&da, &["federation"]);
     assert!(status.contains("queued 0"), "{status}");
 
-    // Unblocked again: the next message arrives, and B fills the gap before it
-    // (get_missing_events) so the message sent while blocked shows up too.
+    // Still blocked, A renames the room and sends more than get_missing_events
+    // brings back in one go (20).
+    call(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.name/",
+            a.base,
+            enc(&room)
+        ),
+        &alice,
+        json!({"name": "Переименована без B"}),
+    )
+    .unwrap();
+    for i in 0..25 {
+        send(
+            &a.base,
+            &alice,
+            &room,
+            &format!("gap{i}"),
+            &format!("пропуск {i}"),
+        );
+    }
+
+    // Unblocked again: the next message arrives, B fills the gap before it
+    // (get_missing_events: the last 20), and the state before the oldest of
+    // those comes from A's /state_ids: B has the new name, not its old state.
     admin(&da, &["federation", "unblock", &b.name]);
     send(&a.base, &alice, &room, "a4", "снова вместе");
     sync_until(&b.base, &bob, "the message after the gap", 30, |v| {
@@ -339,8 +370,214 @@ fn two_boxes_chat_across_federation_and_catch_up_after_downtime() {
         .filter_map(|e| e["content"]["body"].as_str())
         .collect();
     assert!(
-        bodies.contains(&"снова вместе") && bodies.contains(&"только для своих"),
+        bodies.contains(&"снова вместе") && bodies.contains(&"пропуск 24"),
         "{bodies:?}"
     );
+    let name = call(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.name/",
+            b.base,
+            enc(&room)
+        ),
+        &bob,
+        json!({}),
+    )
+    .unwrap();
+    assert_eq!(
+        name["name"], "Переименована без B",
+        "B's state after the gap"
+    );
     drop(b);
+}
+
+/// bob on B knocks on a room of A (make_knock/send_knock through A); alice
+/// sees the knock, invites him, and he joins.
+#[test]
+fn a_user_knocks_on_a_room_of_another_box_and_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let (ip_a, ip_b) = ("127.0.0.4", "127.0.0.5");
+    let (pa, ta) = (free_port_at(ip_a), free_port_at(ip_a));
+    let (pb, tb) = (free_port_at(ip_b), free_port_at(ip_b));
+    for d in [&da, &db] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let a = start_box(&da, ip_a, pa, ta, (ip_b, pb, tb));
+    let b = start_box(&db, ip_b, pb, tb, (ip_a, pa, ta));
+    admin(&da, &["user", "create", "alice", "--password", "pw"]);
+    admin(&db, &["user", "create", "bob", "--password", "pw"]);
+    admin(&db, &["user", "create", "carol", "--password", "pw"]);
+    let alice = login(&a.base, "alice");
+    let bob = login(&b.base, "bob");
+    let carol = login(&b.base, "carol");
+    let bob_id = format!("@bob:{}", b.name);
+    let carol_id = format!("@carol:{}", b.name);
+    let knock_room = create_room(
+        &a.base,
+        &alice,
+        json!({"preset": "private_chat", "name": "Стучите",
+               "initial_state": [{"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}]}),
+    );
+    let closed = create_room(&a.base, &alice, json!({"preset": "private_chat"}));
+
+    // A room that does not take knocks refuses, with A's reason.
+    let refused = call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/knock/{}?via={}",
+            b.base,
+            enc(&closed),
+            enc(&a.name)
+        ),
+        &bob,
+        json!({}),
+    )
+    .unwrap_err();
+    assert!(refused.starts_with("403"), "{refused}");
+
+    let v = call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/knock/{}?via={}",
+            b.base,
+            enc(&knock_room),
+            enc(&a.name)
+        ),
+        &bob,
+        json!({"reason": "пустите, пожалуйста"}),
+    )
+    .expect("knock through A");
+    assert_eq!(v["room_id"], knock_room.as_str());
+    // Bob's client shows the knock, with the room's stripped state.
+    let knocked = sync_until(&b.base, &bob, "the knock in bob's sync", 20, |v| {
+        v["rooms"]["knock"].get(&knock_room).is_some()
+    });
+    let stripped = &knocked["rooms"]["knock"][&knock_room]["knock_state"]["events"];
+    assert!(
+        stripped
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Стучите"),
+        "{stripped}"
+    );
+    // Alice sees bob knocking, with his reason.
+    sync_until(&a.base, &alice, "bob's knock on A", 20, |v| {
+        v["rooms"]["join"][&knock_room]["timeline"]["events"]
+            .as_array()
+            .is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    e["state_key"] == bob_id.as_str()
+                        && e["content"]["membership"] == "knock"
+                        && e["content"]["reason"] == "пустите, пожалуйста"
+                })
+            })
+    });
+    // She lets him in: the invite reaches B (no longer a knock there), he joins.
+    let since = knocked["next_batch"].as_str().unwrap().to_owned();
+    call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/invite",
+            a.base,
+            enc(&knock_room)
+        ),
+        &alice,
+        json!({"user_id": bob_id}),
+    )
+    .expect("invite the knocking user");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut since = since;
+    loop {
+        let v = call(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/sync?since={since}&timeout=1000",
+                b.base
+            ),
+            &bob,
+            json!({}),
+        )
+        .unwrap();
+        if v["rooms"]["invite"].get(&knock_room).is_some() {
+            assert!(v["rooms"]["knock"].get(&knock_room).is_none(), "{v}");
+            break;
+        }
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        assert!(Instant::now() < deadline, "the invite did not reach bob");
+    }
+    call(
+        "POST",
+        &format!("{}/_matrix/client/v3/join/{}", b.base, enc(&knock_room)),
+        &bob,
+        json!({}),
+    )
+    .expect("bob joins after the invite");
+    send(&b.base, &bob, &knock_room, "k1", "спасибо, что впустили");
+    sync_until(&a.base, &alice, "bob's message on A", 30, |v| {
+        timeline_has(v, &knock_room, "спасибо, что впустили")
+    });
+
+    // Carol knocks too and is refused: her box hears it (the room is not
+    // there) and her clients see her knock end.
+    call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/knock/{}?via={}",
+            b.base,
+            enc(&knock_room),
+            enc(&a.name)
+        ),
+        &carol,
+        json!({}),
+    )
+    .expect("carol knocks");
+    let knocked = sync_until(&b.base, &carol, "carol's knock", 20, |v| {
+        v["rooms"]["knock"].get(&knock_room).is_some()
+    });
+    sync_until(&a.base, &alice, "carol's knock on A", 20, |v| {
+        v["rooms"]["join"][&knock_room]["timeline"]["events"]
+            .as_array()
+            .is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    e["state_key"] == carol_id.as_str() && e["content"]["membership"] == "knock"
+                })
+            })
+    });
+    call(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/kick",
+            a.base,
+            enc(&knock_room)
+        ),
+        &alice,
+        json!({"user_id": carol_id, "reason": "не сегодня"}),
+    )
+    .expect("refuse carol's knock");
+    let mut since = knocked["next_batch"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = call(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/sync?since={since}&timeout=1000",
+                b.base
+            ),
+            &carol,
+            json!({}),
+        )
+        .unwrap();
+        let left = &v["rooms"]["leave"][&knock_room]["timeline"]["events"][0];
+        if left["content"]["membership"] == "leave" {
+            assert_eq!(left["content"]["reason"], "не сегодня", "{v}");
+            break;
+        }
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        assert!(
+            Instant::now() < deadline,
+            "carol never heard her knock was refused"
+        );
+    }
 }

@@ -19,18 +19,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{admin, call, create_room, enc, free_port, login, send, start, Server};
+use common::{admin, call, create_room, enc, free_port_at, login, send, start_at, Server};
 use serde_json::{json, Value};
 
-/// A TCP relay to `127.0.0.1:to` that can be cut and healed.
+/// A TCP relay (on `ip`) to `ip:to` that can be cut and healed.
 struct Relay {
     port: u16,
     up: Arc<AtomicBool>,
 }
 
 impl Relay {
-    fn new(to: u16) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    fn new(ip: &'static str, to: u16) -> Self {
+        let l = TcpListener::bind((ip, 0)).unwrap();
         let port = l.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
         let flag = up.clone();
@@ -41,7 +41,7 @@ impl Relay {
                     drop(c);
                     continue;
                 }
-                let Ok(u) = TcpStream::connect(("127.0.0.1", to)) else {
+                let Ok(u) = TcpStream::connect((ip, to)) else {
                     continue;
                 };
                 for (from, into) in [(c.try_clone().unwrap(), u.try_clone().unwrap()), (u, c)] {
@@ -82,16 +82,23 @@ fn pipe(mut from: TcpStream, mut into: TcpStream, up: &AtomicBool) {
     let _ = into.shutdown(Shutdown::Both);
 }
 
-fn start_box(data: &Path, port: u16, tls: u16, peer_port: u16, via: u16) -> Server {
+/// Each box has its own loopback address.
+const IP_A: &str = "127.0.0.2";
+const IP_B: &str = "127.0.0.3";
+
+/// A box on `ip`, whose peer (`peer_ip:peer_port`) is reached through the relay on port `via`.
+fn start_box(data: &Path, ip: &str, port: u16, tls: u16, peer: (&str, u16, u16)) -> Server {
+    let (peer_ip, peer_port, via) = peer;
     std::fs::create_dir_all(data).unwrap();
-    start(
+    start_at(
         data,
+        ip,
         port,
         &[
             "--peer".into(),
-            format!("127.0.0.1:{peer_port}=https://127.0.0.1:{via}"),
+            format!("{peer_ip}:{peer_port}=https://{peer_ip}:{via}"),
             "--federation-tls-listen".into(),
-            format!("127.0.0.1:{tls}"),
+            format!("{ip}:{tls}"),
         ],
     )
 }
@@ -143,11 +150,12 @@ fn bodies(base: &str, token: &str, room: &str) -> Vec<String> {
 fn a_cut_link_heals_into_the_same_resolved_state_on_both_boxes() {
     let dir = tempfile::tempdir().unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let (pa, pb, ta, tb) = (free_port(), free_port(), free_port(), free_port());
-    let to_b = Relay::new(tb);
-    let to_a = Relay::new(ta);
-    let a = start_box(&da, pa, ta, pb, to_b.port);
-    let b = start_box(&db, pb, tb, pa, to_a.port);
+    let (pa, ta) = (free_port_at(IP_A), free_port_at(IP_A));
+    let (pb, tb) = (free_port_at(IP_B), free_port_at(IP_B));
+    let to_b = Relay::new(IP_B, tb);
+    let to_a = Relay::new(IP_A, ta);
+    let a = start_box(&da, IP_A, pa, ta, (IP_B, pb, to_b.port));
+    let b = start_box(&db, IP_B, pb, tb, (IP_A, pa, to_a.port));
     admin(&da, &["user", "create", "alice", "--password", "pw"]);
     admin(&db, &["user", "create", "bob", "--password", "pw"]);
     let alice = login(&a.base, "alice");
@@ -206,6 +214,12 @@ fn a_cut_link_heals_into_the_same_resolved_state_on_both_boxes() {
         "B took bob's rename while cut off"
     );
     thread::sleep(Duration::from_secs(2)); // both queues fail a few times
+                                           // Bob's client is up to date before the heal: what follows comes to it
+                                           // by incremental syncs.
+    let mut since = get(&b.base, &bob, "/_matrix/client/v3/sync?timeout=0").unwrap()["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // The link heals: each side's queue delivers what the other missed.
     to_b.set_up(true);
@@ -226,6 +240,31 @@ fn a_cut_link_heals_into_the_same_resolved_state_on_both_boxes() {
                     && get(base, tok, &pl_path).is_ok_and(|v| v["users"][&bob_id] == 0)
             })
     });
+    // Bob's rename was undone by the resolution alone (no new event): his
+    // incremental sync says so, in the room's state section.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = get(
+            &b.base,
+            &bob,
+            &format!("/_matrix/client/v3/sync?since={since}&timeout=1000"),
+        )
+        .unwrap();
+        let back = v["rooms"]["join"][&room]["state"]["events"]
+            .as_array()
+            .is_some_and(|evs| {
+                evs.iter()
+                    .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Исходное имя")
+            });
+        if back {
+            break;
+        }
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        assert!(
+            Instant::now() < deadline,
+            "bob's incremental sync never showed the resolved room name"
+        );
+    }
     let state_ids = |base: &str, tok: &str| -> Vec<String> {
         let mut ids: Vec<String> = get(
             base,

@@ -9,23 +9,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{admin, call, create_room, enc, free_port, login, send, start, Server};
+use common::{admin, call, create_room, enc, free_port_at, login, send, start_at, Server};
 use serde_json::json;
 
 const SENT_WHILE_DOWN: usize = 1000;
 
-/// A box with client port `ports.0` and TLS port `ports.1`, peered with the others.
-fn start_box(data: &Path, me: (u16, u16), others: &[(u16, u16)]) -> Server {
+/// A box on its own loopback address `me.0` with client port `me.1` and TLS
+/// port `me.2`, peered with the others.
+fn start_box(data: &Path, me: (&str, u16, u16), others: &[(&str, u16, u16)]) -> Server {
     std::fs::create_dir_all(data).unwrap();
     let mut args = vec![
         "--federation-tls-listen".to_string(),
-        format!("127.0.0.1:{}", me.1),
+        format!("{}:{}", me.0, me.2),
     ];
-    for (p, t) in others {
+    for (ip, p, t) in others {
         args.push("--peer".into());
-        args.push(format!("127.0.0.1:{p}=https://127.0.0.1:{t}"));
+        args.push(format!("{ip}:{p}=https://{ip}:{t}"));
     }
-    start(data, me.0, &args)
+    start_at(data, me.0, me.1, &args)
+}
+
+/// A box's address and two free ports there (client API, federation TLS).
+fn ports(ip: &'static str) -> (&'static str, u16, u16) {
+    (ip, free_port_at(ip), free_port_at(ip))
 }
 
 /// Every message body of the room as a user of `base` sees it, oldest first,
@@ -83,9 +89,9 @@ fn a_returning_box_catches_up_in_order_and_a_late_box_reads_history() {
         dir.path().join("b"),
         dir.path().join("c"),
     );
-    let pa = (free_port(), free_port());
-    let pb = (free_port(), free_port());
-    let pc = (free_port(), free_port());
+    let pa = ports("127.0.0.2");
+    let pb = ports("127.0.0.3");
+    let pc = ports("127.0.0.4");
     let a = start_box(&da, pa, &[pb, pc]);
     let b = start_box(&db, pb, &[pa, pc]);
     let c = start_box(&dc, pc, &[pa, pb]);

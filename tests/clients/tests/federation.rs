@@ -2,8 +2,9 @@
 //! matrix-sdk 0.18 clients: alice lives on box A, bob on box B. Encrypted
 //! chat across the boxes (remote `/keys/query` and `/keys/claim` through
 //! federation, `m.direct_to_device` and `m.device_list_update` EDUs), a
-//! second device that appears later, and plain messages with typing and
-//! receipt EDUs. See README.md.
+//! second device that appears later, plain messages with typing and
+//! receipt EDUs, and a knock on the other box's room answered by an invite.
+//! Each box has its own loopback address. See README.md.
 //!
 //! Everything between the boxes goes through each box's outbound queue, so
 //! waits here are longer than on one box ([`FED_WITHIN`]).
@@ -17,6 +18,7 @@ use matrix_sdk::deserialized_responses::{TimelineEvent, TimelineEventKind};
 use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType as CreateReceiptType;
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::events::receipt::{ReceiptThread, ReceiptType};
+use matrix_sdk::ruma::events::room::join_rules::{JoinRule, RoomJoinRulesEventContent};
 use matrix_sdk::ruma::{
     DeviceId, EventId, OwnedDeviceId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId,
     RoomOrAliasId, ServerName, UserId,
@@ -646,6 +648,92 @@ async fn plain_messages_and_typing_across_boxes() {
                 ),
             }
             Ok(())
+        }
+        .await;
+        x.annotate(r)
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// 4. Knocking on a room of the other box
+// ---------------------------------------------------------------------------
+
+/// alice's room on box A takes knocks; bob (B) knocks through A with a
+/// reason (federation make_knock/send_knock), his client holds the room as
+/// knocked, alice sees the knock, invites him, and he joins and talks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knock_across_boxes() {
+    bounded("knock_across_boxes", 240, async {
+        let x = Boxes::start().await?;
+        let r = async {
+            let mut req = create_room::v3::Request::new();
+            req.preset = Some(create_room::v3::RoomPreset::PublicChat);
+            req.name = Some("knock to enter".to_owned());
+            let alice_room = x
+                .alice
+                .create_room(req)
+                .await
+                .at("POST /createRoom (public_chat) on box A")?;
+            alice_room
+                .send_state_event(RoomJoinRulesEventContent::new(JoinRule::Knock))
+                .await
+                .at("PUT /rooms/{roomId}/state/m.room.join_rules/ (knock) on box A")?;
+            let rid = alice_room.room_id().to_owned();
+
+            let knocked = x
+                .bob
+                .knock(
+                    rid.clone().into(),
+                    Some("let me in, please".to_owned()),
+                    vec![x.a_name()?],
+                )
+                .await
+                .at("POST /knock/{roomId}?via=<box A> on box B (federation make_knock/send_knock to A)")?;
+            ensure!(
+                knocked.state() == RoomState::Knocked,
+                "bob's room after knocking is {:?}, expected Knocked",
+                knocked.state()
+            );
+            let (r2, bob_s) = (rid.clone(), x.bob_id.to_string());
+            sync_until(&x.alice, "bob's knock (from box B) in alice's /sync", FED_WITHIN, |r| {
+                timeline_and_state(r, &r2).iter().any(|e| {
+                    e["state_key"] == bob_s.as_str()
+                        && e["content"]["membership"] == "knock"
+                        && e["content"]["reason"] == "let me in, please"
+                })
+            })
+            .await?;
+
+            alice_room
+                .invite_user_by_id(&x.bob_id)
+                .await
+                .at("POST /rooms/{roomId}/invite on box A for the knocking @bob of box B")?;
+            sync_until(&x.bob, "the invite answering bob's knock", FED_WITHIN, |r| {
+                r.rooms.invited.contains_key(&r2)
+            })
+            .await?;
+            let room = x
+                .bob
+                .get_room(&rid)
+                .ok_or_else(|| anyhow!("bob saw the invite but his client has no room object"))?;
+            ensure!(
+                room.state() == RoomState::Invited,
+                "bob's room after the invite is {:?}, expected Invited",
+                room.state()
+            );
+            room.join()
+                .await
+                .at("POST /rooms/{roomId}/join on box B after the invite (make_join/send_join to A)")?;
+            x.both_see_join(&rid).await?;
+            let text = "thanks for letting me in";
+            let m = send_text(&joined_room(&x.bob, &rid)?, text).await?.to_string();
+            sync_until(&x.alice, "bob's message after the knock", FED_WITHIN, |r| {
+                timeline(r, &r2)
+                    .iter()
+                    .any(|e| plain_message(e, &m, &bob_s, text))
+            })
+            .await
         }
         .await;
         x.annotate(r)

@@ -2,6 +2,7 @@
 //! log in, call the API.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod netns;
 
 use std::{
@@ -28,7 +29,12 @@ impl Drop for Server {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_at("127.0.0.1")
+}
+
+/// A free TCP port on a loopback address (each box of a test has its own).
+pub fn free_port_at(ip: &str) -> u16 {
+    TcpListener::bind(format!("{ip}:0"))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -37,17 +43,30 @@ pub fn free_port() -> u16 {
 
 /// Starts `secta demo` on `port` with extra arguments; stderr goes to `DATA.log`.
 pub fn start(data: &Path, port: u16, extra: &[String]) -> Server {
+    start_at(data, "127.0.0.1", port, extra)
+}
+
+/// Starts `secta demo` on `ip:port` (its portal and radio on free ports of the
+/// same address) with extra arguments; stderr goes to `DATA.log`.
+pub fn start_at(data: &Path, ip: &str, port: u16, extra: &[String]) -> Server {
     let log = std::fs::File::create(data.with_extension("log")).unwrap();
+    let mut own = Vec::new();
+    for flag in ["--portal-listen", "--radio-listen"] {
+        if !extra.iter().any(|a| a == flag) {
+            own.extend([flag.to_owned(), format!("{ip}:{}", free_port_at(ip))]);
+        }
+    }
     let child = Command::new(env!("CARGO_BIN_EXE_secta"))
         .args(["demo", "--data"])
         .arg(data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &format!("{ip}:{port}")])
+        .args(&own)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("spawn secta");
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("http://{ip}:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if ureq::get(&format!("{base}/_matrix/client/versions"))
@@ -57,7 +76,7 @@ pub fn start(data: &Path, port: u16, extra: &[String]) -> Server {
             return Server {
                 child,
                 base,
-                name: format!("127.0.0.1:{port}"),
+                name: format!("{ip}:{port}"),
             };
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -63,14 +63,18 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// `n` distinct free ports: all listeners are held until every port is
-/// picked, so the kernel cannot hand out the same one twice.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
+/// `n` distinct free ports on loopback address `ip`: all listeners are held
+/// until every port is picked, so the kernel cannot hand out the same one twice.
+fn free_ports_at(ip: &str, n: usize) -> Result<Vec<u16>> {
     let held = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port"))
+        .map(|_| TcpListener::bind((ip, 0)).context("binding an ephemeral port"))
         .collect::<Result<Vec<_>>>()?;
     held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
+
+/// The loopback addresses of the two federating boxes: each has its own.
+const IP_A: &str = "127.0.0.2";
+const IP_B: &str = "127.0.0.3";
 
 fn tail(path: &Path, max: usize) -> String {
     let mut s = String::new();
@@ -94,9 +98,9 @@ pub struct Secta {
     child: Option<Child>,
     bin: PathBuf,
     pub port: u16,
-    /// `127.0.0.1:PORT`: also the server name, so users are `@x:127.0.0.1:PORT`.
+    /// `IP:PORT`: also the server name, so users are `@x:IP:PORT`.
     pub listen: String,
-    /// `http://127.0.0.1:PORT`
+    /// `http://IP:PORT`
     pub base_url: String,
     /// The federation TLS port, for a box started by [`Secta::start_pair`].
     pub tls_port: Option<u16>,
@@ -110,29 +114,30 @@ impl Secta {
     /// until `GET /_matrix/client/versions` answers 200.
     pub async fn start() -> Result<Secta> {
         let port = free_port()?;
-        let mut server = Secta::spawn(port, None, None)?;
+        let mut server = Secta::spawn("127.0.0.1", port, None, None)?;
         server.wait_ready().await?;
         Ok(server)
     }
 
-    /// Start two boxes that federate with each other over TLS on loopback:
+    /// Start two boxes that federate with each other over TLS, each on its
+    /// own loopback address (A on 127.0.0.2, B on 127.0.0.3):
     ///
     /// ```text
-    /// secta demo --data A --listen 127.0.0.1:PA --federation-tls-listen 127.0.0.1:TA \
-    ///            --peer 127.0.0.1:PB=https://127.0.0.1:TB
-    /// secta demo --data B --listen 127.0.0.1:PB --federation-tls-listen 127.0.0.1:TB \
-    ///            --peer 127.0.0.1:PA=https://127.0.0.1:TA
+    /// secta demo --data A --listen 127.0.0.2:PA --federation-tls-listen 127.0.0.2:TA \
+    ///            --peer 127.0.0.3:PB=https://127.0.0.3:TB
+    /// secta demo --data B --listen 127.0.0.3:PB --federation-tls-listen 127.0.0.3:TB \
+    ///            --peer 127.0.0.2:PA=https://127.0.0.2:TA
     /// ```
     ///
-    /// The four ports are picked free at once (all held while picking, so
-    /// they differ). Both boxes start before either is waited for. Each box
+    /// The ports are picked free at once (all held while picking, so they
+    /// differ). Both boxes start before either is waited for. Each box
     /// is a guard of its own: dropping it kills that box, and a failing test
     /// prints the end of both logs.
     pub async fn start_pair() -> Result<(Secta, Secta)> {
-        let ports = free_ports(4)?;
-        let (pa, pb, ta, tb) = (ports[0], ports[1], ports[2], ports[3]);
-        let mut a = Secta::spawn(pa, Some(ta), Some((pb, tb)))?;
-        let mut b = Secta::spawn(pb, Some(tb), Some((pa, ta)))?;
+        let (a_ports, b_ports) = (free_ports_at(IP_A, 2)?, free_ports_at(IP_B, 2)?);
+        let (pa, ta, pb, tb) = (a_ports[0], a_ports[1], b_ports[0], b_ports[1]);
+        let mut a = Secta::spawn(IP_A, pa, Some(ta), Some((IP_B, pb, tb)))?;
+        let mut b = Secta::spawn(IP_B, pb, Some(tb), Some((IP_A, pa, ta)))?;
         a.wait_ready()
             .await
             .context("starting box A of the federating pair")?;
@@ -142,10 +147,15 @@ impl Secta {
         Ok((a, b))
     }
 
-    /// Spawn `secta demo` on `port` (client API), optionally serving
-    /// federation over TLS on `tls_port` and knowing one peer box
-    /// `(peer client port, peer TLS port)`. Does not wait for it.
-    fn spawn(port: u16, tls_port: Option<u16>, peer: Option<(u16, u16)>) -> Result<Secta> {
+    /// Spawn `secta demo` on `ip:port` (client API), optionally serving
+    /// federation over TLS on `ip:tls_port` and knowing one peer box
+    /// `(peer address, peer client port, peer TLS port)`. Does not wait for it.
+    fn spawn(
+        ip: &str,
+        port: u16,
+        tls_port: Option<u16>,
+        peer: Option<(&str, u16, u16)>,
+    ) -> Result<Secta> {
         init_tracing();
         let bin = secta_bin();
         if !bin.is_file() {
@@ -159,7 +169,7 @@ impl Secta {
             .prefix("secta-e2e-")
             .tempdir()
             .context("creating data dir")?;
-        let listen = format!("127.0.0.1:{port}");
+        let listen = format!("{ip}:{port}");
         let base_url = format!("http://{listen}");
         let log_path = data.path().join("server.log");
         let log = File::create(&log_path).context("creating server log")?;
@@ -172,13 +182,18 @@ impl Secta {
             .arg(&data_dir)
             .arg("--listen")
             .arg(&listen);
+        // The portal and radio on free ports of the box's own address.
+        let side = free_ports_at(ip, 2)?;
+        cmd.arg("--portal-listen")
+            .arg(format!("{ip}:{}", side[0]))
+            .arg("--radio-listen")
+            .arg(format!("{ip}:{}", side[1]));
         if let Some(t) = tls_port {
-            cmd.arg("--federation-tls-listen")
-                .arg(format!("127.0.0.1:{t}"));
+            cmd.arg("--federation-tls-listen").arg(format!("{ip}:{t}"));
         }
-        if let Some((pp, pt)) = peer {
+        if let Some((pip, pp, pt)) = peer {
             cmd.arg("--peer")
-                .arg(format!("127.0.0.1:{pp}=https://127.0.0.1:{pt}"));
+                .arg(format!("{pip}:{pp}=https://{pip}:{pt}"));
         }
         let child = cmd
             .stdin(Stdio::null())
