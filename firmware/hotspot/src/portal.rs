@@ -280,7 +280,9 @@ impl Portal {
 }
 
 /// A file of the built web app; `/` is `index.html`. Paths never leave `dir`.
-async fn static_file(dir: &std::path::Path, path: &str) -> Response {
+/// A precompressed copy (`FILE.br`, `FILE.gz`, written by the web app's build)
+/// is sent instead when the browser accepts that encoding.
+async fn static_file(dir: &std::path::Path, path: &str, accept_encoding: &str) -> Response {
     let rel = path.trim_start_matches('/');
     let rel = if rel.is_empty() { "index.html" } else { rel };
     let ok = rel
@@ -290,9 +292,6 @@ async fn static_file(dir: &std::path::Path, path: &str) -> Response {
         return StatusCode::NOT_FOUND.into_response();
     }
     let file = dir.join(rel);
-    let Ok(bytes) = tokio::fs::read(&file).await else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
     let ct = match file.extension().and_then(|e| e.to_str()) {
         Some("html") => "text/html; charset=utf-8",
         Some("js") => "text/javascript; charset=utf-8",
@@ -300,19 +299,55 @@ async fn static_file(dir: &std::path::Path, path: &str) -> Response {
         Some("json") => "application/json",
         Some("svg") => "image/svg+xml",
         Some("png") => "image/png",
+        Some("wasm") => "application/wasm",
         Some("woff2") => "font/woff2",
         _ => "application/octet-stream",
     };
+    let accepts = |coding: &str| {
+        accept_encoding.split(',').any(|part| {
+            let mut it = part.split(';');
+            let name = it.next().unwrap_or("").trim();
+            let q_zero = it.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    == Some(0.0)
+            });
+            name.eq_ignore_ascii_case(coding) && !q_zero
+        })
+    };
+    let mut body = None;
+    for (coding, ext) in [("br", "br"), ("gzip", "gz")] {
+        if accepts(coding) {
+            let mut name = file.clone().into_os_string();
+            name.push(".");
+            name.push(ext);
+            if let Ok(bytes) = tokio::fs::read(&name).await {
+                body = Some((bytes, Some(coding)));
+                break;
+            }
+        }
+    }
+    let (bytes, coding) = match body {
+        Some(b) => b,
+        None => match tokio::fs::read(&file).await {
+            Ok(bytes) => (bytes, None),
+            Err(_) => return StatusCode::NOT_FOUND.into_response(),
+        },
+    };
     let mut r = Response::new(Body::from(bytes));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if let Some(c) = coding {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(c));
+    }
     let cache = if rel.starts_with("assets/") {
         "public, max-age=31536000, immutable"
     } else {
         "no-cache"
     };
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     r
 }
 
@@ -455,7 +490,14 @@ async fn handle(
                 r
             }
             (&Method::GET, path) => match p.web_ui.get() {
-                Some(w) => static_file(&w.dir, path).await,
+                Some(w) => {
+                    let ae = req
+                        .headers()
+                        .get(header::ACCEPT_ENCODING)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    static_file(&w.dir, path, ae).await
+                }
                 None if path == "/" => welcome(&p, accepted),
                 None => StatusCode::NOT_FOUND.into_response(),
             },
