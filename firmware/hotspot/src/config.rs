@@ -49,7 +49,14 @@ pub struct HotspotConfig {
     pub run_hostapd: bool,
     /// Run and supervise dnsmasq.
     pub run_dnsmasq: bool,
+    /// "Who we are" on the welcome page (plain text; empty: the built-in text).
+    pub about: String,
+    /// The rules people accept on the welcome page (plain text; empty: the built-in rules).
+    pub rules: String,
 }
+
+/// Longest "about" or "rules" text (characters).
+pub const MAX_TEXT_CHARS: usize = 4000;
 
 impl Default for HotspotConfig {
     fn default() -> Self {
@@ -76,6 +83,8 @@ impl Default for HotspotConfig {
             portal_port: 80,
             run_hostapd: true,
             run_dnsmasq: true,
+            about: String::new(),
+            rules: String::new(),
         }
     }
 }
@@ -153,6 +162,20 @@ impl HotspotConfig {
         }) {
             p.push("hostname must be a DNS name such as secta.box".to_owned());
         }
+        for (name, text) in [("about", &self.about), ("rules", &self.rules)] {
+            if text.chars().count() > MAX_TEXT_CHARS {
+                p.push(format!("{name} text must be at most {MAX_TEXT_CHARS} characters"));
+            }
+            if text.chars().any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t') {
+                p.push(format!("{name} text must not contain control characters"));
+            }
+        }
+        if self.web_ports.is_empty() || !self.web_ports.contains(&self.portal_port) {
+            p.push(format!(
+                "web_ports must include the portal's port {} (or nobody reaches the portal)",
+                self.portal_port
+            ));
+        }
         let lt = self.lease_time.trim_end_matches(['m', 'h', 'd']);
         if lt.is_empty() || !lt.bytes().all(|b| b.is_ascii_digit()) {
             p.push("lease_time must look like 30m, 12h or 1d".to_owned());
@@ -179,5 +202,18 @@ mod tests {
         };
         let p = bad.problems();
         assert_eq!(p.len(), 7, "{p:?}");
+        let texts = HotspotConfig {
+            rules: "x".repeat(MAX_TEXT_CHARS + 1),
+            about: "bell \u{7}".into(),
+            web_ports: vec![8008],
+            ..Default::default()
+        };
+        let p = texts.problems();
+        assert_eq!(p.len(), 3, "{p:?}");
+        let fine = HotspotConfig {
+            rules: "Правила:\n1. Уважать друг друга.\n".into(),
+            ..Default::default()
+        };
+        assert!(fine.problems().is_empty());
     }
 }

@@ -49,6 +49,32 @@ impl ConfigFile {
         }
     }
 
+    /// Lays `other` over this file: keys of a section in `other` replace the
+    /// same keys here; sections and keys it does not name are kept. (The box's
+    /// admin pages write their changes to such a file in the data directory.)
+    pub fn overlay(&mut self, other: &ConfigFile) {
+        for (name, value) in &other.table {
+            match (self.table.get_mut(name), value) {
+                (Some(toml::Value::Table(mine)), toml::Value::Table(theirs)) => {
+                    for (k, v) in theirs {
+                        mine.insert(k.clone(), v.clone());
+                    }
+                }
+                _ => {
+                    self.table.insert(name.clone(), value.clone());
+                }
+            }
+        }
+    }
+
+    /// The raw table of section `name` (empty when missing).
+    pub fn table(&self, name: &str) -> toml::Table {
+        match self.table.get(name) {
+            Some(toml::Value::Table(t)) => t.clone(),
+            _ => toml::Table::new(),
+        }
+    }
+
     /// Where the file came from, if it came from a file.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -191,6 +217,24 @@ impl ShutdownTrigger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlay_replaces_named_keys_only() {
+        let mut base = ConfigFile::parse(
+            "[hotspot]\nssid = \"Old\"\ninterface = \"wlan0\"\n[radio]\nenabled = true\n",
+        )
+        .unwrap();
+        let over =
+            ConfigFile::parse("[hotspot]\nssid = \"New\"\n[homeserver]\nopen_registration = true\n")
+                .unwrap();
+        base.overlay(&over);
+        let h = base.table("hotspot");
+        assert_eq!(h["ssid"].as_str(), Some("New"));
+        assert_eq!(h["interface"].as_str(), Some("wlan0"));
+        assert_eq!(base.table("radio")["enabled"].as_bool(), Some(true));
+        assert_eq!(base.table("homeserver")["open_registration"].as_bool(), Some(true));
+        assert!(base.table("missing").is_empty());
+    }
 
     #[derive(Debug, Default, serde::Deserialize, PartialEq)]
     #[serde(default, deny_unknown_fields)]
