@@ -77,6 +77,8 @@ pub struct Hs {
     shared_secret: String,
     pub(crate) uia: Mutex<HashMap<String, account::UiaSession>>,
     pub(crate) admin_nonces: Mutex<HashMap<String, Instant>>,
+    /// Registration without an invite (from the config; admins change it while running).
+    pub(crate) open_registration: std::sync::atomic::AtomicBool,
 }
 
 impl Hs {
@@ -102,6 +104,7 @@ impl Hs {
             None => load_or_create_shared_secret(data_dir)?,
         };
         let rate = RateLimiter::new(config.auth_rate_burst, config.auth_rate_per_second);
+        let open_registration = std::sync::atomic::AtomicBool::new(config.open_registration);
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -124,6 +127,7 @@ impl Hs {
             shared_secret,
             uia: Mutex::new(HashMap::new()),
             admin_nonces: Mutex::new(HashMap::new()),
+            open_registration,
         }))
     }
 

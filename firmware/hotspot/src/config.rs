@@ -12,7 +12,8 @@ pub struct HotspotConfig {
     /// Wireless interface.
     pub interface: String,
     pub ssid: String,
-    /// WPA passphrase; `None` for an open network (the portal still greets people).
+    /// WPA passphrase; none (or `""`) for an open network (the portal still greets people).
+    #[serde(deserialize_with = "empty_is_none")]
     pub passphrase: Option<String>,
     /// WPA3-SAE alongside WPA2 (transition mode) when a passphrase is set.
     pub wpa3: bool,
@@ -87,6 +88,11 @@ impl Default for HotspotConfig {
             rules: String::new(),
         }
     }
+}
+
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()))
 }
 
 fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
@@ -164,9 +170,14 @@ impl HotspotConfig {
         }
         for (name, text) in [("about", &self.about), ("rules", &self.rules)] {
             if text.chars().count() > MAX_TEXT_CHARS {
-                p.push(format!("{name} text must be at most {MAX_TEXT_CHARS} characters"));
+                p.push(format!(
+                    "{name} text must be at most {MAX_TEXT_CHARS} characters"
+                ));
             }
-            if text.chars().any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t') {
+            if text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t')
+            {
                 p.push(format!("{name} text must not contain control characters"));
             }
         }

@@ -244,7 +244,13 @@ mod tests {
         let h = Hotspot::start(portal.clone(), &dir, false, &shutdown).unwrap();
         let hostapd = || std::fs::read_to_string(&h.files().hostapd).unwrap();
         let first = hostapd();
-        assert!(first.contains(&format!("ssid2={}", "Secta".bytes().map(|b| format!("{b:02x}")).collect::<String>())));
+        assert!(first.contains(&format!(
+            "ssid2={}",
+            "Secta"
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )));
 
         // Invalid: a short password. Nothing changes.
         let bad = HotspotConfig {
@@ -279,7 +285,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&h.files().hostapd).unwrap().permissions().mode();
+            let mode = std::fs::metadata(&h.files().hostapd)
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "hostapd.conf must be owner-only");
         }
         let _ = std::fs::remove_dir_all(&dir);

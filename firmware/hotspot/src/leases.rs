@@ -95,7 +95,10 @@ mod tests {
         assert_eq!(l[1].hostname, None);
         assert!(!l[2].hostname.as_deref().unwrap().contains('\u{1b}'));
         let ip: Ipv4Addr = "10.42.0.77".parse().unwrap();
-        assert_eq!(lookup(&l, ip, 1_800_000_000).unwrap().mac, "aa:bb:cc:00:11:22");
+        assert_eq!(
+            lookup(&l, ip, 1_800_000_000).unwrap().mac,
+            "aa:bb:cc:00:11:22"
+        );
         assert!(lookup(&l, ip, 1_900_000_001).is_none(), "expired");
         assert!(lookup(&l, "10.42.0.80".parse().unwrap(), u64::MAX - 1).is_some());
         assert!(read(Path::new("/nonexistent/leases")).is_empty());

@@ -253,7 +253,9 @@ impl Portal {
     /// Seconds left of the client's session (`Some(None)`: no limit), `None` if not accepted.
     fn remaining(&self, ip: IpAddr) -> Option<Option<u64>> {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.get(&ip).and_then(|s| remaining_of(s, Instant::now()))
+        sessions
+            .get(&ip)
+            .and_then(|s| remaining_of(s, Instant::now()))
     }
 
     pub fn is_accepted(&self, ip: IpAddr) -> bool {
@@ -323,7 +325,9 @@ impl Portal {
             hostname: lease.and_then(|l| l.hostname.clone()),
             lease_expires: lease.map(|l| l.expires),
             accepted: remaining.is_some(),
-            accepted_ms: session.filter(|_| remaining.is_some()).map(|s| s.accepted_ms),
+            accepted_ms: session
+                .filter(|_| remaining.is_some())
+                .map(|s| s.accepted_ms),
             seconds_remaining: remaining.flatten(),
         }
     }

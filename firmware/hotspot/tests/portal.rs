@@ -217,11 +217,18 @@ async fn oversized_headers_are_refused_clearly() {
     req.extensions_mut().insert(ConnectInfo(addr));
     let resp = p.router().oneshot(req).await.unwrap();
     assert_eq!(resp.status().as_u16(), 431);
-    let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+        .await
+        .unwrap();
     assert!(String::from_utf8_lossy(&body).contains("Request headers too large"));
     assert!(fw.allowed().is_empty());
     // Ordinary requests still work.
-    assert_eq!(get(&p, "10.42.0.6", "GET", "secta.box", "/api/captive").await.status, 200);
+    assert_eq!(
+        get(&p, "10.42.0.6", "GET", "secta.box", "/api/captive")
+            .await
+            .status,
+        200
+    );
 }
 
 /// A client is known by its connection's address; its MAC comes from dnsmasq's
@@ -248,10 +255,16 @@ async fn clients_mac_comes_from_the_lease_table_not_the_form() {
         .body(Body::from("mac=02%3A00%3A00%3A00%3A00%3A0b&ip=10.42.0.11"))
         .unwrap();
     req.extensions_mut().insert(ConnectInfo(addr));
-    assert_eq!(p.router().oneshot(req).await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        p.router().oneshot(req).await.unwrap().status().as_u16(),
+        200
+    );
     let a = p.client("10.42.0.10".parse().unwrap());
     let b = p.client("10.42.0.11".parse().unwrap());
-    assert!(a.accepted && a.mac.as_deref() == Some("02:00:00:00:00:0a"), "{a:?}");
+    assert!(
+        a.accepted && a.mac.as_deref() == Some("02:00:00:00:00:0a"),
+        "{a:?}"
+    );
     assert!(!b.accepted, "B was not accepted by A's form: {b:?}");
     let all = p.clients();
     assert_eq!(all.len(), 2);

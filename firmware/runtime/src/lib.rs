@@ -224,15 +224,19 @@ mod tests {
             "[hotspot]\nssid = \"Old\"\ninterface = \"wlan0\"\n[radio]\nenabled = true\n",
         )
         .unwrap();
-        let over =
-            ConfigFile::parse("[hotspot]\nssid = \"New\"\n[homeserver]\nopen_registration = true\n")
-                .unwrap();
+        let over = ConfigFile::parse(
+            "[hotspot]\nssid = \"New\"\n[homeserver]\nopen_registration = true\n",
+        )
+        .unwrap();
         base.overlay(&over);
         let h = base.table("hotspot");
         assert_eq!(h["ssid"].as_str(), Some("New"));
         assert_eq!(h["interface"].as_str(), Some("wlan0"));
         assert_eq!(base.table("radio")["enabled"].as_bool(), Some(true));
-        assert_eq!(base.table("homeserver")["open_registration"].as_bool(), Some(true));
+        assert_eq!(
+            base.table("homeserver")["open_registration"].as_bool(),
+            Some(true)
+        );
         assert!(base.table("missing").is_empty());
     }
 
