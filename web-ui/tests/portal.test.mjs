@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir, homedir } from "node:os";
 import { join, dirname } from "node:path";
@@ -39,7 +39,7 @@ async function waitFor(url, ms = 30000) {
 }
 
 // Starts `secta demo` with the portal; skips (loudly) without Chromium.
-async function startBox(t, extra = []) {
+async function startBox(t, extra = [], preData = null) {
   if (!existsSync(chromium)) {
     console.log(`SKIPPED: browser test (${chromium} not installed)`);
     t.skip(`${chromium} not installed`);
@@ -48,8 +48,15 @@ async function startBox(t, extra = []) {
   assert.ok(existsSync(secta), `secta binary missing at ${secta}: build it first`);
   assert.ok(existsSync(join(repo, "web-ui/dist/index.html")), "web-ui is not built (npm run build)");
   const { chromium: pw } = await import("playwright-core");
-  const data = mkdtempSync(join(tmpdir(), "secta-web-"));
+  const data = preData || mkdtempSync(join(tmpdir(), "secta-web-"));
   const [hsPort, portalPort] = [await freePort(), await freePort()];
+  if (preData) {
+    // A box whose config names the members' VPN endpoint (the gateway itself stays off).
+    writeFileSync(
+      join(data, "secta.toml"),
+      `[box]\ndata_dir = ${JSON.stringify(data)}\nname = "Secta demo"\n\n[homeserver]\nserver_name = "127.0.0.1:${hsPort}"\nlisten = "127.0.0.1:${hsPort}"\n\n[wireguard.members]\nendpoint = "box.example:51820"\n`,
+    );
+  }
   const box = spawn(secta, ["demo", "--data", data, "--listen", `127.0.0.1:${hsPort}`, "--portal-listen", `127.0.0.1:${portalPort}`, ...extra], {
     cwd: repo,
     stdio: "ignore",
@@ -68,8 +75,22 @@ async function startBox(t, extra = []) {
   return { data, hsPort, portalPort, browser };
 }
 
-test("newcomer accepts and registers in the browser", async (t) => {
-  const started_box = await startBox(t);
+const statusHas = (page, sel, text) => page.waitForFunction(([s, x]) => document.querySelector(s)?.textContent?.includes(x), [sel, text]);
+
+async function register(page, { user, pass, invite, rules = true }) {
+  await page.fill("input[name=username]", user);
+  await page.fill("input[name=password]", pass);
+  await page.fill("input[name=invite]", invite);
+  if (rules) await page.check("input[name=accept-rules]");
+  else await page.uncheck("input[name=accept-rules]");
+  await page.evaluate(() => (document.querySelector("#status").textContent = ""));
+  await page.click("form#register button[type=submit]");
+}
+
+test("newcomer accepts and registers in the browser; the admin pages", async (t) => {
+  // The box's config names a VPN endpoint so members' devices can be made on the admin page.
+  const pre = mkdtempSync(join(tmpdir(), "secta-web-"));
+  const started_box = await startBox(t, [], pre);
   if (!started_box) return;
   const { data, hsPort, portalPort, browser } = started_box;
   const token = execFileSync(secta, ["admin", "--data", data, "invite", "create", "--uses", "1"]).toString().trim().split("\n")[0];
@@ -84,50 +105,36 @@ test("newcomer accepts and registers in the browser", async (t) => {
     performance.getEntriesByType("navigation").concat(performance.getEntriesByType("resource")).reduce((n, e) => n + (e.encodedBodySize || 0), 0),
   );
   mkdirSync(shots, { recursive: true });
-  await page.screenshot({ path: join(shots, "1-welcome.png") });
+  await page.waitForFunction(() => document.querySelector("#server-qr")?.naturalWidth > 0);
+  await page.screenshot({ path: join(shots, "1-welcome.png"), fullPage: true });
   assert.match(await page.textContent("h1"), /Добро пожаловать/);
+  assert.match(await page.textContent("#server"), new RegExp(`127.0.0.1:${hsPort}`));
 
   await page.click("#accept");
   await page.waitForSelector("#connected");
 
-  // A wrong invite code: a clear message, nobody created.
-  await page.fill("input[name=username]", "natasha");
-  await page.fill("input[name=password]", "длинный пароль");
-  await page.fill("input[name=invite]", "wrong-code");
-  await page.click("form#register button[type=submit]");
-  await page.waitForFunction(() => document.querySelector("#status")?.textContent?.includes("Код приглашения не подходит"));
+  // Bad input, each with a clear message and nobody created.
+  await register(page, { user: "natasha", pass: "длинный пароль", invite: token, rules: false });
+  await statusHas(page, "#status", "примите правила");
+  await register(page, { user: "natasha", pass: "12345678", invite: token });
+  await statusHas(page, "#status", "самых распространённых паролей");
+  await register(page, { user: "natasha", pass: "длинный пароль", invite: "wrong-code" });
+  await statusHas(page, "#status", "Код приглашения не подходит");
   await page.screenshot({ path: join(shots, "2-bad-code.png") });
 
-  await page.fill("input[name=invite]", token);
-  await page.click("form#register button[type=submit]");
-  await page.waitForFunction(() => document.querySelector("#status")?.textContent?.includes("@natasha:"));
+  await register(page, { user: "natasha", pass: "длинный пароль", invite: token });
+  await statusHas(page, "#status", "@natasha:");
   await page.screenshot({ path: join(shots, "3-registered.png") });
-
-  // The admin logs in on the same page and makes a new invite code.
-  execFileSync(secta, ["admin", "--data", data, "user", "create", "boss", "--password", "admin-pass-1", "--admin"]);
-  await page.fill("input[name=admin-user]", "boss");
-  await page.fill("input[name=admin-password]", "admin-pass-1");
-  await page.click("form#admin-login button[type=submit]");
-  await page.waitForSelector("#invite-create");
-  await page.fill("input[name=invite-uses]", "2");
-  await page.click("#invite-create");
-  await page.waitForFunction(() => (document.querySelector("#admin-status")?.textContent ?? "").length > 8);
-  const code = (await page.textContent("#admin-status")).trim();
-  await page.waitForFunction((c) => document.querySelector("#invite-list")?.textContent?.includes(c), code);
-  assert.match(await page.textContent("#invite-list"), /из 2/);
-  await page.screenshot({ path: join(shots, "4-admin-invites.png"), fullPage: true });
-  // The new code lets someone else in.
-  const first = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/register`, { method: "POST", body: JSON.stringify({ username: "oleg", password: "password-2" }) });
-  const session = (await first.json()).session;
-  const second = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/register`, {
-    method: "POST",
-    body: JSON.stringify({ username: "oleg", password: "password-2", auth: { type: "m.login.registration_token", token: code, session } }),
-  });
-  assert.equal(second.status, 200);
+  // The name is taken now; then a flood of attempts from this device is cut off.
+  await register(page, { user: "natasha", pass: "другой пароль", invite: token });
+  await statusHas(page, "#status", "Это имя уже занято");
+  await register(page, { user: "natasha2", pass: "другой пароль", invite: token });
+  await statusHas(page, "#status", "Слишком много попыток");
 
   // English on request.
   await page.click("#lang");
   assert.match(await page.textContent("h1"), /Welcome/);
+  await page.click("#lang");
 
   // The account works: log in through the API.
   const login = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/login`, {
@@ -135,6 +142,7 @@ test("newcomer accepts and registers in the browser", async (t) => {
     body: JSON.stringify({ type: "m.login.password", identifier: { type: "m.id.user", user: "natasha" }, password: "длинный пароль" }),
   });
   assert.equal(login.status, 200);
+  const memberToken = (await login.json()).access_token;
   console.log(JSON.stringify({ bench: "portal_first_load", load_ms: loadMs, transferred_bytes: bytes }));
   assert.ok(bytes < 200 * 1024, `first page is ${bytes} bytes`);
 
@@ -155,6 +163,120 @@ test("newcomer accepts and registers in the browser", async (t) => {
   assert.match(await page.textContent("#me"), /@natasha:/);
   await page.screenshot({ path: join(shots, "5-chat-logged-in.png") });
   console.log(JSON.stringify({ bench: "web_chat_first_load", load_ms: chatMs, transferred_bytes: chatBytes }));
+  assert.ok(chatMs < 3000, `web chat first load took ${chatMs} ms`);
+
+  // --- the admin pages ---
+  execFileSync(secta, ["admin", "--data", data, "user", "create", "boss", "--password", "admin-pass-1", "--admin"]);
+  // A member is not an admin: every admin call is refused, without a token too.
+  for (const path of ["status", "hotspot", "registration", "clients", "members", "vpn"]) {
+    const r = await fetch(`http://127.0.0.1:${portalPort}/api/admin/${path}`, { headers: { authorization: `Bearer ${memberToken}` } });
+    assert.equal(r.status, 403, path);
+    assert.equal((await fetch(`http://127.0.0.1:${portalPort}/api/admin/${path}`)).status, 401, path);
+  }
+  const admin = await (await browser.newContext({ viewport: { width: 390, height: 844 } })).newPage();
+  await admin.goto(`http://127.0.0.1:${portalPort}/#admin`, { waitUntil: "load" });
+  await admin.fill("input[name=admin-user]", "natasha");
+  await admin.fill("input[name=admin-password]", "длинный пароль");
+  await admin.click("form#admin-login button[type=submit]");
+  await statusHas(admin, "#admin-status", "не администратор");
+  await admin.fill("input[name=admin-user]", "boss");
+  await admin.fill("input[name=admin-password]", "admin-pass-1");
+  await admin.click("form#admin-login button[type=submit]");
+  const open = async (name) => {
+    await admin.goto(`http://127.0.0.1:${portalPort}/#admin/${name}`);
+    await admin.waitForSelector(`#admin-${name}[data-loaded='1']`);
+  };
+  await admin.waitForSelector("#admin-status[data-loaded='1']");
+  assert.match(await admin.textContent("#status-table"), /Matrix-сервер/);
+  await admin.screenshot({ path: join(shots, "8-admin-status.png"), fullPage: true });
+
+  // Hotspot settings: a bad SSID is refused and changes nothing; a good one reaches hostapd.conf.
+  const hostapdFile = join(data, "hotspot", "hostapd.conf");
+  const hex = (s) => Buffer.from(s).toString("hex");
+  const firstConf = readFileSync(hostapdFile, "utf8");
+  await open("hotspot");
+  await admin.fill("input[name=ssid]", "Слишком длинное имя сети для Wi-Fi");
+  await admin.click("#hotspot-form button[type=submit]");
+  await statusHas(admin, "#hotspot-problems", "SSID must be 1 to 32 bytes");
+  assert.equal(readFileSync(hostapdFile, "utf8"), firstConf, "a refused change must not touch the file");
+  await admin.fill("input[name=ssid]", "Коробка");
+  await admin.uncheck("input[name=open]");
+  await admin.fill("input[name=passphrase]", "correct horse");
+  await admin.fill("input[name=passphrase_confirm]", "correct horsE");
+  await admin.click("#hotspot-form button[type=submit]");
+  await statusHas(admin, "#hotspot-problems", "passwords differ");
+  await admin.fill("input[name=passphrase_confirm]", "correct horse");
+  await admin.fill("textarea[name=rules]", "1. Уважать друг друга.\n2. Не шуметь после десяти.");
+  await admin.click("#hotspot-form button[type=submit]");
+  await statusHas(admin, "#admin-status", "Сохранено");
+  await admin.screenshot({ path: join(shots, "9-admin-hotspot.png"), fullPage: true });
+  const conf = readFileSync(hostapdFile, "utf8");
+  assert.ok(conf.includes(`ssid2=${hex("Коробка")}`) && conf.includes("wpa_passphrase=correct horse"), conf);
+  const printed = execFileSync(secta, ["hotspot-config", "--config", join(data, "secta.toml"), "hostapd"]).toString();
+  assert.ok(printed.includes(`ssid2=${hex("Коробка")}`), "secta hotspot-config shows the saved settings");
+  // The welcome page shows the new rules.
+  const fresh = await browser.newPage();
+  await fresh.goto(`http://127.0.0.1:${portalPort}/`);
+  await statusHas(fresh, "#rules", "Не шуметь после десяти");
+
+  // Registration mode and invite codes.
+  await open("invites");
+  await admin.fill("input[name=invite-uses]", "2");
+  await admin.click("#invite-create");
+  await admin.waitForSelector("#invite-new code");
+  const code = (await admin.textContent("#invite-new code")).trim();
+  await statusHas(admin, "#invite-list", code);
+  assert.match(await admin.textContent("#invite-list"), /из 2/);
+  await admin.check("#open-registration");
+  await statusHas(admin, "#admin-status", "Сохранено");
+  await admin.screenshot({ path: join(shots, "10-admin-invites.png"), fullPage: true });
+  const flows = await (await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/register`, { method: "POST", body: "{}" })).json();
+  assert.ok(JSON.stringify(flows.flows).includes("m.login.dummy"), "open registration is in force at once");
+  // The new code lets someone else in (through the Matrix API, as Element would).
+  const first = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/register`, { method: "POST", body: JSON.stringify({ username: "oleg", password: "password-2" }) });
+  const session = (await first.json()).session;
+  const second = await fetch(`http://127.0.0.1:${hsPort}/_matrix/client/v3/register`, {
+    method: "POST",
+    body: JSON.stringify({ username: "oleg", password: "password-2", auth: { type: "m.login.registration_token", token: code, session } }),
+  });
+  assert.equal(second.status, 200);
+
+  // Connected clients: this browser accepted the rules.
+  await open("clients");
+  assert.match(await admin.textContent("#clients-table"), /127\.0\.0\.1/);
+  await admin.screenshot({ path: join(shots, "11-admin-clients.png"), fullPage: true });
+
+  // Members with their sign of joining: natasha accepted the rules and logged in.
+  await open("members");
+  const row = await admin.textContent("#members-table");
+  assert.match(row, /@natasha:/);
+  const natasha = (await (await fetch(`http://127.0.0.1:${portalPort}/api/admin/members`, { headers: { authorization: `Bearer ${await admin.evaluate(() => sessionStorage.getItem("admin_token"))}` } })).json()).members.find((m) => m.user_id.startsWith("@natasha:"));
+  assert.ok(natasha.joining?.rules_accepted_ms > 0 && natasha.joining.first_login_ms > 0 && natasha.joining.ip === "127.0.0.1", JSON.stringify(natasha));
+  assert.equal(natasha.joining.rules_sha256.length, 64);
+  await admin.screenshot({ path: join(shots, "12-admin-members.png"), fullPage: true });
+
+  // VPN peers: add, file and QR, disable, enable, remove.
+  await open("vpn");
+  await admin.fill("input[name=peer-name]", "маша-телефон");
+  await admin.click("#vpn-add button[type=submit]");
+  await admin.waitForSelector("#vpn-table");
+  await admin.click("#vpn-table button.peer-show");
+  await admin.waitForFunction(() => document.querySelector("#peer-qr")?.naturalWidth > 0, null, { timeout: 10000 }).catch(async (e) => {
+    await admin.screenshot({ path: join(shots, "debug-vpn.png"), fullPage: true });
+    throw new Error(`${e.message}: ${await admin.textContent("body")}`);
+  });
+  const wg = await admin.textContent("#peer-conf");
+  assert.match(wg, /\[Interface\][\s\S]*PrivateKey = [\s\S]*\[Peer\][\s\S]*Endpoint = box\.example:51820/);
+  await admin.screenshot({ path: join(shots, "13-admin-vpn.png"), fullPage: true });
+  await admin.click("#vpn-table button.peer-disable");
+  await admin.waitForSelector("#vpn-table button.peer-enable");
+  assert.match(execFileSync(secta, ["admin", "--data", data, "vpn", "peers", "list"]).toString(), /маша-телефон\t10\.77\.0\.\d+\tdisabled/);
+  await admin.click("#vpn-table button.peer-enable");
+  await admin.waitForSelector("#vpn-table button.peer-disable");
+  admin.once("dialog", (d) => d.accept());
+  await admin.click("#vpn-table button.peer-remove");
+  await admin.waitForFunction(() => !document.querySelector("#vpn-table"));
+  assert.doesNotMatch(execFileSync(secta, ["admin", "--data", data, "vpn", "peers", "list"]).toString(), /маша/);
 });
 
 // Logs in to the web chat in a fresh browser profile and waits until the
