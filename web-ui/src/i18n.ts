@@ -154,6 +154,23 @@ const ru = {
   notAnImage: "Это не картинка.",
   imageTooBig: "Картинка слишком большая (больше 20 МБ).",
   sendingImage: "Отправляем картинку…",
+  panelTitle: "Панель коробки",
+  openPanel: "Панель: светодиоды и кнопки (демо)",
+  panelHold: "Удерживайте «Тревогу», чтобы стереть все данные коробки; отпустите, чтобы отменить.",
+  panelState: "Сейчас:",
+  panelSimulated: "Кнопки виртуальные: это демо-режим.",
+  panelRows: {
+    wiped: "данные уничтожены, коробка как новая",
+    wipe_in_progress: "идёт стирание",
+    wipe_armed: "стирание взведено — отпустите кнопку, чтобы отменить",
+    booting: "загрузка",
+    box: "коробка работает",
+    internet: "интернет",
+    vpn_exit: "VPN-выход",
+    federation: "соседние коробки",
+    radio_on_air: "радио в эфире",
+    hotspot_clients: "подключённые к точке доступа",
+  } as Record<string, string>,
 };
 
 const en: typeof ru = {
@@ -309,6 +326,23 @@ const en: typeof ru = {
   notAnImage: "That is not an image.",
   imageTooBig: "The image is too big (over 20 MB).",
   sendingImage: "Sending the image…",
+  panelTitle: "The box's panel",
+  openPanel: "Panel: LEDs and buttons (demo)",
+  panelHold: "Hold “Panic” to wipe all of the box's data; let go to cancel.",
+  panelState: "Now:",
+  panelSimulated: "The buttons are virtual: this is demo mode.",
+  panelRows: {
+    wiped: "data destroyed, the box is as new",
+    wipe_in_progress: "wiping",
+    wipe_armed: "wipe armed — let go to cancel",
+    booting: "booting",
+    box: "the box is running",
+    internet: "internet",
+    vpn_exit: "VPN exit",
+    federation: "neighbour boxes",
+    radio_on_air: "radio on air",
+    hotspot_clients: "connected to the hotspot",
+  } as Record<string, string>,
 };
 
 export const texts = { ru, en };

@@ -2,7 +2,7 @@ import { texts, type Lang, type Texts } from "./i18n";
 import { register, type RegisterResult } from "./matrix";
 import { el } from "./dom";
 
-type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string; about?: string; rules?: string };
+type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string; panel?: string; about?: string; rules?: string };
 
 const app = document.getElementById("app")!;
 let lang: Lang = (localStorage.getItem("lang") as Lang) || "ru";
@@ -97,6 +97,9 @@ async function render(info: BoxInfo) {
   if (info.radio) {
     app.append(el("h2", {}, t.radioTitle), el("p", {}, el("a", { id: "open-radio", href: "#radio" }, t.openRadio)));
   }
+  if (info.panel) {
+    app.append(el("h2", {}, t.panelTitle), el("p", {}, el("a", { id: "open-panel", href: "#panel" }, t.openPanel)));
+  }
   app.append(
     el("h2", {}, t.appsTitle),
     el("p", {}, t.apps, " ", el("code", { id: "server" }, info.homeserver)),
@@ -125,6 +128,10 @@ async function route(info: BoxInfo) {
     const { openAdmin } = await import("./admin");
     document.title = `${t.adminTitle} — ${info.box_name}`;
     openAdmin(app, t, info.homeserver, hash.slice("#admin/".length), home);
+  } else if (hash === "#panel" && info.panel) {
+    const { openPanel } = await import("./panel");
+    document.title = `${t.panelTitle} — ${info.box_name}`;
+    openPanel(app, t, info.panel, home);
   } else {
     render(info);
   }

@@ -459,3 +459,45 @@ test("the radio page lists a live show and plays it", async (t) => {
   const live = [st.icestats.source].flat().find((s) => s.listenurl.endsWith("/live"));
   assert.equal(live.listeners, 1);
 });
+
+test("virtual panel: the strip shows the box, holding Panic counts down and wipes it", async (t) => {
+  const panelPort = await freePort();
+  const started_box = await startBox(t, ["--panel-listen", `127.0.0.1:${panelPort}`, "--radio-listen", `127.0.0.1:${await freePort()}`]);
+  if (!started_box) return;
+  const { data, portalPort, browser } = started_box;
+  await waitFor(`http://127.0.0.1:${panelPort}/panel`);
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  await page.goto(`http://127.0.0.1:${portalPort}/`, { waitUntil: "load" });
+  await page.click("#open-panel");
+  await page.waitForSelector("#strip .led");
+  // Ready: LED 0 is green (the box's own simulated strip, decoded).
+  await page.waitForFunction(() => {
+    const c = document.querySelector('#strip .led[data-led="0"]')?.getAttribute("data-color") || "";
+    return /^#00[0-9a-f]{2}00$/.test(c) && c !== "#000000";
+  });
+  assert.equal(await page.locator("#strip .led").count(), 8);
+  mkdirSync(shots, { recursive: true });
+  await page.screenshot({ path: join(shots, "panel-1-ready.png") });
+  // Hold Panic: the countdown shows, then the box is wiped.
+  const panic = page.locator('.panel-button[data-button="panic"]');
+  const box = await panic.boundingBox();
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await page.mouse.down();
+  await page.waitForFunction(() => document.querySelector("#panel-state")?.textContent?.includes("wipe_armed"));
+  await page.screenshot({ path: join(shots, "panel-2-armed.png") });
+  // "wiped" in the state, and the strip's next frame all one lit colour.
+  await page.waitForFunction(
+    () => {
+      const cs = [...document.querySelectorAll("#strip .led")].map((l) => l.getAttribute("data-color"));
+      return document.querySelector("#panel-state")?.textContent?.includes("wiped") && cs.length > 0 && cs.every((c) => c === cs[0] && c !== "#000000");
+    },
+    null,
+    { timeout: 15000 },
+  );
+  await page.mouse.up();
+  await page.screenshot({ path: join(shots, "panel-3-wiped.png") });
+  const colors = await page.$$eval("#strip .led", (ls) => ls.map((l) => l.getAttribute("data-color")));
+  assert.ok(colors.every((c) => c === colors[0] && c !== "#000000"), colors.join(" "));
+  assert.ok(!existsSync(join(data, "data.key")), "the key file is gone");
+  assert.ok(!existsSync(join(data, "homeserver.db")), "the database is gone");
+});

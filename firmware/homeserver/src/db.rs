@@ -420,6 +420,8 @@ pub struct Db {
     /// Turns for hot request handlers before they write (see [`Db::write_turn`]).
     turns: tokio::sync::Semaphore,
     path: std::path::PathBuf,
+    /// SQLCipher key (`x'…'`) every connection is keyed with right after open.
+    key: Option<zeroize::Zeroizing<String>>,
     /// Highest committed stream position.
     stream: AtomicI64,
     hints: UserHints,
@@ -446,8 +448,13 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 
 impl Checkpointer {
     /// `wal_frames` gets the WAL's length in frames after each pass.
-    fn start(path: &Path, wal_frames: std::sync::Arc<AtomicI64>) -> anyhow::Result<Self> {
+    fn start(
+        path: &Path,
+        key: Option<&str>,
+        wal_frames: std::sync::Arc<AtomicI64>,
+    ) -> anyhow::Result<Self> {
         let conn = Connection::open(path)?;
+        apply_key(&conn, key)?;
         conn.busy_timeout(std::time::Duration::from_secs(1))?;
         let stop = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
@@ -539,6 +546,17 @@ const WRITE_TURNS: usize = 16;
 /// Largest batch before a commit is forced, so early writers do not wait long.
 const MAX_BATCH: usize = 32;
 
+/// Keys a connection for SQLCipher: must be its first statement. A raw key
+/// (`x'…'`, from the box's data key) skips SQLCipher's PBKDF2, so opening a
+/// reader stays cheap. No key: a plain SQLite database.
+fn apply_key(conn: &Connection, key: Option<&str>) -> rusqlite::Result<()> {
+    if let Some(k) = key {
+        let stmt = zeroize::Zeroizing::new(format!("PRAGMA key = \"{k}\";"));
+        conn.execute_batch(&stmt)?;
+    }
+    Ok(())
+}
+
 /// Settings every connection (writer and readers) shares.
 fn configure_common(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -580,7 +598,28 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
 impl Db {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path, durability: Durability) -> anyhow::Result<Self> {
+        Self::open_keyed(path, durability, None)
+    }
+
+    /// Like [`Db::open`], encrypted with SQLCipher under `key` (`x'<64 hex>'`).
+    pub fn open_keyed(
+        path: &Path,
+        durability: Durability,
+        key: Option<zeroize::Zeroizing<String>>,
+    ) -> anyhow::Result<Self> {
         let conn = Connection::open(path)?;
+        apply_key(&conn, key.as_deref().map(String::as_str))?;
+        if let Err(e) = conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())) {
+            anyhow::bail!(
+                "cannot read {} ({e}): {}",
+                path.display(),
+                if key.is_some() {
+                    "it is not encrypted under this box's data key"
+                } else {
+                    "it is encrypted (or not a database); the data key is needed"
+                }
+            );
+        }
         configure(&conn, durability)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
@@ -611,6 +650,12 @@ impl Db {
             readers: Mutex::new(Vec::new()),
             turns: tokio::sync::Semaphore::new(WRITE_TURNS),
             path: path.to_owned(),
+            _checkpointer: Checkpointer::start(
+                path,
+                key.as_deref().map(String::as_str),
+                wal_frames.clone(),
+            )?,
+            key,
             stream: AtomicI64::new(stream),
             hints: UserHints {
                 newest: Mutex::new(Hints {
@@ -619,10 +664,9 @@ impl Db {
                     map: HashMap::new(),
                 }),
             },
-            wal_frames: wal_frames.clone(),
+            wal_frames,
             wal_restart_pages: WAL_RESTART_PAGES,
             next_restart: Mutex::new(std::time::Instant::now()),
-            _checkpointer: Checkpointer::start(path, wal_frames)?,
         })
     }
 
@@ -882,6 +926,7 @@ impl Db {
                     &self.path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
+                apply_key(&c, self.key.as_deref().map(String::as_str))?;
                 configure_common(&c)?;
                 // Small: in WAL mode any commit by the writer empties it anyway.
                 c.pragma_update(None, "cache_size", -1000)?;

@@ -60,6 +60,9 @@ pub struct Hs {
     pub server_name: OwnedServerName,
     pub db: Db,
     pub(crate) data_dir: std::path::PathBuf,
+    /// The box's data key: the database, media and key files are encrypted
+    /// under it. `None`: stored in the clear (tests, `[vault] encrypt = false`).
+    pub(crate) vault: Option<Arc<secta_vault::Vault>>,
     keypair: Ed25519KeyPair,
     key_id: String,
     old_keys: Vec<OldKey>,
@@ -84,6 +87,17 @@ pub struct Hs {
 impl Hs {
     /// Opens the homeserver's storage under `data_dir` (creating keys and schema on first start).
     pub fn open(config: HomeserverConfig, data_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        Self::open_with_vault(config, data_dir, None)
+    }
+
+    /// Like [`Hs::open`], with everything stored encrypted under the box's
+    /// data key: the database through SQLCipher, media and key files with
+    /// XChaCha20-Poly1305 (see `secta-vault`).
+    pub fn open_with_vault(
+        config: HomeserverConfig,
+        data_dir: &Path,
+        vault: Option<Arc<secta_vault::Vault>>,
+    ) -> anyhow::Result<Arc<Self>> {
         secta_runtime::ensure_data_dir(data_dir)?;
         let server_name = ServerName::parse(&config.server_name)
             .with_context(|| format!("invalid server_name {:?}", config.server_name))?;
@@ -96,12 +110,19 @@ impl Hs {
                     config.default_room_version
                 )
             })?;
-        let db = Db::open(&data_dir.join("homeserver.db"), config.durability)?;
-        let (keypair, key_id) = load_or_create_signing_key(data_dir)?;
+        let db_key = vault
+            .as_ref()
+            .map(|v| v.sqlcipher_key("homeserver.db"))
+            .transpose()?;
+        let db = Db::open_keyed(&data_dir.join("homeserver.db"), config.durability, db_key)?;
+        let secrets = Secrets(vault.as_deref());
+        let (keypair, key_id) = load_or_create_signing_key(data_dir, secrets)?;
         let old_keys = load_old_keys(data_dir);
         let shared_secret = match &config.registration_shared_secret {
             Some(s) => s.clone(),
-            None => load_or_create_shared_secret(data_dir)?,
+            // In the clear on purpose: it is the admin's credential for
+            // shared-secret registration tools, read from the file by them.
+            None => load_or_create_shared_secret(data_dir, Secrets(None))?,
         };
         let rate = RateLimiter::new(config.auth_rate_burst, config.auth_rate_per_second);
         let open_registration = std::sync::atomic::AtomicBool::new(config.open_registration);
@@ -110,6 +131,7 @@ impl Hs {
             server_name,
             db,
             data_dir: data_dir.to_owned(),
+            vault,
             keypair,
             key_id,
             old_keys,
@@ -157,6 +179,15 @@ impl Hs {
                 is_admin: a,
             })
         }))
+    }
+
+    /// The user id behind an access token, if it belongs to a server admin
+    /// (for admin endpoints served outside the homeserver, e.g. the panel's).
+    pub fn admin_for_token(&self, token: &str) -> Option<String> {
+        match self.lookup_token(token) {
+            Ok(Some(a)) if a.is_admin => Some(a.user_id.to_string()),
+            _ => None,
+        }
     }
 
     /// Wakes the long-polling syncs of these users.
@@ -222,9 +253,13 @@ fn load_old_keys(dir: &Path) -> Vec<OldKey> {
 /// Replaces the server's signing key: the old public key stays published (in
 /// `old_verify_keys`, expired now) so events signed with it still verify. Run
 /// while the box is stopped; the new key is used from the next start.
-pub fn rotate_signing_key(dir: &Path) -> anyhow::Result<String> {
+pub fn rotate_signing_key(
+    dir: &Path,
+    vault: Option<&secta_vault::Vault>,
+) -> anyhow::Result<String> {
     use base64::Engine;
-    let (old, old_id) = load_or_create_signing_key(dir)?;
+    let secrets = Secrets(vault);
+    let (old, old_id) = load_or_create_signing_key(dir, secrets)?;
     let mut olds = load_old_keys(dir);
     olds.push((
         old_id,
@@ -236,15 +271,51 @@ pub fn rotate_signing_key(dir: &Path) -> anyhow::Result<String> {
         serde_json::to_string(&olds)?.as_bytes(),
     )?;
     std::fs::remove_file(dir.join("signing.key"))?;
-    let (_, new_id) = load_or_create_signing_key(dir)?;
+    let (_, new_id) = load_or_create_signing_key(dir, secrets)?;
     Ok(new_id)
 }
 
-fn load_or_create_signing_key(dir: &Path) -> anyhow::Result<(Ed25519KeyPair, String)> {
+/// Small secret files (signing key, shared secret): encrypted under the data
+/// key when there is one, owner-only either way.
+#[derive(Clone, Copy)]
+struct Secrets<'a>(Option<&'a secta_vault::Vault>);
+
+impl Secrets<'_> {
+    /// `Ok(None)` if the file does not exist.
+    fn read(&self, path: &Path) -> anyhow::Result<Option<String>> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let bytes = match self.0 {
+            Some(v) => v
+                .file_cipher()?
+                .open(&bytes)
+                .with_context(|| format!("decrypting {}", path.display()))?,
+            None => bytes,
+        };
+        Ok(Some(String::from_utf8(bytes).with_context(|| {
+            format!("{} is not text", path.display())
+        })?))
+    }
+
+    fn write(&self, path: &Path, text: &str) -> anyhow::Result<()> {
+        match self.0 {
+            Some(v) => Ok(v.file_cipher()?.write_file(path, text.as_bytes())?),
+            None => secta_runtime::write_secret_file(path, text.as_bytes()),
+        }
+    }
+}
+
+fn load_or_create_signing_key(
+    dir: &Path,
+    secrets: Secrets<'_>,
+) -> anyhow::Result<(Ed25519KeyPair, String)> {
     use base64::Engine;
     let path = dir.join("signing.key");
     let b64 = base64::engine::general_purpose::STANDARD;
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    if let Some(text) = secrets.read(&path)? {
         let (version, der) = text
             .trim()
             .split_once(' ')
@@ -262,24 +333,21 @@ fn load_or_create_signing_key(dir: &Path) -> anyhow::Result<(Ed25519KeyPair, Str
             .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
             .collect()
     };
-    secta_runtime::write_secret_file(
-        &path,
-        format!("{version} {}\n", b64.encode(&der)).as_bytes(),
-    )?;
+    secrets.write(&path, &format!("{version} {}\n", b64.encode(&der)))?;
     let kp = Ed25519KeyPair::from_der(&der, version.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((kp, format!("ed25519:{version}")))
 }
 
-fn load_or_create_shared_secret(dir: &Path) -> anyhow::Result<String> {
+fn load_or_create_shared_secret(dir: &Path, secrets: Secrets<'_>) -> anyhow::Result<String> {
     let path = dir.join("registration_shared_secret");
-    if let Ok(s) = std::fs::read_to_string(&path) {
+    if let Some(s) = secrets.read(&path)? {
         let s = s.trim().to_owned();
         if !s.is_empty() {
             return Ok(s);
         }
     }
     let secret = random_string(48);
-    secta_runtime::write_secret_file(&path, format!("{secret}\n").as_bytes())?;
+    secrets.write(&path, &format!("{secret}\n"))?;
     Ok(secret)
 }
 

@@ -141,8 +141,12 @@ async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> Mx
     let mut stream = body.into_data_stream();
     let mut size: u64 = 0;
     let mut head: Vec<u8> = Vec::new();
+    // Encrypted from the first byte written when the box has a data key.
+    let mut enc = hs.file_cipher()?.map(|c| c.encryptor());
+    let mut sealed = Vec::new();
     let result: MxResult<()> = async {
         use tokio::io::AsyncWriteExt;
+        let io = |e: std::io::Error| MxError::unknown(format!("writing media: {e}"));
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| MxError::unknown(format!("upload interrupted: {e}")))?;
             size += chunk.len() as u64;
@@ -154,11 +158,21 @@ async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> Mx
             if head.len() < 64 {
                 head.extend_from_slice(&chunk[..chunk.len().min(64 - head.len())]);
             }
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
+            match enc.as_mut() {
+                Some(e) => {
+                    sealed.clear();
+                    e.update(&chunk, &mut sealed);
+                    file.write_all(&sealed).await.map_err(io)?;
+                }
+                None => file.write_all(&chunk).await.map_err(io)?,
+            }
         }
         check_declared_type(declared, &head)?;
+        if let Some(e) = enc.take() {
+            sealed.clear();
+            e.finish(&mut sealed);
+            file.write_all(&sealed).await.map_err(io)?;
+        }
         file.flush()
             .await
             .map_err(|e| MxError::unknown(format!("writing media: {e}")))?;
@@ -178,6 +192,18 @@ async fn store_body(hs: &Hs, id: &str, body: Body, declared: Option<&str>) -> Mx
         .await
         .map_err(|e| MxError::unknown(format!("storing media: {e}")))?;
     Ok(size)
+}
+
+impl Hs {
+    /// The cipher for stored files, when the box encrypts its data (an error
+    /// once the data key was destroyed by a wipe).
+    pub(crate) fn file_cipher(&self) -> MxResult<Option<secta_vault::FileCipher>> {
+        self.vault
+            .as_ref()
+            .map(|v| v.file_cipher())
+            .transpose()
+            .map_err(|e| MxError::unknown(e.to_string()))
+    }
 }
 
 fn mxc(hs: &Hs, id: &str) -> String {
@@ -449,29 +475,144 @@ fn disposition(kind: &str, filename: Option<&str>) -> String {
     }
 }
 
+/// A single `Range: bytes=…` request against a body of `size` bytes:
+/// `Ok(None)` for no (or an ignorable) range, `Err` for an unsatisfiable one.
+fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None); // several ranges: answer with the whole body
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        (size.saturating_sub(n), size.checked_sub(1).ok_or(())?)
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| ())?
+                .min(size.saturating_sub(1))
+        };
+        (start, end)
+    };
+    if range.0 > range.1 || range.0 >= size {
+        return Err(());
+    }
+    Ok(Some(range))
+}
+
+/// Streams `len` bytes from `start` of an encrypted file's plaintext,
+/// decrypting a block at a time on the blocking pool.
+fn decrypting_stream(
+    reader: secta_vault::file::DecryptReader,
+    start: u64,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 256 * 1024;
+    futures::stream::unfold(
+        (Some(reader), start, len),
+        |(reader, pos, left)| async move {
+            let mut reader = reader?;
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(BLOCK);
+            let r = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n as usize];
+                reader.seek(SeekFrom::Start(pos))?;
+                reader.read_exact(&mut buf)?;
+                Ok::<_, std::io::Error>((reader, buf))
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            Some(match r {
+                Ok((reader, buf)) => (
+                    Ok(bytes::Bytes::from(buf)),
+                    (Some(reader), pos + n, left - n),
+                ),
+                Err(e) => (Err(e), (None, pos, 0)),
+            })
+        },
+    )
+}
+
 async fn serve_file(
+    hs: &Hs,
     path: &Path,
     content_type: &str,
     filename: Option<&str>,
     size: u64,
+    headers: &HeaderMap,
 ) -> MxResult<Response> {
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|_| MxError::not_found("Media content is missing"))?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+    let missing = || MxError::not_found("Media content is missing");
+    let range = match parse_range(headers, size) {
+        Ok(r) => r,
+        Err(()) => {
+            let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let (start, len) = range.map_or((0, size), |(a, b)| (a, b - a + 1));
+    let body = match hs.file_cipher()? {
+        Some(cipher) => {
+            let path = path.to_owned();
+            let reader = tokio::task::spawn_blocking(move || cipher.reader(&path))
+                .await
+                .map_err(|e| MxError::unknown(e.to_string()))?
+                .map_err(|_| missing())?;
+            if reader.plain_len() != size {
+                return Err(MxError::unknown("Media content does not match its record"));
+            }
+            Body::from_stream(decrypting_stream(reader, start, len))
+        }
+        None => {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
+            let mut file = tokio::fs::File::open(path).await.map_err(|_| missing())?;
+            if start > 0 {
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(|e| MxError::unknown(e.to_string()))?;
+            }
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                file.take(len),
+                256 * 1024,
+            ))
+        }
+    };
     let kind = if inline_safe(content_type) {
         "inline"
     } else {
         "attachment"
     };
-    let mut resp = Response::new(Body::from_stream(stream));
+    let mut resp = Response::new(body);
+    if let Some((a, b)) = range {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
     let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(content_type)
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Ok(v) = HeaderValue::from_str(&disposition(kind, filename)) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -500,6 +641,7 @@ async fn download_inner(
     id: &str,
     filename: Option<String>,
     q: DownloadQuery,
+    headers: &HeaderMap,
 ) -> MxResult<Response> {
     let id = hs.local_media_id(server, id)?;
     let row = media_row(hs, &id, q.timeout_ms).await?;
@@ -508,10 +650,12 @@ async fn download_inner(
         .clone()
         .unwrap_or_else(|| "application/octet-stream".into());
     serve_file(
+        hs,
         &hs.media_path(&id),
         &ct,
         filename.as_deref().or(row.filename.as_deref()),
         row.size as u64,
+        headers,
     )
     .await
 }
@@ -521,8 +665,9 @@ pub async fn download(
     _auth: Auth,
     PathArgs((server, id)): PathArgs<(String, String)>,
     QueryArgs(q): QueryArgs<DownloadQuery>,
+    headers: HeaderMap,
 ) -> MxResult<Response> {
-    download_inner(&hs, &server, &id, None, q).await
+    download_inner(&hs, &server, &id, None, q, &headers).await
 }
 
 pub async fn download_named(
@@ -530,24 +675,27 @@ pub async fn download_named(
     _auth: Auth,
     PathArgs((server, id, name)): PathArgs<(String, String, String)>,
     QueryArgs(q): QueryArgs<DownloadQuery>,
+    headers: HeaderMap,
 ) -> MxResult<Response> {
-    download_inner(&hs, &server, &id, Some(name), q).await
+    download_inner(&hs, &server, &id, Some(name), q, &headers).await
 }
 
 pub async fn legacy_download(
     State(hs): State<Arc<Hs>>,
     PathArgs((server, id)): PathArgs<(String, String)>,
     QueryArgs(q): QueryArgs<DownloadQuery>,
+    headers: HeaderMap,
 ) -> MxResult<Response> {
-    download_inner(&hs, &server, &id, None, q).await
+    download_inner(&hs, &server, &id, None, q, &headers).await
 }
 
 pub async fn legacy_download_named(
     State(hs): State<Arc<Hs>>,
     PathArgs((server, id, name)): PathArgs<(String, String, String)>,
     QueryArgs(q): QueryArgs<DownloadQuery>,
+    headers: HeaderMap,
 ) -> MxResult<Response> {
-    download_inner(&hs, &server, &id, Some(name), q).await
+    download_inner(&hs, &server, &id, Some(name), q, &headers).await
 }
 
 #[derive(Deserialize, Default)]
@@ -571,10 +719,29 @@ fn pick_size(w: u32, h: u32, method: &str) -> (u32, u32, &'static str) {
         .unwrap_or((800, 600, "scale"))
 }
 
-fn make_thumbnail(src: &Path, dst: &Path, w: u32, h: u32, method: &str) -> MxResult<&'static str> {
+/// What the image decoder reads from: a plain or a decrypting file.
+trait BufReadSeek: std::io::BufRead + std::io::Seek + Send {}
+impl<T: std::io::BufRead + std::io::Seek + Send> BufReadSeek for T {}
+
+fn make_thumbnail(
+    cipher: Option<secta_vault::FileCipher>,
+    src: &Path,
+    dst: &Path,
+    w: u32,
+    h: u32,
+    method: &str,
+) -> MxResult<(&'static str, u64)> {
     use image::{ImageFormat, ImageReader};
-    let mut reader = ImageReader::open(src)
-        .map_err(|_| MxError::not_found("Media content is missing"))?
+    let missing = || MxError::not_found("Media content is missing");
+    let source: Box<dyn BufReadSeek> = match &cipher {
+        Some(c) => Box::new(std::io::BufReader::new(
+            c.reader(src).map_err(|_| missing())?,
+        )),
+        None => Box::new(std::io::BufReader::new(
+            std::fs::File::open(src).map_err(|_| missing())?,
+        )),
+    };
+    let mut reader = ImageReader::new(source)
         .with_guessed_format()
         .map_err(|_| {
             MxError::new(
@@ -647,10 +814,14 @@ fn make_thumbnail(src: &Path, dst: &Path, w: u32, h: u32, method: &str) -> MxRes
     }
     let tmp = dst.with_extension(format!("{}.part", random_string(8)));
     let mut f = std::fs::File::create(&tmp).map_err(|e| MxError::unknown(e.to_string()))?;
-    f.write_all(buf.get_ref())
-        .map_err(|e| MxError::unknown(e.to_string()))?;
+    let plain = buf.get_ref();
+    match &cipher {
+        Some(c) => f.write_all(&c.seal(plain)),
+        None => f.write_all(plain),
+    }
+    .map_err(|e| MxError::unknown(e.to_string()))?;
     std::fs::rename(&tmp, dst).map_err(|e| MxError::unknown(e.to_string()))?;
-    Ok(ct)
+    Ok((ct, plain.len() as u64))
 }
 
 async fn thumbnail_inner(hs: Arc<Hs>, server: &str, id: &str, q: ThumbQuery) -> MxResult<Response> {
@@ -687,7 +858,7 @@ async fn thumbnail_inner(hs: Arc<Hs>, server: &str, id: &str, q: ThumbQuery) -> 
     })?;
     let dst = hs.thumb_path(&id, tw, th, tm);
     if let Some((ct, size)) = cached {
-        return serve_file(&dst, &ct, None, size as u64).await;
+        return serve_file(&hs, &dst, &ct, None, size as u64, &HeaderMap::new()).await;
     }
     let src = hs.media_path(&id);
     let dst2 = dst.clone();
@@ -696,17 +867,18 @@ async fn thumbnail_inner(hs: Arc<Hs>, server: &str, id: &str, q: ThumbQuery) -> 
         .acquire()
         .await
         .map_err(|e| MxError::unknown(e.to_string()))?;
-    let ct = tokio::task::spawn_blocking(move || make_thumbnail(&src, &dst2, tw, th, tm))
-        .await
-        .map_err(|e| MxError::unknown(e.to_string()))??;
-    let size = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
+    let cipher = hs.file_cipher()?;
+    let (ct, size) =
+        tokio::task::spawn_blocking(move || make_thumbnail(cipher, &src, &dst2, tw, th, tm))
+            .await
+            .map_err(|e| MxError::unknown(e.to_string()))??;
     hs.db.write(|w| {
         w.tx.execute(
             "INSERT OR REPLACE INTO media_thumbnails(media_id, width, height, method, content_type, size) VALUES(?1,?2,?3,?4,?5,?6)",
             params![id, tw, th, tm, ct, size as i64],
         )
     })?;
-    serve_file(&dst, ct, None, size).await
+    serve_file(&hs, &dst, ct, None, size, &HeaderMap::new()).await
 }
 
 pub async fn thumbnail(

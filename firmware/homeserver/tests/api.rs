@@ -1620,7 +1620,7 @@ async fn rotated_signing_keys_still_verify_old_events() {
             b.hs.verify_key().0,
         )
     };
-    let new_id = secta_homeserver::rotate_signing_key(dir.path()).unwrap();
+    let new_id = secta_homeserver::rotate_signing_key(dir.path(), None).unwrap();
     assert_ne!(new_id, old_id);
     let hs = Hs::open(config, dir.path()).unwrap();
     let b = Box_ {

@@ -155,6 +155,8 @@ pub struct WebUi {
     /// The radio's base URL (its `/status-json.xsl` and mounts), or `:PORT` for
     /// "this page's host", if the radio runs.
     pub radio: Option<String>,
+    /// The panel's HTTP endpoint (virtual strip and buttons, duress wipe), if served.
+    pub panel: Option<String>,
 }
 
 fn unix_ms() -> u64 {
@@ -256,6 +258,14 @@ impl Portal {
         sessions
             .get(&ip)
             .and_then(|s| remaining_of(s, Instant::now()))
+    }
+
+    /// Clients with a session now (for the status strip).
+    pub fn accepted_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     pub fn is_accepted(&self, ip: IpAddr) -> bool {
@@ -666,6 +676,9 @@ async fn handle(
                     body["server_name"] = json!(w.server_name);
                     if let Some(r) = &w.radio {
                         body["radio"] = json!(r);
+                    }
+                    if let Some(p) = &w.panel {
+                        body["panel"] = json!(p);
                     }
                 }
                 let mut r = Response::new(Body::from(body.to_string()));

@@ -41,7 +41,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub use config::{valid_mount, MountConfig, RadioConfig};
-pub use record::{list_recordings, Recording};
+pub use record::{list_recordings, list_recordings_with, Recording};
 use stream::Stream;
 
 /// What the radio says it is (`Server` header, `server_id` in the status).
@@ -108,6 +108,8 @@ pub(crate) struct Inner {
     pub cfg: RadioConfig,
     password: String,
     pub data_dir: PathBuf,
+    /// The box's data key: recordings are encrypted under it when present.
+    pub vault: Option<Arc<secta_vault::Vault>>,
     mounts: Mutex<HashMap<String, Arc<Mount>>>,
     /// Bumped whenever a stream starts or ends, so listeners re-resolve fallbacks.
     pub topology: watch::Sender<u64>,
@@ -196,6 +198,15 @@ impl Radio {
     /// Prepares the radio: validates the settings, loads or creates the source
     /// password in `DATA/radio/`, and the configured mounts.
     pub fn new(cfg: RadioConfig, data_dir: &Path) -> anyhow::Result<Radio> {
+        Self::new_with_vault(cfg, data_dir, None)
+    }
+
+    /// Like [`Radio::new`], recording shows encrypted under the box's data key.
+    pub fn new_with_vault(
+        cfg: RadioConfig,
+        data_dir: &Path,
+        vault: Option<Arc<secta_vault::Vault>>,
+    ) -> anyhow::Result<Radio> {
         let problems = cfg.problems();
         if !problems.is_empty() {
             anyhow::bail!("invalid [radio] settings: {}", problems.join("; "));
@@ -224,6 +235,7 @@ impl Radio {
         let inner = Arc::new(Inner {
             password,
             data_dir: data_dir.to_owned(),
+            vault,
             mounts: Mutex::new(HashMap::new()),
             topology: watch::channel(0).0,
             listeners: AtomicUsize::new(0),
@@ -365,7 +377,8 @@ async fn handle(inner: Arc<Inner>, mut sock: TcpStream) {
         }
         ("GET", "/admin/metadata") => status::admin_metadata(&inner, &mut sock, &req).await,
         ("GET" | "HEAD", "/recordings.json") => {
-            let list = list_recordings(&inner.data_dir);
+            let cipher = inner.vault.as_ref().and_then(|v| v.file_cipher().ok());
+            let list = record::list_recordings_with(&inner.data_dir, cipher.as_ref());
             let body = serde_json::to_vec(&list).unwrap_or_default();
             http::respond(&mut sock, 200, "OK", "application/json", "", &body).await
         }

@@ -48,7 +48,12 @@ pub(crate) fn recordings_dir(data_dir: &Path) -> PathBuf {
 }
 
 impl Recorder {
-    pub fn start(data_dir: &Path, mount: &str, codec: Codec) -> Recorder {
+    pub fn start(
+        data_dir: &Path,
+        mount: &str,
+        codec: Codec,
+        cipher: Option<secta_vault::FileCipher>,
+    ) -> Recorder {
         let now = SystemTime::now();
         let stamp: String = iso8601(now)
             .chars()
@@ -70,7 +75,7 @@ impl Recorder {
         let (tx, rx) = mpsc::channel(256);
         let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let dir = recordings_dir(data_dir);
-        tokio::spawn(write(dir, base, rec, rx, dropped.clone()));
+        tokio::spawn(write(dir, base, rec, rx, dropped.clone(), cipher));
         Recorder {
             tx,
             begun: Instant::now(),
@@ -109,24 +114,46 @@ async fn write(
     mut rec: Recording,
     mut rx: mpsc::Receiver<Msg>,
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cipher: Option<secta_vault::FileCipher>,
 ) {
     let meta = dir.join(format!("{base}.json"));
+    let seal = |rec: &Recording| -> std::io::Result<Vec<u8>> {
+        let json = serde_json::to_vec_pretty(rec)?;
+        Ok(match &cipher {
+            Some(c) => c.seal(&json),
+            None => json,
+        })
+    };
+    let mut enc = cipher.as_ref().map(|c| c.encryptor());
+    let mut sealed = Vec::new();
     let result: std::io::Result<()> = async {
         tokio::fs::create_dir_all(&dir).await?;
-        tokio::fs::write(&meta, serde_json::to_vec_pretty(&rec)?).await?;
+        tokio::fs::write(&meta, seal(&rec)?).await?;
         let mut f = tokio::fs::File::create(dir.join(&rec.file)).await?;
         tracing::info!(file = %rec.file, "radio recording started");
         while let Some(m) = rx.recv().await {
             match m {
                 Msg::Data(b) => {
-                    f.write_all(&b).await?;
+                    match enc.as_mut() {
+                        Some(e) => {
+                            sealed.clear();
+                            e.update(&b, &mut sealed);
+                            f.write_all(&sealed).await?;
+                        }
+                        None => f.write_all(&b).await?,
+                    }
                     rec.bytes += b.len() as u64;
                 }
                 Msg::Title(at, t) => {
                     rec.titles.push((at, t));
-                    tokio::fs::write(&meta, serde_json::to_vec_pretty(&rec)?).await?;
+                    tokio::fs::write(&meta, seal(&rec)?).await?;
                 }
             }
+        }
+        if let Some(e) = enc.take() {
+            sealed.clear();
+            e.finish(&mut sealed);
+            f.write_all(&sealed).await?;
         }
         f.flush().await?;
         Ok(())
@@ -140,7 +167,7 @@ async fn write(
         .ok()
         .map(|d| d.as_secs());
     rec.dropped_bytes = dropped.load(std::sync::atomic::Ordering::Relaxed);
-    if let Ok(v) = serde_json::to_vec_pretty(&rec) {
+    if let Ok(v) = seal(&rec) {
         let _ = tokio::fs::write(&meta, v).await;
     }
     tracing::info!(file = %rec.file, bytes = rec.bytes, "radio recording ended");
@@ -148,6 +175,21 @@ async fn write(
 
 /// Every recording in `DATA/radio/recordings/`, newest first (at most 1000).
 pub fn list_recordings(data_dir: &Path) -> Vec<Recording> {
+    list_recordings_with(data_dir, None)
+}
+
+/// Like [`list_recordings`], for recordings encrypted with `cipher`.
+pub fn list_recordings_with(
+    data_dir: &Path,
+    cipher: Option<&secta_vault::FileCipher>,
+) -> Vec<Recording> {
+    let read = |p: &Path| -> Option<Vec<u8>> {
+        let bytes = std::fs::read(p).ok()?;
+        match cipher {
+            Some(c) => c.open(&bytes).ok(),
+            None => Some(bytes),
+        }
+    };
     let Ok(rd) = std::fs::read_dir(recordings_dir(data_dir)) else {
         return Vec::new();
     };
@@ -155,7 +197,7 @@ pub fn list_recordings(data_dir: &Path) -> Vec<Recording> {
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .take(1000)
-        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .filter_map(|e| serde_json::from_slice(&read(&e.path())?).ok())
         .collect();
     v.sort_by(|a, b| {
         b.started_unix

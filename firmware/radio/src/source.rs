@@ -101,7 +101,17 @@ pub(crate) async fn run(inner: Arc<Inner>, mut sock: TcpStream, req: Request) {
     let recorder = mount
         .cfg
         .record
-        .then(|| Recorder::start(&inner.data_dir, &name, codec));
+        .then(|| {
+            // Encrypted from the first byte when the box has a data key (no
+            // recording at all if that key was destroyed by a wipe).
+            let cipher = inner.vault.as_ref().map(|v| v.file_cipher());
+            match cipher {
+                Some(Err(_)) => None,
+                Some(Ok(c)) => Some(Recorder::start(&inner.data_dir, &name, codec, Some(c))),
+                None => Some(Recorder::start(&inner.data_dir, &name, codec, None)),
+            }
+        })
+        .flatten();
     let chunked = req
         .header("transfer-encoding")
         .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));

@@ -13,6 +13,9 @@ use anyhow::Context;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
+pub mod status;
+pub use status::{BoxStatus, Report, Status, WipeStatus};
+
 /// The parsed config file: a TOML table that each service reads its own section of.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigFile {

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use secta_homeserver::{HomeserverConfig, Hs};
 use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 
+mod panel;
 mod radio_bot;
 mod vpn;
 mod webadmin;
@@ -61,6 +62,9 @@ enum Cmd {
         /// The radio's address (Icecast sources and listeners).
         #[arg(long, default_value = "127.0.0.1:8000")]
         radio_listen: SocketAddr,
+        /// The panel's HTTP endpoint (virtual strip and buttons; duress wipe).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        panel_listen: SocketAddr,
     },
     /// Administer the box (works while it runs).
     Admin {
@@ -131,6 +135,19 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: vpn::VpnCmd,
     },
+    /// PANIC WIPE: destroy the data key, then every data file; the box returns
+    /// to its first-boot state. A running box stops its services and shows "wiped".
+    Wipe {
+        /// Required: there is no undo.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Data at rest: whether it is encrypted, where the key lives, what a wipe
+    /// would destroy (never prints the key).
+    Audit {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +206,10 @@ struct BoxSetup {
     hotspot: secta_hotspot::HotspotConfig,
     radio: secta_radio::RadioConfig,
     wireguard: secta_wireguard::WireguardConfig,
+    panel: secta_panel::PanelConfig,
+    vault: secta_vault::VaultConfig,
+    /// The panel's HTTP endpoint (demo: the web app's virtual panel).
+    panel_listen: Option<SocketAddr>,
     /// Where the captive portal listens (demo: loopback, firewall simulated).
     portal: Option<(SocketAddr, bool)>,
     /// The built web app the portal serves.
@@ -240,6 +261,24 @@ fn load_setup_from(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
             .tunnel_uplinks
             .push(wireguard.exit.interface.clone());
     }
+    let panel: secta_panel::PanelConfig = file.section("panel")?;
+    let problems = panel.problems();
+    if !problems.is_empty() {
+        bail!("invalid [panel] settings: {}", problems.join("; "));
+    }
+    let vault: secta_vault::VaultConfig = file.section("vault")?;
+    let problems = vault.problems();
+    if !problems.is_empty() {
+        bail!("invalid [vault] settings: {}", problems.join("; "));
+    }
+    let panel_listen = panel
+        .http_listen
+        .as_deref()
+        .map(|a| {
+            a.parse()
+                .with_context(|| format!("bad [panel] http_listen {a:?}"))
+        })
+        .transpose()?;
     let boxcfg: BoxConfig = file.section("box")?;
     let web_ui = Some(boxcfg.web_ui_dir.clone()).filter(|d| d.join("index.html").exists());
     Ok(BoxSetup {
@@ -248,6 +287,9 @@ fn load_setup_from(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
         hotspot,
         radio,
         wireguard,
+        panel,
+        vault,
+        panel_listen,
         portal,
         web_ui,
     })
@@ -284,14 +326,14 @@ fn main() -> anyhow::Result<()> {
             federation_tls_listen,
             portal_listen,
             radio_listen,
+            panel_listen,
         } => demo(
             &data,
             listen,
             server_name,
             &peers,
             federation_tls_listen,
-            portal_listen,
-            radio_listen,
+            (portal_listen, radio_listen, panel_listen),
         ),
         Cmd::Admin { config, data, cmd } => {
             secta_runtime::init_logging("warn", false);
@@ -309,6 +351,15 @@ fn main() -> anyhow::Result<()> {
                 }
                 (None, None) => load_setup(&ConfigFile::load(Path::new("/etc/secta/secta.toml"))?)?,
             };
+            let dir = setup.boxcfg.data_dir.clone();
+            match cmd {
+                AdminCmd::Wipe { yes } => return admin_wipe(&setup.vault, &dir, yes),
+                AdminCmd::Audit { json } => return admin_audit(&setup.vault, &dir, json),
+                _ => {}
+            }
+            if dir.join(secta_vault::wipe::WIPE_MARKER).exists() {
+                bail!("{} is being wiped; start the box (or `secta admin wipe --yes` again) to finish", dir.display());
+            }
             if let AdminCmd::Vpn { cmd } = cmd {
                 return vpn::admin(
                     &vpn::Ctx {
@@ -320,15 +371,16 @@ fn main() -> anyhow::Result<()> {
                     cmd,
                 );
             }
+            let vault = secta_vault::Vault::open(&setup.vault, &dir)?;
             if let AdminCmd::Federation {
                 cmd: Some(FedCmd::RotateKey),
             } = cmd
             {
-                let id = secta_homeserver::rotate_signing_key(&setup.boxcfg.data_dir)?;
+                let id = secta_homeserver::rotate_signing_key(&dir, vault.as_deref())?;
                 println!("new signing key {id}; start the box to use it");
                 return Ok(());
             }
-            let hs = Hs::open(setup.hs, &setup.boxcfg.data_dir)?;
+            let hs = Hs::open_with_vault(setup.hs, &dir, vault)?;
             admin(&hs, cmd)
         }
         Cmd::HotspotConfig { config, what } => {
@@ -382,7 +434,133 @@ fn default_config_text() -> String {
     );
     text.push_str(&radio_config_text());
     text.push_str(&secta_wireguard::WireguardConfig::default_text());
+    text.push_str(&panel_config_text());
     text
+}
+
+fn panel_config_text() -> String {
+    let p = secta_panel::PanelConfig::default();
+    let v = secta_vault::VaultConfig::default();
+    let ser = |x: &dyn std::fmt::Debug| format!("{x:?}").to_lowercase();
+    format!(
+        "\n[panel]\n# none (no hardware), sim, rppal (Raspberry Pi) or linux (/dev/gpiochipN + spidev)\n\
+         backend = \"{}\"\ngpiochip = {:?}\nspi_device = {:?}\nspi_hz = {}\n\
+         # ws2812, apa102 or sk9822\nled_type = \"{}\"\nleds = {}\nbrightness = {}\nframe_rate = {}\n\
+         sample_ms = {}\ndebounce_ms = {}\nlong_press_ms = {}\n\
+         # holding the first (panic) button this long wipes the box; the strip counts down\n\
+         wipe_hold_ms = {}\nchord_wipe = {}\nchord_ms = {}\n# http_listen = \"127.0.0.1:8090\"\n\
+         [[panel.buttons]]\nname = \"panic\"\npin = 17\nactive_low = true\n\
+         [[panel.buttons]]\nname = \"aux\"\npin = 27\nactive_low = true\n\
+         \n[vault]\n# encrypt everything under one data key (see ARCHITECTURE.md: data at rest)\nencrypt = {}\n\
+         # key_file = \"/data/secta/data.key\"  (default: DATA/data.key)\n\
+         # secret_file = \"/media/usb/secta.secret\"  (wrap the key with a file kept elsewhere)\n\
+         passphrase = {}\n# deadman_path = \"/media/usb/secta.secret\"  (wipe when it disappears)\n\
+         deadman_grace_ms = {}\n",
+        ser(&p.backend), p.gpiochip, p.spi_device, p.spi_hz, ser(&p.led_type), p.leds, p.brightness,
+        p.frame_rate, p.sample_ms, p.debounce_ms, p.long_press_ms, p.wipe_hold_ms, p.chord_wipe,
+        p.chord_ms, v.encrypt, v.passphrase, v.deadman_grace_ms,
+    )
+}
+
+/// Whether a box process holds the data directory (its lock file).
+fn box_running(dir: &Path) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .open(dir.join(secta_vault::wipe::LOCK_FILE))
+    else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; released when `f` closes.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+/// Takes the data directory's lock for the life of the box process.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(dir.join(secta_vault::wipe::LOCK_FILE))?;
+    // SAFETY: as above.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another secta process is running on {}", dir.display());
+    }
+    Ok(f)
+}
+
+fn admin_wipe(cfg: &secta_vault::VaultConfig, dir: &Path, yes: bool) -> anyhow::Result<()> {
+    if !yes {
+        bail!(
+            "this destroys the data key and every data file of the box in {}, for good; add --yes",
+            dir.display()
+        );
+    }
+    let running = box_running(dir);
+    let report = secta_vault::wipe::run(cfg, dir, None, std::time::Instant::now(), || {});
+    println!(
+        "key destroyed in {:.1} ms ({} key file(s)); {} entries deleted in {:.1} ms",
+        report.key_destroyed_ms, report.keys, report.entries, report.files_deleted_ms
+    );
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if running {
+        // The running box sees the wipe, stops its services, sweeps, and
+        // removes the marker; wait for it a little.
+        let t = std::time::Instant::now();
+        while dir.join(secta_vault::wipe::WIPE_MARKER).exists()
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("the running box stopped its services and shows \"wiped\"");
+    } else {
+        secta_vault::wipe::finish(cfg, dir)?;
+    }
+    println!("the box is in its first-boot state");
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("some files could not be deleted (see above); the key is gone regardless")
+    }
+}
+
+fn admin_audit(cfg: &secta_vault::VaultConfig, dir: &Path, json: bool) -> anyhow::Result<()> {
+    let a = secta_vault::audit(cfg, dir);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&a)?);
+        return Ok(());
+    }
+    println!("data directory:   {}", dir.display());
+    match &a.key_id {
+        Some(id) => println!("encrypted:        yes, under data key {id} (SQLCipher database, XChaCha20-Poly1305 files)"),
+        None if cfg.encrypt => println!("encrypted:        no data yet (a key is made on first start)"),
+        None => println!("encrypted:        NO ([vault] encrypt = false)"),
+    }
+    println!(
+        "key file:         {} ({})",
+        a.key_file.display(),
+        if a.key_file_present {
+            "present"
+        } else {
+            "MISSING"
+        }
+    );
+    if let Some(w) = &a.key_wrapped_by {
+        println!("key wrapped by:   {w}");
+    }
+    if a.wipe_in_progress {
+        println!("WIPE IN PROGRESS: the next start finishes it before anything else");
+    }
+    println!("a wipe destroys ({} bytes), key material first:", a.bytes);
+    for p in &a.would_destroy {
+        println!("  {}", p.display());
+    }
+    println!("kept: the config file secta.toml (if it is in the data directory)");
+    Ok(())
 }
 
 fn radio_config_text() -> String {
@@ -430,6 +608,13 @@ fn tune_allocator() {
 }
 
 /// Runs every enabled service until SIGTERM/SIGINT.
+///
+/// Order: finish an interrupted wipe; lock the data directory; start the
+/// wiper thread and the panel (the strip shows "booting"); open the data key
+/// — if that fails, the services that need it (homeserver, radio) are not
+/// started and the strip shows a problem, but the panel and the wipe still
+/// work; start the services; "ready". A wipe stops the services and the box
+/// then shows "wiped" until it is stopped.
 fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     // Boxes linked over WireGuard are federation peers at their link address.
     for (server_name, url) in vpn::link_peers(&setup.wireguard, &setup.boxcfg.data_dir)? {
@@ -450,13 +635,63 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
             });
         }
     }
-    let hs = Hs::open(setup.hs.clone(), &setup.boxcfg.data_dir)?;
+    let data = setup.boxcfg.data_dir.clone();
+    secta_runtime::ensure_data_dir(&data)?;
+    if let Some(r) = secta_vault::wipe::resume_if_needed(&setup.vault, &data)? {
+        tracing::warn!(
+            entries = r.entries,
+            key_files = r.keys,
+            "finished the interrupted wipe; starting as a new box"
+        );
+    }
+    let _lock = lock_data_dir(&data)?;
+    let status = secta_runtime::Status::new();
+    let (svc_trigger, svc_shutdown) = Shutdown::new();
+    let svc_trigger = Arc::new(svc_trigger);
+    let hs_running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let vault = secta_vault::Vault::open(&setup.vault, &data);
+    let wiper = {
+        let (stop, running) = (svc_trigger.clone(), hs_running.clone());
+        panel::Wiper::start(panel::WipeCtx {
+            cfg: setup.vault.clone(),
+            data_dir: data.clone(),
+            vault: vault.as_ref().ok().cloned().flatten(),
+            status: status.clone(),
+            stop_services: Box::new(move || stop.trigger()),
+            services_stopped: Box::new(move || !running.load(std::sync::atomic::Ordering::SeqCst)),
+        })?
+    };
+    panel::watch(setup.vault.clone(), data.clone(), wiper.clone())?;
+    let panel = match panel::start_panel(&setup.panel, &status, &wiper) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "the panel could not start");
+            status.report(secta_runtime::Report::Problem {
+                service: "panel".into(),
+                message: e.to_string(),
+            });
+            None
+        }
+    };
+    let sim = panel.as_ref().and_then(|(_, s)| s.clone());
+    let vault = match vault {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!("{e}");
+            tracing::error!("not starting the homeserver and the radio: they need the data key");
+            status.report(secta_runtime::Report::Problem {
+                service: "vault".into(),
+                message: e.to_string(),
+            });
+            None
+        }
+    };
     // The WireGuard gateway starts before the hotspot forwards anything, so an
     // exit's routing (and kill switch) is in place first.
     let wireguard = if setup.wireguard.enabled {
         match secta_wireguard::Gateway::start(
             setup.wireguard.clone(),
-            &setup.boxcfg.data_dir,
+            &data,
             Arc::new(secta_wireguard::net::SystemNet),
         ) {
             Ok(g) => Some(g),
@@ -468,12 +703,30 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
     } else {
         None
     };
-    let radio_bot = (setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()))
-        .then(|| radio_bot::ensure_user(&hs, &setup.boxcfg.data_dir))
-        .transpose()?;
-    runtime()?.block_on(async move {
-        let (trigger, shutdown) = Shutdown::new();
-        tokio::spawn(trigger.on_signals());
+    let hs = match &vault {
+        Some(v) => Some(Hs::open_with_vault(setup.hs.clone(), &data, v.clone())?),
+        None => None,
+    };
+    let radio_bot = match &hs {
+        Some(hs) if setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()) => {
+            Some(radio_bot::ensure_user(hs, &data)?)
+        }
+        _ => None,
+    };
+    let result = runtime()?.block_on(async move {
+        let shutdown = svc_shutdown;
+        let (proc_trigger, proc_shutdown) = Shutdown::new();
+        {
+            let svc = svc_trigger.clone();
+            tokio::spawn(async move {
+                let (t, s) = Shutdown::new();
+                tokio::spawn(t.on_signals());
+                s.wait().await;
+                svc.trigger();
+                proc_trigger.trigger();
+            });
+        }
+        let mut portal_handle = None;
         if let Some((addr, simulated)) = setup.portal {
             let firewall: Arc<dyn secta_hotspot::Firewall> = if simulated {
                 Arc::new(secta_hotspot::SimFirewall::default())
@@ -498,7 +751,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
             // read in DATA/hotspot/), but runs nothing and touches no firewall.
             let hotspot = secta_hotspot::Hotspot::start(
                 portal.clone(),
-                &setup.boxcfg.data_dir.join("hotspot"),
+                &data.join("hotspot"),
                 !simulated,
                 &shutdown,
             )
@@ -510,27 +763,41 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                     homeserver: setup.hs.base_url(),
                     server_name: setup.hs.server_name.clone(),
                     radio: radio_web,
+                    panel: setup.panel_listen.map(|a| format!("http://{a}")),
                 });
             }
-            let web = webadmin::Web::new(
-                hs.clone(),
-                hotspot,
-                &setup.boxcfg.data_dir,
-                setup.boxcfg.name.clone(),
-                setup.hs.base_url(),
-                setup.radio.enabled.then(|| setup.radio.listen.clone()),
-                setup.wireguard.clone(),
-            )?;
+            portal_handle = Some(portal.clone());
+            // The box's own API (sign-up, admin pages) needs the homeserver.
+            let web = match &hs {
+                Some(hs) => Some(webadmin::Web::new(
+                    hs.clone(),
+                    hotspot,
+                    &data,
+                    setup.boxcfg.name.clone(),
+                    setup.hs.base_url(),
+                    setup.radio.enabled.then(|| setup.radio.listen.clone()),
+                    setup.wireguard.clone(),
+                    vault.clone().flatten().as_deref(),
+                )?),
+                None => None,
+            };
             let sd = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = portal.serve_with(addr, web.router(), sd).await {
+                let extra = web.map(|w| w.router()).unwrap_or_default();
+                if let Err(e) = portal.serve_with(addr, extra, sd).await {
                     tracing::error!(error = %e, "captive portal failed");
                 }
             });
         }
         let wireguard = wireguard.map(|g| tokio::spawn(secta_wireguard::run(g, shutdown.clone())));
-        if setup.radio.enabled {
-            let radio = secta_radio::Radio::new(setup.radio.clone(), &setup.boxcfg.data_dir)?;
+        let mut radio_handle = None;
+        if setup.radio.enabled && hs.is_some() {
+            let radio = secta_radio::Radio::new_with_vault(
+                setup.radio.clone(),
+                &data,
+                vault.clone().flatten(),
+            )?;
+            radio_handle = Some(radio.clone());
             if let Some(password) = radio_bot {
                 let local = setup.hs.listen.replace("0.0.0.0", "127.0.0.1");
                 tokio::spawn(radio_bot::run(
@@ -549,23 +816,83 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                 }
             });
         }
-        let homeserver = match listener {
-            Some(l) => {
-                l.set_nonblocking(true)?;
-                secta_homeserver::serve_on(
-                    hs,
-                    tokio::net::TcpListener::from_std(l)?,
-                    shutdown.clone(),
-                )
-                .await
+        if let Some(addr) = setup.panel_listen {
+            let api = Arc::new(panel::PanelApi {
+                cfg: setup.panel.clone(),
+                status: status.clone(),
+                sim: sim.clone(),
+                wiper: wiper.clone(),
+                hs: std::sync::Mutex::new(hs.clone()),
+            });
+            let sd = proc_shutdown.clone();
+            tokio::spawn(async move {
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        tracing::info!(%addr, "panel endpoint listening");
+                        let _ = axum::serve(l, panel::router(api))
+                            .with_graceful_shutdown(sd.wait())
+                            .await;
+                    }
+                    Err(e) => tracing::error!(error = %e, %addr, "panel endpoint could not bind"),
+                }
+            });
+        }
+        tokio::spawn(panel::feed(
+            status.clone(),
+            hs.clone(),
+            portal_handle,
+            radio_handle,
+            shutdown.clone(),
+        ));
+        let homeserver = hs.map(|hs| {
+            hs_running.store(true, std::sync::atomic::Ordering::SeqCst);
+            let running = hs_running.clone();
+            let sd = shutdown.clone();
+            let listen = setup.hs.listen.clone();
+            tokio::spawn(async move {
+                let r = match listener {
+                    Some(l) => match l
+                        .set_nonblocking(true)
+                        .and_then(|_| tokio::net::TcpListener::from_std(l))
+                    {
+                        Ok(l) => secta_homeserver::serve_on(hs, l, sd).await,
+                        Err(e) => Err(e.into()),
+                    },
+                    None => match listen.parse::<SocketAddr>() {
+                        Ok(addr) => secta_homeserver::serve(hs, addr, sd).await,
+                        Err(_) => Err(anyhow::anyhow!("bad listen address {listen:?}")),
+                    },
+                };
+                running.store(false, std::sync::atomic::Ordering::SeqCst);
+                r
+            })
+        });
+        status.report(secta_runtime::Report::Ready);
+        let result = match homeserver {
+            Some(h) => {
+                let mut h = h;
+                tokio::select! {
+                    r = &mut h => {
+                        let r = r.unwrap_or_else(|e| Err(e.into()));
+                        if r.is_err() || !wiper.started() {
+                            // The homeserver ended on its own: stop the box.
+                            svc_trigger.trigger();
+                            r
+                        } else {
+                            proc_shutdown.clone().wait().await;
+                            Ok(())
+                        }
+                    }
+                    _ = proc_shutdown.clone().wait() => {
+                        tokio::time::timeout(Duration::from_secs(10), h).await
+                            .map(|r| r.unwrap_or_else(|e| Err(e.into())))
+                            .unwrap_or(Ok(()))
+                    }
+                }
             }
             None => {
-                let addr: SocketAddr = setup
-                    .hs
-                    .listen
-                    .parse()
-                    .with_context(|| format!("bad listen address {:?}", setup.hs.listen))?;
-                secta_homeserver::serve(hs, addr, shutdown.clone()).await
+                proc_shutdown.clone().wait().await;
+                Ok(())
             }
         };
         if setup.portal.is_some_and(|(_, simulated)| !simulated) {
@@ -582,8 +909,10 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                 Ok(Ok(())) => {}
             }
         }
-        homeserver
-    })
+        result
+    });
+    drop(panel);
+    result
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<secta_homeserver::Peer> {
@@ -609,8 +938,7 @@ fn demo(
     server_name: Option<String>,
     peers: &[String],
     federation_tls_listen: Option<SocketAddr>,
-    portal_listen: SocketAddr,
-    radio_listen: SocketAddr,
+    (portal_listen, radio_listen, panel_listen): (SocketAddr, SocketAddr, SocketAddr),
 ) -> anyhow::Result<()> {
     secta_runtime::init_logging("info,tower_http=warn,ruma_state_res=warn", false);
     secta_runtime::ensure_data_dir(data)?;
@@ -635,6 +963,13 @@ fn demo(
     };
     let mut setup = setup;
     setup.boxcfg.data_dir = data.to_owned();
+    // An interrupted wipe is finished before anything else.
+    if let Some(r) = secta_vault::wipe::resume_if_needed(&setup.vault, data)? {
+        tracing::warn!(
+            entries = r.entries,
+            "finished the interrupted wipe; starting as a new box"
+        );
+    }
     for p in peers {
         setup.hs.federation.peers.push(parse_peer(p)?);
     }
@@ -643,6 +978,11 @@ fn demo(
     }
     setup.portal = Some((portal_listen, true));
     setup.radio.listen = radio_listen.to_string();
+    // The demo's panel is simulated and shown by the web app.
+    if setup.panel.backend == secta_panel::Backend::None {
+        setup.panel.backend = secta_panel::Backend::Sim;
+    }
+    setup.panel_listen = Some(panel_listen);
     if setup.radio.mounts.is_empty() {
         setup.radio.mounts = demo_radio_mounts(data);
     }
@@ -653,10 +993,16 @@ fn demo(
     // Bind first so the printed URLs are live when the user reads them.
     let listener =
         std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-    let hs = Hs::open(setup.hs.clone(), data)?;
+    let vault = secta_vault::Vault::open(&setup.vault, data)?;
+    let hs = Hs::open_with_vault(setup.hs.clone(), data, vault.clone())?;
     let creds_path = data.join("demo-credentials.txt");
     let creds = if creds_path.exists() {
-        std::fs::read_to_string(&creds_path)?
+        let bytes = std::fs::read(&creds_path)?;
+        let bytes = match &vault {
+            Some(v) => v.file_cipher()?.open(&bytes)?,
+            None => bytes,
+        };
+        String::from_utf8(bytes)?
     } else {
         let password = secta_homeserver::random_string(16);
         let admin = hs
@@ -666,10 +1012,14 @@ fn demo(
             .admin_create_invite(Some(20), None)
             .map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
         let text = format!("admin user:     {admin}\nadmin password: {password}\ninvite token:   {token} (20 registrations)\n");
-        secta_runtime::write_secret_file(&creds_path, text.as_bytes())?;
+        match &vault {
+            Some(v) => v.file_cipher()?.write_file(&creds_path, text.as_bytes())?,
+            None => secta_runtime::write_secret_file(&creds_path, text.as_bytes())?,
+        }
         text
     };
     drop(hs);
+    drop(vault);
     let base = setup.hs.base_url();
     println!(
         "\nSecta demo box is running.\n\
@@ -678,6 +1028,7 @@ fn demo(
          \n  Versions:         {base}/_matrix/client/versions\
          \n  Client discovery: {base}/.well-known/matrix/client\
          \n  Captive portal:   http://{}/ (firewall simulated)\
+         \n  Panel:            http://{}/panel (simulated strip and buttons)\
          \n{}\
          \n  Data folder:      {}\
          \n\n{}\
@@ -685,6 +1036,7 @@ fn demo(
          \n  Stop with Ctrl-C.\n",
         setup.hs.server_name,
         portal_listen,
+        panel_listen,
         demo_radio_text(&radio, data),
         data.display(),
         creds
@@ -805,7 +1157,9 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Federation {
             cmd: Some(FedCmd::RotateKey),
         }
-        | AdminCmd::Vpn { .. } => unreachable!("handled before opening the database"),
+        | AdminCmd::Vpn { .. }
+        | AdminCmd::Wipe { .. }
+        | AdminCmd::Audit { .. } => unreachable!("handled before opening the database"),
         AdminCmd::Federation {
             cmd: None | Some(FedCmd::Status),
         } => {

@@ -124,8 +124,18 @@ impl Web {
         homeserver_url: String,
         radio: Option<String>,
         wireguard: WireguardConfig,
+        vault: Option<&secta_vault::Vault>,
     ) -> anyhow::Result<Arc<Self>> {
         let db = rusqlite::Connection::open(data.join("portal.db"))?;
+        // Who joined from which device is personal data: encrypted under the
+        // box's data key like the homeserver's database.
+        if let Some(v) = vault {
+            let key = v.sqlcipher_key("portal")?;
+            db.execute_batch(&zeroize::Zeroizing::new(format!(
+                "PRAGMA key = \"{}\";",
+                &*key
+            )))?;
+        }
         db.execute_batch(
             "PRAGMA journal_mode=WAL;
              CREATE TABLE IF NOT EXISTS joins (

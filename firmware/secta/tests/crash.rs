@@ -72,7 +72,14 @@ fn setup(data: &Path) -> (Server, String, String) {
 }
 
 fn check_all_present(data: &Path, acked: &[String], room: &str) {
+    // The database is encrypted: key the connection as the box does.
+    let vault = secta_vault::Vault::open(&Default::default(), data)
+        .unwrap()
+        .unwrap();
     let conn = rusqlite::Connection::open(data.join("homeserver.db")).unwrap();
+    let key = vault.sqlcipher_key("homeserver.db").unwrap();
+    conn.execute_batch(&format!("PRAGMA key = \"{}\";", key.as_str()))
+        .unwrap();
     let ok: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
