@@ -281,8 +281,15 @@ test("newcomer accepts and registers in the browser; the admin pages", async (t)
 
 // Logs in to the web chat in a fresh browser profile and waits until the
 // Matrix client (and its crypto) has synced.
+// Every host a page asked for (the box only: no outside resources).
+const hostsSeen = new Set();
+
 async function openChat(browser, base, user, pass) {
   const page = await (await browser.newContext({ viewport: { width: 390, height: 844 } })).newPage();
+  page.on("request", (r) => {
+    const u = new URL(r.url());
+    if (u.protocol.startsWith("http")) hostsSeen.add(u.hostname);
+  });
   await page.goto(base, { waitUntil: "load" });
   await page.click("#open-chat");
   await page.fill("input[name=chat-user]", user);
@@ -399,6 +406,28 @@ test("two members chat in the browser, in an open and an encrypted room, with im
   assert.doesNotMatch(await fresh.textContent("#timeline"), /Привет всем!/);
   await fresh.click("#earlier");
   await timelineHas(fresh, "Привет всем!");
+  assert.deepEqual([...hostsSeen].sort(), ["127.0.0.1", "secta.box"], "the web chat asked only the box");
+});
+
+test("bad requests to the portal get clear errors and change nothing", async (t) => {
+  const started_box = await startBox(t);
+  if (!started_box) return;
+  const { portalPort } = started_box;
+  const base = `http://127.0.0.1:${portalPort}`;
+  const big = await fetch(`${base}/accept`, { method: "POST", headers: { "x-junk": "x".repeat(20000) } });
+  assert.equal(big.status, 431);
+  assert.match(await big.text(), /Request headers too large/);
+  const body = await fetch(`${base}/api/register`, { method: "POST", headers: { "content-type": "application/json" }, body: "x".repeat(100000) });
+  assert.equal(body.status, 413);
+  const notJson = await fetch(`${base}/api/register`, { method: "POST", headers: { "content-type": "application/json" }, body: "{nope" });
+  assert.equal(notJson.status, 400);
+  assert.equal((await notJson.json()).errcode, "M_BAD_JSON");
+  // None of it accepted this client.
+  assert.equal((await (await fetch(`${base}/box.json`)).json()).accepted, false);
+  // A form naming another device's MAC is not how the box knows clients: ignored.
+  const forged = await fetch(`${base}/accept`, { method: "POST", headers: { "content-type": "application/x-www-form-urlencoded" }, body: "mac=02:00:00:00:00:0b" });
+  assert.equal(forged.status, 200);
+  assert.equal((await (await fetch(`${base}/box.json`)).json()).accepted, true, "this connection's own address was accepted");
 });
 
 // The radio page: a show from a SOURCE client is listed with its title and
