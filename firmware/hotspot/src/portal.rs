@@ -713,6 +713,11 @@ async fn handle(
         }
         return redirect(&p.portal_url());
     }
+    if accepted && matches!(path.as_str(), "/generate_204" | "/gen_204") {
+        // Android builds of some vendors probe their own hosts (MIUI, EMUI,
+        // ColorOS…) with Google's path; offline their names lead here too.
+        return StatusCode::NO_CONTENT.into_response();
+    }
     if accepted {
         // Offline, every name points at the box: say so instead of a broken page.
         return html(format!(

@@ -271,3 +271,43 @@ async fn clients_mac_comes_from_the_lease_table_not_the_form() {
     assert_eq!(all.iter().filter(|c| c.accepted).count(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Vendors' Android builds probe their own hosts with Google's path: after
+/// acceptance they get 204 too (offline every name resolves to the box).
+#[tokio::test]
+async fn vendor_android_probes_get_204_after_acceptance() {
+    let (p, _fw) = portal(None);
+    let before = get(
+        &p,
+        "10.42.0.9",
+        "GET",
+        "connect.rom.miui.com",
+        "/generate_204",
+    )
+    .await;
+    assert_eq!(before.status, 302);
+    assert_eq!(
+        get(&p, "10.42.0.9", "POST", "secta.box", "/accept")
+            .await
+            .status,
+        200
+    );
+    for host in [
+        "connect.rom.miui.com",
+        "connectivitycheck.platform.hicloud.com",
+        "wifi.vivo.com.cn",
+    ] {
+        assert_eq!(
+            get(&p, "10.42.0.9", "GET", host, "/generate_204")
+                .await
+                .status,
+            204,
+            "{host}"
+        );
+    }
+    // Other pages on other hosts still say the box is offline.
+    assert_eq!(
+        get(&p, "10.42.0.9", "GET", "example.org", "/").await.status,
+        200
+    );
+}
