@@ -311,9 +311,8 @@ test("two members chat in the browser, in an open and an encrypted room, with im
   const started_box = await startBox(t);
   if (!started_box) return;
   const { data, hsPort, portalPort, browser } = started_box;
-  for (const [name, pass] of [["anya", "anya-pass-1"], ["boris", "boris-pass-1"]]) {
-    execFileSync(secta, ["admin", "--data", data, "user", "create", name, "--password", pass]);
-  }
+  execFileSync(secta, ["admin", "--data", data, "user", "create", "anya", "--password", "anya-pass-1"]);
+  const invite = execFileSync(secta, ["admin", "--data", data, "invite", "create"]).toString().trim().split("\n")[0];
   // The box's own name over plain http, as on its Wi-Fi.
   const base = `http://secta.box:${portalPort}/`;
   const anya = await openChat(browser, base, "anya", "anya-pass-1");
@@ -337,7 +336,17 @@ test("two members chat in the browser, in an open and an encrypted room, with im
   await anya.click("#composer button[type=submit]");
   await timelineHas(anya, "Привет всем!");
 
-  const boris = await openChat(browser, base, "boris", "boris-pass-1");
+  // Boris is new: he signs up on the portal with an invite code, then opens the chat.
+  const newcomer = await (await browser.newContext({ viewport: { width: 390, height: 844 } })).newPage();
+  await newcomer.goto(base, { waitUntil: "load" });
+  await newcomer.click("#accept");
+  await newcomer.waitForSelector("#connected");
+  await register(newcomer, { user: "boris", pass: "tiho-v-lesu-7", invite });
+  await statusHas(newcomer, "#status", "@boris:").catch(async (e) => {
+    throw new Error(`${e.message}: ${await newcomer.textContent("#status")}`);
+  });
+  await newcomer.close();
+  const boris = await openChat(browser, base, "boris", "tiho-v-lesu-7");
   await boris.click(`#public-rooms li[data-room="${roomId}"] button.join-public`);
   await boris.waitForFunction(() => document.querySelector("#room-name")?.textContent === "Общая");
   await timelineHas(boris, "Привет всем!");
@@ -400,7 +409,7 @@ test("two members chat in the browser, in an open and an encrypted room, with im
     });
     assert.equal(r.status, 200);
   }
-  const fresh = await openChat(browser, base, "boris", "boris-pass-1");
+  const fresh = await openChat(browser, base, "boris", "tiho-v-lesu-7");
   await fresh.click(`#rooms li[data-room="${roomId}"] a`);
   await timelineHas(fresh, "сообщение 40");
   assert.doesNotMatch(await fresh.textContent("#timeline"), /Привет всем!/);
