@@ -158,5 +158,20 @@ test("a phone joins the Wi-Fi: lease to portal page, measured in Chromium inside
   assert.match(probe.stderr, /204/, probe.stderr);
   const me = (await clients()).find((c) => c.ip === ip);
   assert.ok(me.accepted && me.mac === phoneMac, JSON.stringify(me));
-  assert.ok(bench.total_ms < 60000);
+
+  // An admin on the phone: hiding the Wi-Fi they are connected through is
+  // refused; renaming it works and says to reconnect.
+  const put = (body) =>
+    page.evaluate(async ([tok, b]) => {
+      const r = await fetch("/api/admin/hotspot", { method: "PUT", headers: { authorization: `Bearer ${tok}`, "content-type": "application/json" }, body: JSON.stringify(b) });
+      return { status: r.status, json: await r.json() };
+    }, [login, body]);
+  const hide = await put({ hidden: true });
+  assert.equal(hide.status, 400);
+  assert.match(hide.json.problems.join(" "), /connected through this Wi-Fi/);
+  const rename = await put({ ssid: "Коробка-2" });
+  assert.equal(rename.status, 200, JSON.stringify(rename.json));
+  assert.equal(rename.json.reconnect, true);
+  const hostapd = readFileSync(join(data, "hotspot", "hostapd.conf"), "utf8");
+  assert.ok(hostapd.includes(`ssid2=${Buffer.from("Коробка-2").toString("hex")}`) && hostapd.includes("ignore_broadcast_ssid=0"), hostapd);
 });

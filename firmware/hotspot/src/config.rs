@@ -112,6 +112,27 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl HotspotConfig {
+    /// The `[hotspot]` section with every default, for `secta default-config`.
+    pub fn default_text() -> String {
+        let d = Self::default();
+        let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        format!(
+            "\n[hotspot]\n# The Wi-Fi hotspot and captive portal (off except on a box).\n\
+             enabled = {}\ninterface = {:?}\nssid = {:?}\n\
+             # passphrase = \"8 to 63 characters\"  (none: an open network)\n\
+             wpa3 = {}\ncountry = {:?}\nchannel = {}\nhidden = {}\n\
+             address = \"{}\"\nprefix = {}\ndhcp_start = \"{}\"\ndhcp_end = \"{}\"\nlease_time = {:?}\n\
+             hostname = {:?}\n# RFC 8910 option 114: only with an HTTPS certificate phones trust\n\
+             dhcp_option_114 = {}\nsession_minutes = {}\n# uplink = \"eth0\"  (none: an offline box)\n\
+             web_ports = [{}]\nportal_port = {}\nrun_hostapd = {}\nrun_dnsmasq = {}\n\
+             # The welcome page's texts (empty: the built-in ones); the admin pages edit them.\n\
+             about = \"\"\nrules = \"\"\n",
+            d.enabled, d.interface, d.ssid, d.wpa3, d.country, d.channel, d.hidden, d.address,
+            d.prefix, d.dhcp_start, d.dhcp_end, d.lease_time, d.hostname, d.dhcp_option_114,
+            d.session_minutes, ports(&d.web_ports), d.portal_port, d.run_hostapd, d.run_dnsmasq,
+        )
+    }
+
     /// Every problem with the settings, in words an admin can act on. Nothing is
     /// applied unless this is empty (the old configuration stays in force).
     pub fn problems(&self) -> Vec<String> {
@@ -198,6 +219,13 @@ impl HotspotConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_text_parses_back_to_the_defaults() {
+        let table: toml::Table = toml::from_str(&HotspotConfig::default_text()).unwrap();
+        let back: HotspotConfig = table["hotspot"].clone().try_into().unwrap();
+        assert_eq!(back, HotspotConfig::default());
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_settings_are_named() {

@@ -432,6 +432,7 @@ fn default_config_text() -> String {
         hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
         hs.max_sync_timeout_ms,
     );
+    text.push_str(&secta_hotspot::HotspotConfig::default_text());
     text.push_str(&radio_config_text());
     text.push_str(&secta_wireguard::WireguardConfig::default_text());
     text.push_str(&panel_config_text());
