@@ -40,6 +40,8 @@ export async function chatView(root: HTMLElement, t: Texts, s: Session, password
   }
   let current: string | null = null;
   let pending: string | null = null;
+  // The room and last event the timeline last scrolled to.
+  let lastShown = "";
   let stopped = false;
 
   const roomList = el("ul", { id: "rooms" });
@@ -206,9 +208,13 @@ export async function chatView(root: HTMLElement, t: Texts, s: Session, password
     lock.textContent = room.hasEncryptionStateEvent() ? t.roomEncrypted : t.roomOpen;
     const events = room.getLiveTimeline().getEvents();
     earlier.hidden = room.getLiveTimeline().getPaginationToken("b" as any) === null;
-    const atBottom = timeline.scrollHeight - timeline.scrollTop - timeline.clientHeight < 40;
     timeline.replaceChildren(...events.map((e) => line(room, e)).filter((x): x is HTMLElement => x !== null));
-    if (atBottom) timeline.lastElementChild?.scrollIntoView({ block: "end" });
+    // Follow new messages at the end (not when earlier ones are added above).
+    const last = `${room.roomId}/${events[events.length - 1]?.getId() ?? ""}`;
+    if (last !== lastShown) {
+      lastShown = last;
+      timeline.lastElementChild?.scrollIntoView({ block: "end" });
+    }
   };
   let scheduled = false;
   const render = () => {
