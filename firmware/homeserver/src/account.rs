@@ -201,7 +201,7 @@ impl Hs {
 
     fn registration_flows(&self) -> Value {
         let mut flows = vec![json!({"stages": ["m.login.registration_token"]})];
-        if self.config.open_registration {
+        if self.open_registration() {
             flows.push(json!({"stages": ["m.login.dummy"]}));
         }
         json!(flows)
@@ -370,6 +370,19 @@ pub struct RegisterBody {
     inhibit_login: bool,
 }
 
+/// Uses one registration of a token, inside the write transaction (checked
+/// again there, so a token's uses are never exceeded).
+pub(crate) fn consume_token(tx: &Connection, token: &str) -> MxResult<()> {
+    if !token_usable(tx, token)? {
+        return Err(MxError::forbidden("Invalid registration token"));
+    }
+    tx.execute(
+        "UPDATE registration_tokens SET completed=completed+1 WHERE token=?1",
+        [token],
+    )?;
+    Ok(())
+}
+
 /// Checks a registration token for use now.
 fn token_usable(conn: &Connection, token: &str) -> rusqlite::Result<bool> {
     let row: Option<(Option<i64>, i64, Option<i64>, bool)> = conn
@@ -466,7 +479,7 @@ pub async fn register(
             }
             used_token = Some(token);
         }
-        Some("m.login.dummy") if hs.config.open_registration => {}
+        Some("m.login.dummy") if hs.open_registration() => {}
         _ => {
             return Err(hs.uia_challenge(
                 &session,
@@ -487,14 +500,7 @@ pub async fn register(
     let hash = hash_password_async(password).await?;
     let (device, token) = hs.db.write(|w| -> MxResult<_> {
         if let Some(t) = &used_token {
-            // Checked again inside the write lock so a token's uses are never exceeded.
-            if !token_usable(w, t)? {
-                return Err(MxError::forbidden("Invalid registration token"));
-            }
-            w.tx.execute(
-                "UPDATE registration_tokens SET completed=completed+1 WHERE token=?1",
-                [t],
-            )?;
+            consume_token(w.tx, t)?;
         }
         insert_user(w, &user_id, Some(&hash), false, None)?;
         if body.inhibit_login {

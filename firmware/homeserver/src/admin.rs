@@ -44,13 +44,8 @@ pub struct UserInfo {
 }
 
 impl Hs {
-    /// Creates a user with a password. Returns the full user id.
-    pub fn admin_create_user(
-        &self,
-        localpart: &str,
-        password: &str,
-        admin: bool,
-    ) -> MxResult<String> {
+    /// A local user id from a username (lower-cased, checked).
+    fn local_user(&self, localpart: &str) -> MxResult<(String, ruma::OwnedUserId)> {
         let l = localpart.to_lowercase();
         if !valid_localpart(&l) {
             return Err(MxError::invalid_username(
@@ -59,6 +54,17 @@ impl Hs {
         }
         let user_id = UserId::parse_with_server_name(l.as_str(), &self.server_name)
             .map_err(|_| MxError::invalid_username("Invalid username"))?;
+        Ok((l, user_id))
+    }
+
+    /// Creates a user with a password. Returns the full user id.
+    pub fn admin_create_user(
+        &self,
+        localpart: &str,
+        password: &str,
+        admin: bool,
+    ) -> MxResult<String> {
+        let (_, user_id) = self.local_user(localpart)?;
         let hash = hash_password(password)?;
         self.db
             .write(|w| insert_user(w, &user_id, Some(&hash), admin, None))?;
@@ -148,6 +154,71 @@ impl Hs {
             w.tx.execute("DELETE FROM access_tokens WHERE user_id=?1", [&user_id])?;
             Ok(n)
         })? > 0)
+    }
+
+    /// Whether people may register without an invite.
+    pub fn open_registration(&self) -> bool {
+        self.open_registration
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Opens or closes registration without an invite (until restart; the
+    /// caller persists it in the settings).
+    pub fn set_open_registration(&self, open: bool) {
+        self.open_registration
+            .store(open, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The user behind an access token and whether they are an admin (`None`:
+    /// unknown token or deactivated user).
+    pub fn whoami(&self, token: &str) -> MxResult<Option<(String, bool)>> {
+        Ok(self
+            .lookup_token(token)?
+            .map(|a| (a.user_id.to_string(), a.is_admin)))
+    }
+
+    /// Registers a member as the box's own sign-up page does: with an invite
+    /// token (consumed in the same transaction, never beyond its uses), or
+    /// without one when registration is open. Returns the full user id.
+    pub fn register_member(
+        &self,
+        localpart: &str,
+        password: &str,
+        invite: Option<&str>,
+    ) -> MxResult<String> {
+        let (l, user_id) = self.local_user(localpart)?;
+        if invite.is_none() && !self.open_registration() {
+            return Err(MxError::forbidden("An invite code is needed to register"));
+        }
+        let taken = self.db.read(|c| {
+            c.query_row("SELECT 1 FROM users WHERE localpart=?1", [&l], |_| Ok(()))
+                .optional()
+        })?;
+        if taken.is_some() {
+            return Err(MxError::user_in_use("User ID already taken"));
+        }
+        let hash = hash_password(password)?;
+        self.db.write(|w| -> MxResult<()> {
+            if let Some(t) = invite {
+                crate::account::consume_token(w.tx, t)?;
+            }
+            insert_user(w, &user_id, Some(&hash), false, None)?;
+            Ok(())
+        })?;
+        tracing::info!(user = %user_id, "registered new user through the box's page");
+        Ok(user_id.to_string())
+    }
+
+    /// When the earliest of the user's current devices logged in (Unix ms;
+    /// `None`: no device, e.g. never logged in).
+    pub fn earliest_device_login(&self, user_id: &str) -> MxResult<Option<i64>> {
+        Ok(self.db.read(|c| {
+            c.query_row(
+                "SELECT MIN(last_seen_ts) FROM devices WHERE user_id=?1",
+                [user_id],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+        })?)
     }
 
     /// Whether any admin exists yet.

@@ -83,6 +83,8 @@ pub struct Hs {
     shared_secret: String,
     pub(crate) uia: Mutex<HashMap<String, account::UiaSession>>,
     pub(crate) admin_nonces: Mutex<HashMap<String, Instant>>,
+    /// Registration without an invite (from the config; admins change it while running).
+    pub(crate) open_registration: std::sync::atomic::AtomicBool,
 }
 
 impl Hs {
@@ -131,6 +133,7 @@ impl Hs {
                 .with_context(|| format!("invalid federation.well_known_server {w:?}"))?;
         }
         let fed = federation::Fed::new(&config.federation)?;
+        let open_registration = std::sync::atomic::AtomicBool::new(config.open_registration);
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -156,6 +159,7 @@ impl Hs {
             shared_secret,
             uia: Mutex::new(HashMap::new()),
             admin_nonces: Mutex::new(HashMap::new()),
+            open_registration,
         }))
     }
 

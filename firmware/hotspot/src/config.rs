@@ -12,7 +12,8 @@ pub struct HotspotConfig {
     /// Wireless interface.
     pub interface: String,
     pub ssid: String,
-    /// WPA passphrase; `None` for an open network (the portal still greets people).
+    /// WPA passphrase; none (or `""`) for an open network (the portal still greets people).
+    #[serde(deserialize_with = "empty_is_none")]
     pub passphrase: Option<String>,
     /// WPA3-SAE alongside WPA2 (transition mode) when a passphrase is set.
     pub wpa3: bool,
@@ -49,7 +50,14 @@ pub struct HotspotConfig {
     pub run_hostapd: bool,
     /// Run and supervise dnsmasq.
     pub run_dnsmasq: bool,
+    /// "Who we are" on the welcome page (plain text; empty: the built-in text).
+    pub about: String,
+    /// The rules people accept on the welcome page (plain text; empty: the built-in rules).
+    pub rules: String,
 }
+
+/// Longest "about" or "rules" text (characters).
+pub const MAX_TEXT_CHARS: usize = 4000;
 
 impl Default for HotspotConfig {
     fn default() -> Self {
@@ -76,8 +84,15 @@ impl Default for HotspotConfig {
             portal_port: 80,
             run_hostapd: true,
             run_dnsmasq: true,
+            about: String::new(),
+            rules: String::new(),
         }
     }
+}
+
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()))
 }
 
 fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
@@ -97,6 +112,27 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl HotspotConfig {
+    /// The `[hotspot]` section with every default, for `secta default-config`.
+    pub fn default_text() -> String {
+        let d = Self::default();
+        let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        format!(
+            "\n[hotspot]\n# The Wi-Fi hotspot and captive portal (off except on a box).\n\
+             enabled = {}\ninterface = {:?}\nssid = {:?}\n\
+             # passphrase = \"8 to 63 characters\"  (none: an open network)\n\
+             wpa3 = {}\ncountry = {:?}\nchannel = {}\nhidden = {}\n\
+             address = \"{}\"\nprefix = {}\ndhcp_start = \"{}\"\ndhcp_end = \"{}\"\nlease_time = {:?}\n\
+             hostname = {:?}\n# RFC 8910 option 114: only with an HTTPS certificate phones trust\n\
+             dhcp_option_114 = {}\nsession_minutes = {}\n# uplink = \"eth0\"  (none: an offline box)\n\
+             web_ports = [{}]\nportal_port = {}\nrun_hostapd = {}\nrun_dnsmasq = {}\n\
+             # The welcome page's texts (empty: the built-in ones); the admin pages edit them.\n\
+             about = \"\"\nrules = \"\"\n",
+            d.enabled, d.interface, d.ssid, d.wpa3, d.country, d.channel, d.hidden, d.address,
+            d.prefix, d.dhcp_start, d.dhcp_end, d.lease_time, d.hostname, d.dhcp_option_114,
+            d.session_minutes, ports(&d.web_ports), d.portal_port, d.run_hostapd, d.run_dnsmasq,
+        )
+    }
+
     /// Every problem with the settings, in words an admin can act on. Nothing is
     /// applied unless this is empty (the old configuration stays in force).
     pub fn problems(&self) -> Vec<String> {
@@ -153,6 +189,25 @@ impl HotspotConfig {
         }) {
             p.push("hostname must be a DNS name such as secta.box".to_owned());
         }
+        for (name, text) in [("about", &self.about), ("rules", &self.rules)] {
+            if text.chars().count() > MAX_TEXT_CHARS {
+                p.push(format!(
+                    "{name} text must be at most {MAX_TEXT_CHARS} characters"
+                ));
+            }
+            if text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t')
+            {
+                p.push(format!("{name} text must not contain control characters"));
+            }
+        }
+        if self.web_ports.is_empty() || !self.web_ports.contains(&self.portal_port) {
+            p.push(format!(
+                "web_ports must include the portal's port {} (or nobody reaches the portal)",
+                self.portal_port
+            ));
+        }
         let lt = self.lease_time.trim_end_matches(['m', 'h', 'd']);
         if lt.is_empty() || !lt.bytes().all(|b| b.is_ascii_digit()) {
             p.push("lease_time must look like 30m, 12h or 1d".to_owned());
@@ -164,6 +219,13 @@ impl HotspotConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_text_parses_back_to_the_defaults() {
+        let table: toml::Table = toml::from_str(&HotspotConfig::default_text()).unwrap();
+        let back: HotspotConfig = table["hotspot"].clone().try_into().unwrap();
+        assert_eq!(back, HotspotConfig::default());
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_settings_are_named() {
@@ -179,5 +241,18 @@ mod tests {
         };
         let p = bad.problems();
         assert_eq!(p.len(), 7, "{p:?}");
+        let texts = HotspotConfig {
+            rules: "x".repeat(MAX_TEXT_CHARS + 1),
+            about: "bell \u{7}".into(),
+            web_ports: vec![8008],
+            ..Default::default()
+        };
+        let p = texts.problems();
+        assert_eq!(p.len(), 3, "{p:?}");
+        let fine = HotspotConfig {
+            rules: "Правила:\n1. Уважать друг друга.\n".into(),
+            ..Default::default()
+        };
+        assert!(fine.problems().is_empty());
     }
 }

@@ -6,9 +6,12 @@
 //! tests and demo mode, and nftables on a real box.
 
 pub mod config;
+pub mod control;
 pub mod gen;
+pub mod leases;
 pub mod portal;
 pub mod supervise;
 
 pub use config::HotspotConfig;
-pub use portal::{Firewall, NftFirewall, Portal, SimFirewall, WebUi};
+pub use control::Hotspot;
+pub use portal::{ClientInfo, Firewall, NftFirewall, Portal, SimFirewall, WebUi};

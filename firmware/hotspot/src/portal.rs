@@ -22,6 +22,8 @@ use axum::{
 };
 use serde_json::json;
 
+use std::path::PathBuf;
+
 use crate::config::HotspotConfig;
 
 /// Hosts of the operating systems' captive-portal probes.
@@ -113,13 +115,36 @@ impl Firewall for SimFirewall {
 
 /// The portal service.
 pub struct Portal {
-    config: HotspotConfig,
+    config: std::sync::RwLock<HotspotConfig>,
     box_name: String,
     firewall: Arc<dyn Firewall>,
-    session: Option<Duration>,
-    sessions: Mutex<HashMap<IpAddr, Option<Instant>>>,
+    session: Mutex<Option<Duration>>,
+    sessions: Mutex<HashMap<IpAddr, Session>>,
     url: String,
     web_ui: std::sync::OnceLock<WebUi>,
+    lease_file: std::sync::OnceLock<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    until: Option<Instant>,
+    accepted_ms: u64,
+}
+
+/// A hotspot client as the admin pages show it: from the lease table and the
+/// portal's sessions (MAC and name only ever from the lease table).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientInfo {
+    pub ip: IpAddr,
+    pub mac: Option<String>,
+    pub hostname: Option<String>,
+    /// Unix seconds when its DHCP lease ends (0: never), if it has one.
+    pub lease_expires: Option<u64>,
+    pub accepted: bool,
+    /// When it accepted the rules (Unix ms), while its session lasts.
+    pub accepted_ms: Option<u64>,
+    /// Seconds left of its session (`None` with `accepted`: no limit).
+    pub seconds_remaining: Option<u64>,
 }
 
 /// The built web app (`web-ui/dist`) and what it needs to know about the box.
@@ -134,10 +159,19 @@ pub struct WebUi {
     pub panel: Option<String>,
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn session_length(c: &HotspotConfig) -> Option<Duration> {
+    (c.session_minutes > 0).then(|| Duration::from_secs(c.session_minutes * 60))
+}
+
 impl Portal {
     pub fn new(config: HotspotConfig, box_name: String, firewall: Arc<dyn Firewall>) -> Arc<Self> {
-        let session =
-            (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
+        let session = session_length(&config);
         Self::with_session(config, box_name, firewall, session)
     }
 
@@ -149,15 +183,7 @@ impl Portal {
         session: Option<Duration>,
     ) -> Arc<Self> {
         let url = format!("http://{}/", config.hostname);
-        Arc::new(Self {
-            config,
-            box_name,
-            firewall,
-            session,
-            sessions: Mutex::new(HashMap::new()),
-            url,
-            web_ui: std::sync::OnceLock::new(),
-        })
+        Self::build(config, box_name, firewall, session, url)
     }
 
     /// A portal reached at `url` instead of `http://{hostname}/` (the demo on localhost).
@@ -167,16 +193,26 @@ impl Portal {
         firewall: Arc<dyn Firewall>,
         url: String,
     ) -> Arc<Self> {
-        let session =
-            (config.session_minutes > 0).then(|| Duration::from_secs(config.session_minutes * 60));
+        let session = session_length(&config);
+        Self::build(config, box_name, firewall, session, url)
+    }
+
+    fn build(
+        config: HotspotConfig,
+        box_name: String,
+        firewall: Arc<dyn Firewall>,
+        session: Option<Duration>,
+        url: String,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            config,
+            config: std::sync::RwLock::new(config),
             box_name,
             firewall,
-            session,
+            session: Mutex::new(session),
             sessions: Mutex::new(HashMap::new()),
             url,
             web_ui: std::sync::OnceLock::new(),
+            lease_file: std::sync::OnceLock::new(),
         })
     }
 
@@ -184,22 +220,44 @@ impl Portal {
         self.url.clone()
     }
 
+    /// The settings in force.
+    pub fn config(&self) -> HotspotConfig {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// New settings (already validated and applied to hostapd/dnsmasq/nftables
+    /// by the caller): texts, names and the length of new sessions.
+    pub fn set_config(&self, config: HotspotConfig) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session_length(&config);
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
     /// Serves the web app from `web.dir` on the box's own name (set once).
     pub fn set_web_ui(&self, web: WebUi) {
         let _ = self.web_ui.set(web);
     }
 
+    /// Where dnsmasq keeps its leases (clients' MAC addresses; set once).
+    pub fn set_lease_file(&self, path: PathBuf) {
+        let _ = self.lease_file.set(path);
+    }
+
+    fn leases(&self) -> Vec<crate::leases::Lease> {
+        self.lease_file
+            .get()
+            .map(|f| crate::leases::read(f))
+            .unwrap_or_default()
+    }
+
     /// Seconds left of the client's session (`Some(None)`: no limit), `None` if not accepted.
     fn remaining(&self, ip: IpAddr) -> Option<Option<u64>> {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        match sessions.get(&ip) {
-            None => None,
-            Some(None) => Some(None),
-            Some(Some(until)) => {
-                let now = Instant::now();
-                (*until > now).then(|| Some(until.duration_since(now).as_secs()))
-            }
-        }
+        sessions
+            .get(&ip)
+            .and_then(|s| remaining_of(s, Instant::now()))
     }
 
     /// Clients with a session now (for the status strip).
@@ -219,13 +277,92 @@ impl Portal {
         if let IpAddr::V4(v4) = ip {
             self.firewall.allow(v4)?;
         }
-        let until = self.session.map(|d| Instant::now() + d);
+        let until = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|d| Instant::now() + d);
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(ip, until);
+            .insert(
+                ip,
+                Session {
+                    until,
+                    accepted_ms: unix_ms(),
+                },
+            );
         tracing::info!("hotspot client accepted");
         Ok(())
+    }
+
+    /// The IPv4 addresses of accepted clients (for rebuilding the firewall).
+    pub fn accepted_ips(&self) -> Vec<Ipv4Addr> {
+        let now = Instant::now();
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, s)| remaining_of(s, now).is_some())
+            .filter_map(|(ip, _)| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// What the box knows about the client at `ip` (its MAC from the lease table).
+    pub fn client(&self, ip: IpAddr) -> ClientInfo {
+        let leases = self.leases();
+        self.client_with(ip, &leases)
+    }
+
+    fn client_with(&self, ip: IpAddr, leases: &[crate::leases::Lease]) -> ClientInfo {
+        let lease = match ip {
+            IpAddr::V4(v4) => crate::leases::lookup(leases, v4, unix_ms() / 1000),
+            IpAddr::V6(_) => None,
+        };
+        let session = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .copied();
+        let remaining = session.and_then(|s| remaining_of(&s, Instant::now()));
+        ClientInfo {
+            ip,
+            mac: lease.map(|l| l.mac.clone()),
+            hostname: lease.and_then(|l| l.hostname.clone()),
+            lease_expires: lease.map(|l| l.expires),
+            accepted: remaining.is_some(),
+            accepted_ms: session
+                .filter(|_| remaining.is_some())
+                .map(|s| s.accepted_ms),
+            seconds_remaining: remaining.flatten(),
+        }
+    }
+
+    /// Every client with a current lease or a portal session.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let leases = self.leases();
+        let now = unix_ms() / 1000;
+        let mut ips: Vec<IpAddr> = leases
+            .iter()
+            .filter(|l| l.expires == 0 || l.expires > now)
+            .map(|l| IpAddr::V4(l.ip))
+            .collect();
+        ips.extend(
+            self.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied(),
+        );
+        ips.sort();
+        ips.dedup();
+        ips.into_iter()
+            .map(|ip| self.client_with(ip, &leases))
+            .collect()
     }
 
     /// Ends sessions that ran out; returns how many.
@@ -235,8 +372,8 @@ impl Portal {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|ip, until| {
-                let keep = until.is_none_or(|u| u > now);
+            .retain(|ip, s| {
+                let keep = s.until.is_none_or(|u| u > now);
                 if !keep {
                     gone.push(*ip);
                 }
@@ -263,10 +400,16 @@ impl Portal {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
-            .fallback(handle)
+        self.router_with(Router::new())
+    }
+
+    /// The portal with `extra` routes of the box (its admin API) in front of it:
+    /// both get the portal's limits on headers and bodies.
+    pub fn router_with(self: &Arc<Self>, extra: Router) -> Router {
+        extra
+            .merge(Router::new().fallback(handle).with_state(self.clone()))
             .layer(DefaultBodyLimit::max(MAX_BODY as usize))
-            .with_state(self.clone())
+            .layer(axum::middleware::from_fn(limits))
     }
 
     /// Serves the portal on `addr` until shutdown.
@@ -275,12 +418,22 @@ impl Portal {
         addr: SocketAddr,
         shutdown: secta_runtime::Shutdown,
     ) -> anyhow::Result<()> {
+        self.serve_with(addr, Router::new(), shutdown).await
+    }
+
+    /// Like [`Portal::serve`], with `extra` routes (see [`Portal::router_with`]).
+    pub async fn serve_with(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        extra: Router,
+        shutdown: secta_runtime::Shutdown,
+    ) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "captive portal listening");
         tokio::spawn(self.clone().run_expiry(shutdown.clone()));
         axum::serve(
             listener,
-            self.router()
+            self.router_with(extra)
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown.wait())
@@ -289,8 +442,51 @@ impl Portal {
     }
 }
 
+fn remaining_of(s: &Session, now: Instant) -> Option<Option<u64>> {
+    match s.until {
+        None => Some(None),
+        Some(until) => (until > now).then(|| Some(until.duration_since(now).as_secs())),
+    }
+}
+
+/// Largest request head the portal reads (headers of real browsers are ~1-2 KiB).
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// Refuses oversized heads and declared bodies with a clear answer before any
+/// handler runs.
+async fn limits(req: Request, next: axum::middleware::Next) -> Response {
+    let head: usize = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > MAX_HEADER_BYTES {
+        return (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Слишком большие заголовки запроса / Request headers too large",
+        )
+            .into_response();
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Слишком большой запрос / Request too large",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
 /// A file of the built web app; `/` is `index.html`. Paths never leave `dir`.
-async fn static_file(dir: &std::path::Path, path: &str) -> Response {
+/// A precompressed copy (`FILE.br`, `FILE.gz`, written by the web app's build)
+/// is sent instead when the browser accepts that encoding.
+async fn static_file(dir: &std::path::Path, path: &str, accept_encoding: &str) -> Response {
     let rel = path.trim_start_matches('/');
     let rel = if rel.is_empty() { "index.html" } else { rel };
     let ok = rel
@@ -300,9 +496,6 @@ async fn static_file(dir: &std::path::Path, path: &str) -> Response {
         return StatusCode::NOT_FOUND.into_response();
     }
     let file = dir.join(rel);
-    let Ok(bytes) = tokio::fs::read(&file).await else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
     let ct = match file.extension().and_then(|e| e.to_str()) {
         Some("html") => "text/html; charset=utf-8",
         Some("js") => "text/javascript; charset=utf-8",
@@ -310,19 +503,55 @@ async fn static_file(dir: &std::path::Path, path: &str) -> Response {
         Some("json") => "application/json",
         Some("svg") => "image/svg+xml",
         Some("png") => "image/png",
+        Some("wasm") => "application/wasm",
         Some("woff2") => "font/woff2",
         _ => "application/octet-stream",
     };
+    let accepts = |coding: &str| {
+        accept_encoding.split(',').any(|part| {
+            let mut it = part.split(';');
+            let name = it.next().unwrap_or("").trim();
+            let q_zero = it.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    == Some(0.0)
+            });
+            name.eq_ignore_ascii_case(coding) && !q_zero
+        })
+    };
+    let mut body = None;
+    for (coding, ext) in [("br", "br"), ("gzip", "gz")] {
+        if accepts(coding) {
+            let mut name = file.clone().into_os_string();
+            name.push(".");
+            name.push(ext);
+            if let Ok(bytes) = tokio::fs::read(&name).await {
+                body = Some((bytes, Some(coding)));
+                break;
+            }
+        }
+    }
+    let (bytes, coding) = match body {
+        Some(b) => b,
+        None => match tokio::fs::read(&file).await {
+            Ok(bytes) => (bytes, None),
+            Err(_) => return StatusCode::NOT_FOUND.into_response(),
+        },
+    };
     let mut r = Response::new(Body::from(bytes));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if let Some(c) = coding {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(c));
+    }
     let cache = if rel.starts_with("assets/") {
         "public, max-age=31536000, immutable"
     } else {
         "no-cache"
     };
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     r
 }
 
@@ -382,18 +611,7 @@ async fn handle(
     req: Request,
 ) -> Response {
     let ip = peer.ip();
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY) {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Слишком большой запрос / Request too large",
-        )
-            .into_response();
-    }
+    let config = p.config();
     let host = req
         .headers()
         .get(header::HOST)
@@ -412,8 +630,8 @@ async fn handle(
         .unwrap_or_default();
     let path = req.uri().path().to_owned();
     let accepted = p.is_accepted(ip);
-    let is_box = host == p.config.hostname
-        || host == p.config.address.to_string()
+    let is_box = host == config.hostname
+        || host == config.address.to_string()
         || host == "localhost"
         || host == "127.0.0.1";
     if is_box {
@@ -447,7 +665,12 @@ async fn handle(
                 }
             },
             (&Method::GET, "/box.json") => {
-                let mut body = json!({ "box_name": p.box_name, "accepted": accepted });
+                let mut body = json!({
+                    "box_name": p.box_name,
+                    "accepted": accepted,
+                    "about": config.about,
+                    "rules": config.rules,
+                });
                 if let Some(w) = p.web_ui.get() {
                     body["homeserver"] = json!(w.homeserver);
                     body["server_name"] = json!(w.server_name);
@@ -468,7 +691,14 @@ async fn handle(
                 r
             }
             (&Method::GET, path) => match p.web_ui.get() {
-                Some(w) => static_file(&w.dir, path).await,
+                Some(w) => {
+                    let ae = req
+                        .headers()
+                        .get(header::ACCEPT_ENCODING)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    static_file(&w.dir, path, ae).await
+                }
                 None if path == "/" => welcome(&p, accepted),
                 None => StatusCode::NOT_FOUND.into_response(),
             },
@@ -482,6 +712,11 @@ async fn handle(
             }
         }
         return redirect(&p.portal_url());
+    }
+    if accepted && matches!(path.as_str(), "/generate_204" | "/gen_204") {
+        // Android builds of some vendors probe their own hosts (MIUI, EMUI,
+        // ColorOS…) with Google's path; offline their names lead here too.
+        return StatusCode::NO_CONTENT.into_response();
     }
     if accepted {
         // Offline, every name points at the box: say so instead of a broken page.

@@ -202,3 +202,112 @@ async fn oversized_bodies_are_refused() {
     assert!(fw.allowed().is_empty(), "a refused request changes nothing");
     assert!(!p.is_accepted(addr.ip()));
 }
+
+#[tokio::test]
+async fn oversized_headers_are_refused_clearly() {
+    let (p, fw) = portal(None);
+    let addr: SocketAddr = "10.42.0.6:1234".parse().unwrap();
+    let mut req = Request::builder()
+        .method("POST")
+        .uri("/accept")
+        .header("host", "secta.box")
+        .header("cookie", "x".repeat(20_000))
+        .body(Body::empty())
+        .unwrap();
+    req.extensions_mut().insert(ConnectInfo(addr));
+    let resp = p.router().oneshot(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 431);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("Request headers too large"));
+    assert!(fw.allowed().is_empty());
+    // Ordinary requests still work.
+    assert_eq!(
+        get(&p, "10.42.0.6", "GET", "secta.box", "/api/captive")
+            .await
+            .status,
+        200
+    );
+}
+
+/// A client is known by its connection's address; its MAC comes from dnsmasq's
+/// lease table, never from what it sends (a form field naming another MAC is ignored).
+#[tokio::test]
+async fn clients_mac_comes_from_the_lease_table_not_the_form() {
+    let (p, _fw) = portal(None);
+    let dir = std::env::temp_dir().join(format!("secta-portal-leases-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let leases = dir.join("dnsmasq.leases");
+    std::fs::write(
+        &leases,
+        "4000000000 02:00:00:00:00:0a 10.42.0.10 phone-a *\n4000000000 02:00:00:00:00:0b 10.42.0.11 phone-b *\n",
+    )
+    .unwrap();
+    p.set_lease_file(leases);
+    // Client A posts a form claiming to be B's MAC (and B's address).
+    let addr: SocketAddr = "10.42.0.10:5555".parse().unwrap();
+    let mut req = Request::builder()
+        .method("POST")
+        .uri("/accept")
+        .header("host", "secta.box")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from("mac=02%3A00%3A00%3A00%3A00%3A0b&ip=10.42.0.11"))
+        .unwrap();
+    req.extensions_mut().insert(ConnectInfo(addr));
+    assert_eq!(
+        p.router().oneshot(req).await.unwrap().status().as_u16(),
+        200
+    );
+    let a = p.client("10.42.0.10".parse().unwrap());
+    let b = p.client("10.42.0.11".parse().unwrap());
+    assert!(
+        a.accepted && a.mac.as_deref() == Some("02:00:00:00:00:0a"),
+        "{a:?}"
+    );
+    assert!(!b.accepted, "B was not accepted by A's form: {b:?}");
+    let all = p.clients();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all.iter().filter(|c| c.accepted).count(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Vendors' Android builds probe their own hosts with Google's path: after
+/// acceptance they get 204 too (offline every name resolves to the box).
+#[tokio::test]
+async fn vendor_android_probes_get_204_after_acceptance() {
+    let (p, _fw) = portal(None);
+    let before = get(
+        &p,
+        "10.42.0.9",
+        "GET",
+        "connect.rom.miui.com",
+        "/generate_204",
+    )
+    .await;
+    assert_eq!(before.status, 302);
+    assert_eq!(
+        get(&p, "10.42.0.9", "POST", "secta.box", "/accept")
+            .await
+            .status,
+        200
+    );
+    for host in [
+        "connect.rom.miui.com",
+        "connectivitycheck.platform.hicloud.com",
+        "wifi.vivo.com.cn",
+    ] {
+        assert_eq!(
+            get(&p, "10.42.0.9", "GET", host, "/generate_204")
+                .await
+                .status,
+            204,
+            "{host}"
+        );
+    }
+    // Other pages on other hosts still say the box is offline.
+    assert_eq!(
+        get(&p, "10.42.0.9", "GET", "example.org", "/").await.status,
+        200
+    );
+}

@@ -52,6 +52,32 @@ impl ConfigFile {
         }
     }
 
+    /// Lays `other` over this file: keys of a section in `other` replace the
+    /// same keys here; sections and keys it does not name are kept. (The box's
+    /// admin pages write their changes to such a file in the data directory.)
+    pub fn overlay(&mut self, other: &ConfigFile) {
+        for (name, value) in &other.table {
+            match (self.table.get_mut(name), value) {
+                (Some(toml::Value::Table(mine)), toml::Value::Table(theirs)) => {
+                    for (k, v) in theirs {
+                        mine.insert(k.clone(), v.clone());
+                    }
+                }
+                _ => {
+                    self.table.insert(name.clone(), value.clone());
+                }
+            }
+        }
+    }
+
+    /// The raw table of section `name` (empty when missing).
+    pub fn table(&self, name: &str) -> toml::Table {
+        match self.table.get(name) {
+            Some(toml::Value::Table(t)) => t.clone(),
+            _ => toml::Table::new(),
+        }
+    }
+
     /// Where the file came from, if it came from a file.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -99,26 +125,60 @@ pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a secret file readable only by its owner, atomically.
-pub fn write_secret_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+/// A temporary file beside `path`, unique to this process and call, owner-only.
+fn secret_temp(path: &Path, contents: &[u8]) -> anyhow::Result<PathBuf> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map_or_else(|| "secret".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
     {
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut f = options
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
     }
-    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    let mut f = options
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let written = f.write_all(contents).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    Ok(tmp)
+}
+
+/// Writes a secret file readable only by its owner, atomically (concurrent
+/// writers each use their own temporary file; the last rename wins).
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = secret_temp(path, contents)?;
+    fs::rename(&tmp, path).with_context(|| {
+        let _ = fs::remove_file(&tmp);
+        format!("renaming into {}", path.display())
+    })?;
     Ok(())
+}
+
+/// Creates a secret file only if none exists yet, atomically: of concurrent
+/// callers exactly one creates it. Returns false (and writes nothing) when the
+/// file was already there, so the caller reads that one instead.
+pub fn create_secret_file(path: &Path, contents: &[u8]) -> anyhow::Result<bool> {
+    let tmp = secret_temp(path, contents)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 /// Sets up structured logging. Call once, early.
@@ -194,6 +254,70 @@ impl ShutdownTrigger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_files_are_created_once_under_concurrency() {
+        let dir = std::env::temp_dir().join(format!("secta-rt-secret-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("members.key");
+        let winners: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let p = path.clone();
+                    s.spawn(move || create_secret_file(&p, format!("key {i}").as_bytes()).unwrap())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(winners, 1, "exactly one creator");
+        let kept = fs::read_to_string(&path).unwrap();
+        assert!(kept.starts_with("key "));
+        // Concurrent replacements never fail and leave one whole file, no temporaries.
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let p = path.clone();
+                s.spawn(move || write_secret_file(&p, format!("new {i}").as_bytes()).unwrap());
+            }
+        });
+        assert!(fs::read_to_string(&path).unwrap().starts_with("new "));
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temporary files left behind"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o077, 0);
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn overlay_replaces_named_keys_only() {
+        let mut base = ConfigFile::parse(
+            "[hotspot]\nssid = \"Old\"\ninterface = \"wlan0\"\n[radio]\nenabled = true\n",
+        )
+        .unwrap();
+        let over = ConfigFile::parse(
+            "[hotspot]\nssid = \"New\"\n[homeserver]\nopen_registration = true\n",
+        )
+        .unwrap();
+        base.overlay(&over);
+        let h = base.table("hotspot");
+        assert_eq!(h["ssid"].as_str(), Some("New"));
+        assert_eq!(h["interface"].as_str(), Some("wlan0"));
+        assert_eq!(base.table("radio")["enabled"].as_bool(), Some(true));
+        assert_eq!(
+            base.table("homeserver")["open_registration"].as_bool(),
+            Some(true)
+        );
+        assert!(base.table("missing").is_empty());
+    }
 
     #[derive(Debug, Default, serde::Deserialize, PartialEq)]
     #[serde(default, deny_unknown_fields)]

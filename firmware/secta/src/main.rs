@@ -15,6 +15,11 @@ use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 mod panel;
 mod radio_bot;
 mod vpn;
+mod webadmin;
+
+/// Settings changed on the admin pages, in the data directory, laid over the
+/// config file at every start (the config file itself may be read-only).
+pub(crate) const SETTINGS_FILE: &str = "settings.toml";
 
 #[derive(Parser)]
 #[command(name = "secta", version, about = "Secta community box")]
@@ -212,6 +217,25 @@ struct BoxSetup {
 }
 
 fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
+    let boxcfg: BoxConfig = file.section("box")?;
+    let path = boxcfg.data_dir.join(SETTINGS_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let mut merged = file.clone();
+        match ConfigFile::parse(&text).map(|o| merged.overlay(&o)) {
+            Ok(()) => match load_setup_from(&merged) {
+                Ok(s) => return Ok(s),
+                Err(e) => eprintln!(
+                    "warning: ignoring {} (the admin pages' settings): {e:#}",
+                    path.display()
+                ),
+            },
+            Err(e) => eprintln!("warning: ignoring {}: {e:#}", path.display()),
+        }
+    }
+    load_setup_from(file)
+}
+
+fn load_setup_from(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
     let hotspot: secta_hotspot::HotspotConfig = file.section("hotspot")?;
     let problems = hotspot.problems();
     if !problems.is_empty() {
@@ -414,6 +438,7 @@ fn default_config_text() -> String {
         hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
         hs.max_sync_timeout_ms,
     );
+    text.push_str(&secta_hotspot::HotspotConfig::default_text());
     text.push_str(&radio_config_text());
     text.push_str(&secta_wireguard::WireguardConfig::default_text());
     text.push_str(&panel_config_text());
@@ -713,37 +738,8 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
             let firewall: Arc<dyn secta_hotspot::Firewall> = if simulated {
                 Arc::new(secta_hotspot::SimFirewall::default())
             } else {
-                secta_hotspot::NftFirewall::apply(&setup.hotspot, &[])
-                    .context("installing the hotspot firewall rules")?;
                 Arc::new(secta_hotspot::NftFirewall)
             };
-            if !simulated {
-                let dir = data.join("hotspot");
-                let (hostapd, dnsmasq) =
-                    secta_hotspot::supervise::write_configs(&setup.hotspot, &dir)?;
-                if setup.hotspot.run_dnsmasq {
-                    let args = vec![
-                        "--no-daemon".into(),
-                        "--pid-file=".into(),
-                        format!("--conf-file={}", dnsmasq.display()),
-                    ];
-                    tokio::spawn(secta_hotspot::supervise::supervise(
-                        "dnsmasq",
-                        "dnsmasq".into(),
-                        args,
-                        shutdown.clone(),
-                    ));
-                }
-                if setup.hotspot.run_hostapd {
-                    let args = vec![hostapd.display().to_string()];
-                    tokio::spawn(secta_hotspot::supervise::supervise(
-                        "hostapd",
-                        "hostapd".into(),
-                        args,
-                        shutdown.clone(),
-                    ));
-                }
-            }
             let portal = if simulated {
                 secta_hotspot::Portal::at_url(
                     setup.hotspot.clone(),
@@ -758,19 +754,44 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                     firewall,
                 )
             };
+            // The demo writes the files too (so what a box would run can be
+            // read in DATA/hotspot/), but runs nothing and touches no firewall.
+            let hotspot = secta_hotspot::Hotspot::start(
+                portal.clone(),
+                &data.join("hotspot"),
+                !simulated,
+                &shutdown,
+            )
+            .context("starting the hotspot (firewall rules, hostapd, dnsmasq)")?;
+            let radio_web = setup.radio.enabled.then(|| web_radio_url(&setup.radio));
             if let Some(dir) = setup.web_ui.clone() {
                 portal.set_web_ui(secta_hotspot::WebUi {
                     dir,
                     homeserver: setup.hs.base_url(),
                     server_name: setup.hs.server_name.clone(),
-                    radio: setup.radio.enabled.then(|| web_radio_url(&setup.radio)),
+                    radio: radio_web,
                     panel: setup.panel_listen.map(|a| format!("http://{a}")),
                 });
             }
             portal_handle = Some(portal.clone());
+            // The box's own API (sign-up, admin pages) needs the homeserver.
+            let web = match &hs {
+                Some(hs) => Some(webadmin::Web::new(
+                    hs.clone(),
+                    hotspot,
+                    &data,
+                    setup.boxcfg.name.clone(),
+                    setup.hs.base_url(),
+                    setup.radio.enabled.then(|| setup.radio.listen.clone()),
+                    setup.wireguard.clone(),
+                    vault.clone().flatten().as_deref(),
+                )?),
+                None => None,
+            };
             let sd = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = portal.serve(addr, sd).await {
+                let extra = web.map(|w| w.router()).unwrap_or_default();
+                if let Err(e) = portal.serve_with(addr, extra, sd).await {
                     tracing::error!(error = %e, "captive portal failed");
                 }
             });

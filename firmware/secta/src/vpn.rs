@@ -145,12 +145,13 @@ fn ago(t: Option<SystemTime>) -> String {
     }
 }
 
-/// What a running interface says about its peers, by public key (base64).
-struct Live {
-    peers: Vec<(String, Option<SystemTime>, u64, u64, Option<String>)>,
+/// What a running interface says about its peers, by public key (base64):
+/// (key, last handshake, rx bytes, tx bytes, endpoint).
+pub(crate) struct Live {
+    pub(crate) peers: Vec<(String, Option<SystemTime>, u64, u64, Option<String>)>,
 }
 
-fn live(cfg: &WireguardConfig, iface: &str) -> Option<Live> {
+pub(crate) fn live(cfg: &WireguardConfig, iface: &str) -> Option<Live> {
     let lines = uapi::request(&cfg.uapi_dir, iface, "get=1\n\n").ok()?;
     let mut peers = Vec::new();
     for (k, v) in lines {

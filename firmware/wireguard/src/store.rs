@@ -157,20 +157,22 @@ impl Store {
         &self.dir
     }
 
-    /// The private key of an interface, made on first use.
+    /// The private key of an interface, made on first use (by exactly one of
+    /// several concurrent callers; the others read the key it made).
     pub fn key(&self, role: Role) -> anyhow::Result<SecretKey> {
         let path = self.dir.join(role.file());
-        if path.exists() {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            return SecretKey::parse(text.trim(), "key file")
-                .with_context(|| format!("{} is damaged", path.display()));
+        if !path.exists() {
+            let k = SecretKey::generate();
+            let mut text = k.expose_base64().to_string();
+            text.push('\n');
+            if secta_runtime::create_secret_file(&path, text.as_bytes())? {
+                return Ok(k);
+            }
         }
-        let k = SecretKey::generate();
-        let mut text = k.expose_base64().to_string();
-        text.push('\n');
-        secta_runtime::write_secret_file(&path, text.as_bytes())?;
-        Ok(k)
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        SecretKey::parse(text.trim(), "key file")
+            .with_context(|| format!("{} is damaged", path.display()))
     }
 
     /// Adds a member's device with fresh keys and the lowest free address.
