@@ -42,6 +42,34 @@ pub fn find(head: &[u8]) -> anyhow::Result<BootPartition> {
     })
 }
 
+/// Grows the last partition to the end of a target of `capacity` bytes when it
+/// is a Linux partition (the box's data partition, formatted on first boot), so
+/// the whole card is used. The MBR's 2 TiB limit caps it. Returns the new size
+/// in bytes when it grew.
+pub fn grow_data_partition(head: &mut [u8], capacity: u64) -> anyhow::Result<Option<u64>> {
+    let mut mbr = mbrman::MBRHeader::read_from(&mut Cursor::new(&head[..512]))
+        .map_err(|e| anyhow::anyhow!("the image's partition table cannot be read: {e}"))?;
+    let Some((index, start, sectors)) = mbr
+        .iter()
+        .filter(|(_, p)| p.sectors > 0)
+        .max_by_key(|(_, p)| p.starting_lba)
+        .filter(|(_, p)| p.sys == 0x83)
+        .map(|(i, p)| (i, u64::from(p.starting_lba), u64::from(p.sectors)))
+    else {
+        return Ok(None);
+    };
+    let end = (capacity / 512).min(u64::from(u32::MAX));
+    if end <= start + sectors {
+        return Ok(None);
+    }
+    let new = end - start;
+    let entry = mbr.get_mut(index).context("partition entry")?;
+    entry.sectors = u32::try_from(new).context("partition too large for MBR")?;
+    mbr.write_into(&mut Cursor::new(&mut head[..512]))
+        .map_err(|e| anyhow::anyhow!("writing the partition table: {e}"))?;
+    Ok(Some(new * 512))
+}
+
 /// Runs `f` on the FAT file system of `part` inside `disk`, then unmounts it
 /// (writing back the FAT's bookkeeping).
 fn with_fs<T>(
@@ -135,5 +163,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no FAT"));
+    }
+
+    #[test]
+    fn the_data_partition_grows_to_the_card() {
+        let mut head = vec![0u8; 512];
+        head[510] = 0x55;
+        head[511] = 0xaa;
+        let entry = |h: &mut Vec<u8>, i: usize, kind: u8, start: u32, len: u32| {
+            let e = 446 + 16 * i;
+            h[e + 4] = kind;
+            h[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+            h[e + 12..e + 16].copy_from_slice(&len.to_le_bytes());
+        };
+        entry(&mut head, 0, 0x0c, 2048, 8192);
+        entry(&mut head, 1, 0x83, 10240, 4096);
+        // Fits already, or the card is no larger: unchanged.
+        assert_eq!(grow_data_partition(&mut head, 14336 * 512).unwrap(), None);
+        let grown = grow_data_partition(&mut head, 1 << 30).unwrap();
+        assert_eq!(grown, Some((1 << 30) - 10240 * 512));
+        assert_eq!(
+            u32::from_le_bytes(head[446 + 16 + 12..446 + 16 + 16].try_into().unwrap()),
+            (1 << 21) - 10240
+        );
+        assert_eq!(find(&head).unwrap().len, 8192 * 512, "boot partition kept");
+        // The last partition is not Linux: left alone.
+        head[446 + 16 + 4] = 0x0c;
+        assert_eq!(grow_data_partition(&mut head, 2 << 30).unwrap(), None);
     }
 }

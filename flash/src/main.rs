@@ -49,6 +49,9 @@ enum Cmd {
         /// Print the report as JSON (no secrets).
         #[arg(long)]
         json: bool,
+        /// Keep the data partition at the image's size instead of filling the card.
+        #[arg(long)]
+        no_grow: bool,
         #[command(flatten)]
         preseed: PreseedArgs,
     },
@@ -356,6 +359,7 @@ fn run() -> anyhow::Result<()> {
             force,
             yes,
             json,
+            no_grow,
             preseed,
         } => {
             // Everything is checked before the first byte is written.
@@ -379,6 +383,7 @@ fn run() -> anyhow::Result<()> {
                 &mut t,
                 boot_file,
                 expected.as_deref(),
+                !no_grow,
                 !json && std::io::stderr().is_terminal(),
             )?;
             if json {
@@ -398,6 +403,12 @@ fn run() -> anyhow::Result<()> {
                     "(no expected SHA-256 given; the copy on the target equals the image)"
                 }
             );
+            if let Some(bytes) = report.data_partition_grown_to {
+                println!(
+                    "The data partition fills the rest of the card ({}).",
+                    disks::human(bytes)
+                );
+            }
             if report.preseed_written {
                 println!(
                     "Wrote the first-boot settings ({}) onto the boot partition.",

@@ -9,7 +9,8 @@
 //! 4. It is read back from the medium (caches dropped) and its SHA-256 compared;
 //!    an expected SHA-256, when given, is compared too.
 //! 5. The pre-seed file is written into the FAT boot partition and read back.
-//! 6. The head is written, flushed and read back.
+//! 6. The head is written (its last partition, the box's data partition, grown
+//!    to the end of the card), flushed and read back.
 
 use std::{os::unix::fs::FileExt, time::Instant};
 
@@ -35,6 +36,8 @@ pub struct Report {
     pub sha256: String,
     pub boot_partition: Option<(u64, u64)>,
     pub preseed_written: bool,
+    /// The data partition's new size, when it was grown to fill the target.
+    pub data_partition_grown_to: Option<u64>,
     pub write_secs: f64,
     pub verify_secs: f64,
 }
@@ -118,6 +121,7 @@ pub fn flash(
     target: &mut Target,
     boot_file: Option<BootFile<'_>>,
     expected_sha256: Option<&str>,
+    grow: bool,
     progress: bool,
 ) -> anyhow::Result<Report> {
     // 1. The head, checked before anything is written.
@@ -253,7 +257,11 @@ pub fn flash(
         _ => false,
     };
 
-    // 6. The partition table, last.
+    // 6. The partition table, last (with the data partition grown to the card).
+    let data_partition_grown_to = match target.capacity {
+        Some(cap) if grow => bootpart::grow_data_partition(&mut head, cap)?,
+        _ => None,
+    };
     write_at(target, &head, 0)?;
     sync_and_forget(target)?;
     let mut back = vec![0u8; head.len()];
@@ -266,6 +274,7 @@ pub fn flash(
         sha256: image_sha,
         boot_partition: boot.map(|b| (b.start, b.len)),
         preseed_written,
+        data_partition_grown_to,
         write_secs,
         verify_secs,
     })

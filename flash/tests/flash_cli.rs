@@ -464,3 +464,32 @@ fn preseed_only_replaces_the_settings_file() {
     args.extend(preseed_args());
     assert!(text(&run(&args)).contains("no MBR"));
 }
+
+#[test]
+fn the_data_partition_fills_a_larger_card() {
+    let d = setup();
+    let card = d.path.join("card.img");
+    std::fs::write(&card, b"").unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&card).unwrap();
+    f.set_len(64 * MIB as u64).unwrap();
+    drop(f);
+    let o = write_plain(d.raw.to_str().unwrap(), card.to_str().unwrap(), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("fills the rest of the card"),
+        "{}",
+        text(&o)
+    );
+    let b = std::fs::read(&card).unwrap();
+    let sectors = u32::from_le_bytes(b[446 + 16 + 12..446 + 16 + 16].try_into().unwrap());
+    assert_eq!(sectors as usize * 512, 64 * MIB - DATA_START);
+    // --no-grow keeps the image's table.
+    let o = write_plain(
+        d.raw.to_str().unwrap(),
+        card.to_str().unwrap(),
+        &["--no-grow"],
+    );
+    assert!(o.status.success());
+    let b = std::fs::read(&card).unwrap();
+    assert_eq!(b[..512], std::fs::read(&d.raw).unwrap()[..512]);
+}
