@@ -62,6 +62,7 @@ const ru = {
   invitation: "приглашение",
   sessionEnded: "Сеанс закончился: войдите снова.",
   offline: "Нет связи с коробкой, пробуем снова…",
+  setupNeeded: "Коробка ещё не настроена: при первом запуске не нашлось годных настроек. Она работает с настройками по умолчанию. Запишите настройки на карту программой secta-flash (secta-flash preseed …) и перезапустите коробку. Причина:",
 };
 
 const en: typeof ru = {
@@ -125,6 +126,7 @@ const en: typeof ru = {
   invitation: "invitation",
   sessionEnded: "Your session ended: log in again.",
   offline: "No connection to the box, trying again…",
+  setupNeeded: "This box is not set up yet: its first start found no usable settings, so it runs with defaults. Write the settings onto its card with secta-flash (secta-flash preseed …) and restart the box. Why:",
 };
 
 export const texts = { ru, en };

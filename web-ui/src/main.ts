@@ -3,7 +3,14 @@ import { register } from "./matrix";
 import { adminSection } from "./admin";
 import { el } from "./dom";
 
-type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string };
+type BoxInfo = {
+  box_name: string;
+  homeserver: string;
+  server_name: string;
+  accepted: boolean;
+  radio?: string;
+  setup_needed?: string;
+};
 
 const app = document.getElementById("app")!;
 let lang: Lang = (localStorage.getItem("lang") as Lang) || "ru";
@@ -31,7 +38,11 @@ async function render(info: BoxInfo) {
     localStorage.setItem("lang", lang);
     render(info);
   };
-  app.append(switcher, el("h1", {}, `${t.welcome} — ${info.box_name}`), el("p", {}, t.about), el("p", {}, t.rules));
+  app.append(switcher, el("h1", {}, `${t.welcome} — ${info.box_name}`));
+  if (info.setup_needed) {
+    app.append(el("p", { id: "setup-needed", role: "alert" }, t.setupNeeded, " ", el("code", {}, info.setup_needed)));
+  }
+  app.append(el("p", {}, t.about), el("p", {}, t.rules));
 
   const connect = el("section", { id: "connect" });
   if (info.accepted) {

@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir, homedir } from "node:os";
 import { join, dirname } from "node:path";
@@ -39,7 +39,7 @@ async function waitFor(url, ms = 30000) {
 }
 
 // Starts `secta demo` with the portal; skips (loudly) without Chromium.
-async function startBox(t, extra = []) {
+async function startBox(t, extra = [], prepare = null) {
   if (!existsSync(chromium)) {
     console.log(`SKIPPED: browser test (${chromium} not installed)`);
     t.skip(`${chromium} not installed`);
@@ -49,6 +49,7 @@ async function startBox(t, extra = []) {
   assert.ok(existsSync(join(repo, "web-ui/dist/index.html")), "web-ui is not built (npm run build)");
   const { chromium: pw } = await import("playwright-core");
   const data = mkdtempSync(join(tmpdir(), "secta-web-"));
+  if (prepare) prepare(data);
   const [hsPort, portalPort] = [await freePort(), await freePort()];
   const box = spawn(secta, ["demo", "--data", data, "--listen", `127.0.0.1:${hsPort}`, "--portal-listen", `127.0.0.1:${portalPort}`, ...extra], {
     cwd: repo,
@@ -285,4 +286,24 @@ test("the radio page lists a live show and plays it", async (t) => {
   const st = await (await fetch(`http://127.0.0.1:${radioPort}/status-json.xsl`)).json();
   const live = [st.icestats.source].flat().find((s) => s.listenurl.endsWith("/live"));
   assert.equal(live.listeners, 1);
+});
+
+test("a box that found no first-boot settings says so on its welcome page", async (t) => {
+  // What `secta firstboot` leaves when the card had no usable pre-seed file.
+  const why = "no secta-preseed.toml on the boot partition";
+  const started_box = await startBox(t, [], (data) => writeFileSync(join(data, "setup-needed"), why));
+  if (!started_box) return;
+  const { portalPort, browser } = started_box;
+  const info = await (await fetch(`http://127.0.0.1:${portalPort}/box.json`)).json();
+  assert.equal(info.setup_needed, why);
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  await page.goto(`http://127.0.0.1:${portalPort}/`, { waitUntil: "load" });
+  await page.waitForSelector("#setup-needed");
+  const text = await page.textContent("#setup-needed");
+  assert.match(text, /Коробка ещё не настроена/);
+  assert.ok(text.includes(why));
+  await page.click("#lang");
+  await page.waitForFunction(() => document.querySelector("#setup-needed")?.textContent?.includes("not set up yet"));
+  // The rest of the page still works: registration is there.
+  assert.ok(await page.$("form#register"));
 });

@@ -130,6 +130,9 @@ pub struct WebUi {
     /// The radio's base URL (its `/status-json.xsl` and mounts), or `:PORT` for
     /// "this page's host", if the radio runs.
     pub radio: Option<String>,
+    /// Why the box is not set up yet (first boot found no usable pre-seed), if so;
+    /// the welcome page says it.
+    pub setup_needed: Option<String>,
 }
 
 impl Portal {
@@ -443,6 +446,9 @@ async fn handle(
                     body["server_name"] = json!(w.server_name);
                     if let Some(r) = &w.radio {
                         body["radio"] = json!(r);
+                    }
+                    if let Some(why) = &w.setup_needed {
+                        body["setup_needed"] = json!(why);
                     }
                 }
                 let mut r = Response::new(Body::from(body.to_string()));

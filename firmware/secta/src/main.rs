@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use secta_homeserver::{HomeserverConfig, Hs};
 use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 
+mod firstboot;
 mod radio_bot;
 
 #[derive(Parser)]
@@ -68,6 +69,19 @@ enum Cmd {
     },
     /// Print a config file with every default.
     DefaultConfig,
+    /// First boot: apply the pre-seed file from the boot partition once (run by
+    /// the box's init before `run`); without a usable one the box starts in setup.
+    Firstboot {
+        /// Where the FAT boot partition is mounted (read-write).
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
+        /// The config file to write (on the data partition).
+        #[arg(long, default_value = "/data/secta.toml")]
+        config: PathBuf,
+        /// The image's default config the pre-seed is applied to.
+        #[arg(long, default_value = "/etc/secta/secta.toml")]
+        template: PathBuf,
+    },
     /// Print the hostapd, dnsmasq or nftables configuration the box would apply.
     HotspotConfig {
         #[arg(
@@ -275,6 +289,31 @@ fn main() -> anyhow::Result<()> {
             print!("{}", default_config_text());
             Ok(())
         }
+        Cmd::Firstboot {
+            boot,
+            config,
+            template,
+        } => {
+            secta_runtime::init_logging("info", false);
+            match firstboot::run(&boot, &config, Some(&template), &default_config_text())? {
+                firstboot::Outcome::Applied { admin } => {
+                    println!("secta firstboot: settings applied, admin {admin}")
+                }
+                firstboot::Outcome::AlreadyDone { removed_preseed } => println!(
+                    "secta firstboot: already set up{}",
+                    if removed_preseed {
+                        " (a new pre-seed file was removed unapplied)"
+                    } else {
+                        ""
+                    }
+                ),
+                firstboot::Outcome::NeedsSetup { reasons } => println!(
+                    "secta firstboot: NOT SET UP, starting in first-boot setup: {}",
+                    reasons.join("; ")
+                ),
+            }
+            Ok(())
+        }
     }
 }
 
@@ -342,6 +381,12 @@ fn tune_allocator() {
 
 /// Runs every enabled service until SIGTERM/SIGINT.
 fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+    if let Some(why) = firstboot::setup_needed(&setup.boxcfg.data_dir) {
+        tracing::warn!(
+            reasons = %why.replace('\n', "; "),
+            "the box is not set up: no usable first-boot settings; running with defaults"
+        );
+    }
     let hs = Hs::open(setup.hs.clone(), &setup.boxcfg.data_dir)?;
     let radio_bot = (setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()))
         .then(|| radio_bot::ensure_user(&hs, &setup.boxcfg.data_dir))
@@ -404,6 +449,7 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
                     homeserver: setup.hs.base_url(),
                     server_name: setup.hs.server_name.clone(),
                     radio: setup.radio.enabled.then(|| web_radio_url(&setup.radio)),
+                    setup_needed: firstboot::setup_needed(&setup.boxcfg.data_dir),
                 });
             }
             let sd = shutdown.clone();
