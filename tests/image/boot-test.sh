@@ -166,9 +166,33 @@ curl -s -H "Authorization: Bearer $ALICE" "$BASE/_matrix/client/v3/rooms/$ROOM/m
   && ok "the message is still there after the power cut" || bad "the message is still there after the power cut"
 login admin "$ADMIN_PW" | grep -q . && ok "the admin still logs in" || bad "the admin still logs in"
 
+# --- a card written without first-boot settings: the box starts and says so -------------
+power_cut
+MAIN_CARD=$CARD
+CARD=$WORK/bare.img
+truncate -s 256M "$CARD"
+if "$FLASH_BIN" write "$WORK/out/secta-qemu-x86_64.img" "$CARD" --no-preseed >"$WORK/flash2.log" 2>&1 && boot "$WORK/console-bare.log"; then
+  if grep -a "SECTA READY" "$WORK/console-bare.log" | grep -q "not set up"; then
+    ok "without a pre-seed the box still comes up, in first-boot setup ($(grep -a 'SECTA READY' "$WORK/console-bare.log" | tr -d '\r'))"
+  else
+    bad "without a pre-seed the box says it is not set up"
+  fi
+  curl -sf "$BASE/_matrix/client/versions" | grep -q '"versions"' && ok "without a pre-seed the homeserver still answers" \
+    || bad "without a pre-seed the homeserver still answers"
+  power_cut
+  mt secta-firstboot.txt | grep -q "no secta-preseed.toml" && ok "the card says why the box is not set up" \
+    || bad "the card says why the box is not set up"
+else
+  cat "$WORK/flash2.log"; tail -n 20 "$WORK/console-bare.log"
+  bad "a card without a pre-seed boots"
+fi
+rm -f "$CARD"
+CARD=$MAIN_CARD
+
 # --- the panic wipe (when that capability exists) --------------------------------------
 if [ -f "$HERE/wipe-hook.sh" ]; then
   . "$HERE/wipe-hook.sh"
+  boot "$WORK/console-wipe.log" || bad "the box boots for the wipe"
   ADMIN_TOKEN=$(login admin "$ADMIN_PW")
   if panic_wipe "$BASE" "$ADMIN_TOKEN"; then ok "the panic wipe runs"; else bad "the panic wipe runs"; fi
   power_cut
