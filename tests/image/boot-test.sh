@@ -161,6 +161,11 @@ else
   bad "the box boots again after a power cut"
   finish
 fi
+if grep -aE "EXT4-fs.*(error|warning)|I/O error" "$WORK/console1.log" "$WORK/console2.log"; then
+  bad "the data file system comes through the power cut without errors"
+else
+  ok "the data file system comes through the power cut without errors (journal)"
+fi
 ALICE=$(login alice alice-password-1)
 curl -s -H "Authorization: Bearer $ALICE" "$BASE/_matrix/client/v3/rooms/$ROOM/messages?dir=b&limit=20" | grep -qF "$BODY" \
   && ok "the message is still there after the power cut" || bad "the message is still there after the power cut"
@@ -208,7 +213,10 @@ else
 fi
 power_cut
 if [ -n "${BOOT_JSON:-}" ]; then
-  printf '{"accel": "%s", "first_boot_to_ready_secs": %s, "boot_to_ready_secs": %s}\n' \
-    "${ACCEL#-accel }" "${FIRST_BOOT:-null}" "${SECOND_BOOT:-null}" >"$BOOT_JSON"
+  guest() { sed -nE 's/.*SECTA READY after ([0-9.]+) s.*/\1/p' "$1" 2>/dev/null | head -n 1; }
+  g1=$(guest "$WORK/console1.log")
+  g2=$(guest "$WORK/console2.log")
+  printf '{"accel": "%s", "first_boot_to_ready_secs": %s, "boot_to_ready_secs": %s, "guest_kernel_to_ready_secs": {"first_boot": %s, "boot": %s}}\n' \
+    "${ACCEL#-accel }" "${FIRST_BOOT:-null}" "${SECOND_BOOT:-null}" "${g1:-null}" "${g2:-null}" >"$BOOT_JSON"
 fi
 finish

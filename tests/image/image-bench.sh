@@ -5,7 +5,9 @@
 #  - image: the x86-64 qemu image raw, compressed (xz -6, zstd -19), and
 #    installed (root file system, kernel, initramfs);
 #  - boot: power-on to "ready" in the VM (first boot with the pre-seed, and a
-#    later boot), and whether that was KVM or plain emulation (TCG).
+#    later boot) as seen from the host, the guest's own kernel-start-to-ready,
+#    and whether that was KVM or plain emulation (TCG). Under TCG these depend
+#    on how busy the host is: run it on an idle machine.
 # Runs release builds (slow the first time). Progress goes to stderr.
 #   tests/image/image-bench.sh > bench.json
 set -euo pipefail
@@ -28,7 +30,9 @@ for s in "${sets[@]}"; do
   args=()
   [ "$s" = default ] || args=(--features "$s")
   log "release build of secta ($s)"
-  (cd "$ROOT" && cargo build --quiet --release -p secta "${args[@]}" >&2)
+  # Built together with secta-flash, as below, so features unify the same way
+  # and the second build is a no-op.
+  (cd "$ROOT" && cargo build --quiet --release -p secta -p secta-flash "${args[@]}" >&2)
   bin_json+="${bin_json:+, }\"x86_64/$s\": $(stripped_size "$TARGET_DIR/release/secta")"
   if [ "${BENCH_ARM:-0}" = 1 ] && command -v aarch64-linux-gnu-gcc >/dev/null; then
     log "release build of secta for aarch64 ($s)"
