@@ -28,7 +28,7 @@ stripped_size() { cp "$1" "$W/bin" && strip "$W/bin" 2>/dev/null; stat -c %s "$W
 bin_json=""
 for s in "${sets[@]}"; do
   args=()
-  [ "$s" = default ] || args=(--features "$s")
+  [ "$s" = default ] || args=(--features "secta/$s")
   log "release build of secta ($s)"
   # Built together with secta-flash, as below, so features unify the same way
   # and the second build is a no-op.
