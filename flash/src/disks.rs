@@ -189,23 +189,24 @@ pub fn list(sys_block: &Path, mountinfo: &str, swaps: &str) -> Vec<Disk> {
     disks
 }
 
-/// `\040` and friends in mountinfo paths.
+/// `\040` and friends (octal escapes) in mountinfo paths.
 fn unescape(s: &str) -> String {
-    let mut out = String::new();
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b.len() >= i + 4 {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let digits = std::str::from_utf8(&b[i + 1..i + 4]).ok();
+            if let Some(v) = digits.and_then(|d| u8::from_str_radix(d, 8).ok()) {
+                out.push(v);
                 i += 4;
                 continue;
             }
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The disks of this computer.
@@ -267,7 +268,7 @@ mod tests {
         fs::create_dir_all(r.join("loop0")).unwrap();
         fs::write(r.join("sdd/sdd1/holders/dm-0"), "").unwrap();
         let mountinfo = "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n\
-                         23 22 8:33 / /media/my\\040card rw - vfat /dev/sdc1 rw\n";
+                         23 22 8:33 / /media/my\\040card\\040флешка rw - vfat /dev/sdc1 rw\n";
         let swaps = "Filename Type Size Used Priority\n/dev/sda1 partition 1 0 -2\n";
         let disks = list(r, mountinfo, swaps);
         let names: Vec<_> = disks.iter().map(|d| d.name.as_str()).collect();
@@ -277,7 +278,10 @@ mod tests {
         assert!(by("sda").refusal().unwrap().contains("system"));
         assert_eq!(by("sdb").refusal(), None);
         assert_eq!(by("sdb").size_bytes, 62_000_000 * 512);
-        assert!(by("sdc").refusal().unwrap().contains("/media/my card"));
+        assert!(by("sdc")
+            .refusal()
+            .unwrap()
+            .contains("/media/my card флешка"));
         assert!(by("sdd").refusal().unwrap().contains("device-mapper"));
         assert!(by("sde").refusal().unwrap().contains("not a removable"));
     }

@@ -489,7 +489,8 @@ mod tests {
 
     #[test]
     fn every_bad_value_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut Preseed)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut Preseed)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|s| s.wifi.ssid = String::new()), "SSID"),
             (Box::new(|s| s.wifi.ssid = "x".repeat(33)), "SSID"),
             (
