@@ -13,15 +13,16 @@ SECTA_LICENSE = AGPL-3.0-or-later
 SECTA_SUBDIR = firmware/secta
 
 # Local sources are not downloaded, so Buildroot's download-time vendoring does
-# not run for them: vendor the crates right after the sources are copied (this
-# step needs the network; every later step runs --offline).
+# not run for them: vendor the crates before the build (this step needs the
+# network; the build and install steps run --offline). It is a pre-configure
+# hook because only configure waits for the package's dependencies (host-rustc,
+# which provides cargo); the rsync step does not.
 define SECTA_CARGO_VENDOR
 	cd $(@D) && mkdir -p .cargo && \
 		$(HOST_MAKE_ENV) $(PKG_COMMON_CARGO_ENV) \
 		cargo vendor --locked --versioned-dirs VENDOR > .cargo/config.toml
 endef
-SECTA_POST_RSYNC_HOOKS += SECTA_CARGO_VENDOR
-SECTA_EXTRACT_DEPENDENCIES += host-rustc
+SECTA_PRE_CONFIGURE_HOOKS += SECTA_CARGO_VENDOR
 
 # Do not copy build output and the web app's node_modules.
 SECTA_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = \
