@@ -40,8 +40,10 @@ pub struct HomeserverConfig {
     pub max_sync_timeout_ms: u64,
     /// Federation with other boxes and the public Matrix network.
     pub federation: FederationConfig,
-    /// After a long-poll wakes up, wait this long for more news before answering,
-    /// so busy rooms cost a bounded number of sync responses per second.
+    /// After a long-poll wakes up, wait up to this long for more news before
+    /// answering, so busy rooms cost a bounded number of sync responses per
+    /// second. The wait grows with the load on the write path: about 1 ms
+    /// when idle, this long when sends queue up.
     pub sync_coalesce_ms: u64,
 }
 

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
+    db::{user_room, UserRows},
     error::{MxError, MxResult},
     extract::{Auth, Json, PathArgs},
     now_ms, pdu,
@@ -319,6 +320,8 @@ fn store_receipt(
              ON CONFLICT(room_id, user_id, receipt_type, thread_id) DO UPDATE SET event_id=?5, ts=?6, stream=?7",
             params![room_id.as_str(), user.as_str(), kind, thread, event_id, now_ms() as i64, stream],
         )?;
+        w.note(UserRows::Room, room_id.as_str(), stream);
+        w.note(UserRows::ReadReceipt, &user_room(user.as_str(), room_id.as_str()), stream);
         w.persist_stream()?;
         Ok(())
     })?;
@@ -415,7 +418,7 @@ pub fn set_account_data_row(
          ON CONFLICT(user_id, room_id, type) DO UPDATE SET content=?4, stream=?5",
         params![user, room, kind, content.to_string(), stream],
     )?;
-    conn.note(crate::db::UserRows::AccountData, user, stream);
+    conn.note(UserRows::AccountData, user, stream);
     conn.persist_stream()
 }
 

@@ -915,6 +915,7 @@ fn receive_edu(hs: &Hs, origin: &ServerName, edu: &Value) {
                                  ON CONFLICT(room_id, user_id, receipt_type, thread_id) DO UPDATE SET event_id=?4, ts=?5, stream=?6",
                                 params![room, user, thread, event_id, ts, stream],
                             )?;
+                            w.note(crate::db::UserRows::Room, room, stream);
                             w.persist_stream()?;
                             Ok(true)
                         });

@@ -79,6 +79,7 @@ pub fn mark_device_list_change(w: &mut WriteTxn<'_>, user: &str) -> rusqlite::Re
         "INSERT INTO device_list_updates(user_id, stream) VALUES(?1,?2)",
         params![user, stream],
     )?;
+    w.note(crate::db::UserRows::DeviceLists, "", stream);
     Ok(())
 }
 
@@ -628,12 +629,17 @@ pub(crate) fn local_claim(
 /// Users whose device lists changed (or who started/stopped sharing a room with
 /// `user`) between two stream positions.
 pub fn device_list_delta(
+    db: &crate::db::Db,
     c: &Connection,
     user: &str,
     from: i64,
     to: i64,
 ) -> rusqlite::Result<(Vec<String>, Vec<String>)> {
-    // Cheap check first: most syncs see neither key changes nor membership changes.
+    // Cheap checks first: most syncs see neither key changes nor membership changes.
+    use crate::db::UserRows::{DeviceLists, Membership};
+    if !db.may_have_changed(DeviceLists, "", from) && !db.may_have_changed(Membership, "", from) {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let any: bool = c
         .prepare_cached(
             "SELECT EXISTS(SELECT 1 FROM device_list_updates WHERE stream>?1 AND stream<=?2)
@@ -721,7 +727,7 @@ pub async fn changes(
     let to = parse_token(&q.to)?;
     let (changed, left) = hs
         .db
-        .read(|c| device_list_delta(c, auth.user_id.as_str(), from, to))?;
+        .read(|c| device_list_delta(&hs.db, c, auth.user_id.as_str(), from, to))?;
     Ok(axum::Json(json!({ "changed": changed, "left": left })))
 }
 

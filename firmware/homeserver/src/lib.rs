@@ -172,6 +172,21 @@ impl Hs {
         }
     }
 
+    /// How long a long-poll that just woke waits for more news before it
+    /// answers: about a millisecond while the write path is idle (news goes out
+    /// at once), up to `sync_coalesce_ms` as writes queue up — then every
+    /// answer carries more events, and building fewer of them leaves the CPU to
+    /// the writers.
+    pub(crate) fn sync_coalesce(&self) -> std::time::Duration {
+        let max = self.config.sync_coalesce_ms as f64;
+        let ms = if max <= 1.0 {
+            max
+        } else {
+            1.0 + (max - 1.0) * self.db.write_pressure()
+        };
+        std::time::Duration::from_micros((ms * 1000.0) as u64)
+    }
+
     pub(crate) fn check_rate(&self, key: &str) -> MxResult<()> {
         self.rate.check(key)
     }

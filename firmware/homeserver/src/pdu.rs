@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, value::RawValue, Value};
 
 use crate::{
-    db::WriteTxn,
+    db::{user_room, UserRows, WriteTxn},
     error::{MxError, MxResult},
     now_ms, search, Hs,
 };
@@ -608,6 +608,17 @@ impl Hs {
             Some(k) => state_event_id(w, room_id, &pdu.kind.to_string(), k)?,
             None => None,
         };
+        w.note(UserRows::Room, room_id, stream);
+        if pdu.sender.server_name() == self.server_name {
+            w.note(
+                UserRows::Sent,
+                &user_room(pdu.sender.as_str(), room_id),
+                stream,
+            );
+        }
+        if pdu.kind == TimelineEventType::RoomMember {
+            w.note(UserRows::Membership, "", stream);
+        }
         w.execute(
             "INSERT INTO events(stream, event_id, room_id, sender, type, state_key, depth, origin_server_ts, json,
                                 rel_type, relates_to, thread_root, txn_id, txn_device, prev_state, outlier)

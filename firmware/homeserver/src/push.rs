@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
-    db::WriteTxn,
+    db::{user_room, UserRows, WriteTxn},
     ephemeral,
     error::{MxError, MxResult},
     extract::{Auth, QueryArgs},
@@ -397,10 +397,22 @@ pub fn room_counts(
         .get(&key)
         .copied()
         .filter(|p| p.upto <= upto);
-    let receipt = read_up_to(c, room, user, None)?;
+    // Most syncs come with neither a new receipt nor a new message of the
+    // user's own in the room: the hints say so without asking the database.
+    let hint_key = user_room(user, room);
+    let unchanged = |kind| prev.is_some_and(|p| !hs.db.may_have_changed(kind, &hint_key, p.upto));
+    let receipt = match prev {
+        Some(p) if unchanged(UserRows::ReadReceipt) => p.receipt,
+        _ => read_up_to(c, room, user, None)?,
+    };
     // The user's own newest message marks the room as read up to there.
-    let own =
-        own_newest(c, room, user, prev.map_or(0, |p| p.upto), upto)?.max(prev.map_or(0, |p| p.own));
+    let own_after = prev.map_or(0, |p| p.upto);
+    let own_new = if unchanged(UserRows::Sent) {
+        0
+    } else {
+        own_newest(c, room, user, own_after, upto)?
+    };
+    let own = own_new.max(prev.map_or(0, |p| p.own));
     let from = receipt.max(own);
     let (notes, highlights) = match prev {
         Some(p) if p.receipt == receipt && p.own == own => {

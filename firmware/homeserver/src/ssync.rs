@@ -583,7 +583,7 @@ fn build(
     }
     if ext.e2ee.enabled == Some(true) {
         let (changed, dl_left) = match since {
-            Some(s) => keys::device_list_delta(c, user, s, upto)?,
+            Some(s) => keys::device_list_delta(&hs.db, c, user, s, upto)?,
             None => (vec![], vec![]),
         };
         if !changed.is_empty() || !dl_left.is_empty() {
@@ -739,7 +739,7 @@ pub async fn sliding_sync(
         tokio::select! {
             r = rx.changed() => {
                 if r.is_err() { break built; }
-                tokio::time::sleep(Duration::from_millis(hs.config.sync_coalesce_ms)).await;
+                tokio::time::sleep(hs.sync_coalesce()).await;
             }
             _ = tokio::time::sleep_until(deadline) => {}
         }

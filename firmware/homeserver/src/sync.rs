@@ -145,7 +145,7 @@ pub async fn sync(
         tokio::select! {
             r = rx.changed() => {
                 if r.is_err() { continue; }
-                tokio::time::sleep(Duration::from_millis(hs.config.sync_coalesce_ms)).await;
+                tokio::time::sleep(hs.sync_coalesce()).await;
             }
             _ = tokio::time::sleep_until(deadline) => {}
         }
@@ -288,37 +288,6 @@ fn build(
     let from = since.map_or(0, |s| s.stream);
     let rf = &filter.room;
     let tl_limit = rf.timeline.limit.unwrap_or(10).clamp(1, 100) as i64;
-    let changed_rooms: Option<HashSet<String>> = match since {
-        None => None,
-        Some(s) => {
-            let mut st = c.prepare_cached(
-                "SELECT DISTINCT room_id FROM events WHERE stream>?1 AND stream<=?2",
-            )?;
-            let mut set: HashSet<String> = st
-                .query_map(params![s.stream, upto], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let mut st = c.prepare_cached(
-                "SELECT DISTINCT room_id FROM receipts WHERE stream>?1 AND stream<=?2",
-            )?;
-            set.extend(
-                st.query_map(params![s.stream, upto], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
-            if hs
-                .db
-                .may_have_changed(UserRows::AccountData, user, s.stream)
-            {
-                let mut st = c.prepare_cached(
-                    "SELECT DISTINCT room_id FROM account_data WHERE user_id=?1 AND room_id<>'' AND stream>?2 AND stream<=?3",
-                )?;
-                set.extend(
-                    st.query_map(params![user, s.stream, upto], |r| r.get::<_, String>(0))?
-                        .collect::<Result<Vec<_>, _>>()?,
-                );
-            }
-            Some(set)
-        }
-    };
     let mut join = Map::new();
     let mut invite = Map::new();
     let mut leave = Map::new();
@@ -331,7 +300,15 @@ fn build(
         match membership.as_str() {
             "join" => {
                 let initial_room = since.is_none() || newly || full_state;
-                let room_changed = changed_rooms.as_ref().is_none_or(|s| s.contains(&room));
+                // Rooms with nothing new are skipped without a query: the hints
+                // know which rooms had events or receipts, and whose per-room
+                // account data changed, since the token.
+                let room_changed = since.is_none_or(|s| {
+                    hs.db.may_have_changed(UserRows::Room, &room, s.stream)
+                        || hs
+                            .db
+                            .may_have_changed(UserRows::AccountData, user, s.stream)
+                });
                 let typing = hs.typing.users_if_changed(
                     &room,
                     if initial_room {
@@ -371,6 +348,17 @@ fn build(
                 };
                 if initial_room && since.is_none() && events.first().is_some_and(|e| e.stream > 1) {
                     limited = limited || events.len() as i64 >= tl_limit;
+                }
+                let receipts =
+                    receipts_since(c, &room, user, if initial_room { 0 } else { from }, upto)?;
+                if !initial_room
+                    && typing.is_none()
+                    && events.is_empty()
+                    && receipts.is_none()
+                    && room_ad.is_empty()
+                {
+                    // A hint ahead of this snapshot, or only outliers: nothing to say.
+                    continue;
                 }
                 let tl_start = events.first().map_or(upto + 1, |e| e.stream);
                 let vis = if initial_room {
@@ -444,9 +432,7 @@ fn build(
                 if let Some(users) = typing {
                     ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
                 }
-                if let Some(r) =
-                    receipts_since(c, &room, user, if initial_room { 0 } else { from }, upto)?
-                {
+                if let Some(r) = receipts {
                     ephemeral.push(r);
                 }
                 let ephemeral: Vec<Value> = ephemeral
@@ -596,7 +582,7 @@ fn build(
         .filter(|e| filter.presence.allows(e))
         .collect();
     let (changed, left) = match since {
-        Some(s) => keys::device_list_delta(c, user, s.stream, upto)?,
+        Some(s) => keys::device_list_delta(&hs.db, c, user, s.stream, upto)?,
         None => (Vec::new(), Vec::new()),
     };
     let empty = join.is_empty()

@@ -1333,6 +1333,28 @@ async fn push_rules_drive_unread_and_highlight_counts() {
         .call("GET", "/_matrix/client/v3/sync", Some(&alice), json!({}))
         .await;
     assert_eq!(counts(&v), (0, 0));
+    // The same through incremental syncs (counted on from the cached count):
+    // bob's message counts, her own starts the count over.
+    let sync_since = |v: &Value| {
+        let url = format!(
+            "/_matrix/client/v3/sync?since={}",
+            v["next_batch"].as_str().unwrap()
+        );
+        let alice = alice.clone();
+        let b = &b;
+        async move { b.call("GET", &url, Some(&alice), json!({})).await.1 }
+    };
+    send("7", json!({"msgtype": "m.text", "body": "and me"})).await;
+    let v = sync_since(&v).await;
+    assert_eq!(counts(&v), (1, 0), "{}", v["rooms"]["join"][&room]);
+    let own2 = url.replace("own1", "own2");
+    let body = json!({"msgtype": "m.text", "body": "I am here"});
+    assert_eq!(b.call("PUT", &own2, Some(&alice), body).await.0, 200);
+    let v = sync_since(&v).await;
+    assert_eq!(counts(&v), (0, 0), "{}", v["rooms"]["join"][&room]);
+    send("8", json!({"msgtype": "m.text", "body": "again"})).await;
+    let v = sync_since(&v).await;
+    assert_eq!(counts(&v), (1, 0), "{}", v["rooms"]["join"][&room]);
 }
 
 #[tokio::test]

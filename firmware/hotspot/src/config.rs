@@ -36,6 +36,10 @@ pub struct HotspotConfig {
     pub session_minutes: u64,
     /// Upstream interface for forwarding accepted clients (None: offline box).
     pub uplink: Option<String>,
+    /// Tunnels accepted clients may also be forwarded into (the WireGuard
+    /// exit; set by the box, not in the config file).
+    #[serde(skip)]
+    pub tunnel_uplinks: Vec<String>,
     /// TCP ports of the box that hotspot clients may always reach (portal, web app,
     /// radio, homeserver).
     pub web_ports: Vec<u16>,
@@ -67,6 +71,7 @@ impl Default for HotspotConfig {
             dhcp_option_114: false,
             session_minutes: 12 * 60,
             uplink: None,
+            tunnel_uplinks: Vec::new(),
             web_ports: vec![80, 443, 8000, 8008],
             portal_port: 80,
             run_hostapd: true,

@@ -172,6 +172,16 @@ pub fn nft_ruleset(c: &HotspotConfig, accepted: &[Ipv4Addr]) -> String {
         }
         None => {}
     }
+    for t in &c.tunnel_uplinks {
+        let _ = writeln!(
+            s,
+            "    iifname \"{iface}\" oifname \"{t}\" ip saddr @accepted accept"
+        );
+        let _ = writeln!(
+            s,
+            "    iifname \"{t}\" oifname \"{iface}\" ct state established,related accept"
+        );
+    }
     let _ = writeln!(
         s,
         "    iifname \"{iface}\" drop\n    oifname \"{iface}\" drop\n  }}"
@@ -256,6 +266,14 @@ mod tests {
         ));
         assert!(n.contains("oifname \"eth0\" ip saddr @accepted accept"));
         assert!(n.contains("masquerade"));
+        let tunnel = nft_ruleset(
+            &HotspotConfig {
+                tunnel_uplinks: vec!["secta-exit".into()],
+                ..sample()
+            },
+            &[],
+        );
+        assert!(tunnel.contains("oifname \"secta-exit\" ip saddr @accepted accept"));
         let offline = nft_ruleset(&HotspotConfig::default(), &[]);
         assert!(!offline.contains("masquerade") && !offline.contains("elements"));
     }

@@ -14,6 +14,7 @@ use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 
 mod firstboot;
 mod radio_bot;
+mod vpn;
 
 #[derive(Parser)]
 #[command(name = "secta", version, about = "Secta community box")]
@@ -94,6 +95,27 @@ enum Cmd {
         /// hostapd, dnsmasq (offline) or nft.
         what: String,
     },
+    /// Run a WireGuard tunnel from a .conf (the box's engine, like `wg-quick up`).
+    Vpn {
+        #[command(subcommand)]
+        cmd: VpnTopCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VpnTopCmd {
+    /// Bring up one interface from a .conf file and keep it until SIGTERM/SIGINT.
+    Up {
+        conf: PathBuf,
+        /// The TUN interface name.
+        #[arg(long, default_value = "wg0")]
+        interface: String,
+        /// Where the `wg`-compatible UAPI socket goes.
+        #[arg(long, default_value = "/var/run/wireguard")]
+        uapi_dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +134,11 @@ enum AdminCmd {
     Federation {
         #[command(subcommand)]
         cmd: Option<FedCmd>,
+    },
+    /// The WireGuard gateway: members' devices, the upstream exit, box links, status.
+    Vpn {
+        #[command(subcommand)]
+        cmd: vpn::VpnCmd,
     },
 }
 
@@ -170,6 +197,7 @@ struct BoxSetup {
     hs: HomeserverConfig,
     hotspot: secta_hotspot::HotspotConfig,
     radio: secta_radio::RadioConfig,
+    wireguard: secta_wireguard::WireguardConfig,
     /// Where the captive portal listens (demo: loopback, firewall simulated).
     portal: Option<(SocketAddr, bool)>,
     /// The built web app the portal serves.
@@ -190,6 +218,18 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
     if !problems.is_empty() {
         bail!("invalid [radio] settings: {}", problems.join("; "));
     }
+    let wireguard: secta_wireguard::WireguardConfig = file.section("wireguard")?;
+    let problems = wireguard.problems();
+    if !problems.is_empty() {
+        bail!("invalid [wireguard] settings: {}", problems.join("; "));
+    }
+    let mut hotspot = hotspot;
+    if wireguard.enabled {
+        // Accepted hotspot clients may be routed into the exit (when one is set).
+        hotspot
+            .tunnel_uplinks
+            .push(wireguard.exit.interface.clone());
+    }
     let boxcfg: BoxConfig = file.section("box")?;
     let web_ui = Some(boxcfg.web_ui_dir.clone()).filter(|d| d.join("index.html").exists());
     Ok(BoxSetup {
@@ -197,6 +237,7 @@ fn load_setup(file: &ConfigFile) -> anyhow::Result<BoxSetup> {
         hs: file.section("homeserver")?,
         hotspot,
         radio,
+        wireguard,
         portal,
         web_ui,
     })
@@ -258,6 +299,17 @@ fn main() -> anyhow::Result<()> {
                 }
                 (None, None) => load_setup(&ConfigFile::load(Path::new("/etc/secta/secta.toml"))?)?,
             };
+            if let AdminCmd::Vpn { cmd } = cmd {
+                return vpn::admin(
+                    &vpn::Ctx {
+                        cfg: &setup.wireguard,
+                        data: &setup.boxcfg.data_dir,
+                        server_name: &setup.hs.server_name,
+                        parse_duration,
+                    },
+                    cmd,
+                );
+            }
             if let AdminCmd::Federation {
                 cmd: Some(FedCmd::RotateKey),
             } = cmd
@@ -314,6 +366,18 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Vpn {
+            cmd:
+                VpnTopCmd::Up {
+                    conf,
+                    interface,
+                    uapi_dir,
+                    workers,
+                },
+        } => {
+            secta_runtime::init_logging("info", false);
+            vpn::up(&conf, &interface, Some(&uapi_dir), workers)
+        }
     }
 }
 
@@ -332,6 +396,7 @@ fn default_config_text() -> String {
         hs.max_sync_timeout_ms,
     );
     text.push_str(&radio_config_text());
+    text.push_str(&secta_wireguard::WireguardConfig::default_text());
     text
 }
 
@@ -380,14 +445,50 @@ fn tune_allocator() {
 }
 
 /// Runs every enabled service until SIGTERM/SIGINT.
-fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     if let Some(why) = firstboot::setup_needed(&setup.boxcfg.data_dir) {
         tracing::warn!(
             reasons = %why.replace('\n', "; "),
             "the box is not set up: no usable first-boot settings; running with defaults"
         );
     }
+    // Boxes linked over WireGuard are federation peers at their link address.
+    for (server_name, url) in vpn::link_peers(&setup.wireguard, &setup.boxcfg.data_dir)? {
+        if !setup
+            .hs
+            .federation
+            .peers
+            .iter()
+            .any(|p| p.server_name == server_name)
+        {
+            setup.hs.federation.peers.push(secta_homeserver::Peer {
+                server_name,
+                url,
+                pinned_key: None,
+                // The link authenticates the box (its WireGuard key owns the
+                // address); its identity is its signing key.
+                accept_self_signed: true,
+            });
+        }
+    }
     let hs = Hs::open(setup.hs.clone(), &setup.boxcfg.data_dir)?;
+    // The WireGuard gateway starts before the hotspot forwards anything, so an
+    // exit's routing (and kill switch) is in place first.
+    let wireguard = if setup.wireguard.enabled {
+        match secta_wireguard::Gateway::start(
+            setup.wireguard.clone(),
+            &setup.boxcfg.data_dir,
+            Arc::new(secta_wireguard::net::SystemNet),
+        ) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the WireGuard gateway could not start");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let radio_bot = (setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()))
         .then(|| radio_bot::ensure_user(&hs, &setup.boxcfg.data_dir))
         .transpose()?;
@@ -459,6 +560,7 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
                 }
             });
         }
+        let wireguard = wireguard.map(|g| tokio::spawn(secta_wireguard::run(g, shutdown.clone())));
         if setup.radio.enabled {
             let radio = secta_radio::Radio::new(setup.radio.clone(), &setup.boxcfg.data_dir)?;
             if let Some(password) = radio_bot {
@@ -501,6 +603,15 @@ fn run_box(setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::
         if setup.portal.is_some_and(|(_, simulated)| !simulated) {
             if let Err(e) = secta_hotspot::NftFirewall::teardown() {
                 tracing::warn!(error = %e, "removing the hotspot firewall rules failed");
+            }
+        }
+        if let Some(w) = wireguard {
+            match w.await {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "WireGuard gateway failed")
+                }
+                Err(e) => tracing::error!(error = %e, "WireGuard gateway panicked"),
+                Ok(Ok(())) => {}
             }
         }
         homeserver
@@ -725,7 +836,8 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
         }
         AdminCmd::Federation {
             cmd: Some(FedCmd::RotateKey),
-        } => unreachable!("handled before opening the database"),
+        }
+        | AdminCmd::Vpn { .. } => unreachable!("handled before opening the database"),
         AdminCmd::Federation {
             cmd: None | Some(FedCmd::Status),
         } => {

@@ -7,8 +7,9 @@
 //!
 //! Needs root, `ip netns`, dnsmasq, nft and busybox: skipped loudly otherwise.
 
+mod common;
+
 use std::{
-    path::Path,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -17,22 +18,7 @@ const BOX: &str = "secta-t-box";
 const CLI: &str = "secta-t-cli";
 const NET: &str = "secta-t-net";
 
-fn sh(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::netns::{ok, sh};
 
 fn ns(name: &str, args: &[&str]) -> Output {
     let mut all = vec!["ip", "netns", "exec", name];
@@ -41,27 +27,16 @@ fn ns(name: &str, args: &[&str]) -> Output {
 }
 
 fn skip_reason() -> Option<String> {
-    if sh(&["id", "-u"]).stdout != b"0\n" {
-        return Some("not root".into());
-    }
-    for tool in [
+    if let Some(why) = common::netns::skip_reason(&[
         "/usr/sbin/dnsmasq",
         "/usr/sbin/nft",
         "/usr/bin/busybox",
         "/usr/bin/curl",
-    ] {
-        if !Path::new(tool).exists() {
-            return Some(format!("{tool} is missing"));
-        }
+    ]) {
+        return Some(why);
     }
     let probe = "secta-t-probe";
-    let made = sh(&["ip", "netns", "add", probe]);
-    if !made.status.success() {
-        return Some(format!(
-            "ip netns unavailable: {}",
-            String::from_utf8_lossy(&made.stderr).trim()
-        ));
-    }
+    let _ = sh(&["ip", "netns", "add", probe]);
     let nft = ns(probe, &["nft", "list", "tables"]);
     let _ = sh(&["ip", "netns", "del", probe]);
     if !nft.status.success() {

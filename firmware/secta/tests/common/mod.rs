@@ -2,6 +2,8 @@
 //! log in, call the API.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::{
     net::TcpListener,
     path::Path,
