@@ -6,7 +6,8 @@ use secta_preseed::Preseed;
 
 /// Every problem of the pre-seed: the box's own checks, plus strength of the
 /// Wi-Fi passphrase (zxcvbn score ≥ 3: WPA handshakes can be attacked offline)
-/// and of a chosen admin password, and that the time zone exists.
+/// and of a chosen admin password, that the time zone exists, and the VPN exit
+/// `.conf` as the WireGuard gateway reads it.
 pub fn problems(p: &Preseed, admin_password_generated: bool) -> Vec<String> {
     let mut out = p.problems();
     let context: Vec<&str> = [
@@ -28,6 +29,13 @@ pub fn problems(p: &Preseed, admin_password_generated: bool) -> Vec<String> {
         if let Some(why) = weak(&p.admin.password, &context) {
             out.push(format!("admin password is too easy to guess: {why}"));
         }
+    }
+    if let Some(why) = p
+        .vpn_exit_conf
+        .as_deref()
+        .and_then(secta_wireguard::store::exit_conf_problem)
+    {
+        out.push(format!("VPN exit .conf: {why}"));
     }
     if let Some(tz) = &p.timezone {
         if secta_preseed::timezone_syntax_problem(tz).is_none()

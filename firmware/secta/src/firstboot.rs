@@ -81,7 +81,14 @@ pub fn run(
     let preseed = match fs::read(&preseed_path) {
         Ok(bytes) => match Preseed::parse(&bytes) {
             Ok(p) => {
-                let problems = p.problems();
+                let mut problems = p.problems();
+                if let Some(why) = p
+                    .vpn_exit_conf
+                    .as_deref()
+                    .and_then(secta_wireguard::store::exit_conf_problem)
+                {
+                    problems.push(format!("VPN exit .conf: {why}"));
+                }
                 if problems.is_empty() {
                     Ok(p)
                 } else {
@@ -141,9 +148,8 @@ pub fn run(
         fs::write(data.join("timezone"), format!("{tz}\n"))?;
     }
     if let Some(conf) = &preseed.vpn_exit_conf {
-        let dir = data.join("wireguard");
-        fs::create_dir_all(&dir)?;
-        secta_runtime::write_secret_file(&dir.join("exit.conf"), conf.as_bytes())?;
+        // As `secta admin vpn exit set` does; the gateway is switched on below.
+        secta_wireguard::Store::open(&data)?.set_exit(conf)?;
     }
 
     // Keys (signing key, registration secret) are made when the homeserver opens.
@@ -227,6 +233,10 @@ pub fn apply_to_config(base: &str, p: &Preseed) -> anyhow::Result<String> {
             peers.push(t);
         }
         table(hs, "federation")?["peers"] = Item::ArrayOfTables(peers);
+    }
+    if p.vpn_exit_conf.is_some() {
+        // The hotspot's traffic leaves through the exit: the gateway must run.
+        table(root, "wireguard")?["enabled"] = value(true);
     }
     let hotspot = table(root, "hotspot")?;
     hotspot["ssid"] = value(&p.wifi.ssid);
@@ -322,7 +332,7 @@ mod tests {
                 token: "welcome-to-kommuna".into(),
                 uses: 5,
             }),
-            vpn_exit_conf: Some("[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nEndpoint = 192.0.2.1:51820\n".into()),
+            vpn_exit_conf: Some("[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nAddress = 10.9.0.2/32\n[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n".into()),
             peers: vec!["a.example".into(), "10.8.0.2:8009=http://10.8.0.2:8009".into()],
         }
     }
@@ -409,7 +419,18 @@ mod tests {
             fs::read_to_string(b.data.join("timezone")).unwrap(),
             "Asia/Almaty\n"
         );
-        assert!(b.data.join("wireguard/exit.conf").exists());
+        assert!(
+            setup.wireguard.enabled,
+            "a pre-seeded exit switches the gateway on"
+        );
+        let exit = secta_wireguard::Store::open(&b.data)
+            .unwrap()
+            .exit()
+            .unwrap();
+        assert_eq!(
+            exit.unwrap().peers[0].endpoint.as_ref().unwrap().port,
+            51820
+        );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&b.config).unwrap().permissions().mode() & 0o777,
@@ -476,6 +497,21 @@ mod tests {
             panic!()
         };
         assert_eq!(reasons.len(), 2, "{reasons:?}");
+        // A VPN exit the gateway would refuse is named too (without its key).
+        let mut bad_exit = preseed();
+        bad_exit.vpn_exit_conf =
+            Some("[Interface]\nPrivateKey yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n".into());
+        fs::write(b.boot.join(FILE_NAME), bad_exit.to_toml()).unwrap();
+        let Outcome::NeedsSetup { reasons } = go(&b) else {
+            panic!()
+        };
+        assert!(
+            reasons[0].starts_with("VPN exit .conf: line 2"),
+            "{reasons:?}"
+        );
+        assert!(!reasons[0].contains("yAnz5"));
+        fs::write(b.boot.join(FILE_NAME), bad.to_toml()).unwrap();
+        go(&b);
         let report = fs::read_to_string(b.boot.join(RESULT_FILE_NAME)).unwrap();
         assert!(
             report.contains("SSID") && report.contains("country"),
