@@ -171,6 +171,7 @@ const ru = {
     radio_on_air: "радио в эфире",
     hotspot_clients: "подключённые к точке доступа",
   } as Record<string, string>,
+  setupNeeded: "Коробка ещё не настроена: при первом запуске не нашлось годных настроек. Она работает с настройками по умолчанию. Запишите настройки на карту программой secta-flash (secta-flash preseed …) и перезапустите коробку. Причина:",
 };
 
 const en: typeof ru = {
@@ -343,6 +344,7 @@ const en: typeof ru = {
     radio_on_air: "radio on air",
     hotspot_clients: "connected to the hotspot",
   } as Record<string, string>,
+  setupNeeded: "This box is not set up yet: its first start found no usable settings, so it runs with defaults. Write the settings onto its card with secta-flash (secta-flash preseed …) and restart the box. Why:",
 };
 
 export const texts = { ru, en };

@@ -2,7 +2,7 @@ import { texts, type Lang, type Texts } from "./i18n";
 import { register, type RegisterResult } from "./matrix";
 import { el } from "./dom";
 
-type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string; panel?: string; about?: string; rules?: string };
+type BoxInfo = { box_name: string; homeserver: string; server_name: string; accepted: boolean; radio?: string; panel?: string; setup_needed?: string; about?: string; rules?: string };
 
 const app = document.getElementById("app")!;
 let lang: Lang = (localStorage.getItem("lang") as Lang) || "ru";
@@ -45,7 +45,11 @@ async function render(info: BoxInfo) {
     localStorage.setItem("lang", lang);
     render(info);
   };
-  app.append(switcher, el("h1", {}, `${t.welcome} — ${info.box_name}`), paragraphs(info.about, t.about, "about"), paragraphs(info.rules, t.rules, "rules"));
+  app.append(switcher, el("h1", {}, `${t.welcome} — ${info.box_name}`));
+  if (info.setup_needed) {
+    app.append(el("p", { id: "setup-needed", role: "alert" }, t.setupNeeded, " ", el("code", {}, info.setup_needed)));
+  }
+  app.append(paragraphs(info.about, t.about, "about"), paragraphs(info.rules, t.rules, "rules"));
 
   const connect = el("section", { id: "connect" });
   if (info.accepted) {

@@ -39,7 +39,7 @@ async function waitFor(url, ms = 30000) {
 }
 
 // Starts `secta demo` with the portal; skips (loudly) without Chromium.
-async function startBox(t, extra = [], preData = null) {
+async function startBox(t, extra = [], preData = null, prepare = null) {
   if (!existsSync(chromium)) {
     console.log(`SKIPPED: browser test (${chromium} not installed)`);
     t.skip(`${chromium} not installed`);
@@ -49,6 +49,7 @@ async function startBox(t, extra = [], preData = null) {
   assert.ok(existsSync(join(repo, "web-ui/dist/index.html")), "web-ui is not built (npm run build)");
   const { chromium: pw } = await import("playwright-core");
   const data = preData || mkdtempSync(join(tmpdir(), "secta-web-"));
+  if (prepare) prepare(data);
   const [hsPort, portalPort] = [await freePort(), await freePort()];
   if (preData) {
     // A box whose config names the members' VPN endpoint (the gateway itself stays off).
@@ -546,4 +547,24 @@ test("virtual panel: the strip shows the box, holding Panic counts down and wipe
   assert.ok(colors.every((c) => c === colors[0] && c !== "#000000"), colors.join(" "));
   assert.ok(!existsSync(join(data, "data.key")), "the key file is gone");
   assert.ok(!existsSync(join(data, "homeserver.db")), "the database is gone");
+});
+
+test("a box that found no first-boot settings says so on its welcome page", async (t) => {
+  // What `secta firstboot` leaves when the card had no usable pre-seed file.
+  const why = "no secta-preseed.toml on the boot partition";
+  const started_box = await startBox(t, [], null, (data) => writeFileSync(join(data, "setup-needed"), why));
+  if (!started_box) return;
+  const { portalPort, browser } = started_box;
+  const info = await (await fetch(`http://127.0.0.1:${portalPort}/box.json`)).json();
+  assert.equal(info.setup_needed, why);
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  await page.goto(`http://127.0.0.1:${portalPort}/`, { waitUntil: "load" });
+  await page.waitForSelector("#setup-needed");
+  const text = await page.textContent("#setup-needed");
+  assert.match(text, /Коробка ещё не настроена/);
+  assert.ok(text.includes(why));
+  await page.click("#lang");
+  await page.waitForFunction(() => document.querySelector("#setup-needed")?.textContent?.includes("not set up yet"));
+  // The rest of the page still works: registration is there.
+  assert.ok(await page.$("form#register"));
 });

@@ -79,13 +79,27 @@ impl Hs {
     ) -> MxResult<String> {
         let token = random_string(16);
         let expiry = expires_in.map(|d| now_ms() as i64 + d.as_millis() as i64);
-        self.db.write(|w| {
-            w.tx.execute(
-                "INSERT INTO registration_tokens(token, uses_allowed, expiry_ts, created_ts) VALUES(?1,?2,?3,?4)",
-                params![token, uses.map(i64::from), expiry, now_ms() as i64],
-            )
-        })?;
+        if !self.admin_add_invite(&token, uses.map(i64::from), expiry)? {
+            return Err(MxError::unknown("generated invite token already exists"));
+        }
         Ok(token)
+    }
+
+    /// Adds the invite token `token` (chosen by the caller, e.g. pre-seeded at
+    /// first boot) for `uses` registrations (None: unlimited) until `expiry_ts`
+    /// (ms). False when the token already exists (it is left as it was).
+    pub fn admin_add_invite(
+        &self,
+        token: &str,
+        uses: Option<i64>,
+        expiry_ts: Option<i64>,
+    ) -> MxResult<bool> {
+        Ok(self.db.write(|w| {
+            w.tx.execute(
+                "INSERT OR IGNORE INTO registration_tokens(token, uses_allowed, expiry_ts, created_ts) VALUES(?1,?2,?3,?4)",
+                params![token, uses, expiry_ts, now_ms() as i64],
+            )
+        })? > 0)
     }
 
     pub fn admin_list_invites(&self) -> MxResult<Vec<Invite>> {
@@ -442,13 +456,7 @@ pub async fn new_token(
         }
         None => random_string(body.length.unwrap_or(16).clamp(1, 64)),
     };
-    let inserted = hs.db.write(|w| {
-        w.tx.execute(
-            "INSERT OR IGNORE INTO registration_tokens(token, uses_allowed, expiry_ts, created_ts) VALUES(?1,?2,?3,?4)",
-            params![token, body.uses_allowed, body.expiry_time, now_ms() as i64],
-        )
-    })?;
-    if inserted == 0 {
+    if !hs.admin_add_invite(&token, body.uses_allowed, body.expiry_time)? {
         return Err(MxError::invalid_param("This token already exists"));
     }
     Ok(axum::Json(token_json(&find_token(&hs, &token)?)))

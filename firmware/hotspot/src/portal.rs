@@ -157,6 +157,9 @@ pub struct WebUi {
     pub radio: Option<String>,
     /// The panel's HTTP endpoint (virtual strip and buttons, duress wipe), if served.
     pub panel: Option<String>,
+    /// Why the box is not set up yet (first boot found no usable pre-seed), if so;
+    /// the welcome page says it.
+    pub setup_needed: Option<String>,
 }
 
 fn unix_ms() -> u64 {
@@ -679,6 +682,9 @@ async fn handle(
                     }
                     if let Some(p) = &w.panel {
                         body["panel"] = json!(p);
+                    }
+                    if let Some(why) = &w.setup_needed {
+                        body["setup_needed"] = json!(why);
                     }
                 }
                 let mut r = Response::new(Body::from(body.to_string()));

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use secta_homeserver::{HomeserverConfig, Hs};
 use secta_runtime::{BoxConfig, ConfigFile, Shutdown};
 
+mod firstboot;
 mod panel;
 mod radio_bot;
 mod vpn;
@@ -78,6 +79,19 @@ enum Cmd {
     },
     /// Print a config file with every default.
     DefaultConfig,
+    /// First boot: apply the pre-seed file from the boot partition once (run by
+    /// the box's init before `run`); without a usable one the box starts in setup.
+    Firstboot {
+        /// Where the FAT boot partition is mounted (read-write).
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
+        /// The config file to write (on the data partition).
+        #[arg(long, default_value = "/data/secta.toml")]
+        config: PathBuf,
+        /// The image's default config the pre-seed is applied to.
+        #[arg(long, default_value = "/etc/secta/secta.toml")]
+        template: PathBuf,
+    },
     /// Print the hostapd, dnsmasq or nftables configuration the box would apply.
     HotspotConfig {
         #[arg(
@@ -403,6 +417,31 @@ fn main() -> anyhow::Result<()> {
             print!("{}", default_config_text());
             Ok(())
         }
+        Cmd::Firstboot {
+            boot,
+            config,
+            template,
+        } => {
+            secta_runtime::init_logging("info", false);
+            match firstboot::run(&boot, &config, Some(&template), &default_config_text())? {
+                firstboot::Outcome::Applied { admin } => {
+                    println!("secta firstboot: settings applied, admin {admin}")
+                }
+                firstboot::Outcome::AlreadyDone { removed_preseed } => println!(
+                    "secta firstboot: already set up{}",
+                    if removed_preseed {
+                        " (a new pre-seed file was removed unapplied)"
+                    } else {
+                        ""
+                    }
+                ),
+                firstboot::Outcome::NeedsSetup { reasons } => println!(
+                    "secta firstboot: NOT SET UP, starting in first-boot setup: {}",
+                    reasons.join("; ")
+                ),
+            }
+            Ok(())
+        }
         Cmd::Vpn {
             cmd:
                 VpnTopCmd::Up {
@@ -623,6 +662,12 @@ fn tune_allocator() {
 /// work; start the services; "ready". A wipe stops the services and the box
 /// then shows "wiped" until it is stopped.
 fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+    if let Some(why) = firstboot::setup_needed(&setup.boxcfg.data_dir) {
+        tracing::warn!(
+            reasons = %why.replace('\n', "; "),
+            "the box is not set up: no usable first-boot settings; running with defaults"
+        );
+    }
     // Boxes linked over WireGuard are federation peers at their link address.
     for (server_name, url) in vpn::link_peers(&setup.wireguard, &setup.boxcfg.data_dir)? {
         if !setup
@@ -771,6 +816,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                     server_name: setup.hs.server_name.clone(),
                     radio: radio_web,
                     panel: setup.panel_listen.map(|a| format!("http://{a}")),
+                    setup_needed: firstboot::setup_needed(&setup.boxcfg.data_dir),
                 });
             }
             portal_handle = Some(portal.clone());

@@ -406,6 +406,26 @@ impl Store {
     }
 }
 
+/// Why `text` cannot be the upstream exit's `.conf` (None: it can), in words
+/// that never quote a key (the pre-seed's checks show this to people and logs).
+pub fn exit_conf_problem(text: &str) -> Option<String> {
+    match WgConf::parse(text) {
+        Err(e) => {
+            let key_line = e.line > 0
+                && text.lines().nth(e.line - 1).is_some_and(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.contains("privatekey") || l.contains("presharedkey")
+                });
+            Some(if key_line {
+                format!("line {}: the key is not valid", e.line)
+            } else {
+                e.to_string()
+            })
+        }
+        Ok(c) => check_exit(&c).err().map(|e| format!("{e:#}")),
+    }
+}
+
 /// An exit `.conf` must have one peer with an endpoint, routing IPv4 everywhere,
 /// and an IPv4 address for this end.
 pub fn check_exit(c: &WgConf) -> anyhow::Result<()> {
@@ -435,6 +455,18 @@ pub fn check_exit(c: &WgConf) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_conf_problems_never_quote_a_key() {
+        let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+        let good = format!("[Interface]\nPrivateKey = {key}\nAddress = 10.9.0.2/32\n[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n");
+        assert_eq!(exit_conf_problem(&good), None);
+        let garbled = good.replace("PrivateKey = ", "PrivateKey ");
+        let p = exit_conf_problem(&garbled).unwrap();
+        assert!(p.starts_with("line 2") && !p.contains(key), "{p}");
+        let no_route = good.replace("0.0.0.0/0", "10.0.0.0/8");
+        assert!(exit_conf_problem(&no_route).unwrap().contains("AllowedIPs"));
+    }
 
     #[test]
     fn members_are_added_listed_changed_and_removed() {

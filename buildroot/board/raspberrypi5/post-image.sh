@@ -1,0 +1,3 @@
+#!/bin/sh
+set -eu
+exec "$(dirname "$0")/../common/post-image.sh" "$1" "$(cd "$(dirname "$0")" && pwd)" secta-raspberrypi5.img
