@@ -10,10 +10,9 @@
 # BOOT_TIMEOUT (seconds per boot, default 300), KEEP=1 keeps the work folder,
 # BOOT_JSON=FILE writes the measured boot times there (for the bench).
 #
-# Panic wipe hook: when tests/image/wipe-hook.sh exists, it must define
-# `panic_wipe BASE_URL ADMIN_TOKEN` that makes the running box wipe itself (the
-# admin API or whatever the wipe work provides). The test then boots again and
-# expects the box back in first-boot setup ("not set up" on the ready line).
+# Last, the admin's duress wipe through the panel's endpoint (port 8090 in the
+# image's config): the box must come back in first-boot setup ("not set up" on
+# the ready line) with the old accounts gone.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -87,12 +86,14 @@ mt secta-preseed.toml | grep -q 'server_name = "box.test"' && ok "the pre-seed i
 # --- boot ------------------------------------------------------------------------------
 PORT=$((20000 + RANDOM % 20000))
 BASE=http://127.0.0.1:$PORT
+PANEL_PORT=$((PORT + 1))
+PANEL=http://127.0.0.1:$PANEL_PORT
 boot() { # $1: console log file
   : >"$1"
   BOOT_T0=$(date +%s.%N)
   qemu-system-x86_64 -m 768 -smp 2 $ACCEL -nographic -monitor none -serial "file:$1" \
     -drive "file=$CARD,format=raw,if=virtio" \
-    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$PORT-:8008" -device virtio-net-pci,netdev=n0,romfile= \
+    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$PORT-:8008,hostfwd=tcp:127.0.0.1:$PANEL_PORT-:8090" -device virtio-net-pci,netdev=n0,romfile= \
     -no-reboot >"$WORK/qemu.out" 2>&1 &
   VM_PID=$!
   local i
@@ -194,22 +195,31 @@ fi
 rm -f "$CARD"
 CARD=$MAIN_CARD
 
-# --- the panic wipe (when that capability exists) --------------------------------------
-if [ -f "$HERE/wipe-hook.sh" ]; then
-  . "$HERE/wipe-hook.sh"
-  boot "$WORK/console-wipe.log" || bad "the box boots for the wipe"
+# --- the panic wipe: the admin's duress action ----------------------------------------------
+if boot "$WORK/console-wipe.log"; then
   ADMIN_TOKEN=$(login admin "$ADMIN_PW")
-  if panic_wipe "$BASE" "$ADMIN_TOKEN"; then ok "the panic wipe runs"; else bad "the panic wipe runs"; fi
+  code=$(curl -s -o /dev/null -w '%{http_code}' -XPOST "$PANEL/admin/wipe" -H 'Content-Type: application/json' -d '{"confirm":"wipe"}')
+  [ "$code" = 403 ] && ok "the duress wipe without an admin's token is refused (403)" || bad "the wipe without a token is refused (got $code)"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -XPOST "$PANEL/admin/wipe" -H "Authorization: Bearer $ALICE" -H 'Content-Type: application/json' -d '{"confirm":"wipe"}')
+  [ "$code" = 403 ] && ok "a member's token cannot wipe the box (403)" || bad "a member's token is refused (got $code)"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -XPOST "$PANEL/admin/wipe" -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' -d '{"confirm":"wipe"}')
+  if [ "$code" = 202 ]; then ok "the admin's duress wipe starts (202)"; else bad "the admin's duress wipe starts (got $code)"; fi
+  wiped=1
+  for _ in $(seq 1 60); do
+    curl -s "$PANEL/panel" | grep -q '"wiped"' && { wiped=0; break; }
+    sleep 0.5
+  done
+  [ $wiped = 0 ] && ok "the panel says the box is wiped" || bad "the panel says the box is wiped"
   power_cut
   if boot "$WORK/console3.log" && grep -a "SECTA READY" "$WORK/console3.log" | grep -q "not set up"; then
-    ok "after the wipe the box is back at first boot"
+    ok "after the wipe the box is back at first boot ($(grep -a 'SECTA READY' "$WORK/console3.log" | tr -d '\r'))"
   else
     bad "after the wipe the box is back at first boot"
   fi
   [ -z "$(login alice alice-password-1)" ] && ok "after the wipe the old account is gone" || bad "after the wipe the old account is gone"
+  [ -z "$(login admin "$ADMIN_PW")" ] && ok "after the wipe the old admin is gone" || bad "after the wipe the old admin is gone"
 else
-  echo "SKIPPED: panic wipe in the VM (no tests/image/wipe-hook.sh yet; see the comment at the top)"
-  ignored=$((ignored + 1))
+  bad "the box boots for the wipe"
 fi
 power_cut
 if [ -n "${BOOT_JSON:-}" ]; then

@@ -815,7 +815,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                     homeserver: setup.hs.base_url(),
                     server_name: setup.hs.server_name.clone(),
                     radio: radio_web,
-                    panel: setup.panel_listen.map(|a| format!("http://{a}")),
+                    panel: setup.panel_listen.map(web_panel_url),
                     setup_needed: firstboot::setup_needed(&setup.boxcfg.data_dir),
                 });
             }
@@ -1112,6 +1112,16 @@ fn web_radio_url(r: &secta_radio::RadioConfig) -> String {
         (Some(u), _) => u.trim_end_matches('/').to_owned(),
         (None, Ok(a)) if a.ip().is_unspecified() => format!(":{}", a.port()),
         _ => r.base_url(),
+    }
+}
+
+/// Where the web app finds the panel's endpoint: `:PORT` (the page's own host)
+/// when it listens on every address.
+fn web_panel_url(a: SocketAddr) -> String {
+    if a.ip().is_unspecified() {
+        format!(":{}", a.port())
+    } else {
+        format!("http://{a}")
     }
 }
 
