@@ -65,12 +65,16 @@ test("a phone joins the Wi-Fi: lease to portal page, measured in Chromium inside
   assert.ok(existsSync(secta), `secta binary missing at ${secta}`);
   const dir = mkdtempSync(join(tmpdir(), "secta-netns-web-"));
   const children = [];
-  const cleanup = () => {
+  const cleanup = async () => {
+    // SIGTERM first: the box stops its dnsmasq and removes its rules.
+    for (const c of children) c.kill("SIGTERM");
+    const end = Date.now() + 5000;
+    while (children.some((c) => c.exitCode === null && c.signalCode === null) && Date.now() < end) await new Promise((r) => setTimeout(r, 100));
     for (const c of children) c.kill("SIGKILL");
     for (const n of [BOX, PHONE]) run("ip", "netns", "del", n);
     rmSync(`/etc/netns/${PHONE}`, { recursive: true, force: true });
   };
-  cleanup();
+  await cleanup();
   t.after(cleanup);
   for (const n of [BOX, PHONE]) {
     must("ip", "netns", "add", n);

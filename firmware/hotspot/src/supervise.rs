@@ -66,10 +66,25 @@ pub async fn supervise(
             handle.update(|s| s.restarts += 1);
         }
         first = false;
-        let child = tokio::process::Command::new(&program)
-            .args(&args)
-            .kill_on_drop(true)
-            .spawn();
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        // If secta itself dies (killed, crashed), its hostapd and dnsmasq go
+        // with it rather than holding the Wi-Fi and DHCP for a restarted box.
+        // The signal follows the spawning thread: a runtime worker, which
+        // lives as long as the runtime.
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {

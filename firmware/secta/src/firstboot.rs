@@ -58,9 +58,15 @@ pub fn run(
     };
     // Only [box] is needed now: a template may be valid only once the pre-seed
     // is in (e.g. WPA3 without the passphrase yet).
-    let data = ConfigFile::parse(&base)?
+    let base_file = ConfigFile::parse(&base)?;
+    let data = base_file
         .section::<secta_runtime::BoxConfig>("box")?
         .data_dir;
+    // A wipe cut short by power loss is finished first: what it left is not
+    // a set-up box (and the marker says so even when `DONE_FILE` survived).
+    if let Ok(vault_cfg) = base_file.section::<secta_vault::VaultConfig>("vault") {
+        secta_vault::wipe::resume_if_needed(&vault_cfg, &data)?;
+    }
     let preseed_path = boot.join(FILE_NAME);
     let done = data.join(DONE_FILE);
 
@@ -152,8 +158,10 @@ pub fn run(
         secta_wireguard::Store::open(&data)?.set_exit(conf)?;
     }
 
-    // Keys (signing key, registration secret) are made when the homeserver opens.
-    let hs = secta_homeserver::Hs::open(setup.hs.clone(), &data)?;
+    // The data key first (everything is encrypted from its first write), then
+    // the homeserver's keys (signing key, registration secret) as it opens.
+    let vault = secta_vault::Vault::open(&setup.vault, &data)?;
+    let hs = secta_homeserver::Hs::open_with_vault(setup.hs.clone(), &data, vault)?;
     let admin = match hs.admin_create_user(&preseed.admin.username, &preseed.admin.password, true) {
         Ok(id) => id,
         Err(e) if e.errcode == "M_USER_IN_USE" => {
@@ -436,7 +444,10 @@ mod tests {
             fs::metadata(&b.config).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        let hs = secta_homeserver::Hs::open(setup.hs.clone(), &b.data).unwrap();
+        // Encrypted from the first write: the box's own start opens it.
+        assert!(secta_vault::audit(&setup.vault, &b.data).encrypted);
+        let vault = secta_vault::Vault::open(&setup.vault, &b.data).unwrap();
+        let hs = secta_homeserver::Hs::open_with_vault(setup.hs.clone(), &b.data, vault).unwrap();
         let users = hs.admin_list_users().unwrap();
         assert!(users
             .iter()
@@ -533,6 +544,42 @@ mod tests {
         fs::remove_file(b.data.join(DONE_FILE)).unwrap();
         fs::write(b.boot.join(FILE_NAME), preseed().to_toml()).unwrap();
         assert!(matches!(go(&b), Outcome::Applied { .. }));
+    }
+
+    #[test]
+    fn an_interrupted_wipe_is_finished_and_the_box_set_up_anew() {
+        let b = layout();
+        fs::write(b.boot.join(FILE_NAME), preseed().to_toml()).unwrap();
+        assert!(matches!(go(&b), Outcome::Applied { .. }));
+        // Power lost in the middle of a wipe: marker written, the done file
+        // (and the rest) not yet deleted.
+        fs::write(b.data.join(secta_vault::wipe::WIPE_MARKER), b"").unwrap();
+        assert!(b.data.join(DONE_FILE).exists());
+        let mut p = preseed();
+        p.admin.username = "second".into();
+        fs::write(b.boot.join(FILE_NAME), p.to_toml()).unwrap();
+        assert_eq!(
+            go(&b),
+            Outcome::Applied {
+                admin: "@second:kommuna.example".into()
+            }
+        );
+        assert!(!b.data.join(secta_vault::wipe::WIPE_MARKER).exists());
+        let cfg = fs::read_to_string(&b.config).unwrap();
+        let setup = crate::load_setup(&ConfigFile::parse(&cfg).unwrap()).unwrap();
+        let vault = secta_vault::Vault::open(&setup.vault, &b.data).unwrap();
+        let hs = secta_homeserver::Hs::open_with_vault(setup.hs.clone(), &b.data, vault).unwrap();
+        let users: Vec<String> = hs
+            .admin_list_users()
+            .unwrap()
+            .into_iter()
+            .map(|u| u.user_id)
+            .collect();
+        assert_eq!(
+            users,
+            ["@second:kommuna.example"],
+            "the old admin went with the wipe"
+        );
     }
 
     #[test]
