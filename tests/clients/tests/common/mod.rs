@@ -104,6 +104,8 @@ pub struct Secta {
     pub base_url: String,
     /// The federation TLS port, for a box started by [`Secta::start_pair`].
     pub tls_port: Option<u16>,
+    /// The arguments after `secta`, to start the box again ([`Secta::restart`]).
+    args: Vec<String>,
     log_path: PathBuf,
     // Keep last so the directory outlives the child (fields drop in order).
     data: tempfile::TempDir,
@@ -114,7 +116,7 @@ impl Secta {
     /// until `GET /_matrix/client/versions` answers 200.
     pub async fn start() -> Result<Secta> {
         let port = free_port()?;
-        let mut server = Secta::spawn("127.0.0.1", port, None, None)?;
+        let mut server = Secta::spawn("127.0.0.1", port, None, &[])?;
         server.wait_ready().await?;
         Ok(server)
     }
@@ -136,8 +138,8 @@ impl Secta {
     pub async fn start_pair() -> Result<(Secta, Secta)> {
         let (a_ports, b_ports) = (free_ports_at(IP_A, 2)?, free_ports_at(IP_B, 2)?);
         let (pa, ta, pb, tb) = (a_ports[0], a_ports[1], b_ports[0], b_ports[1]);
-        let mut a = Secta::spawn(IP_A, pa, Some(ta), Some((IP_B, pb, tb)))?;
-        let mut b = Secta::spawn(IP_B, pb, Some(tb), Some((IP_A, pa, ta)))?;
+        let mut a = Secta::spawn(IP_A, pa, Some(ta), &[(IP_B, pb, tb)])?;
+        let mut b = Secta::spawn(IP_B, pb, Some(tb), &[(IP_A, pa, ta)])?;
         a.wait_ready()
             .await
             .context("starting box A of the federating pair")?;
@@ -147,14 +149,65 @@ impl Secta {
         Ok((a, b))
     }
 
+    /// `n` boxes (2 ≤ n ≤ 8) on 127.0.0.2, 127.0.0.3, …, each federating
+    /// over TLS with all the others (a `--peer` for each).
+    pub async fn start_group(n: usize) -> Result<Vec<Secta>> {
+        let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
+        let ports = ips
+            .iter()
+            .map(|ip| free_ports_at(ip, 2))
+            .collect::<Result<Vec<_>>>()?;
+        let mut boxes = Vec::with_capacity(n);
+        for (i, ip) in ips.iter().enumerate() {
+            let others: Vec<(&str, u16, u16)> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| (ips[j].as_str(), ports[j][0], ports[j][1]))
+                .collect();
+            boxes.push(Secta::spawn(ip, ports[i][0], Some(ports[i][1]), &others)?);
+        }
+        for (i, b) in boxes.iter_mut().enumerate() {
+            b.wait_ready()
+                .await
+                .with_context(|| format!("starting box {i} of {n}"))?;
+        }
+        Ok(boxes)
+    }
+
+    /// Kill the box (as a power cut would); its data stays for [`Secta::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the stopped box again on the same data, addresses and peers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .context("opening the server log")?;
+        self.child = Some(
+            Command::new(&self.bin)
+                .args(&self.args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {} demo again", self.bin.display()))?,
+        );
+        self.wait_ready().await.context("restarting the box")
+    }
+
     /// Spawn `secta demo` on `ip:port` (client API), optionally serving
-    /// federation over TLS on `ip:tls_port` and knowing one peer box
+    /// federation over TLS on `ip:tls_port` and knowing the peer boxes
     /// `(peer address, peer client port, peer TLS port)`. Does not wait for it.
     fn spawn(
         ip: &str,
         port: u16,
         tls_port: Option<u16>,
-        peer: Option<(&str, u16, u16)>,
+        peers: &[(&str, u16, u16)],
     ) -> Result<Secta> {
         init_tracing();
         let bin = secta_bin();
@@ -176,26 +229,29 @@ impl Secta {
         let data_dir = data.path().join("data");
         std::fs::create_dir_all(&data_dir)?;
 
-        let mut cmd = Command::new(&bin);
-        cmd.arg("demo")
-            .arg("--data")
-            .arg(&data_dir)
-            .arg("--listen")
-            .arg(&listen);
+        let mut args: Vec<String> = vec![
+            "demo".into(),
+            "--data".into(),
+            data_dir.to_string_lossy().into_owned(),
+            "--listen".into(),
+            listen.clone(),
+        ];
         // The portal and radio on free ports of the box's own address.
         let side = free_ports_at(ip, 2)?;
-        cmd.arg("--portal-listen")
-            .arg(format!("{ip}:{}", side[0]))
-            .arg("--radio-listen")
-            .arg(format!("{ip}:{}", side[1]));
+        args.extend([
+            "--portal-listen".into(),
+            format!("{ip}:{}", side[0]),
+            "--radio-listen".into(),
+            format!("{ip}:{}", side[1]),
+        ]);
         if let Some(t) = tls_port {
-            cmd.arg("--federation-tls-listen").arg(format!("{ip}:{t}"));
+            args.extend(["--federation-tls-listen".into(), format!("{ip}:{t}")]);
         }
-        if let Some((pip, pp, pt)) = peer {
-            cmd.arg("--peer")
-                .arg(format!("{pip}:{pp}=https://{pip}:{pt}"));
+        for (pip, pp, pt) in peers {
+            args.extend(["--peer".into(), format!("{pip}:{pp}=https://{pip}:{pt}")]);
         }
-        let child = cmd
+        let child = Command::new(&bin)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -209,6 +265,7 @@ impl Secta {
             listen,
             base_url,
             tls_port,
+            args,
             log_path,
             data,
         })
