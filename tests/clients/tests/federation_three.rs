@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
 use matrix_sdk::room::MessagesOptions;
-use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::{OwnedServerName, RoomId, RoomOrAliasId, ServerName, UInt};
 use matrix_sdk::{Client, Room};
 
@@ -90,13 +89,7 @@ async fn scenario(boxes: &mut [Secta]) -> Result<()> {
     }
     let a_name: OwnedServerName = ServerName::parse(&boxes[0].listen)?;
 
-    let mut req = create_room::v3::Request::new();
-    req.preset = Some(create_room::v3::RoomPreset::PublicChat);
-    req.name = Some("Три коробки".to_owned());
-    let room = alice
-        .create_room(req)
-        .await
-        .at("POST /createRoom (public_chat) on box A")?;
+    let room = create_public_room(&alice, "Три коробки").await?;
     let rid = room.room_id().to_owned();
     join_via(&bob, &rid, &a_name).await?;
     send_text(&room, "до перерыва").await?;

@@ -65,7 +65,7 @@ fn free_port() -> Result<u16> {
 
 /// `n` distinct free ports on loopback address `ip`: all listeners are held
 /// until every port is picked, so the kernel cannot hand out the same one twice.
-fn free_ports_at(ip: &str, n: usize) -> Result<Vec<u16>> {
+pub fn free_ports_at(ip: &str, n: usize) -> Result<Vec<u16>> {
     let held = (0..n)
         .map(|_| TcpListener::bind((ip, 0)).context("binding an ephemeral port"))
         .collect::<Result<Vec<_>>>()?;
@@ -73,8 +73,8 @@ fn free_ports_at(ip: &str, n: usize) -> Result<Vec<u16>> {
 }
 
 /// The loopback addresses of the two federating boxes: each has its own.
-const IP_A: &str = "127.0.0.2";
-const IP_B: &str = "127.0.0.3";
+pub const IP_A: &str = "127.0.0.2";
+pub const IP_B: &str = "127.0.0.3";
 
 fn tail(path: &Path, max: usize) -> String {
     let mut s = String::new();
@@ -171,6 +171,22 @@ impl Secta {
                 .with_context(|| format!("starting box {i} of {n}"))?;
         }
         Ok(boxes)
+    }
+
+    /// Start one box on `ip:port` serving federation on `ip:tls` and knowing
+    /// `peers` (address, client port, the port its TLS is reached on), and
+    /// wait until it answers.
+    pub async fn start_at(
+        ip: &str,
+        port: u16,
+        tls: u16,
+        peers: &[(&str, u16, u16)],
+    ) -> Result<Secta> {
+        let mut b = Secta::spawn(ip, port, Some(tls), peers)?;
+        b.wait_ready()
+            .await
+            .with_context(|| format!("starting the box on {ip}"))?;
+        Ok(b)
     }
 
     /// Kill the box (as a power cut would); its data stays for [`Secta::restart`].
@@ -681,16 +697,7 @@ impl Pair {
             .await
             .at("POST /rooms/{roomId}/join (bob joins)")?;
 
-        let bob_uid = server.user_id("bob");
-        let rid = room_id.clone();
-        sync_until(&alice, "bob's join membership event", SEE_WITHIN, |r| {
-            timeline_and_state(r, &rid).iter().any(|e| {
-                e["type"] == "m.room.member"
-                    && e["state_key"] == bob_uid.as_str()
-                    && e["content"]["membership"] == "join"
-            })
-        })
-        .await?;
+        sync_until_member_joined(&alice, &room_id, &server.user_id("bob"), SEE_WITHIN).await?;
         let rid = room_id.clone();
         sync_until(&bob, "the joined room in bob's sync", SEE_WITHIN, |r| {
             r.rooms.joined.contains_key(&rid)
@@ -949,4 +956,32 @@ pub async fn send_text(room: &matrix_sdk::Room, text: &str) -> Result<OwnedEvent
         .at("PUT /rooms/{roomId}/send/m.room.message/{txnId}")?
         .response
         .event_id)
+}
+
+/// Sync `client` until `user`'s join to the room shows in its timeline or state.
+pub async fn sync_until_member_joined(
+    client: &Client,
+    rid: &RoomId,
+    user: &str,
+    within: Duration,
+) -> Result<()> {
+    sync_until(client, &format!("{user}'s join"), within, |r| {
+        timeline_and_state(r, rid).iter().any(|e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == user
+                && e["content"]["membership"] == "join"
+        })
+    })
+    .await
+}
+
+/// `POST /createRoom` with the `public_chat` preset and a name.
+pub async fn create_public_room(client: &Client, name: &str) -> Result<matrix_sdk::Room> {
+    let mut req = create_room::v3::Request::new();
+    req.preset = Some(create_room::v3::RoomPreset::PublicChat);
+    req.name = Some(name.to_owned());
+    client
+        .create_room(req)
+        .await
+        .at("POST /createRoom (public_chat)")
 }
