@@ -74,6 +74,10 @@ struct Args {
     /// Keep the spawned server's data directory (and its server.log) instead of deleting it.
     #[arg(long, requires = "spawn")]
     keep_data: bool,
+    /// Spawn `BIN run` with only the homeserver (no portal, radio or panel, which `demo`
+    /// also starts): the Matrix server alone, as other homeservers are measured.
+    #[arg(long, requires = "spawn")]
+    homeserver_only: bool,
     /// Shared secret for /_synapse/admin/v1/register.
     #[arg(long, conflicts_with = "shared_secret_file")]
     shared_secret: Option<String>,
@@ -503,6 +507,7 @@ fn spawn_server(
     bin: &Path,
     dir: &Path,
     extra_hs_config: Option<&str>,
+    homeserver_only: bool,
 ) -> anyhow_lite::Result<(Child, String)> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
@@ -511,22 +516,31 @@ fn spawn_server(
         std::fs::File::create(dir.join("server.log")).map_err(|e| format!("server.log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("server.log: {e}"))?;
     let data = dir.join("data");
-    if let Some(extra) = extra_hs_config {
+    let config = data.join("secta.toml");
+    if extra_hs_config.is_some() || homeserver_only {
         std::fs::create_dir_all(&data).map_err(|e| format!("creating {}: {e}", data.display()))?;
-        let text = format!(
-            "# Written by secta-bench before the first start of `secta demo`.\n[box]\ndata_dir = {:?}\nname = \"Secta demo\"\n\n\
-             [homeserver]\nserver_name = {listen:?}\nlisten = {listen:?}\n{extra}\n",
-            data.to_string_lossy()
+        let mut text = format!(
+            "# Written by secta-bench before the first start.\n[box]\ndata_dir = {:?}\nname = \"Secta demo\"\n\n\
+             [homeserver]\nserver_name = {listen:?}\nlisten = {listen:?}\n{}\n",
+            data.to_string_lossy(),
+            extra_hs_config.unwrap_or("")
         );
-        std::fs::write(data.join("secta.toml"), text)
-            .map_err(|e| format!("writing secta.toml: {e}"))?;
+        if homeserver_only {
+            text.push_str("\n[hotspot]\nenabled = false\n\n[radio]\nenabled = false\n");
+        }
+        std::fs::write(&config, text).map_err(|e| format!("writing secta.toml: {e}"))?;
     }
-    let child = Command::new(bin)
-        .arg("demo")
-        .arg("--data")
-        .arg(&data)
-        .arg("--listen")
-        .arg(&listen)
+    let mut cmd = Command::new(bin);
+    if homeserver_only {
+        cmd.arg("run").arg("--config").arg(&config);
+    } else {
+        cmd.arg("demo")
+            .arg("--data")
+            .arg(&data)
+            .arg("--listen")
+            .arg(&listen);
+    }
+    let child = cmd
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log)
@@ -1452,7 +1466,7 @@ async fn run(args: Args, started: Instant) -> i32 {
         // per-address limit (burst 10, 0.5/s) would make that take minutes, so the spawned
         // server gets a higher one. Other scenarios use the defaults.
         let extra = (args.scenario == Scenario::Keys).then_some(SPAWN_KEYS_CONFIG);
-        let (child, url) = match spawn_server(bin, &dir, extra) {
+        let (child, url) = match spawn_server(bin, &dir, extra, args.homeserver_only) {
             Ok(x) => x,
             Err(e) => {
                 eprintln!("secta-bench: {e}");
