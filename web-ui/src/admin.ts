@@ -114,6 +114,28 @@ async function statusPage({ t, token, root }: Ctx) {
     ),
     el("p", { class: "sys" }, `${s.box_name} · ${t.version} ${s.version} · ${t.uptime} ${Math.round(s.uptime_secs / 60)} ${t.minutes}`),
   );
+  // The duress action: typed confirmation, then the box wipes itself (key first).
+  const word = el("input", { name: "wipe-confirm", autocomplete: "off" });
+  const button = el("button", { type: "submit", class: "danger" }, t.wipeButton);
+  const said = el("p", { id: "wipe-status", role: "status" });
+  const form = el("form", { id: "wipe-form" }, el("h2", {}, t.wipeTitle), el("p", {}, t.wipeExplain), el("label", {}, t.wipeConfirm, el("br"), word), " ", button, said);
+  form.onsubmit = async (e) => {
+    e.preventDefault();
+    if (word.value.trim() !== "wipe") {
+      said.textContent = t.wipeConfirm;
+      return;
+    }
+    button.disabled = true;
+    const r = await call(token, "POST", "/api/admin/wipe", { confirm: "wipe" });
+    if (r.status === 202) {
+      said.textContent = t.wipeStarted;
+      sessionStorage.removeItem(KEY);
+    } else {
+      said.textContent = `${t.wipeRefused} ${r.json.error ?? r.status}`;
+      button.disabled = false;
+    }
+  };
+  root.append(form);
 }
 
 async function hotspotPage({ t, token, root, status }: Ctx) {

@@ -278,6 +278,24 @@ test("newcomer accepts and registers in the browser; the admin pages", async (t)
   await admin.click("#vpn-table button.peer-remove");
   await admin.waitForFunction(() => !document.querySelector("#vpn-table"));
   assert.doesNotMatch(execFileSync(secta, ["admin", "--data", data, "vpn", "peers", "list"]).toString(), /маша/);
+
+  // Last, the duress wipe from the status page. A member's token cannot; a
+  // missing confirmation word wipes nothing; the admin's typed "wipe" does.
+  const wipeApi = `http://127.0.0.1:${portalPort}/api/admin/wipe`;
+  const asMember = await fetch(wipeApi, { method: "POST", headers: { authorization: `Bearer ${memberToken}`, "content-type": "application/json" }, body: '{"confirm":"wipe"}' });
+  assert.equal(asMember.status, 403);
+  await open("status");
+  await admin.fill("input[name=wipe-confirm]", "стереть");
+  await admin.click("#wipe-form button[type=submit]");
+  await statusHas(admin, "#wipe-status", "введите слово wipe");
+  assert.ok(existsSync(join(data, "data.key")), "nothing wiped without the word");
+  await admin.fill("input[name=wipe-confirm]", "wipe");
+  await admin.click("#wipe-form button[type=submit]");
+  await statusHas(admin, "#wipe-status", "Стирание началось");
+  await admin.screenshot({ path: join(shots, "14-admin-wiped.png"), fullPage: true });
+  for (let i = 0; i < 100 && (existsSync(join(data, "data.key")) || existsSync(join(data, "homeserver.db"))); i++) await new Promise((r) => setTimeout(r, 100));
+  assert.ok(!existsSync(join(data, "data.key")), "the key file is gone");
+  assert.ok(!existsSync(join(data, "homeserver.db")), "the database is gone");
 });
 
 // Logs in to the web chat in a fresh browser profile and waits until the

@@ -48,6 +48,8 @@ pub struct Web {
     joins: Mutex<rusqlite::Connection>,
     attempts: Mutex<HashMap<String, VecDeque<Instant>>>,
     started: Instant,
+    /// The panic wipe, for the admin's duress action.
+    wiper: Option<crate::panel::Wiper>,
 }
 
 fn err(status: StatusCode, errcode: &str, error: impl Into<String>) -> Response {
@@ -125,6 +127,7 @@ impl Web {
         radio: Option<String>,
         wireguard: WireguardConfig,
         vault: Option<&secta_vault::Vault>,
+        wiper: Option<crate::panel::Wiper>,
     ) -> anyhow::Result<Arc<Self>> {
         let db = rusqlite::Connection::open(data.join("portal.db"))?;
         // Who joined from which device is personal data: encrypted under the
@@ -161,6 +164,7 @@ impl Web {
             joins: Mutex::new(db),
             attempts: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            wiper,
         }))
     }
 
@@ -176,6 +180,7 @@ impl Web {
             )
             .route("/api/admin/clients", get(clients))
             .route("/api/admin/members", get(members))
+            .route("/api/admin/wipe", post(wipe))
             .route("/api/admin/vpn", get(vpn_list).post(vpn_add))
             .route("/api/admin/vpn/{name}/{action}", post(vpn_action))
             .route(
@@ -925,4 +930,40 @@ mod tests {
         assert!(password_problem("anya", "длинный пароль").is_none());
         assert!(password_problem("anya", "correct horse").is_none());
     }
+}
+
+/// The admin's duress action: `POST /api/admin/wipe` with `{"confirm": "wipe"}`.
+/// The wipe runs on its own thread (key first); the answer comes before it ends.
+async fn wipe(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    let admin = match web.admin(&headers) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    if body.as_ref().and_then(|b| b["confirm"].as_str()) != Some("wipe") {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "Send {\"confirm\": \"wipe\"} to wipe the box",
+        );
+    }
+    let Some(wiper) = &web.wiper else {
+        return err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNKNOWN",
+            "The wipe is not available in this process",
+        );
+    };
+    if wiper.started() {
+        return err(
+            StatusCode::CONFLICT,
+            "M_UNKNOWN",
+            "The box is already being wiped",
+        );
+    }
+    wiper.request(format!("admin duress action by {admin} (web app)"));
+    (StatusCode::ACCEPTED, Json(json!({"wipe": "started"}))).into_response()
 }
