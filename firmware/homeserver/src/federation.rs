@@ -2400,39 +2400,50 @@ impl Hs {
 
 // ---- TLS listener ----
 
-/// Loads the configured certificate, or makes (once) a self-signed one for the server name.
+/// Loads the configured certificate, or makes (once) a self-signed one for the
+/// server name, its key stored like the signing key (under the data key when
+/// the box encrypts; one from before encryption is replaced).
 fn tls_config(hs: &Hs) -> anyhow::Result<rustls::ServerConfig> {
     use anyhow::Context;
     let fed = &hs.config.federation;
-    let (cert_path, key_path) = match (&fed.tls_cert, &fed.tls_key) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
+    let (cert_pem, key_pem, key_path) = match (&fed.tls_cert, &fed.tls_key) {
+        (Some(c), Some(k)) => (
+            std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+            std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+            k.clone(),
+        ),
         _ => {
             let c = hs.data_dir.join("federation-tls.crt");
             let k = hs.data_dir.join("federation-tls.key");
-            if !c.exists() || !k.exists() {
-                let host = hs
-                    .server_name
-                    .host()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned();
-                let cert = rcgen::generate_simple_self_signed(vec![host])
-                    .context("making a self-signed certificate")?;
-                std::fs::write(&c, cert.cert.pem())?;
-                secta_runtime::write_secret_file(&k, cert.signing_key.serialize_pem().as_bytes())?;
+            let secrets = crate::Secrets(hs.vault.as_deref());
+            let existing = match (std::fs::read(&c), secrets.read(&k)) {
+                (Ok(cert), Ok(Some(key))) => Some((cert, key.into_bytes())),
+                _ => None,
+            };
+            match existing {
+                Some((cert, key)) => (cert, key, k),
+                None => {
+                    let host = hs
+                        .server_name
+                        .host()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned();
+                    let cert = rcgen::generate_simple_self_signed(vec![host])
+                        .context("making a self-signed certificate")?;
+                    let key = cert.signing_key.serialize_pem();
+                    secrets.write(&k, &key)?;
+                    std::fs::write(&c, cert.cert.pem())?;
+                    (cert.cert.pem().into_bytes(), key.into_bytes(), k)
+                }
             }
-            (c, k)
         }
     };
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(
-        &cert_path,
-    )?))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("reading {}", cert_path.display()))?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(
-        &key_path,
-    )?))?
-    .with_context(|| format!("no private key in {}", key_path.display()))?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the federation TLS certificate")?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())?
+        .with_context(|| format!("no private key in {}", key_path.display()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

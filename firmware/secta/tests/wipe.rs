@@ -40,6 +40,11 @@ fn start_box(data: &Path, env: &[(&str, &str)]) -> Box_ {
         .args(["--portal-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--radio-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--panel-listen", &format!("127.0.0.1:{panel_port}")])
+        // Federation over TLS too: its self-signed key is made on first start.
+        .args([
+            "--federation-tls-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
@@ -251,7 +256,16 @@ fn encrypted_box_wipes_under_load_into_first_boot_state() {
             "a user id in the clear in {}",
             p.display()
         );
+        assert!(
+            !contains(bytes, b"PRIVATE KEY"),
+            "a private key in the clear in {}",
+            p.display()
+        );
     }
+    assert!(
+        files.iter().any(|(p, _)| p.ends_with("federation-tls.key")),
+        "the federation TLS key was made"
+    );
     assert!(!opens_as_database(&data.join("homeserver.db")));
 
     // Clients keep sending while the panic button is held.

@@ -38,43 +38,57 @@ pub fn dnsmasq_missing() -> Option<String> {
 /// Starts dnsmasq on 127.0.0.1 (a free port) with `records` (dnsmasq options
 /// such as `--srv-host=…` and `--host-record=…`); TTL of local answers `ttl`.
 pub fn dnsmasq(dir: &Path, ttl: u32, records: &[String]) -> Dnsmasq {
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = dir.join(format!("dnsmasq-{port}.log"));
-    let child = Command::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--no-poll",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--local=/test/",
-            "--pid-file=",
-            "--user=root",
-            "--log-queries",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(format!("--local-ttl={ttl}"))
-        .arg(format!("--log-facility={}", log.display()))
-        .args(records)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn dnsmasq");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("started")) {
-        assert!(Instant::now() < deadline, "dnsmasq did not start");
-        std::thread::sleep(Duration::from_millis(20));
+    // A port free for UDP may be taken for TCP (dnsmasq binds both): when
+    // dnsmasq exits at start, try another port (bounded).
+    for _ in 0..5 {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        let log = dir.join(format!("dnsmasq-{port}.log"));
+        let mut child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--local=/test/",
+                "--pid-file=",
+                "--user=root",
+                "--log-queries",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--local-ttl={ttl}"))
+            .arg(format!("--log-facility={}", log.display()))
+            .args(records)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dnsmasq");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::fs::read_to_string(&log).is_ok_and(|l| l.contains("started")) {
+                return Dnsmasq {
+                    child,
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                };
+            }
+            if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    Dnsmasq {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-    }
+    panic!("dnsmasq did not start on any of 5 ports");
 }
 
 /// A test certificate authority.
