@@ -135,9 +135,9 @@ curl -sf "$BASE/_matrix/client/versions" | grep -q '"versions"' && ok "the homes
   || bad "the homeserver answers through the forwarded port"
 ADMIN_TOKEN=$(login admin "$ADMIN_PW")
 [ -n "$ADMIN_TOKEN" ] && ok "the pre-seeded admin logs in with the one-time password" || bad "the pre-seeded admin logs in"
-session=$(curl -s -XPOST "$BASE/_matrix/client/v3/register" -d '{"username":"alice","password":"alice-password-1"}' | json session)
+session=$(curl -s -XPOST "$BASE/_matrix/client/v3/register" -d '{"username":"alice","password":"tulip-harbor-41"}' | json session)
 ALICE=$(curl -s -XPOST "$BASE/_matrix/client/v3/register" \
-  -d "{\"username\":\"alice\",\"password\":\"alice-password-1\",\"auth\":{\"type\":\"m.login.registration_token\",\"token\":\"$INVITE\",\"session\":\"$session\"}}" | json access_token)
+  -d "{\"username\":\"alice\",\"password\":\"tulip-harbor-41\",\"auth\":{\"type\":\"m.login.registration_token\",\"token\":\"$INVITE\",\"session\":\"$session\"}}" | json access_token)
 [ -n "$ALICE" ] && ok "a member registers with the pre-seeded invite" || bad "a member registers with the pre-seeded invite"
 ROOM=$(curl -s -XPOST -H "Authorization: Bearer $ALICE" "$BASE/_matrix/client/v3/createRoom" -d '{"name":"boot test"}' | json room_id)
 BODY="привет из виртуальной коробки $RANDOM"
@@ -167,7 +167,7 @@ if grep -aE "EXT4-fs.*(error|warning)|I/O error" "$WORK/console1.log" "$WORK/con
 else
   ok "the data file system comes through the power cut without errors (journal)"
 fi
-ALICE=$(login alice alice-password-1)
+ALICE=$(login alice tulip-harbor-41)
 curl -s -H "Authorization: Bearer $ALICE" "$BASE/_matrix/client/v3/rooms/$ROOM/messages?dir=b&limit=20" | grep -qF "$BODY" \
   && ok "the message is still there after the power cut" || bad "the message is still there after the power cut"
 login admin "$ADMIN_PW" | grep -q . && ok "the admin still logs in" || bad "the admin still logs in"
@@ -216,7 +216,7 @@ if boot "$WORK/console-wipe.log"; then
   else
     bad "after the wipe the box is back at first boot"
   fi
-  [ -z "$(login alice alice-password-1)" ] && ok "after the wipe the old account is gone" || bad "after the wipe the old account is gone"
+  [ -z "$(login alice tulip-harbor-41)" ] && ok "after the wipe the old account is gone" || bad "after the wipe the old account is gone"
   [ -z "$(login admin "$ADMIN_PW")" ] && ok "after the wipe the old admin is gone" || bad "after the wipe the old admin is gone"
 else
   bad "the box boots for the wipe"

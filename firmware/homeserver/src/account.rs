@@ -445,6 +445,21 @@ pub async fn register(
     if taken {
         return Err(MxError::user_in_use("User ID already taken"));
     }
+    // Checked before any auth step, so a client hears of it at once.
+    if hs.config.password_policy {
+        if let Some((_, why)) = body
+            .password
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .and_then(|p| password_problem(&localpart, p))
+        {
+            return Err(MxError::new(
+                StatusCode::BAD_REQUEST,
+                "M_WEAK_PASSWORD",
+                why,
+            ));
+        }
+    }
     let flows = hs.registration_flows();
     let Some(auth) = &body.auth else {
         let s = hs.new_uia_session();
@@ -690,6 +705,15 @@ pub async fn change_password(
             "M_WEAK_PASSWORD",
             "Password must be 1 to 512 characters",
         ));
+    }
+    if hs.config.password_policy {
+        if let Some((_, why)) = password_problem(auth.user_id.localpart(), &body.new_password) {
+            return Err(MxError::new(
+                StatusCode::BAD_REQUEST,
+                "M_WEAK_PASSWORD",
+                why,
+            ));
+        }
     }
     let hash = hash_password_async(body.new_password).await?;
     hs.db.write(|w| {
@@ -989,4 +1013,48 @@ pub async fn user_directory_search(
     Ok(axum::Json(
         json!({ "results": results, "limited": limited }),
     ))
+}
+
+/// Why a password is too weak, as a short code the web app words in the
+/// member's language, with an English sentence for other clients.
+pub fn password_problem(username: &str, password: &str) -> Option<(&'static str, &'static str)> {
+    const COMMON: &[&str] = &[
+        "password",
+        "password1",
+        "passw0rd",
+        "12345678",
+        "123456789",
+        "1234567890",
+        "87654321",
+        "11111111",
+        "00000000",
+        "qwertyui",
+        "qwerty123",
+        "qwertyuiop",
+        "iloveyou",
+        "abcdefgh",
+        "1q2w3e4r",
+        "йцукенгш",
+        "пароль123",
+        "парольпароль",
+        "secta123",
+    ];
+    let lower = password.to_lowercase();
+    let chars: Vec<char> = password.chars().collect();
+    if chars.len() < 8 {
+        Some(("short", "The password must have at least 8 characters"))
+    } else if password.len() > 512 {
+        Some(("long", "The password must be at most 512 bytes"))
+    } else if username.chars().count() >= 3 && lower.contains(&username.to_lowercase()) {
+        Some(("username", "The password must not contain the username"))
+    } else if chars.iter().all(|c| *c == chars[0]) {
+        Some((
+            "repeated",
+            "The password must not be one character repeated",
+        ))
+    } else if COMMON.contains(&lower.as_str()) {
+        Some(("common", "This password is one of the most common ones"))
+    } else {
+        None
+    }
 }

@@ -15,6 +15,11 @@ pub struct HomeserverConfig {
     pub public_base_url: Option<String>,
     /// Allow registration without an invite token (`m.login.dummy`).
     pub open_registration: bool,
+    /// Refuse weak passwords at `/register` and password changes with
+    /// `M_WEAK_PASSWORD` (at least 8 characters, not the username, not one
+    /// character repeated, not one of the most common). The admin CLI and
+    /// shared-secret registration are the admin's own choice and not checked.
+    pub password_policy: bool,
     /// Shared secret for `/_synapse/admin/v1/register`. When unset, one is generated
     /// in `DATA/registration_shared_secret` on first start.
     pub registration_shared_secret: Option<String>,
@@ -127,6 +132,7 @@ impl Default for HomeserverConfig {
             listen: "0.0.0.0:8008".to_owned(),
             public_base_url: None,
             open_registration: false,
+            password_policy: true,
             registration_shared_secret: None,
             default_room_version: "12".to_owned(),
             max_request_bytes: 1024 * 1024,

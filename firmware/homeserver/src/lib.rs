@@ -41,6 +41,7 @@ use rusqlite::OptionalExtension;
 use secta_runtime::Shutdown;
 use tokio::sync::watch;
 
+pub use account::password_problem;
 pub use config::{Durability, FederationConfig, HomeserverConfig, Peer};
 pub use db::Db;
 pub use error::{MxError, MxResult};

@@ -22,6 +22,9 @@ fn new_box() -> Box_ {
     })
 }
 
+/// A password the default policy accepts.
+const PW: &str = "tulip-quarry-anvil";
+
 fn new_box_with(config: HomeserverConfig) -> Box_ {
     let dir = tempfile::tempdir().unwrap();
     let hs = Hs::open(config, dir.path()).unwrap();
@@ -76,7 +79,7 @@ impl Box_ {
                 "POST",
                 "/_matrix/client/v3/register",
                 None,
-                json!({"username": name, "password": "pw"}),
+                json!({"username": name, "password": PW}),
             )
             .await;
         assert_eq!(s, 401, "{v}");
@@ -86,7 +89,7 @@ impl Box_ {
                 "POST",
                 "/_matrix/client/v3/register",
                 None,
-                json!({"username": name, "password": "pw",
+                json!({"username": name, "password": PW,
                        "auth": {"type": "m.login.registration_token", "token": token, "session": session}}),
             )
             .await;
@@ -451,10 +454,10 @@ async fn registration_errors() {
         403,
         "M_GUEST_ACCESS_FORBIDDEN",
     );
-    let (s, v) = reg(json!({"username": "carol", "password": "x"})).await;
+    let (s, v) = reg(json!({"username": "carol", "password": PW})).await;
     assert_eq!(s, 401);
     let session = v["session"].as_str().unwrap();
-    let (s, v) = reg(json!({"username": "carol", "password": "x",
+    let (s, v) = reg(json!({"username": "carol", "password": PW,
         "auth": {"type": "m.login.registration_token", "token": "wrong", "session": session}}))
     .await;
     assert_eq!(s, 401);
@@ -467,9 +470,9 @@ async fn registration_errors() {
         b.call("GET", &valid, None, json!({})).await.1["valid"],
         true
     );
-    let (s, v) = reg(json!({"username": "dave", "password": "x"})).await;
+    let (s, v) = reg(json!({"username": "dave", "password": PW})).await;
     assert_eq!(s, 401);
-    let (s, _) = reg(json!({"username": "dave", "password": "x",
+    let (s, _) = reg(json!({"username": "dave", "password": PW,
         "auth": {"type": "m.login.registration_token", "token": token, "session": v["session"]}}))
     .await;
     assert_eq!(s, 200);
@@ -1713,12 +1716,12 @@ async fn admin_registration_token_api() {
             "POST",
             "/_matrix/client/v3/register",
             None,
-            json!({"username": "bob", "password": "pw"}),
+            json!({"username": "bob", "password": PW}),
         )
         .await;
     assert_eq!(s, 401);
     let (s, _) = b
-        .call("POST", "/_matrix/client/v3/register", None, json!({"username": "bob", "password": "pw",
+        .call("POST", "/_matrix/client/v3/register", None, json!({"username": "bob", "password": PW,
             "auth": {"type": "m.login.registration_token", "token": "welcome-2026", "session": v["session"]}}))
         .await;
     assert_eq!(s, 200);
@@ -2682,4 +2685,65 @@ async fn synced_events_are_per_viewer_and_redactions_show() {
     );
     let text = again.to_string();
     assert!(!text.contains("секрет до редакции"), "{text}");
+}
+
+#[tokio::test]
+async fn weak_passwords_are_refused_at_registration_and_change() {
+    let b = new_box();
+    let reg = |body: Value| b.call("POST", "/_matrix/client/v3/register", None, body);
+    // Refused before any auth step, with the spec's error code.
+    for weak in [
+        "short1",
+        "erin-is-here-1",
+        "aaaaaaaaaa",
+        "12345678",
+        "Пароль123",
+    ] {
+        assert_err(
+            &reg(json!({"username": "erin", "password": weak})).await,
+            400,
+            "M_WEAK_PASSWORD",
+        );
+    }
+    let (s, _) = reg(json!({"username": "erin", "password": PW})).await;
+    assert_eq!(s, 401, "a good password goes on to the auth step");
+    // A password change is held to the same rules; the old password stays.
+    let (_, token) = b.register("frank").await;
+    let change = |new: &str| {
+        b.call(
+            "POST",
+            "/_matrix/client/v3/account/password",
+            Some(&token),
+            json!({"new_password": new, "logout_devices": false,
+                   "auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "frank"}, "password": PW}}),
+        )
+    };
+    assert_err(&change("frank-2024!").await, 400, "M_WEAK_PASSWORD");
+    assert_err(&change("qwerty123").await, 400, "M_WEAK_PASSWORD");
+    let login = |pw: &str| {
+        b.call(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "frank"}, "password": pw}),
+        )
+    };
+    assert_eq!(login(PW).await.0, 200, "the old password still works");
+    assert_eq!(change("violet-harbor-sextant").await.0, 200);
+    assert_eq!(login("violet-harbor-sextant").await.0, 200);
+    // With the policy off (the admin's choice), any non-empty password goes on.
+    let lax = new_box_with(HomeserverConfig {
+        server_name: "test.box".into(),
+        password_policy: false,
+        ..Default::default()
+    });
+    let (s, _) = lax
+        .call(
+            "POST",
+            "/_matrix/client/v3/register",
+            None,
+            json!({"username": "erin", "password": "x"}),
+        )
+        .await;
+    assert_eq!(s, 401);
 }

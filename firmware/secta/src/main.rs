@@ -464,7 +464,7 @@ fn default_config_text() -> String {
         "# Secta box configuration. Every key is optional; these are the defaults.\n\
          [box]\ndata_dir = {:?}\nname = {:?}\nlog = {:?}\nlog_json = {}\n\n\
          [homeserver]\nserver_name = {:?}\nlisten = {:?}\n# public_base_url = \"https://box.example\"\n\
-         open_registration = {}\n# registration_shared_secret = \"...\"  (default: generated in DATA/registration_shared_secret)\n\
+         open_registration = {}\n# refuse weak passwords at /register and password changes (M_WEAK_PASSWORD)\npassword_policy = {}\n# registration_shared_secret = \"...\"  (default: generated in DATA/registration_shared_secret)\n\
          default_room_version = {:?}\nmax_request_bytes = {}\nmedia_max_bytes = 104857600\nencrypt_private_rooms = true\npresence = {}\ndurability = \"normal\"\n\
          auth_rate_burst = {}\nauth_rate_per_second = {}\nmax_sync_timeout_ms = {}\nsync_coalesce_ms = 10\n\n\
          [homeserver.federation]\nenabled = true\n# tls_listen = \"0.0.0.0:8448\"\n\
@@ -474,7 +474,7 @@ fn default_config_text() -> String {
          # well_known_server = \"matrix.example.org:8448\"  (answered at /.well-known/matrix/server)\n\
          # [[homeserver.federation.peers]]\n# server_name = \"other.box\"\n# url = \"https://10.77.1.2:8448\"\n# accept_self_signed = true\n",
         b.data_dir, b.name, b.log, b.log_json, hs.server_name, hs.listen, hs.open_registration,
-        hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
+        hs.password_policy, hs.default_room_version, hs.max_request_bytes, hs.presence, hs.auth_rate_burst, hs.auth_rate_per_second,
         hs.max_sync_timeout_ms,
     );
     text.push_str(&secta_hotspot::HotspotConfig::default_text());

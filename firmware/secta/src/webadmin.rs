@@ -72,49 +72,7 @@ fn now_ms() -> i64 {
     secta_homeserver::now_ms() as i64
 }
 
-/// Why a password is too weak, as a short code the web app words in the
-/// member's language, with an English sentence for other clients.
-pub fn password_problem(username: &str, password: &str) -> Option<(&'static str, &'static str)> {
-    const COMMON: &[&str] = &[
-        "password",
-        "password1",
-        "passw0rd",
-        "12345678",
-        "123456789",
-        "1234567890",
-        "87654321",
-        "11111111",
-        "00000000",
-        "qwertyui",
-        "qwerty123",
-        "qwertyuiop",
-        "iloveyou",
-        "abcdefgh",
-        "1q2w3e4r",
-        "йцукенгш",
-        "пароль123",
-        "парольпароль",
-        "secta123",
-    ];
-    let lower = password.to_lowercase();
-    let chars: Vec<char> = password.chars().collect();
-    if chars.len() < 8 {
-        Some(("short", "The password must have at least 8 characters"))
-    } else if password.len() > 512 {
-        Some(("long", "The password must be at most 512 bytes"))
-    } else if username.chars().count() >= 3 && lower.contains(&username.to_lowercase()) {
-        Some(("username", "The password must not contain the username"))
-    } else if chars.iter().all(|c| *c == chars[0]) {
-        Some((
-            "repeated",
-            "The password must not be one character repeated",
-        ))
-    } else if COMMON.contains(&lower.as_str()) {
-        Some(("common", "This password is one of the most common ones"))
-    } else {
-        None
-    }
-}
+pub use secta_homeserver::password_problem;
 
 impl Web {
     #[allow(clippy::too_many_arguments)]
