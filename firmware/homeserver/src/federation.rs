@@ -1864,31 +1864,22 @@ impl Hs {
         user: &UserId,
         server: &ServerName,
     ) -> MxResult<()> {
-        let path = format!(
-            "/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12",
-            urlenc(room_id.as_str()),
-            urlenc(user.as_str())
-        );
-        let made = self.fed_request("GET", server, &path, None).await?;
-        let (version, rules, mut template) = check_template(&made, room_id, user, "join")?;
-        let mut content = self.db.read(|c| self.member_content(c, user, "join"))?;
-        if let Some(a) = template["content"]["join_authorised_via_users_server"].as_str() {
-            content["join_authorised_via_users_server"] = json!(a);
-        }
-        template["content"] = content;
-        let (event_id, obj) = self.sign_template(template, &rules)?;
-        let body = serde_json::to_value(&obj)?;
-        let joined = self
-            .fed_request(
-                "PUT",
-                server,
-                &format!(
-                    "/_matrix/federation/v2/send_join/{}/{}",
-                    urlenc(room_id.as_str()),
-                    urlenc(&event_id)
-                ),
-                Some(&body),
-            )
+        let Handshake {
+            version,
+            rules,
+            event_id,
+            obj,
+            answer: joined,
+            ..
+        } = self
+            .membership_handshake("join", "v2", room_id, user, server, |template| {
+                let mut content = self.db.read(|c| self.member_content(c, user, "join"))?;
+                if let Some(a) = template["content"]["join_authorised_via_users_server"].as_str() {
+                    content["join_authorised_via_users_server"] = json!(a);
+                }
+                template["content"] = content;
+                Ok(())
+            })
             .await?;
         // Check everything we were given before storing any of it.
         let mut verified: Vec<(String, CanonicalJsonObject, bool)> = Vec::new();
@@ -2033,6 +2024,51 @@ impl Hs {
         Ok((event_id, obj))
     }
 
+    /// A member event made with another server: `make_{kind}` gives the
+    /// template (checked for this user, room and membership), `fill` sets our
+    /// content, we sign it and `send_{kind}` (API `send_api`) takes it.
+    async fn membership_handshake(
+        &self,
+        kind: &str,
+        send_api: &str,
+        room_id: &RoomId,
+        user: &UserId,
+        server: &ServerName,
+        fill: impl FnOnce(&mut Value) -> MxResult<()>,
+    ) -> MxResult<Handshake> {
+        // make_leave takes no versions; knocking needs version 7 or later and
+        // joins restricted rooms 8: this server takes part in 10-12.
+        let versions = if kind == "leave" {
+            ""
+        } else {
+            "?ver=10&ver=11&ver=12"
+        };
+        let path = format!(
+            "/_matrix/federation/v1/make_{kind}/{}/{}{versions}",
+            urlenc(room_id.as_str()),
+            urlenc(user.as_str())
+        );
+        let made = self.fed_request("GET", server, &path, None).await?;
+        let (version, rules, mut template) = check_template(&made, room_id, user, kind)?;
+        fill(&mut template)?;
+        let (event_id, obj) = self.sign_template(template, &rules)?;
+        let body = serde_json::to_value(&obj)?;
+        let path = format!(
+            "/_matrix/federation/{send_api}/send_{kind}/{}/{}",
+            urlenc(room_id.as_str()),
+            urlenc(&event_id)
+        );
+        let answer = self.fed_request("PUT", server, &path, Some(&body)).await?;
+        Ok(Handshake {
+            version,
+            rules,
+            event_id,
+            obj,
+            body,
+            answer,
+        })
+    }
+
     /// Leaves (declines an invite to) a room that lives on another server.
     pub(crate) async fn remote_leave(
         &self,
@@ -2040,29 +2076,9 @@ impl Hs {
         user: &UserId,
         server: &ServerName,
     ) -> MxResult<Value> {
-        let path = format!(
-            "/_matrix/federation/v1/make_leave/{}/{}",
-            urlenc(room_id.as_str()),
-            urlenc(user.as_str())
-        );
-        let made = self.fed_request("GET", server, &path, None).await?;
-        let (_, rules, template) = check_template(&made, room_id, user, "leave")?;
-        if template["content"]["membership"] != "leave" {
-            return Err(fed_error("M_UNKNOWN", "the leave template is not a leave"));
-        }
-        let (event_id, obj) = self.sign_template(template, &rules)?;
-        let body = serde_json::to_value(&obj)?;
-        self.fed_request(
-            "PUT",
-            server,
-            &format!(
-                "/_matrix/federation/v2/send_leave/{}/{}",
-                urlenc(room_id.as_str()),
-                urlenc(&event_id)
-            ),
-            Some(&body),
-        )
-        .await?;
+        let Handshake { event_id, body, .. } = self
+            .membership_handshake("leave", "v2", room_id, user, server, |_| Ok(()))
+            .await?;
         let mut ev = body;
         ev["event_id"] = json!(event_id);
         Ok(ev)
@@ -2099,35 +2115,21 @@ impl Hs {
         reason: Option<&str>,
         server: &ServerName,
     ) -> MxResult<()> {
-        // Knocking needs room version 7 or later; this server takes part in 10-12.
-        let path = format!(
-            "/_matrix/federation/v1/make_knock/{}/{}?ver=10&ver=11&ver=12",
-            urlenc(room_id.as_str()),
-            urlenc(user.as_str())
-        );
-        let made = self.fed_request("GET", server, &path, None).await?;
-        let (version, rules, mut template) = check_template(&made, room_id, user, "knock")?;
-        if template["content"]["membership"] != "knock" {
-            return Err(fed_error("M_UNKNOWN", "the knock template is not a knock"));
-        }
-        let mut content = self.db.read(|c| self.member_content(c, user, "knock"))?;
-        if let Some(r) = reason {
-            content["reason"] = json!(r);
-        }
-        template["content"] = content;
-        let (event_id, obj) = self.sign_template(template, &rules)?;
-        let body = serde_json::to_value(&obj)?;
-        let answer = self
-            .fed_request(
-                "PUT",
-                server,
-                &format!(
-                    "/_matrix/federation/v1/send_knock/{}/{}",
-                    urlenc(room_id.as_str()),
-                    urlenc(&event_id)
-                ),
-                Some(&body),
-            )
+        let Handshake {
+            version,
+            event_id,
+            body,
+            answer,
+            ..
+        } = self
+            .membership_handshake("knock", "v1", room_id, user, server, |template| {
+                let mut content = self.db.read(|c| self.member_content(c, user, "knock"))?;
+                if let Some(r) = reason {
+                    content["reason"] = json!(r);
+                }
+                template["content"] = content;
+                Ok(())
+            })
             .await?;
         // Stripped state events only (type, state_key, sender, content), bounded.
         let stripped: Vec<Value> = answer["knock_room_state"]
@@ -2326,8 +2328,18 @@ fn supported_version(v: &Value) -> MxResult<RoomVersionId> {
         })
 }
 
-/// Checks a make_join/make_leave answer: a supported room version and a member
-/// event template for `user`.
+/// What [`Hs::membership_handshake`] made and was answered.
+struct Handshake {
+    version: RoomVersionId,
+    rules: ruma::room_version_rules::RoomVersionRules,
+    event_id: String,
+    obj: CanonicalJsonObject,
+    body: Value,
+    answer: Value,
+}
+
+/// Checks a make_join/make_leave/make_knock answer: a supported room version
+/// and a member event template of that membership for `user`.
 fn check_template(
     made: &Value,
     room_id: &RoomId,
@@ -2354,6 +2366,12 @@ fn check_template(
         return Err(fed_error(
             "M_UNKNOWN",
             format!("the {what} template is for another room"),
+        ));
+    }
+    if template["content"]["membership"] != what {
+        return Err(fed_error(
+            "M_UNKNOWN",
+            format!("the {what} template is not a {what}"),
         ));
     }
     Ok((version, rules, template))
