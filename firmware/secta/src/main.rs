@@ -831,7 +831,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                     setup.radio.enabled.then(|| setup.radio.listen.clone()),
                     setup.wireguard.clone(),
                     vault.clone().flatten().as_deref(),
-                    Some(wiper.clone()),
+                    wiper.clone(),
                 )?),
                 None => None,
             };

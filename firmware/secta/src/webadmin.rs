@@ -49,7 +49,7 @@ pub struct Web {
     attempts: Mutex<HashMap<String, VecDeque<Instant>>>,
     started: Instant,
     /// The panic wipe, for the admin's duress action.
-    wiper: Option<crate::panel::Wiper>,
+    wiper: crate::panel::Wiper,
 }
 
 fn err(status: StatusCode, errcode: &str, error: impl Into<String>) -> Response {
@@ -85,7 +85,7 @@ impl Web {
         radio: Option<String>,
         wireguard: WireguardConfig,
         vault: Option<&secta_vault::Vault>,
-        wiper: Option<crate::panel::Wiper>,
+        wiper: crate::panel::Wiper,
     ) -> anyhow::Result<Arc<Self>> {
         let db = rusqlite::Connection::open(data.join("portal.db"))?;
         // Who joined from which device is personal data: encrypted under the
@@ -235,8 +235,8 @@ impl Web {
     }
 }
 
-/// The admin making the request (extracting it refuses everyone else).
-struct Admin;
+/// The admin making the request, by user id (extracting it refuses everyone else).
+struct Admin(String);
 
 impl axum::extract::FromRequestParts<Arc<Web>> for Admin {
     type Rejection = Response;
@@ -244,7 +244,7 @@ impl axum::extract::FromRequestParts<Arc<Web>> for Admin {
         parts: &mut axum::http::request::Parts,
         w: &Arc<Web>,
     ) -> Result<Self, Response> {
-        w.admin(&parts.headers).map(|_| Admin)
+        w.admin(&parts.headers).map(Admin)
     }
 }
 
@@ -894,13 +894,9 @@ mod tests {
 /// The wipe runs on its own thread (key first); the answer comes before it ends.
 async fn wipe(
     State(web): State<Arc<Web>>,
-    headers: HeaderMap,
+    Admin(admin): Admin,
     body: Option<Json<Value>>,
 ) -> Response {
-    let admin = match web.admin(&headers) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
     if body.as_ref().and_then(|b| b["confirm"].as_str()) != Some("wipe") {
         return err(
             StatusCode::BAD_REQUEST,
@@ -908,13 +904,7 @@ async fn wipe(
             "Send {\"confirm\": \"wipe\"} to wipe the box",
         );
     }
-    let Some(wiper) = &web.wiper else {
-        return err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "M_UNKNOWN",
-            "The wipe is not available in this process",
-        );
-    };
+    let wiper = &web.wiper;
     if wiper.started() {
         return err(
             StatusCode::CONFLICT,
