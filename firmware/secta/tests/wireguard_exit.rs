@@ -17,17 +17,13 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::netns::{ok, sh, skip_reason, Lab};
+use common::netns::{ok, secta, sh, skip_reason, vpn_admin, vpn_admin_ok, Lab};
 use secta_wireguard::SecretKey;
 
 const CLI: &str = "secta-wx-cli";
 const BOX: &str = "secta-wx-box";
 const NET: &str = "secta-wx-net";
 const UAPI: &str = "/var/run/wireguard";
-
-fn secta() -> &'static str {
-    env!("CARGO_BIN_EXE_secta")
-}
 
 /// What the web server says the client's address is (None: no answer).
 fn seen_as(lab: &Lab) -> Option<String> {
@@ -291,31 +287,13 @@ fn exit_with_kill_switch_in_network_namespaces() {
     )
     .unwrap();
     // Bad input: a .conf that is not an exit is refused and nothing is stored.
-    let refused = sh(&[
-        secta(),
-        "admin",
-        "--data",
-        data.to_str().unwrap(),
-        "vpn",
-        "exit",
-        "set",
-        server_conf.to_str().unwrap(),
-    ]);
+    let refused = vpn_admin(&data, &["exit", "set", server_conf.to_str().unwrap()]);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("Endpoint"),
         "{refused:?}"
     );
-    ok(&[
-        secta(),
-        "admin",
-        "--data",
-        data.to_str().unwrap(),
-        "vpn",
-        "exit",
-        "set",
-        exit_conf.to_str().unwrap(),
-    ]);
+    vpn_admin_ok(&data, &["exit", "set", exit_conf.to_str().unwrap()]);
 
     lab.spawn(
         "box",
@@ -354,14 +332,7 @@ fn exit_with_kill_switch_in_network_namespaces() {
         .status
         .success());
     // The box's status shows the exit with a handshake.
-    let status = ok(&[
-        secta(),
-        "admin",
-        "--data",
-        data.to_str().unwrap(),
-        "vpn",
-        "status",
-    ]);
+    let status = vpn_admin_ok(&data, &["status"]);
     assert!(status.contains("exit: stwx-exit running"), "{status}");
 
     // The exit server goes down: the client gets nothing, and nothing leaks.

@@ -14,14 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::netns::{ok, sh, skip_reason, Lab};
+use common::netns::{ok, secta, sh, skip_reason, Lab};
 
 const A: &str = "secta-wl-a";
 const B: &str = "secta-wl-b";
-
-fn secta() -> &'static str {
-    env!("CARGO_BIN_EXE_secta")
-}
 
 fn vpn(data: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec![secta(), "admin", "--data", data.to_str().unwrap(), "vpn"];

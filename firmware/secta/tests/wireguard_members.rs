@@ -15,7 +15,7 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::netns::{ok, sh, skip_reason, Lab};
+use common::netns::{ok, secta, sh, skip_reason, Lab};
 
 const BOX: &str = "secta-wg-box";
 const MEM: &str = "secta-wg-mem";
@@ -23,10 +23,6 @@ const GO: &str = "secta-wg-go";
 const ROGUE: &str = "secta-wg-rogue";
 const BOX_IF: &str = "stwm-box";
 const UAPI: &str = "/var/run/wireguard";
-
-fn secta() -> &'static str {
-    env!("CARGO_BIN_EXE_secta")
-}
 
 fn admin(data: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec![secta(), "admin", "--data", data.to_str().unwrap(), "vpn"];

@@ -11,15 +11,11 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::netns::{ok, sh, skip_reason, Lab};
+use common::netns::{ok, secta, sh, skip_reason, vpn_admin_ok, Lab};
 
 const BOX: &str = "secta-wo-box";
 const MEM: &str = "secta-wo-mem";
 const GO: &str = "secta-wo-go";
-
-fn secta() -> &'static str {
-    env!("CARGO_BIN_EXE_secta")
-}
 
 /// UDP payloads of the IPv4 packets in a pcap file (Ethernet link type).
 fn udp_payloads(pcap: &Path) -> Vec<Vec<u8>> {
@@ -79,28 +75,12 @@ fn obfuscated_members_interface() {
     )
     .unwrap();
     // `vpn obfuscation` suggests fresh random settings that the config accepts.
-    let suggested = ok(&[
-        secta(),
-        "admin",
-        "--data",
-        data.to_str().unwrap(),
-        "vpn",
-        "obfuscation",
-    ]);
+    let suggested = vpn_admin_ok(&data, &["obfuscation"]);
     assert!(
         suggested.starts_with("obfuscation = { jc = "),
         "{suggested}"
     );
-    let conf = ok(&[
-        secta(),
-        "admin",
-        "--data",
-        data.to_str().unwrap(),
-        "vpn",
-        "peers",
-        "add",
-        "phone",
-    ]);
+    let conf = vpn_admin_ok(&data, &["peers", "add", "phone"]);
     for want in ["Jc = 5", "S1 = 37", "H4 = 4567890"] {
         assert!(conf.contains(want), "{want} missing in\n{conf}");
     }

@@ -24,6 +24,23 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The `secta` binary under test.
+pub fn secta() -> &'static str {
+    env!("CARGO_BIN_EXE_secta")
+}
+
+/// `secta admin --data DATA vpn ARGS…`.
+pub fn vpn_admin(data: &Path, args: &[&str]) -> Output {
+    let data = data.to_str().unwrap();
+    sh(&[&[secta(), "admin", "--data", data, "vpn"], args].concat())
+}
+
+/// [`vpn_admin`] that must succeed; its standard output.
+pub fn vpn_admin_ok(data: &Path, args: &[&str]) -> String {
+    let data = data.to_str().unwrap();
+    ok(&[&[secta(), "admin", "--data", data, "vpn"], args].concat())
+}
+
 /// Why namespace tests cannot run here (root, `ip netns`, the files in `tools`).
 pub fn skip_reason(tools: &[&str]) -> Option<String> {
     if sh(&["id", "-u"]).stdout != b"0\n" {
