@@ -83,7 +83,12 @@ CREATE TABLE IF NOT EXISTS events (
     txn_device TEXT,
     prev_state TEXT,
     -- 1 for events known only as state or auth (from a remote join), not in the timeline.
-    outlier INTEGER NOT NULL DEFAULT 0
+    outlier INTEGER NOT NULL DEFAULT 0,
+    -- The state groups before and after the event, once it is in the room's
+    -- graph (on the row, not in a table keyed by event id: that put one
+    -- random B-tree page into every commit per message).
+    state_before INTEGER,
+    state_after INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_room_stream ON events(room_id, stream);
 CREATE INDEX IF NOT EXISTS events_state ON events(room_id, type, state_key, stream) WHERE state_key IS NOT NULL;
@@ -118,11 +123,6 @@ CREATE TABLE IF NOT EXISTS state_group_entries (
     state_key TEXT NOT NULL,
     event_id TEXT,
     PRIMARY KEY (grp, type, state_key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS event_state (
-    event_id TEXT PRIMARY KEY,
-    before_grp INTEGER NOT NULL,
-    after_grp INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS room_current_group (room_id TEXT PRIMARY KEY, grp INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state_resolutions (inputs TEXT PRIMARY KEY, grp INTEGER NOT NULL) WITHOUT ROWID;
@@ -375,6 +375,28 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_knocks {
         conn.execute_batch(
             "ALTER TABLE remote_invites ADD COLUMN membership TEXT NOT NULL DEFAULT 'invite';",
+        )?;
+    }
+    let has_state_groups: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name='state_after'")?
+        .exists([])?;
+    if !has_state_groups {
+        conn.execute_batch(
+            "ALTER TABLE events ADD COLUMN state_before INTEGER;
+             ALTER TABLE events ADD COLUMN state_after INTEGER;",
+        )?;
+    }
+    let old_event_state: bool = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type='table' AND name='event_state'")?
+        .exists([])?;
+    if old_event_state {
+        conn.execute_batch(
+            "BEGIN;
+             UPDATE events SET (state_before, state_after) =
+                 (SELECT before_grp, after_grp FROM event_state s WHERE s.event_id = events.event_id)
+             WHERE event_id IN (SELECT event_id FROM event_state);
+             DROP TABLE event_state;
+             COMMIT;",
         )?;
     }
     let txn_scoped: bool = conn
@@ -646,6 +668,17 @@ impl Db {
             |r| r.get(0),
         )?;
         let wal_frames = std::sync::Arc::new(AtomicI64::new(0));
+        // Any row change that can end a token's validity (a token deleted, a
+        // user deactivated) marks the open batch; see [`Db::auth_version`].
+        let auth_dirty = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dirty = auth_dirty.clone();
+        conn.update_hook(Some(
+            move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
+                if table == "access_tokens" || table == "users" {
+                    dirty.store(true, Ordering::Release);
+                }
+            },
+        ));
         Ok(Self {
             writer: Mutex::new(Writer {
                 conn,
@@ -674,6 +707,7 @@ impl Db {
                     top: stream,
                     map: HashMap::new(),
                 }),
+                auth_dirty,
                 ..Default::default()
             },
             wal_frames,
@@ -827,9 +861,7 @@ impl Db {
 
     /// Ends the open batch as failed (writer lock held) and wakes its waiters.
     fn fail_batch(&self, st: &mut Writer, why: &str) {
-        if self.hints.keys_dirty.swap(false, Ordering::AcqRel) {
-            self.hints.keys_version.fetch_add(1, Ordering::AcqRel);
-        }
+        self.hints.batch_ended();
         st.batch = 0;
         st.next = self.stream.load(Ordering::Acquire);
         let generation = st.generation;
@@ -856,9 +888,7 @@ impl Db {
         } else if st.in_txn {
             self.stream.store(st.next, Ordering::Release);
         }
-        if self.hints.keys_dirty.swap(false, Ordering::AcqRel) {
-            self.hints.keys_version.fetch_add(1, Ordering::AcqRel);
-        }
+        self.hints.batch_ended();
         st.in_txn = false;
         st.batch = 0;
         let generation = st.generation;
@@ -980,6 +1010,13 @@ impl Db {
         self.hints.keys_version.load(Ordering::Acquire)
     }
 
+    /// Changes whenever a committed write changed access tokens or users: a
+    /// token found valid while this value was unchanged is still valid (read
+    /// it before the lookup; it is raised after the commit).
+    pub fn auth_version(&self) -> u64 {
+        self.hints.auth_version.load(Ordering::Acquire)
+    }
+
     /// Highest committed stream position.
     pub fn current_stream(&self) -> i64 {
         self.stream.load(Ordering::Acquire)
@@ -1031,6 +1068,25 @@ pub struct UserHints {
     /// Counts batches that changed one-time or fallback keys, raised after
     /// their commit (see [`Db::keys_version`]).
     keys_version: std::sync::atomic::AtomicU64,
+    /// A write of the open batch changed access tokens or users (set by the
+    /// writer connection's update hook).
+    auth_dirty: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Counts batches that changed access tokens or users, raised after their
+    /// commit (see [`Db::auth_version`]).
+    auth_version: std::sync::atomic::AtomicU64,
+}
+
+impl UserHints {
+    /// After a batch ends (committed or rolled back): raises the versions of
+    /// what it changed.
+    fn batch_ended(&self) {
+        if self.keys_dirty.swap(false, Ordering::AcqRel) {
+            self.keys_version.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.auth_dirty.swap(false, Ordering::AcqRel) {
+            self.auth_version.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1141,6 +1197,40 @@ impl std::ops::Deref for WriteTxn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_groups_move_from_the_old_table_onto_the_event_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            // A database as older versions left it: the groups in `event_state`.
+            let db = Db::open(&path, Durability::Normal).unwrap();
+            db.write(|w| {
+                w.tx.execute_batch(
+                    "INSERT INTO events(stream, event_id, room_id, sender, type, depth, origin_server_ts, json)
+                     VALUES(1, '$a', '!r:x', '@u:x', 'm.room.create', 1, 0, '{}'),
+                           (2, '$b', '!r:x', '@u:x', 'm.room.message', 2, 0, '{}'),
+                           (3, '$c', '!r:x', '@u:x', 'm.room.message', 3, 0, '{}');
+                     CREATE TABLE event_state (event_id TEXT PRIMARY KEY, before_grp INTEGER NOT NULL,
+                         after_grp INTEGER NOT NULL) WITHOUT ROWID;
+                     INSERT INTO event_state VALUES('$a', 0, 7), ('$b', 7, 7);",
+                )
+            })
+            .unwrap();
+        }
+        let db = Db::open(&path, Durability::Normal).unwrap();
+        let groups = |id: &str| db.read(|c| crate::state::event_groups(c, id)).unwrap();
+        assert_eq!(groups("$a"), Some((0, 7)));
+        assert_eq!(groups("$b"), Some((7, 7)));
+        assert_eq!(groups("$c"), None, "an event without state has none");
+        let old_table: bool = db
+            .read(|c| {
+                c.prepare("SELECT 1 FROM sqlite_master WHERE name='event_state'")?
+                    .exists([])
+            })
+            .unwrap();
+        assert!(!old_table);
+    }
 
     #[test]
     fn failed_and_panicking_writes_leave_nothing_behind() {

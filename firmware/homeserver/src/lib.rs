@@ -26,6 +26,7 @@ mod search;
 mod ssync;
 mod state;
 mod sync;
+mod txns;
 
 use std::{
     collections::HashMap,
@@ -76,6 +77,9 @@ pub struct Hs {
     pub(crate) to_device_hints: keys::ToDeviceHints,
     pub(crate) key_counts: keys::KeyCountsCache,
     pub(crate) formatted: pdu::FormattedCache,
+    pub(crate) txns: txns::RecentTxns,
+    /// Valid access tokens (by hash) as of an auth version (see `lookup_token`).
+    tokens: Mutex<HashMap<String, (Auth, u64)>>,
     pub(crate) pusher_users: pushers::PusherUsers,
     pub(crate) push_wakeup: tokio::sync::Notify,
     pub(crate) fed: federation::Fed,
@@ -87,6 +91,9 @@ pub struct Hs {
     /// Registration without an invite (from the config; admins change it while running).
     pub(crate) open_registration: std::sync::atomic::AtomicBool,
 }
+
+/// Access tokens remembered as valid before the map starts over.
+const TOKENS_REMEMBERED: usize = 4096;
 
 impl Hs {
     /// Opens the homeserver's storage under `data_dir` (creating keys and schema on first start).
@@ -122,6 +129,7 @@ impl Hs {
         let secrets = Secrets(vault.as_deref());
         let (keypair, key_id) = load_or_create_signing_key(data_dir, secrets)?;
         let old_keys = load_old_keys(data_dir);
+        let recent_txns = db.read(txns::RecentTxns::load)?;
         let shared_secret = match &config.registration_shared_secret {
             Some(s) => s.clone(),
             // In the clear on purpose: it is the admin's credential for
@@ -152,6 +160,8 @@ impl Hs {
             to_device_hints: keys::ToDeviceHints::default(),
             key_counts: keys::KeyCountsCache::default(),
             formatted: pdu::FormattedCache::default(),
+            txns: recent_txns,
+            tokens: Mutex::new(HashMap::new()),
             pusher_users: pushers::PusherUsers::default(),
             push_wakeup: tokio::sync::Notify::new(),
             fed,
@@ -175,21 +185,41 @@ impl Hs {
 
     pub(crate) fn lookup_token(&self, token: &str) -> MxResult<Option<Auth>> {
         let hash = extract::token_hash(token);
+        // Every request checks its token: remembered while no token or user
+        // changed since, so a busy box does not read (and, encrypted, decrypt)
+        // the same pages after every commit.
+        let version = self.db.auth_version();
+        {
+            let cache = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((auth, v)) = cache.get(&hash) {
+                if *v == version {
+                    return Ok(Some(auth.clone()));
+                }
+            }
+        }
         let row = self.db.read(|c| {
             c.prepare_cached(
                 "SELECT t.user_id, t.device_id, u.is_admin FROM access_tokens t JOIN users u ON u.user_id=t.user_id
                  WHERE t.token_hash=?1 AND u.deactivated=0",
             )?
-            .query_row([hash], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?)))
+            .query_row([&hash], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?)))
             .optional()
         })?;
-        Ok(row.and_then(|(u, d, a)| {
+        let auth = row.and_then(|(u, d, a)| {
             Some(Auth {
                 user_id: u.try_into().ok()?,
                 device_id: <&DeviceId>::from(d.as_str()).to_owned(),
                 is_admin: a,
             })
-        }))
+        });
+        if let Some(a) = &auth {
+            let mut cache = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= TOKENS_REMEMBERED {
+                cache.clear();
+            }
+            cache.insert(hash, (a.clone(), version));
+        }
+        Ok(auth)
     }
 
     /// The user id behind an access token, if it belongs to a server admin

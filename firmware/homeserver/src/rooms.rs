@@ -898,7 +898,7 @@ pub async fn send_message(
         &hs,
         &auth,
         &room_id,
-        &format!("send:{room_id}:{kind}"),
+        &crate::txns::send_scope(room_id.as_str(), &kind),
         &txn_id,
         &kind,
         None,
@@ -925,27 +925,23 @@ fn send_with_txn(
     }
     let mut plan = Some(hs.db.read(|c| crate::push::plan(hs, c, room_id, &draft))?);
     let (event_id, fresh) = hs.db.write(|w| -> MxResult<(String, bool)> {
-        let prior: Option<String> = w
-            .query_row(
-                "SELECT event_id FROM txns WHERE user_id=?1 AND device_id=?2 AND request=?3 AND txn_id=?4",
-                params![auth.user_id.as_str(), auth.device_id.as_str(), request, txn_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(ev) = prior {
+        let (user, device) = (auth.user_id.as_str(), auth.device_id.as_str());
+        if let Some(ev) = hs.txns.lookup(w, user, device, request, txn_id)? {
             return Ok((ev, false));
         }
         let a = hs.append_event_with_plan(
             w,
             room_id,
             &auth.user_id,
-            NewEvent { kind, state_key, content, txn: Some((auth.device_id.as_str(), txn_id)) },
+            NewEvent {
+                kind,
+                state_key,
+                content,
+                txn: Some((auth.device_id.as_str(), txn_id)),
+            },
             plan.take(),
         )?;
-        w.execute(
-            "INSERT INTO txns(user_id, device_id, txn_id, request, event_id) VALUES(?1,?2,?3,?4,?5)",
-            params![auth.user_id.as_str(), auth.device_id.as_str(), txn_id, request, a.event_id.as_str()],
-        )?;
+        hs.txns.remember(user, device, request, txn_id, a.stream);
         Ok((a.event_id.to_string(), true))
     })?;
     if fresh {
@@ -987,7 +983,7 @@ pub async fn redact(
         &hs,
         &auth,
         &room_id,
-        &format!("redact:{room_id}:{event_id}"),
+        &crate::txns::redact_scope(room_id.as_str(), &event_id),
         &txn_id,
         "m.room.redaction",
         None,

@@ -190,9 +190,11 @@ pub(crate) fn load_group(c: &Connection, grp: i64) -> rusqlite::Result<StateIds>
 
 /// The state groups before and after an event, if it is in the graph.
 pub(crate) fn event_groups(c: &Connection, event: &str) -> rusqlite::Result<Option<(i64, i64)>> {
-    c.prepare_cached("SELECT before_grp, after_grp FROM event_state WHERE event_id=?1")?
-        .query_row([event], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+    c.prepare_cached(
+        "SELECT state_before, state_after FROM events WHERE event_id=?1 AND state_after IS NOT NULL",
+    )?
+    .query_row([event], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()
 }
 
 /// Records an event in the graph with the state before it; returns the group after it.
@@ -214,10 +216,13 @@ pub(crate) fn record_event(
         )?,
         None => before,
     };
-    c.prepare_cached(
-        "INSERT OR REPLACE INTO event_state(event_id, before_grp, after_grp) VALUES(?1,?2,?3)",
-    )?
-    .execute(params![pdu.event_id.as_str(), before, after])?;
+    // Every caller has stored the event's row first.
+    let changed = c
+        .prepare_cached("UPDATE events SET state_before=?2, state_after=?3 WHERE event_id=?1")?
+        .execute(params![pdu.event_id.as_str(), before, after])?;
+    if changed == 0 {
+        return Err(rusqlite::Error::QueryReturnedNoRows);
+    }
     Ok(after)
 }
 
@@ -444,8 +449,8 @@ impl Hs {
         rules: &RoomVersionRules,
     ) -> MxResult<()> {
         let mut st = w.prepare_cached(
-            "SELECT s.after_grp FROM forward_extremities f JOIN event_state s ON s.event_id=f.event_id
-             WHERE f.room_id=?1",
+            "SELECT e.state_after FROM forward_extremities f JOIN events e ON e.event_id=f.event_id
+             WHERE f.room_id=?1 AND e.state_after IS NOT NULL",
         )?;
         let groups: Vec<i64> = st
             .query_map([room], |r| r.get(0))?

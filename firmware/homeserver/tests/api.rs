@@ -246,6 +246,58 @@ async fn tokens_are_checked() {
 }
 
 #[tokio::test]
+async fn a_used_token_stops_working_when_its_device_or_user_goes() {
+    let b = new_box();
+    let whoami = |token: &str| {
+        let token = token.to_owned();
+        let b = &b;
+        async move {
+            b.call(
+                "GET",
+                "/_matrix/client/v3/account/whoami",
+                Some(&token),
+                json!({}),
+            )
+            .await
+            .0
+        }
+    };
+    let (user, first) = b.register("alice").await;
+    let login = || {
+        b.call(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": PW}),
+        )
+    };
+    let (s, v) = login().await;
+    assert_eq!(s, 200, "{v}");
+    let second = v["access_token"].as_str().unwrap().to_owned();
+    // Both are used (and so remembered as valid) before they end.
+    assert_eq!((whoami(&first).await, whoami(&second).await), (200, 200));
+    let (s, _) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/logout/all",
+            Some(&first),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!((whoami(&first).await, whoami(&second).await), (401, 401));
+
+    // Deactivation by the admin API ends the user's tokens too.
+    let (s, v) = login().await;
+    assert_eq!(s, 200, "{v}");
+    let third = v["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(whoami(&third).await, 200);
+    let user_id = ruma::UserId::parse(user.as_str()).unwrap();
+    secta_homeserver::admin::deactivate_user(&b.hs, &user_id).unwrap();
+    assert_eq!(whoami(&third).await, 401);
+}
+
+#[tokio::test]
 async fn invalid_ids_in_paths() {
     let b = new_box();
     let (_, token) = b.register("alice").await;
@@ -352,6 +404,52 @@ async fn oversized_event_and_txn_replay_lose_nothing() {
     assert_eq!(s, 200);
     assert_ne!(third["event_id"], first["event_id"]);
     assert_eq!(b.event_count(&token, &room).await, before + 2);
+    let redact = |txn: &str| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/redact/{}/{txn}",
+            enc(&room),
+            enc(third["event_id"].as_str().unwrap())
+        )
+    };
+    let (s, redaction) = b.call("PUT", &redact("r1"), Some(&token), json!({})).await;
+    assert_eq!(s, 200);
+
+    // Retries after a restart still get the same events.
+    let Box_ { _dir: dir, hs, app } = b;
+    drop(app);
+    drop(hs);
+    let hs = Hs::open(
+        HomeserverConfig {
+            server_name: "test.box".into(),
+            ..Default::default()
+        },
+        dir.path(),
+    )
+    .unwrap();
+    let b = Box_ {
+        app: hs.router(),
+        hs,
+        _dir: dir,
+    };
+    for (path, body, want) in [
+        (
+            send("t1"),
+            json!({"msgtype": "m.text", "body": "hi"}),
+            &first,
+        ),
+        (other.clone(), json!({"x": 1}), &third),
+        (redact("r1"), json!({}), &redaction),
+    ] {
+        let (s, again) = b.call("PUT", &path, Some(&token), body).await;
+        assert_eq!((s, &again["event_id"]), (200, &want["event_id"]), "{path}");
+    }
+    assert_eq!(b.event_count(&token, &room).await, before + 3);
+    // A new transaction id is a new event.
+    let (s, fresh) = b
+        .call("PUT", &send("t2"), Some(&token), json!({"body": "new"}))
+        .await;
+    assert_eq!(s, 200);
+    assert_ne!(fresh["event_id"], first["event_id"]);
 }
 
 #[tokio::test]
