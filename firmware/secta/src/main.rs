@@ -605,6 +605,15 @@ fn admin_audit(cfg: &secta_vault::VaultConfig, dir: &Path, json: bool) -> anyhow
     for p in &a.would_destroy {
         println!("  {}", p.display());
     }
+    println!("encrypted under the data key (crypto-erased by a wipe):");
+    for e in &a.encrypted_files {
+        let s = if e.files == 1 { "" } else { "s" };
+        println!("  {} ({} file{s})", e.path.display(), e.files);
+    }
+    println!("in the clear (deleted by a wipe, not crypto-erased):");
+    for p in &a.clear_files {
+        println!("  {}", p.display());
+    }
     println!("kept: the config file secta.toml (if it is in the data directory)");
     Ok(())
 }

@@ -28,7 +28,8 @@ use zeroize::Zeroizing;
 /// Plaintext bytes per chunk.
 pub const CHUNK: usize = 64 * 1024;
 const TAG: usize = 16;
-const MAGIC: &[u8; 8] = b"SECTAF01";
+/// The first bytes of every sealed file.
+pub(crate) const MAGIC: &[u8; 8] = b"SECTAF01";
 const PREFIX: usize = 19;
 /// Bytes before the first chunk.
 pub const HEADER: usize = MAGIC.len() + PREFIX;
@@ -310,10 +311,11 @@ impl Seek for DecryptReader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cipher(b: u8) -> FileCipher {
+    /// A cipher with a fixed test key.
+    pub(crate) fn cipher(b: u8) -> FileCipher {
         FileCipher::new(Zeroizing::new([b; 32]))
     }
 

@@ -12,7 +12,7 @@ use chacha20poly1305::{
 };
 use zeroize::Zeroizing;
 
-const MAGIC: &[u8; 8] = b"SECTAK01";
+pub(crate) const MAGIC: &[u8; 8] = b"SECTAK01";
 pub const LEN: usize = 8 + 1 + 16 + 24 + 48;
 
 /// What wraps the data key.

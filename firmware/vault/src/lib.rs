@@ -27,6 +27,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 pub mod file;
 mod keyfile;
+pub mod secret;
 pub mod wipe;
 
 pub use file::{Decryptor, Encryptor, FileCipher};
@@ -330,6 +331,60 @@ pub struct Audit {
     /// Every file and folder a wipe destroys (key material first).
     pub would_destroy: Vec<PathBuf>,
     pub bytes: u64,
+    /// Entries of the data directory holding encrypted files, with how many.
+    pub encrypted_files: Vec<EncryptedEntry>,
+    /// Files (not empty) whose bytes are in the clear: a wipe deletes them
+    /// but cannot crypto-erase them.
+    pub clear_files: Vec<PathBuf>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct EncryptedEntry {
+    pub path: PathBuf,
+    pub files: usize,
+}
+
+/// Whether a file's bytes are encrypted, judged by its bytes (None: empty).
+/// Files written by [`FileCipher`] and key files start with their magic; a
+/// database (`*.db` and its `-wal`, `-shm`, `-journal`) is in the clear when
+/// the database starts with SQLite's header, SQLCipher's start with random
+/// bytes.
+fn is_encrypted(path: &Path) -> Option<bool> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .ok()?;
+    if head.is_empty() {
+        return None;
+    }
+    if head.starts_with(file::MAGIC) || head.starts_with(keyfile::MAGIC) {
+        return Some(true);
+    }
+    let name = path.file_name()?.to_string_lossy();
+    let db = ["-wal", "-shm", "-journal"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(&name);
+    if !db.ends_with(".db") {
+        return Some(false);
+    }
+    let mut head = [0u8; 16];
+    let read =
+        std::fs::File::open(path.with_file_name(db)).and_then(|mut f| f.read_exact(&mut head));
+    Some(read.is_ok() && &head != b"SQLite format 3\0")
+}
+
+fn files_under(p: &Path, out: &mut Vec<PathBuf>) {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                files_under(&e.path(), out);
+            }
+        }
+        Ok(m) if m.is_file() => out.push(p.to_owned()),
+        _ => {}
+    }
 }
 
 /// Inspects `data_dir` without opening anything.
@@ -342,6 +397,26 @@ pub fn audit(cfg: &VaultConfig, data_dir: &Path) -> Audit {
     let mut would_destroy = plan.keys.clone();
     would_destroy.extend(plan.data.iter().cloned());
     let bytes = plan.data.iter().map(|p| wipe::size_of(p)).sum();
+    let (mut encrypted_files, mut clear_files) = (Vec::new(), Vec::new());
+    for entry in &plan.data {
+        let mut files = Vec::new();
+        files_under(entry, &mut files);
+        files.sort();
+        let mut n = 0;
+        for f in files {
+            match is_encrypted(&f) {
+                Some(true) => n += 1,
+                Some(false) => clear_files.push(f),
+                None => {}
+            }
+        }
+        if n > 0 {
+            encrypted_files.push(EncryptedEntry {
+                path: entry.clone(),
+                files: n,
+            });
+        }
+    }
     Audit {
         encrypted: key_id.is_some(),
         key_wrapped_by: keyfile::kind_of(&key_file).map(|k| k.describe().to_owned()),
@@ -351,5 +426,7 @@ pub fn audit(cfg: &VaultConfig, data_dir: &Path) -> Audit {
         wipe_in_progress: data_dir.join(wipe::WIPE_MARKER).exists(),
         would_destroy,
         bytes,
+        encrypted_files,
+        clear_files,
     }
 }
