@@ -201,7 +201,8 @@ impl Radio {
         Self::new_with_vault(cfg, data_dir, None)
     }
 
-    /// Like [`Radio::new`], recording shows encrypted under the box's data key.
+    /// Like [`Radio::new`], with the source password and recorded shows
+    /// encrypted under the box's data key.
     pub fn new_with_vault(
         cfg: RadioConfig,
         data_dir: &Path,
@@ -216,20 +217,18 @@ impl Radio {
         let password = match &cfg.source_password {
             Some(p) => p.clone(),
             None => {
+                // Sealed under the data key when there is one (a plaintext one
+                // from before is converted); made only when there is none.
                 let f = dir.join("source_password");
-                match std::fs::read_to_string(&f) {
-                    Ok(p) if !p.trim().is_empty() => p.trim().to_owned(),
-                    _ => {
-                        use rand::Rng;
-                        let p: String = rand::thread_rng()
-                            .sample_iter(rand::distributions::Alphanumeric)
-                            .take(20)
-                            .map(char::from)
-                            .collect();
-                        secta_runtime::write_secret_file(&f, p.as_bytes())?;
-                        p
-                    }
-                }
+                let cipher = vault.as_ref().map(|v| v.file_cipher()).transpose()?;
+                secta_vault::secret::password(cipher.as_ref(), &f, || {
+                    use rand::Rng;
+                    rand::thread_rng()
+                        .sample_iter(rand::distributions::Alphanumeric)
+                        .take(20)
+                        .map(char::from)
+                        .collect()
+                })?
             }
         };
         let inner = Arc::new(Inner {

@@ -149,6 +149,9 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: vpn::VpnCmd,
     },
+    /// Print the radio's source password (user `source`), the one from the
+    /// config or the generated one kept encrypted in DATA/radio/source_password.
+    RadioPassword,
     /// PANIC WIPE: destroy the data key, then every data file; the box returns
     /// to its first-boot state. A running box stops its services and shows "wiped".
     Wipe {
@@ -386,6 +389,11 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             let vault = secta_vault::Vault::open(&setup.vault, &dir)?;
+            if let AdminCmd::RadioPassword = cmd {
+                let radio = secta_radio::Radio::new_with_vault(setup.radio, &dir, vault)?;
+                println!("{}", radio.source_password());
+                return Ok(());
+            }
             if let AdminCmd::Federation {
                 cmd: Some(FedCmd::RotateKey),
             } = cmd
@@ -770,7 +778,11 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
     };
     let radio_bot = match &hs {
         Some(hs) if setup.radio.enabled && setup.radio.mounts.iter().any(|m| m.room.is_some()) => {
-            Some(radio_bot::ensure_user(hs, &data)?)
+            radio_bot::ensure_user(hs, &data, vault.clone().flatten().as_deref())
+                .inspect_err(
+                    |e| tracing::error!(error = %format!("{e:#}"), "the radio bot cannot start"),
+                )
+                .ok()
         }
         _ => None,
     };
@@ -854,12 +866,17 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
         }
         let wireguard = wireguard.map(|g| tokio::spawn(secta_wireguard::run(g, shutdown.clone())));
         let mut radio_handle = None;
-        if setup.radio.enabled && hs.is_some() {
-            let radio = secta_radio::Radio::new_with_vault(
-                setup.radio.clone(),
-                &data,
-                vault.clone().flatten(),
-            )?;
+        let radio = match (setup.radio.enabled && hs.is_some(), &vault) {
+            (true, Some(v)) => {
+                secta_radio::Radio::new_with_vault(setup.radio.clone(), &data, v.clone())
+                    .inspect_err(
+                        |e| tracing::error!(error = %format!("{e:#}"), "the radio cannot start"),
+                    )
+                    .ok()
+            }
+            _ => None,
+        };
+        if let Some(radio) = radio {
             radio_handle = Some(radio.clone());
             if let Some(password) = radio_bot {
                 let local = setup.hs.listen.replace("0.0.0.0", "127.0.0.1");
@@ -1049,7 +1066,6 @@ fn demo(
     if setup.radio.mounts.is_empty() {
         setup.radio.mounts = demo_radio_mounts(data);
     }
-    let radio = secta_radio::Radio::new(setup.radio.clone(), data)?;
     if setup.web_ui.is_none() && Path::new("web-ui/dist/index.html").exists() {
         setup.web_ui = Some(PathBuf::from("web-ui/dist"));
     }
@@ -1058,6 +1074,8 @@ fn demo(
         std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let vault = secta_vault::Vault::open(&setup.vault, data)?;
     let hs = Hs::open_with_vault(setup.hs.clone(), data, vault.clone())?;
+    // For the source password it prints (kept encrypted like the box keeps it).
+    let radio = secta_radio::Radio::new_with_vault(setup.radio.clone(), data, vault.clone())?;
     let creds_path = data.join("demo-credentials.txt");
     let creds = if creds_path.exists() {
         let bytes = std::fs::read(&creds_path)?;
@@ -1231,6 +1249,7 @@ fn admin(hs: &Arc<Hs>, cmd: AdminCmd) -> anyhow::Result<()> {
             cmd: Some(FedCmd::RotateKey),
         }
         | AdminCmd::Vpn { .. }
+        | AdminCmd::RadioPassword
         | AdminCmd::Wipe { .. }
         | AdminCmd::Audit { .. } => unreachable!("handled before opening the database"),
         AdminCmd::Federation {

@@ -19,18 +19,18 @@ use serde_json::{json, Value};
 /// Least time between two title posts in one room.
 const TITLE_EVERY: Duration = Duration::from_secs(60);
 
-/// Makes sure the bot user exists with the password kept in `DATA/radio/bot_password`.
-pub fn ensure_user(hs: &secta_homeserver::Hs, data: &Path) -> anyhow::Result<String> {
+/// Makes sure the bot user exists with the password kept in
+/// `DATA/radio/bot_password` (sealed under the data key when there is one).
+pub fn ensure_user(
+    hs: &secta_homeserver::Hs,
+    data: &Path,
+    vault: Option<&secta_vault::Vault>,
+) -> anyhow::Result<String> {
     let f = data.join("radio").join("bot_password");
     std::fs::create_dir_all(data.join("radio"))?;
-    let password = match std::fs::read_to_string(&f) {
-        Ok(p) if !p.trim().is_empty() => p.trim().to_owned(),
-        _ => {
-            let p = secta_homeserver::random_string(24);
-            secta_runtime::write_secret_file(&f, p.as_bytes())?;
-            p
-        }
-    };
+    let cipher = vault.map(|v| v.file_cipher()).transpose()?;
+    let password =
+        secta_vault::secret::password(cipher.as_ref(), &f, || secta_homeserver::random_string(24))?;
     if hs.admin_create_user("radio", &password, false).is_err() {
         // It exists: make sure it has the password we keep.
         hs.admin_reset_password("radio", &password)
