@@ -153,14 +153,14 @@ pub fn run(
     if let Some(tz) = &preseed.timezone {
         fs::write(data.join("timezone"), format!("{tz}\n"))?;
     }
+    // The data key first (everything is encrypted from its first write), then
+    // the VPN exit and the homeserver's keys (signing key, registration
+    // secret) as it opens.
+    let vault = secta_vault::Vault::open(&setup.vault, &data)?;
     if let Some(conf) = &preseed.vpn_exit_conf {
         // As `secta admin vpn exit set` does; the gateway is switched on below.
-        secta_wireguard::Store::open(&data)?.set_exit(conf)?;
+        secta_wireguard::Store::open(&data, vault.as_deref())?.set_exit(conf)?;
     }
-
-    // The data key first (everything is encrypted from its first write), then
-    // the homeserver's keys (signing key, registration secret) as it opens.
-    let vault = secta_vault::Vault::open(&setup.vault, &data)?;
     let hs = secta_homeserver::Hs::open_with_vault(setup.hs.clone(), &data, vault)?;
     let admin = match hs.admin_create_user(&preseed.admin.username, &preseed.admin.password, true) {
         Ok(id) => id,
@@ -431,7 +431,8 @@ mod tests {
             setup.wireguard.enabled,
             "a pre-seeded exit switches the gateway on"
         );
-        let exit = secta_wireguard::Store::open(&b.data)
+        let vault = secta_vault::Vault::open(&setup.vault, &b.data).unwrap();
+        let exit = secta_wireguard::Store::open(&b.data, vault.as_deref())
             .unwrap()
             .exit()
             .unwrap();
@@ -439,6 +440,10 @@ mod tests {
             exit.unwrap().peers[0].endpoint.as_ref().unwrap().port,
             51820
         );
+        // The exit's key is not on the card in the clear.
+        let stored = fs::read(b.data.join("wireguard/exit.conf")).unwrap();
+        assert!(!String::from_utf8_lossy(&stored).contains("yAnz5"));
+        drop(vault);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&b.config).unwrap().permissions().mode() & 0o777,

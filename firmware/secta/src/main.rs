@@ -377,18 +377,19 @@ fn main() -> anyhow::Result<()> {
             if dir.join(secta_vault::wipe::WIPE_MARKER).exists() {
                 bail!("{} is being wiped; start the box (or `secta admin wipe --yes` again) to finish", dir.display());
             }
+            let vault = secta_vault::Vault::open(&setup.vault, &dir)?;
             if let AdminCmd::Vpn { cmd } = cmd {
                 return vpn::admin(
                     &vpn::Ctx {
                         cfg: &setup.wireguard,
                         data: &setup.boxcfg.data_dir,
+                        vault: vault.as_deref(),
                         server_name: &setup.hs.server_name,
                         parse_duration,
                     },
                     cmd,
                 );
             }
-            let vault = secta_vault::Vault::open(&setup.vault, &dir)?;
             if let AdminCmd::RadioPassword = cmd {
                 let radio = secta_radio::Radio::new_with_vault(setup.radio, &dir, vault)?;
                 println!("{}", radio.source_password());
@@ -674,9 +675,9 @@ fn tune_allocator() {
 ///
 /// Order: finish an interrupted wipe; lock the data directory; start the
 /// wiper thread and the panel (the strip shows "booting"); open the data key
-/// — if that fails, the services that need it (homeserver, radio) are not
-/// started and the strip shows a problem, but the panel and the wipe still
-/// work; start the services; "ready". A wipe stops the services and the box
+/// — if that fails, the services that need it (homeserver, radio, WireGuard
+/// gateway) are not started and the strip shows a problem, but the panel and
+/// the wipe still work; start the services; "ready". A wipe stops the services and the box
 /// then shows "wiped" until it is stopped.
 fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     if let Some(why) = firstboot::setup_needed(&setup.boxcfg.data_dir) {
@@ -684,25 +685,6 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
             reasons = %why.replace('\n', "; "),
             "the box is not set up: no usable first-boot settings; running with defaults"
         );
-    }
-    // Boxes linked over WireGuard are federation peers at their link address.
-    for (server_name, url) in vpn::link_peers(&setup.wireguard, &setup.boxcfg.data_dir)? {
-        if !setup
-            .hs
-            .federation
-            .peers
-            .iter()
-            .any(|p| p.server_name == server_name)
-        {
-            setup.hs.federation.peers.push(secta_homeserver::Peer {
-                server_name,
-                url,
-                pinned_key: None,
-                // The link authenticates the box (its WireGuard key owns the
-                // address); its identity is its signing key.
-                accept_self_signed: true,
-            });
-        }
     }
     let data = setup.boxcfg.data_dir.clone();
     secta_runtime::ensure_data_dir(&data)?;
@@ -747,7 +729,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
         Ok(v) => Some(v),
         Err(e) => {
             tracing::error!("{e}");
-            tracing::error!("not starting the homeserver and the radio: they need the data key");
+            tracing::error!("not starting the homeserver, the radio and the WireGuard gateway: they need the data key");
             status.report(secta_runtime::Report::Problem {
                 service: "vault".into(),
                 message: e.to_string(),
@@ -755,17 +737,57 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
             None
         }
     };
+    // Boxes linked over WireGuard are federation peers at their link address.
+    let links = match &vault {
+        Some(v) => vpn::link_peers(&setup.wireguard, &data, v.as_deref()).unwrap_or_else(|e| {
+            tracing::error!(error = %format!("{e:#}"), "the WireGuard links cannot be read; no federation over them");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
+    for (server_name, url) in links {
+        if !setup
+            .hs
+            .federation
+            .peers
+            .iter()
+            .any(|p| p.server_name == server_name)
+        {
+            setup.hs.federation.peers.push(secta_homeserver::Peer {
+                server_name,
+                url,
+                pinned_key: None,
+                // The link authenticates the box (its WireGuard key owns the
+                // address); its identity is its signing key.
+                accept_self_signed: true,
+            });
+        }
+    }
     // The WireGuard gateway starts before the hotspot forwards anything, so an
-    // exit's routing (and kill switch) is in place first.
+    // exit's routing (and kill switch) is in place first. A set exit whose
+    // gateway cannot start (no data key, an unreadable store) still gets its
+    // kill switch, held until the box stops.
+    let mut wireguard_blocked = None;
     let wireguard = if setup.wireguard.enabled {
-        match secta_wireguard::Gateway::start(
-            setup.wireguard.clone(),
-            &data,
-            Arc::new(secta_wireguard::net::SystemNet),
-        ) {
+        let net: Arc<dyn secta_wireguard::net::Net> = Arc::new(secta_wireguard::net::SystemNet);
+        let started = match &vault {
+            Some(v) => secta_wireguard::Gateway::start(
+                setup.wireguard.clone(),
+                &data,
+                v.clone(),
+                net.clone(),
+            ),
+            None => Err(anyhow::anyhow!("the data key is not open")),
+        };
+        match started {
             Ok(g) => Some(g),
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "the WireGuard gateway could not start");
+                wireguard_blocked =
+                    secta_wireguard::Gateway::kill_switch_only(setup.wireguard.clone(), &data, net)
+                        .inspect_err(|e| tracing::error!(error = %format!("{e:#}"), "kill switch"))
+                        .ok()
+                        .flatten();
                 None
             }
         }
@@ -851,7 +873,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
                     setup.hs.base_url(),
                     setup.radio.enabled.then(|| setup.radio.listen.clone()),
                     setup.wireguard.clone(),
-                    vault.clone().flatten().as_deref(),
+                    vault.clone().flatten(),
                     wiper.clone(),
                 )?),
                 None => None,
@@ -992,6 +1014,7 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
         result
     });
     drop(panel);
+    drop(wireguard_blocked);
     result
 }
 

@@ -123,6 +123,8 @@ pub enum LinkCmd {
 pub struct Ctx<'a> {
     pub cfg: &'a WireguardConfig,
     pub data: &'a Path,
+    /// The data key (the store is encrypted under it), None when `[vault] encrypt = false`.
+    pub vault: Option<&'a secta_vault::Vault>,
     pub server_name: &'a str,
     pub parse_duration: fn(&str) -> anyhow::Result<Duration>,
 }
@@ -203,7 +205,7 @@ pub fn admin(ctx: &Ctx, cmd: VpnCmd) -> anyhow::Result<()> {
     if !problems.is_empty() {
         bail!("invalid [wireguard] settings: {}", problems.join("; "));
     }
-    let mut store = Store::open(ctx.data)?;
+    let mut store = Store::open(ctx.data, ctx.vault)?;
     let member_conf = |store: &Store, name: &str| -> anyhow::Result<WgConf> {
         let m = store.member(name)?;
         profile::member_conf(&m, &store.key(Role::Members)?.public(), cfg)
@@ -533,11 +535,15 @@ pub fn up(
 }
 
 /// Federation peers reached over box links: `https://LINK-ADDRESS:PORT`.
-pub fn link_peers(cfg: &WireguardConfig, data: &Path) -> anyhow::Result<Vec<(String, String)>> {
+pub fn link_peers(
+    cfg: &WireguardConfig,
+    data: &Path,
+    vault: Option<&secta_vault::Vault>,
+) -> anyhow::Result<Vec<(String, String)>> {
     if !cfg.enabled || !cfg.links.enabled {
         return Ok(Vec::new());
     }
-    Ok(Store::open(data)?
+    Ok(Store::open(data, vault)?
         .links()?
         .into_iter()
         .map(|l| {

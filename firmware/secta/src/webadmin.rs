@@ -45,6 +45,8 @@ pub struct Web {
     homeserver_url: String,
     radio: Option<String>,
     wireguard: WireguardConfig,
+    /// The data key: the WireGuard store is encrypted under it.
+    vault: Option<Arc<secta_vault::Vault>>,
     joins: Mutex<rusqlite::Connection>,
     attempts: Mutex<HashMap<String, VecDeque<Instant>>>,
     started: Instant,
@@ -84,13 +86,13 @@ impl Web {
         homeserver_url: String,
         radio: Option<String>,
         wireguard: WireguardConfig,
-        vault: Option<&secta_vault::Vault>,
+        vault: Option<Arc<secta_vault::Vault>>,
         wiper: crate::panel::Wiper,
     ) -> anyhow::Result<Arc<Self>> {
         let db = rusqlite::Connection::open(data.join("portal.db"))?;
         // Who joined from which device is personal data: encrypted under the
         // box's data key like the homeserver's database.
-        if let Some(v) = vault {
+        if let Some(v) = &vault {
             let key = v.sqlcipher_key("portal")?;
             db.execute_batch(&zeroize::Zeroizing::new(format!(
                 "PRAGMA key = \"{}\";",
@@ -119,11 +121,17 @@ impl Web {
             homeserver_url,
             radio,
             wireguard,
+            vault,
             joins: Mutex::new(db),
             attempts: Mutex::new(HashMap::new()),
             started: Instant::now(),
             wiper,
         }))
+    }
+
+    /// The WireGuard gateway's store (members' devices).
+    fn store(&self) -> anyhow::Result<Store> {
+        Store::open(&self.data, self.vault.as_deref())
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -376,7 +384,8 @@ async fn status(State(w): State<Arc<Web>>, _admin: Admin) -> Response {
     let users = w.hs.admin_list_users().map(|u| u.len()).unwrap_or(0);
     let wg = &w.wireguard;
     let members_running = wg.enabled && crate::vpn::live(wg, &wg.members.interface).is_some();
-    let members = Store::open(&w.data)
+    let members = w
+        .store()
         .and_then(|s| s.members())
         .map(|m| m.len())
         .unwrap_or(0);
@@ -711,9 +720,9 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
 }
 
 async fn vpn_list(State(w): State<Arc<Web>>, _admin: Admin) -> Response {
-    let (data, cfg) = (w.data.clone(), w.wireguard.clone());
+    let cfg = w.wireguard.clone();
     blocking(move || -> anyhow::Result<Value> {
-        let store = Store::open(&data)?;
+        let store = w.store()?;
         let live = crate::vpn::live(&cfg, &cfg.members.interface);
         let peers: Vec<Value> = store
             .members()?
@@ -743,12 +752,12 @@ async fn vpn_add(
     _admin: Admin,
     JsonBody(b): JsonBody<PeerAdd>,
 ) -> Response {
-    let (data, cfg) = (w.data.clone(), w.wireguard.clone());
+    let cfg = w.wireguard.clone();
     blocking(move || -> anyhow::Result<Value> {
         if cfg.members.endpoint.is_none() {
             anyhow::bail!("set [wireguard.members] endpoint = \"HOST:PORT\" (the address members' devices dial) in the config first");
         }
-        let mut store = Store::open(&data)?;
+        let mut store = w.store()?;
         let expires = b
             .expires_days
             .map(|d| secta_wireguard::store::now_ms() + i64::from(d) * 86_400_000);
@@ -775,9 +784,8 @@ async fn vpn_action(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     UrlPath((name, action)): UrlPath<(String, String)>,
 ) -> Response {
-    let data = w.data.clone();
     blocking(move || -> anyhow::Result<Value> {
-        let store = Store::open(&data)?;
+        let store = w.store()?;
         match action.as_str() {
             "enable" => store.set_enabled(&name, true)?,
             "disable" => {
@@ -797,9 +805,8 @@ async fn vpn_remove(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    let data = w.data.clone();
     blocking(move || -> anyhow::Result<Value> {
-        let store = Store::open(&data)?;
+        let store = w.store()?;
         own_tunnel(&store, &name, peer.ip())?;
         store.remove(&name)?;
         Ok(json!({}))
@@ -820,10 +827,10 @@ async fn vpn_file(
     UrlPath(name): UrlPath<String>,
     axum::extract::Query(q): axum::extract::Query<FileQuery>,
 ) -> Response {
-    let (data, cfg) = (w.data.clone(), w.wireguard.clone());
+    let cfg = w.wireguard.clone();
     let n = name.clone();
     let res = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let store = Store::open(&data)?;
+        let store = w.store()?;
         let m = store.member(&n)?;
         Ok(profile::member_conf(&m, &store.key(Role::Members)?.public(), &cfg)?.to_text())
     })

@@ -1,9 +1,10 @@
 //! Data at rest and the panic wipe, end to end through the `secta` binary:
-//! a box with users, rooms, 1,000 messages and media keeps no plaintext under
-//! its data directory; holding the simulated panic button while clients send
-//! wipes it (key first, then files) into its first-boot state; a wipe cut by
-//! `kill -9` is finished by the next start; a missing key file stops the
-//! services that need it instead of making a new key.
+//! a box with users, rooms, 1,000 messages, media, a VPN member, an exit and
+//! the radio's passwords keeps no plaintext under its data directory; holding
+//! the simulated panic button while clients send wipes it (key first, then
+//! files) into its first-boot state; a wipe cut by `kill -9` is finished by
+//! the next start; a missing key file stops the services that need it instead
+//! of making a new key.
 
 mod common;
 
@@ -222,11 +223,104 @@ fn encrypted_box_wipes_under_load_into_first_boot_state() {
             > 0
     );
 
+    // VPN keys and the radio's passwords: a member's device (its private and
+    // preshared keys), an upstream exit (its private key), the source and bot
+    // passwords.
+    {
+        use std::io::Write;
+        let mut cfg = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("secta.toml"))
+            .unwrap();
+        writeln!(cfg, "\n[wireguard.members]\nendpoint = \"192.0.2.1:51820\"").unwrap();
+    }
+    let member_conf = admin(&data, &["vpn", "peers", "add", "phone"]);
+    let conf_key = |conf: &str, name: &str| -> String {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {conf}"))
+            .trim_start_matches([' ', '='])
+            .trim()
+            .to_owned()
+    };
+    let exit_key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    let exit_file = tmp.path().join("exit.conf");
+    std::fs::write(
+        &exit_file,
+        format!("[Interface]\nPrivateKey = {exit_key}\nAddress = 10.9.0.2/32\n[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n"),
+    )
+    .unwrap();
+    admin(&data, &["vpn", "exit", "set", exit_file.to_str().unwrap()]);
+    assert!(admin(&data, &["vpn", "peers", "list"]).starts_with("phone\t"));
+    let source_password = admin(&data, &["radio-password"]).trim().to_owned();
+    let vault = secta_vault::Vault::open(&Default::default(), &data)
+        .unwrap()
+        .unwrap();
+    let bot_password = secta_vault::secret::read(
+        Some(&vault.file_cipher().unwrap()),
+        &data.join("radio/bot_password"),
+    )
+    .unwrap()
+    .expect("the radio bot's password was made");
+    drop(vault);
+    let secrets = [
+        (
+            "a member's WireGuard private key",
+            conf_key(&member_conf, "PrivateKey"),
+        ),
+        (
+            "a member's preshared key",
+            conf_key(&member_conf, "PresharedKey"),
+        ),
+        ("the exit's private key", exit_key.to_owned()),
+        ("the radio's source password", source_password),
+        (
+            "the radio bot's password",
+            String::from_utf8(bot_password.to_vec()).unwrap(),
+        ),
+    ];
+    for (what, s) in &secrets {
+        assert!(s.len() >= 20, "{what}: {s:?}");
+    }
+
     // The audit: encrypted, where the key is, what would go; never the key.
     let audit = admin(&data, &["audit"]);
     assert!(audit.contains("encrypted:        yes"), "{audit}");
     assert!(audit.contains(&data.join("data.key").display().to_string()));
     assert!(audit.contains("homeserver.db") && audit.contains("media"));
+    // It lists the VPN keys and the radio's files among the encrypted ones,
+    // and none of them in the clear.
+    let section = |title: &str| -> String {
+        let after = audit
+            .split(title)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{audit}"));
+        after
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (encrypted, clear) = (
+        section("encrypted under the data key"),
+        section("in the clear ("),
+    );
+    for entry in ["wireguard", "radio", "homeserver.db", "media"] {
+        assert!(
+            encrypted.contains(&format!("{} (", data.join(entry).display())),
+            "{entry} not listed as encrypted: {audit}"
+        );
+    }
+    for f in [
+        "wireguard",
+        "source_password",
+        "bot_password",
+        "media",
+        "homeserver.db",
+    ] {
+        assert!(!clear.contains(f), "{f} listed in the clear: {audit}");
+    }
     let audit_json: Value = serde_json::from_str(&admin(&data, &["audit", "--json"])).unwrap();
     assert_eq!(audit_json["encrypted"], true);
     let key_bytes = std::fs::read(data.join("data.key")).unwrap();
@@ -235,7 +329,17 @@ fn encrypted_box_wipes_under_load_into_first_boot_state() {
     // No plaintext anywhere under the data directory (WAL and all).
     let files = all_files(&data);
     assert!(files.iter().any(|(p, _)| p.ends_with("homeserver.db")));
+    assert!(files
+        .iter()
+        .any(|(p, _)| p.ends_with("wireguard/wireguard.db")));
     for (p, bytes) in &files {
+        for (what, s) in &secrets {
+            assert!(
+                !contains(bytes, s.as_bytes()),
+                "{what} in the clear in {}",
+                p.display()
+            );
+        }
         assert!(
             !contains(bytes, WORD.as_bytes()),
             "message text in the clear in {}",

@@ -13,6 +13,7 @@ use std::{
 use anyhow::Context;
 use ipnet::IpNet;
 use secta_runtime::Shutdown;
+use secta_vault::Vault;
 
 use crate::{
     alloc,
@@ -32,6 +33,8 @@ pub const SYNC_EVERY: Duration = Duration::from_secs(2);
 pub struct Gateway {
     cfg: WireguardConfig,
     data: PathBuf,
+    /// The box's data key: the store is encrypted under it when present.
+    vault: Option<Arc<Vault>>,
     net: Arc<dyn Net>,
     members: Option<Running>,
     links: Option<Running>,
@@ -73,23 +76,20 @@ fn peer_set(dev: &crate::device::Device, want: Vec<PeerConfig>, keep_endpoints: 
 }
 
 impl Gateway {
-    /// Starts every enabled interface.
-    pub fn start(cfg: WireguardConfig, data: &Path, net: Arc<dyn Net>) -> anyhow::Result<Gateway> {
+    /// Starts every enabled interface; its keys and peers come from the store
+    /// in `data` (encrypted under `vault` when given).
+    pub fn start(
+        cfg: WireguardConfig,
+        data: &Path,
+        vault: Option<Arc<Vault>>,
+        net: Arc<dyn Net>,
+    ) -> anyhow::Result<Gateway> {
         let problems = cfg.problems();
         if !problems.is_empty() {
             anyhow::bail!("invalid [wireguard] settings: {}", problems.join("; "));
         }
-        let store = Store::open(data)?;
-        let mut g = Gateway {
-            cfg: cfg.clone(),
-            data: data.to_owned(),
-            net: net.clone(),
-            members: None,
-            links: None,
-            exit: None,
-            block: None,
-            resolved: HashMap::new(),
-        };
+        let store = Store::open(data, vault.as_deref())?;
+        let mut g = Gateway::idle(cfg.clone(), data, vault, net.clone());
         let uapi = Some(cfg.uapi_dir.as_path());
         // One interface of the box: its key, port, obfuscation, MTU and address.
         let iface = |name: &str, key, port, obfuscation, mtu, addr| -> anyhow::Result<Running> {
@@ -140,6 +140,43 @@ impl Gateway {
             tracing::error!(error = %format!("{e:#}"), "WireGuard sync failed");
         }
         Ok(g)
+    }
+
+    /// No interfaces, nothing applied yet.
+    fn idle(
+        cfg: WireguardConfig,
+        data: &Path,
+        vault: Option<Arc<Vault>>,
+        net: Arc<dyn Net>,
+    ) -> Gateway {
+        Gateway {
+            cfg,
+            data: data.to_owned(),
+            vault,
+            net,
+            members: None,
+            links: None,
+            exit: None,
+            block: None,
+            resolved: HashMap::new(),
+        }
+    }
+
+    /// For a box that cannot read its store (its data key is missing) while an
+    /// exit is set: the kill switch alone, so routed traffic is dropped rather
+    /// than sent out the plain uplink. None when no exit is set or the kill
+    /// switch is off. Dropping it removes the kill switch.
+    pub fn kill_switch_only(
+        cfg: WireguardConfig,
+        data: &Path,
+        net: Arc<dyn Net>,
+    ) -> anyhow::Result<Option<Gateway>> {
+        if !Store::exit_is_set(data) || !cfg.exit.kill_switch {
+            return Ok(None);
+        }
+        let mut g = Gateway::idle(cfg, data, None, net);
+        g.block_with(&[])?;
+        Ok(Some(g))
     }
 
     /// Brings the interfaces in line with the database and the exit file.
@@ -199,7 +236,19 @@ impl Gateway {
             }
             peer_set(&l.dev, want, true);
         }
-        let text = std::fs::read_to_string(store.dir().join("exit.conf")).ok();
+        let text = match store.exit_text() {
+            Ok(t) => t.map(|t| t.to_string()),
+            Err(e) => {
+                // Unreadable (e.g. it does not decrypt): keep what runs, and
+                // block routed traffic if no exit does.
+                if self.exit.is_none() {
+                    if let Err(b) = self.block_routed(store) {
+                        tracing::warn!(error = %format!("{b:#}"), "kill switch");
+                    }
+                }
+                return Err(e.context("the upstream exit's .conf cannot be read"));
+            }
+        };
         let current = self.exit.as_ref().map(|(_, t)| t.clone());
         if text != current {
             if let Some((old, _)) = self.exit.take() {
@@ -251,9 +300,13 @@ impl Gateway {
             .flatten()
             .map(|c| c.interface.dns)
             .unwrap_or_default();
+        self.block_with(&dns)
+    }
+
+    fn block_with(&mut self, dns: &[std::net::IpAddr]) -> anyhow::Result<()> {
         let mut a = Applied::new(self.net.clone());
         a.own_nft(exit::NFT_TABLE);
-        for op in exit::routing(&self.cfg.exit, &dns)? {
+        for op in exit::routing(&self.cfg.exit, dns)? {
             a.apply(op)?;
         }
         self.block = Some(a);
@@ -290,11 +343,12 @@ impl Gateway {
 pub async fn serve(
     cfg: WireguardConfig,
     data: PathBuf,
+    vault: Option<Arc<Vault>>,
     net: Arc<dyn Net>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let d = data.clone();
-    let gw = tokio::task::spawn_blocking(move || Gateway::start(cfg, &d, net)).await??;
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(cfg, &d, vault, net)).await??;
     run(gw, shutdown).await
 }
 
@@ -302,7 +356,7 @@ pub async fn serve(
 /// takes it down. (Start it with [`Gateway::start`] before anything forwards
 /// traffic, so the exit's rules are in place first.)
 pub async fn run(gw: Gateway, shutdown: Shutdown) -> anyhow::Result<()> {
-    let data = gw.data.clone();
+    let (data, vault) = (gw.data.clone(), gw.vault.clone());
     let gw = Arc::new(parking_lot::Mutex::new(gw));
     let mut last_error = String::new();
     loop {
@@ -311,9 +365,9 @@ pub async fn run(gw: Gateway, shutdown: Shutdown) -> anyhow::Result<()> {
             _ = tokio::time::sleep(SYNC_EVERY) => {}
         }
         let g = gw.clone();
-        let d = data.clone();
+        let (d, v) = (data.clone(), vault.clone());
         let r = tokio::task::spawn_blocking(move || {
-            let store = Store::open(&d)?;
+            let store = Store::open(&d, v.as_deref())?;
             g.lock().sync(&store)
         })
         .await?;
@@ -331,4 +385,33 @@ pub async fn run(gw: Gateway, shutdown: Shutdown) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || drop(gw)).await?;
     tracing::info!("WireGuard gateway stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::SimNet;
+
+    #[test]
+    fn an_exit_that_cannot_be_read_still_gets_its_kill_switch() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(SimNet::default());
+        let cfg = WireguardConfig::default();
+        assert!(
+            Gateway::kill_switch_only(cfg.clone(), dir.path(), net.clone())
+                .unwrap()
+                .is_none()
+        );
+        // Sealed under a key this box cannot open: its bytes are not read.
+        std::fs::create_dir_all(dir.path().join("wireguard")).unwrap();
+        std::fs::write(dir.path().join("wireguard/exit.conf"), b"SECTAF01...").unwrap();
+        let g = Gateway::kill_switch_only(cfg, dir.path(), net.clone())
+            .unwrap()
+            .expect("an exit is set");
+        let blackhole = |ops: &[NetOp]| ops.iter().any(|o| matches!(o, NetOp::Blackhole { .. }));
+        assert!(blackhole(&net.ops.lock()));
+        assert!(!blackhole(&net.undone.lock()));
+        drop(g);
+        assert!(blackhole(&net.undone.lock()), "removed when the box stops");
+    }
 }

@@ -3,6 +3,13 @@
 //! (the upstream exit as pasted), and `wireguard.db` (SQLite, WAL) with the
 //! members' devices and the linked boxes.
 //!
+//! Opened with the box's data key ([`secta_vault::Vault`]), the database is
+//! SQLCipher (its own key, `sqlcipher_key("wireguard")`) and the three files
+//! are sealed with the vault's file cipher; what a box wrote in the clear
+//! before is converted once, at the first open with the key. Opened without a
+//! key (`[vault] encrypt = false`, or the engine used on its own), everything
+//! is plain.
+//!
 //! SQLite rather than a state file: the CLI and the running box change it at
 //! the same time, address allocation must be atomic with the insert (a UNIQUE
 //! constraint makes two concurrent `peers add` unable to get one address), and
@@ -18,6 +25,8 @@ use std::{
 use anyhow::{bail, Context};
 use ipnet::Ipv4Net;
 use rusqlite::{params, Connection, OptionalExtension};
+use secta_vault::{secret, FileCipher, Vault};
+use zeroize::Zeroizing;
 
 use crate::{
     alloc,
@@ -74,7 +83,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn file(self) -> &'static str {
+    const fn file(self) -> &'static str {
         match self {
             Role::Members => "members.key",
             Role::Links => "links.key",
@@ -82,9 +91,108 @@ impl Role {
     }
 }
 
+/// The database's file name in `DATA/wireguard/`.
+const DB: &str = "wireguard.db";
+const EXIT: &str = "exit.conf";
+/// The files sealed under the data key (besides the database).
+const SECRET_FILES: [&str; 3] = [Role::Members.file(), Role::Links.file(), EXIT];
+
 pub struct Store {
     dir: PathBuf,
     db: Connection,
+    /// The file key when the box encrypts its data.
+    files: Option<FileCipher>,
+}
+
+/// `PRAGMA key` and the box's SQLCipher settings: the first statements of a
+/// connection to an encrypted database.
+fn apply_key(db: &Connection, key: &str) -> rusqlite::Result<()> {
+    db.execute_batch(&Zeroizing::new(format!("PRAGMA key = \"{key}\";")))?;
+    db.execute_batch(secta_vault::SQLCIPHER_SETTINGS)
+}
+
+/// Whether `path` is an SQLite database in the clear (its header is readable).
+fn is_plain_sqlite(path: &Path) -> anyhow::Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    match std::fs::File::open(path) {
+        Ok(mut f) => Ok(f.read_exact(&mut head).is_ok() && &head == b"SQLite format 3\0"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Converts what a box wrote in the clear before encryption at rest, once:
+/// the database through `sqlcipher_export` into a new file renamed over the
+/// old one, and the key files and exit `.conf` re-written sealed. Done under
+/// a lock so a CLI command and the running box never convert at once.
+fn convert_plaintext(dir: &Path, key: &str, files: &FileCipher) -> anyhow::Result<()> {
+    let path = dir.join(DB);
+    let plain_db = is_plain_sqlite(&path)?;
+    let plain_files: Vec<PathBuf> = SECRET_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| secret::is_plaintext(p))
+        .collect();
+    if !plain_db && plain_files.is_empty() {
+        return Ok(());
+    }
+    let lock = owner_only_file(&dir.join(".convert.lock"))?;
+    lock.lock()?;
+    for p in plain_files {
+        secret::convert(files, &p)?;
+    }
+    // Checked again under the lock: another process may have done it.
+    if is_plain_sqlite(&path)? {
+        encrypt_db(&path, key).with_context(|| {
+            format!(
+                "encrypting {} (written in the clear before encryption at rest)",
+                path.display()
+            )
+        })?;
+        secret::warn_converted(&path);
+    }
+    Ok(())
+}
+
+/// Opens `path` for writing, creating it owner-only (0600) if missing.
+fn owner_only_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+fn encrypt_db(path: &Path, key: &str) -> anyhow::Result<()> {
+    {
+        // Fold the log into the file and remove it: a plaintext WAL must not
+        // be left beside (and applied to) the encrypted database.
+        let plain = Connection::open(path)?;
+        plain.busy_timeout(std::time::Duration::from_secs(5))?;
+        plain.pragma_update(None, "journal_mode", "DELETE")?;
+    }
+    let tmp = path.with_extension("db.encrypting");
+    let _ = std::fs::remove_file(&tmp);
+    owner_only_file(&tmp)?;
+    {
+        let enc = Connection::open(&tmp)?;
+        apply_key(&enc, key)?;
+        enc.execute(
+            "ATTACH DATABASE ?1 AS plain KEY ''",
+            [path.to_string_lossy()],
+        )?;
+        enc.query_row("SELECT sqlcipher_export('main', 'plain')", [], |_| Ok(()))?;
+        enc.execute_batch("DETACH DATABASE plain")?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A member name: 1–32 letters (any script), digits, `-`, `_`, `.`.
@@ -116,16 +224,36 @@ fn free_name(db: &Connection, name: &str) -> anyhow::Result<()> {
 }
 
 impl Store {
-    /// Opens (creating) `DATA/wireguard/`.
-    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+    /// Opens (creating) `DATA/wireguard/`, encrypted under `vault` when given
+    /// (see the module doc).
+    pub fn open(data_dir: &Path, vault: Option<&Vault>) -> anyhow::Result<Self> {
         let dir = data_dir.join("wireguard");
         secta_runtime::ensure_data_dir(&dir)?;
-        let path = dir.join("wireguard.db");
+        let path = dir.join(DB);
+        let key = vault.map(|v| v.sqlcipher_key("wireguard")).transpose()?;
+        let files = vault.map(Vault::file_cipher).transpose()?;
+        if let (Some(k), Some(f)) = (&key, &files) {
+            convert_plaintext(&dir, k, f)?;
+        }
         let db = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        if let Some(k) = &key {
+            apply_key(&db, k)?;
+        }
+        if let Err(e) = db.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())) {
+            bail!(
+                "cannot read {} ({e}): {}",
+                path.display(),
+                if key.is_some() {
+                    "it is not encrypted under this box's data key, or it is damaged; it was left as it is"
+                } else {
+                    "it is encrypted (or not a database) and `[vault] encrypt = false`"
+                }
+            );
         }
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -150,7 +278,7 @@ impl Store {
                 created_ms INTEGER NOT NULL
              );",
         )?;
-        Ok(Self { dir, db })
+        Ok(Self { dir, db, files })
     }
 
     pub fn dir(&self) -> &Path {
@@ -161,17 +289,20 @@ impl Store {
     /// several concurrent callers; the others read the key it made).
     pub fn key(&self, role: Role) -> anyhow::Result<SecretKey> {
         let path = self.dir.join(role.file());
+        let files = self.files.as_ref();
         if !path.exists() {
             let k = SecretKey::generate();
-            let mut text = k.expose_base64().to_string();
+            let mut text = k.expose_base64();
             text.push('\n');
-            if secta_runtime::create_secret_file(&path, text.as_bytes())? {
+            if secret::create(files, &path, text.as_bytes())? {
                 return Ok(k);
             }
         }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        SecretKey::parse(text.trim(), "key file")
+        let text =
+            secret::read(files, &path)?.with_context(|| format!("{} vanished", path.display()))?;
+        std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| SecretKey::parse(t.trim(), "key file").ok())
             .with_context(|| format!("{} is damaged", path.display()))
     }
 
@@ -373,14 +504,19 @@ impl Store {
     }
 
     fn exit_path(&self) -> PathBuf {
-        self.dir.join("exit.conf")
+        self.dir.join(EXIT)
+    }
+
+    /// Whether an exit is set in `data_dir` (without reading it).
+    pub fn exit_is_set(data_dir: &Path) -> bool {
+        data_dir.join("wireguard").join(EXIT).exists()
     }
 
     /// Stores the upstream exit's `.conf` after checking it.
     pub fn set_exit(&self, text: &str) -> anyhow::Result<WgConf> {
         let conf = WgConf::parse(text).context("the exit's .conf is refused")?;
         check_exit(&conf)?;
-        secta_runtime::write_secret_file(&self.exit_path(), text.as_bytes())?;
+        secret::write(self.files.as_ref(), &self.exit_path(), text.as_bytes())?;
         Ok(conf)
     }
 
@@ -392,17 +528,24 @@ impl Store {
         }
     }
 
-    pub fn exit(&self) -> anyhow::Result<Option<WgConf>> {
+    /// The exit's `.conf` as stored (None: no exit set).
+    pub(crate) fn exit_text(&self) -> anyhow::Result<Option<Zeroizing<String>>> {
         let path = self.exit_path();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                Ok(Some(WgConf::parse(&text).with_context(|| {
-                    format!("{} is refused", path.display())
-                })?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        let Some(bytes) = secret::read(self.files.as_ref(), &path)? else {
+            return Ok(None);
+        };
+        let text = std::str::from_utf8(&bytes)
+            .with_context(|| format!("{} is not text", path.display()))?;
+        Ok(Some(Zeroizing::new(text.to_owned())))
+    }
+
+    pub fn exit(&self) -> anyhow::Result<Option<WgConf>> {
+        let Some(text) = self.exit_text()? else {
+            return Ok(None);
+        };
+        Ok(Some(WgConf::parse(&text).with_context(|| {
+            format!("{} is refused", self.exit_path().display())
+        })?))
     }
 }
 
@@ -471,7 +614,7 @@ mod tests {
     #[test]
     fn members_are_added_listed_changed_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
+        let mut s = Store::open(dir.path(), None).unwrap();
         let net: Ipv4Net = "10.77.0.0/24".parse().unwrap();
         let a = s.add_member("телефон-Маши", net, None).unwrap();
         let b = s.add_member("laptop", net, Some(now_ms() - 1)).unwrap();
@@ -496,7 +639,7 @@ mod tests {
         // Keys survive a reopen, and the files are owner-only.
         let k = s.key(Role::Members).unwrap();
         drop(s);
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), None).unwrap();
         assert_eq!(s.key(Role::Members).unwrap().public(), k.public());
         assert_ne!(s.key(Role::Links).unwrap().public(), k.public());
         assert_eq!(s.member("tablet").unwrap().private_key, c.private_key);
@@ -510,10 +653,210 @@ mod tests {
         }
     }
 
+    fn vault(dir: &Path) -> std::sync::Arc<Vault> {
+        Vault::open(&Default::default(), dir).unwrap().unwrap()
+    }
+
+    fn exit_conf(key: &SecretKey) -> String {
+        format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.2.0.2/32\n[Peer]\nPublicKey = {}\nAllowedIPs = 0.0.0.0/0\nEndpoint = 1.2.3.4:51820\n",
+            &*key.expose_base64(),
+            SecretKey::generate().public()
+        )
+    }
+
+    /// Every file under `dir` (recursively) with its bytes.
+    fn raw_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(raw_files(&p));
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn in_the_clear(dir: &Path, secret: &str) -> Option<PathBuf> {
+        raw_files(dir)
+            .into_iter()
+            .find(|(_, b)| b.windows(secret.len()).any(|w| w == secret.as_bytes()))
+            .map(|(p, _)| p)
+    }
+
+    #[test]
+    fn a_plaintext_store_from_before_is_encrypted_once_keeping_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let net: Ipv4Net = "10.77.0.0/24".parse().unwrap();
+        let exit_key = SecretKey::generate();
+        // A box from before encryption at rest: everything in the clear.
+        let (member, members_key, links_key) = {
+            let mut s = Store::open(dir.path(), None).unwrap();
+            let m = s.add_member("phone", net, None).unwrap();
+            s.add_member("laptop", net, Some(7)).unwrap();
+            s.add_link(&Link {
+                name: "neighbour".into(),
+                public_key: SecretKey::generate().public(),
+                address: Ipv4Addr::new(10, 78, 0, 9),
+                endpoint: Some("box.example:51821".parse().unwrap()),
+                server_name: "neighbour.example".into(),
+                federation_port: 8448,
+                created_ms: 1,
+            })
+            .unwrap();
+            s.set_exit(&exit_conf(&exit_key)).unwrap();
+            (
+                m,
+                s.key(Role::Members).unwrap(),
+                s.key(Role::Links).unwrap(),
+            )
+        };
+        let wg = dir.path().join("wireguard");
+        let secrets = [
+            member.private_key.expose_base64(),
+            member.preshared_key.expose_base64(),
+            members_key.expose_base64(),
+            links_key.expose_base64(),
+            exit_key.expose_base64(),
+        ];
+        for k in &secrets {
+            assert!(
+                in_the_clear(&wg, k).is_some(),
+                "the old box kept it in the clear"
+            );
+        }
+
+        let v = vault(dir.path());
+        let s = Store::open(dir.path(), Some(&v)).unwrap();
+        let members = s.members().unwrap();
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0].name, "phone");
+        assert_eq!(members[0].private_key, member.private_key);
+        assert_eq!(members[0].preshared_key, member.preshared_key);
+        assert_eq!(members[1].expires_ms, Some(7));
+        assert_eq!(s.links().unwrap()[0].server_name, "neighbour.example");
+        assert_eq!(s.key(Role::Members).unwrap(), members_key);
+        assert_eq!(s.key(Role::Links).unwrap(), links_key);
+        let exit = s.exit().unwrap().unwrap();
+        assert_eq!(exit.interface.private_key, exit_key);
+        drop(s);
+
+        // Nothing is left in the clear, no plaintext log beside the database,
+        // and everything stays owner-only.
+        for k in &secrets {
+            assert_eq!(in_the_clear(&wg, k), None);
+        }
+        assert_eq!(in_the_clear(&wg, "SQLite format 3"), None);
+        assert_eq!(in_the_clear(&wg, "neighbour"), None);
+        use std::os::unix::fs::PermissionsExt;
+        for (p, _) in raw_files(&wg) {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        }
+
+        // Once: a second open changes nothing it does not write.
+        let before: Vec<_> = raw_files(&wg)
+            .into_iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == "key" || e == "conf"))
+            .collect();
+        let mut s = Store::open(dir.path(), Some(&v)).unwrap();
+        assert_eq!(s.members().unwrap().len(), 2);
+        let tablet = s.add_member("tablet", net, None).unwrap();
+        drop(s);
+        let after: Vec<_> = raw_files(&wg)
+            .into_iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == "key" || e == "conf"))
+            .collect();
+        assert_eq!(before, after);
+        assert_eq!(in_the_clear(&wg, &tablet.private_key.expose_base64()), None);
+
+        // Without the key it is not read, and says why.
+        let e = format!("{:#}", Store::open(dir.path(), None).err().unwrap());
+        assert!(
+            e.contains("wireguard.db") && e.contains("encrypt = false"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_plaintext_log_left_by_a_power_cut_is_folded_in_before_encrypting() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let net: Ipv4Net = "10.77.0.0/24".parse().unwrap();
+        let mut s = Store::open(a.path(), None).unwrap();
+        let m = s.add_member("phone", net, None).unwrap();
+        // The card as a power cut leaves it: the member only in the log.
+        let (wa, wb) = (a.path().join("wireguard"), b.path().join("wireguard"));
+        std::fs::create_dir(&wb).unwrap();
+        for e in std::fs::read_dir(&wa).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, wb.join(p.file_name().unwrap())).unwrap();
+        }
+        drop(s);
+        assert!(
+            std::fs::metadata(wb.join("wireguard.db-wal"))
+                .unwrap()
+                .len()
+                > 0
+        );
+        let v = vault(b.path());
+        let s = Store::open(b.path(), Some(&v)).unwrap();
+        assert_eq!(s.member("phone").unwrap().private_key, m.private_key);
+        drop(s);
+        assert_eq!(in_the_clear(&wb, &m.private_key.expose_base64()), None);
+    }
+
+    #[test]
+    fn a_store_under_another_key_is_refused_naming_the_file_and_left_as_it_is() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (va, vb) = (vault(a.path()), vault(b.path()));
+        let net: Ipv4Net = "10.77.0.0/24".parse().unwrap();
+        {
+            let mut s = Store::open(a.path(), Some(&va)).unwrap();
+            s.add_member("phone", net, None).unwrap();
+            s.key(Role::Members).unwrap();
+            s.set_exit(&exit_conf(&SecretKey::generate())).unwrap();
+        }
+        let wg = a.path().join("wireguard");
+        let before = raw_files(&wg);
+        let e = format!("{:#}", Store::open(a.path(), Some(&vb)).err().unwrap());
+        assert!(
+            e.contains(&wg.join("wireguard.db").display().to_string())
+                && e.contains("not encrypted under this box's data key"),
+            "{e}"
+        );
+        assert_eq!(raw_files(&wg), before, "nothing was changed");
+
+        // Files sealed under another key: the same, file by file; the store
+        // itself still works.
+        let s = Store::open(b.path(), Some(&vb)).unwrap();
+        for f in ["members.key", "exit.conf"] {
+            std::fs::copy(wg.join(f), s.dir().join(f)).unwrap();
+        }
+        let e = format!("{:#}", s.key(Role::Members).unwrap_err());
+        assert!(
+            e.contains("members.key") && e.contains("cannot be decrypted"),
+            "{e}"
+        );
+        let e = format!("{:#}", s.exit().unwrap_err());
+        assert!(
+            e.contains("exit.conf") && e.contains("cannot be decrypted"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read(s.dir().join("members.key")).unwrap(),
+            std::fs::read(wg.join("members.key")).unwrap(),
+            "never replaced by a new key"
+        );
+        assert!(s.members().unwrap().is_empty());
+    }
+
     #[test]
     fn exit_conf_is_checked_before_it_is_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), None).unwrap();
         let k = SecretKey::generate();
         let p = SecretKey::generate().public();
         let split = format!(
