@@ -737,6 +737,9 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
             None
         }
     };
+    if let Some(Some(v)) = &vault {
+        encrypt_old_plaintext(&data, v);
+    }
     // Boxes linked over WireGuard are federation peers at their link address.
     let links = match &vault {
         Some(v) => vpn::link_peers(&setup.wireguard, &data, v.as_deref()).unwrap_or_else(|e| {
@@ -1016,6 +1019,37 @@ fn run_box(mut setup: BoxSetup, listener: Option<std::net::TcpListener>) -> anyh
     drop(panel);
     drop(wireguard_blocked);
     result
+}
+
+/// What boxes kept in the clear before it was encrypted (the WireGuard store,
+/// the radio's passwords) is encrypted once, at start, whether or not those
+/// services are on. What fails is logged; the services that need it say so
+/// again when they start.
+fn encrypt_old_plaintext(data: &Path, vault: &secta_vault::Vault) {
+    if data.join("wireguard").exists() {
+        if let Err(e) = secta_wireguard::Store::open(data, Some(vault)) {
+            tracing::error!(error = %format!("{e:#}"), "the WireGuard store cannot be opened");
+        }
+    }
+    let files = [
+        data.join("radio").join("source_password"),
+        data.join("radio").join("bot_password"),
+    ];
+    let mut done = Vec::new();
+    for f in &files {
+        match vault
+            .file_cipher()
+            .map_err(anyhow::Error::from)
+            .and_then(|c| secta_vault::secret::convert(&c, f))
+        {
+            Ok(true) => done.push(f.as_path()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "encrypting an old plaintext file")
+            }
+        }
+    }
+    secta_vault::secret::warn_converted(&done);
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<secta_homeserver::Peer> {

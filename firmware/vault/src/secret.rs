@@ -67,6 +67,7 @@ pub fn read(
         },
         Some(c) => {
             convert_bytes(c, path, &bytes)?;
+            warn_converted(&[path]);
             Ok(Some(bytes))
         }
     }
@@ -97,7 +98,8 @@ pub fn is_plaintext(path: &Path) -> bool {
 }
 
 /// Converts `path` to the sealed form if it is a plaintext file from before
-/// encryption at rest; true when it did. A missing or sealed file is left alone.
+/// encryption at rest; true when it did (the caller warns, [`warn_converted`]).
+/// A missing or sealed file is left alone.
 pub fn convert(cipher: &FileCipher, path: &Path) -> anyhow::Result<bool> {
     match read_raw(path)? {
         Some(bytes) if !bytes.starts_with(MAGIC) => {
@@ -115,15 +117,18 @@ fn convert_bytes(cipher: &FileCipher, path: &Path, plain: &[u8]) -> anyhow::Resu
             path.display()
         )
     })?;
-    warn_converted(path);
     Ok(())
 }
 
-/// The one warning for a file (or database) converted from plaintext.
-pub fn warn_converted(path: &Path) {
+/// The one warning for files (or a database) converted from plaintext.
+pub fn warn_converted(files: &[&Path]) {
+    if files.is_empty() {
+        return;
+    }
+    let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     tracing::warn!(
-        file = %path.display(),
-        "encrypted a file written in the clear before encryption at rest; its old plaintext blocks may remain on the card until they are overwritten (a wipe deletes the file but cannot crypto-erase those blocks)"
+        files = %files.join(", "),
+        "encrypted what was written in the clear before encryption at rest; the old plaintext blocks may remain on the card until they are overwritten (a wipe deletes these files but cannot crypto-erase those blocks)"
     );
 }
 

@@ -139,10 +139,13 @@ fn convert_plaintext(dir: &Path, key: &str, files: &FileCipher) -> anyhow::Resul
     }
     let lock = owner_only_file(&dir.join(".convert.lock"))?;
     lock.lock()?;
-    for p in plain_files {
-        secret::convert(files, &p)?;
+    // Each checked again under the lock: another process may have done it.
+    let mut done = Vec::new();
+    for p in &plain_files {
+        if secret::convert(files, p)? {
+            done.push(p.as_path());
+        }
     }
-    // Checked again under the lock: another process may have done it.
     if is_plain_sqlite(&path)? {
         encrypt_db(&path, key).with_context(|| {
             format!(
@@ -150,8 +153,9 @@ fn convert_plaintext(dir: &Path, key: &str, files: &FileCipher) -> anyhow::Resul
                 path.display()
             )
         })?;
-        secret::warn_converted(&path);
+        done.push(&path);
     }
+    secret::warn_converted(&done);
     Ok(())
 }
 
