@@ -347,48 +347,46 @@ CREATE VIRTUAL TABLE IF NOT EXISTS events_fts USING fts5(
 );
 "#;
 
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name=?2")?
+        .exists([table, column])
+}
+
+fn has_table(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+    conn.prepare("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?1")?
+        .exists([table])
+}
+
 /// Brings databases made by older versions up to the current schema.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_bump: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('rooms') WHERE name='bump_stamp'")?
-        .exists([])?;
+    let has_bump = has_column(conn, "rooms", "bump_stamp")?;
     if !has_bump {
         conn.execute_batch("ALTER TABLE rooms ADD COLUMN bump_stamp INTEGER NOT NULL DEFAULT 0;")?;
     }
-    let has_outlier: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name='outlier'")?
-        .exists([])?;
+    let has_outlier = has_column(conn, "events", "outlier")?;
     if !has_outlier {
         conn.execute_batch("ALTER TABLE events ADD COLUMN outlier INTEGER NOT NULL DEFAULT 0;")?;
     }
-    let has_declined: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('remote_invites') WHERE name='declined'")?
-        .exists([])?;
+    let has_declined = has_column(conn, "remote_invites", "declined")?;
     if !has_declined {
         conn.execute_batch(
             "ALTER TABLE remote_invites ADD COLUMN declined INTEGER NOT NULL DEFAULT 0;",
         )?;
     }
-    let has_knocks: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('remote_invites') WHERE name='membership'")?
-        .exists([])?;
+    let has_knocks = has_column(conn, "remote_invites", "membership")?;
     if !has_knocks {
         conn.execute_batch(
             "ALTER TABLE remote_invites ADD COLUMN membership TEXT NOT NULL DEFAULT 'invite';",
         )?;
     }
-    let has_state_groups: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name='state_after'")?
-        .exists([])?;
+    let has_state_groups = has_column(conn, "events", "state_after")?;
     if !has_state_groups {
         conn.execute_batch(
             "ALTER TABLE events ADD COLUMN state_before INTEGER;
              ALTER TABLE events ADD COLUMN state_after INTEGER;",
         )?;
     }
-    let old_event_state: bool = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type='table' AND name='event_state'")?
-        .exists([])?;
+    let old_event_state = has_table(conn, "event_state")?;
     if old_event_state {
         conn.execute_batch(
             "BEGIN;
@@ -411,9 +409,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              DROP TABLE txns_old;",
         )?;
     }
-    let old_notifications: bool = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type='table' AND name='notifications'")?
-        .exists([])?;
+    let old_notifications = has_table(conn, "notifications")?;
     if old_notifications {
         // One row per (user, event) became one row per event.
         conn.execute_batch(
@@ -583,9 +579,7 @@ const MAX_BATCH: usize = 32;
 /// reader stays cheap. No key: a plain SQLite database.
 fn apply_key(conn: &Connection, key: Option<&str>) -> rusqlite::Result<()> {
     if let Some(k) = key {
-        let stmt = zeroize::Zeroizing::new(format!("PRAGMA key = \"{k}\";"));
-        conn.execute_batch(&stmt)?;
-        conn.execute_batch(secta_vault::SQLCIPHER_SETTINGS)?;
+        conn.execute_batch(&secta_vault::sqlcipher_keying(k))?;
     }
     Ok(())
 }

@@ -322,30 +322,22 @@ pub fn rotate_signing_key(
 struct Secrets<'a>(Option<&'a secta_vault::Vault>);
 
 impl Secrets<'_> {
+    fn cipher(&self) -> anyhow::Result<Option<secta_vault::FileCipher>> {
+        Ok(self.0.map(|v| v.file_cipher()).transpose()?)
+    }
+
     /// `Ok(None)` if the file does not exist.
     fn read(&self, path: &Path) -> anyhow::Result<Option<String>> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        let Some(bytes) = secta_vault::secret::read(self.cipher()?.as_ref(), path)? else {
+            return Ok(None);
         };
-        let bytes = match self.0 {
-            Some(v) => v
-                .file_cipher()?
-                .open(&bytes)
-                .with_context(|| format!("decrypting {}", path.display()))?,
-            None => bytes,
-        };
-        Ok(Some(String::from_utf8(bytes).with_context(|| {
-            format!("{} is not text", path.display())
-        })?))
+        Ok(Some(String::from_utf8(bytes.to_vec()).with_context(
+            || format!("{} is not text", path.display()),
+        )?))
     }
 
     fn write(&self, path: &Path, text: &str) -> anyhow::Result<()> {
-        match self.0 {
-            Some(v) => Ok(v.file_cipher()?.write_file(path, text.as_bytes())?),
-            None => secta_runtime::write_secret_file(path, text.as_bytes()),
-        }
+        secta_vault::secret::write(self.cipher()?.as_ref(), path, text.as_bytes())
     }
 }
 

@@ -937,7 +937,7 @@ fn send_with_txn(
                 kind,
                 state_key,
                 content,
-                txn: Some((auth.device_id.as_str(), txn_id)),
+                txn: Some((device, txn_id)),
             },
             plan.take(),
         )?;

@@ -78,9 +78,8 @@ fn check_all_present(data: &Path, acked: &[String], room: &str) {
         .unwrap();
     let conn = rusqlite::Connection::open(data.join("homeserver.db")).unwrap();
     let key = vault.sqlcipher_key("homeserver.db").unwrap();
-    conn.execute_batch(&format!("PRAGMA key = \"{}\";", key.as_str()))
+    conn.execute_batch(&secta_vault::sqlcipher_keying(&key))
         .unwrap();
-    conn.execute_batch(secta_vault::SQLCIPHER_SETTINGS).unwrap();
     let ok: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();

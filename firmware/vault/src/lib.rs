@@ -46,6 +46,13 @@ pub const ENCRYPTED_MARKER: &str = "ENCRYPTED";
 /// SHA-512 mostly has none.
 pub const SQLCIPHER_SETTINGS: &str = "PRAGMA cipher_hmac_algorithm = HMAC_SHA256;";
 
+/// The statements that key a connection to a box database, to run before any
+/// other: `PRAGMA key` with a raw key from [`Vault::sqlcipher_key`], then
+/// [`SQLCIPHER_SETTINGS`].
+pub fn sqlcipher_keying(key: &str) -> Zeroizing<String> {
+    Zeroizing::new(format!("PRAGMA key = \"{key}\"; {SQLCIPHER_SETTINGS}"))
+}
+
 /// `[vault]`: data at rest and the panic wipe.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -369,10 +376,22 @@ fn is_encrypted(path: &Path) -> Option<bool> {
     if !db.ends_with(".db") {
         return Some(false);
     }
+    // A database file with a whole header that is not SQLite's.
+    let db = path.with_file_name(db);
+    let whole = std::fs::metadata(&db).is_ok_and(|m| m.len() >= 16);
+    Some(whole && !sqlite_in_clear(&db).unwrap_or(true))
+}
+
+/// Whether `path` is an SQLite database in the clear (its header is readable;
+/// SQLCipher's start with random bytes). A missing or short file is not.
+pub fn sqlite_in_clear(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
     let mut head = [0u8; 16];
-    let read =
-        std::fs::File::open(path.with_file_name(db)).and_then(|mut f| f.read_exact(&mut head));
-    Some(read.is_ok() && &head != b"SQLite format 3\0")
+    match std::fs::File::open(path) {
+        Ok(mut f) => Ok(f.read_exact(&mut head).is_ok() && &head == b"SQLite format 3\0"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn files_under(p: &Path, out: &mut Vec<PathBuf>) {

@@ -104,22 +104,9 @@ pub struct Store {
     files: Option<FileCipher>,
 }
 
-/// `PRAGMA key` and the box's SQLCipher settings: the first statements of a
-/// connection to an encrypted database.
-fn apply_key(db: &Connection, key: &str) -> rusqlite::Result<()> {
-    db.execute_batch(&Zeroizing::new(format!("PRAGMA key = \"{key}\";")))?;
-    db.execute_batch(secta_vault::SQLCIPHER_SETTINGS)
-}
-
-/// Whether `path` is an SQLite database in the clear (its header is readable).
+/// Whether `path` is an SQLite database in the clear.
 fn is_plain_sqlite(path: &Path) -> anyhow::Result<bool> {
-    use std::io::Read;
-    let mut head = [0u8; 16];
-    match std::fs::File::open(path) {
-        Ok(mut f) => Ok(f.read_exact(&mut head).is_ok() && &head == b"SQLite format 3\0"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    secta_vault::sqlite_in_clear(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Converts what a box wrote in the clear before encryption at rest, once:
@@ -184,7 +171,7 @@ fn encrypt_db(path: &Path, key: &str) -> anyhow::Result<()> {
     owner_only_file(&tmp)?;
     {
         let enc = Connection::open(&tmp)?;
-        apply_key(&enc, key)?;
+        enc.execute_batch(&secta_vault::sqlcipher_keying(key))?;
         enc.execute(
             "ATTACH DATABASE ?1 AS plain KEY ''",
             [path.to_string_lossy()],
@@ -246,7 +233,7 @@ impl Store {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         }
         if let Some(k) = &key {
-            apply_key(&db, k)?;
+            db.execute_batch(&secta_vault::sqlcipher_keying(k))?;
         }
         if let Err(e) = db.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())) {
             bail!(
