@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS forward_extremities (
     room_id TEXT NOT NULL,
     event_id TEXT NOT NULL,
     PRIMARY KEY (room_id, event_id)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS room_state (
     room_id TEXT NOT NULL,
     type TEXT NOT NULL,
@@ -409,6 +409,30 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              DROP TABLE txns_old;",
         )?;
     }
+    // One B-tree, not a table and its key's index: both were rewritten by
+    // every message (the extremity moves on).
+    let extremities_rowid: bool = conn
+        .prepare(
+            "SELECT 1 FROM sqlite_master WHERE name='forward_extremities' AND sql NOT LIKE '%WITHOUT ROWID%'",
+        )?
+        .exists([])?;
+    if extremities_rowid {
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE forward_extremities RENAME TO forward_extremities_old;
+             CREATE TABLE forward_extremities (room_id TEXT NOT NULL, event_id TEXT NOT NULL,
+                 PRIMARY KEY (room_id, event_id)) WITHOUT ROWID;
+             INSERT OR IGNORE INTO forward_extremities SELECT room_id, event_id FROM forward_extremities_old;
+             DROP TABLE forward_extremities_old;
+             COMMIT;",
+        )?;
+    }
+    // Search indexing runs behind the writes (search::catch_up); databases
+    // from before were indexed as each event was stored.
+    conn.execute(
+        "INSERT OR IGNORE INTO meta(key, value) SELECT 'fts_upto', COALESCE(MAX(stream), 0) FROM events",
+        [],
+    )?;
     let old_notifications = has_table(conn, "notifications")?;
     if old_notifications {
         // One row per (user, event) became one row per event.
@@ -1224,6 +1248,50 @@ mod tests {
             })
             .unwrap();
         assert!(!old_table);
+    }
+
+    #[test]
+    fn older_databases_keep_their_extremities_and_search_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            // As older versions left it: a rowid table of extremities, every
+            // stored event already indexed, no `fts_upto`.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE forward_extremities (room_id TEXT NOT NULL, event_id TEXT NOT NULL,
+                     PRIMARY KEY (room_id, event_id));
+                 INSERT INTO forward_extremities VALUES('!r:x', '$b'), ('!s:x', '$c');",
+            )
+            .unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute_batch(
+                "INSERT INTO events(stream, event_id, room_id, sender, type, depth, origin_server_ts, json)
+                 VALUES(4, '$b', '!r:x', '@u:x', 'm.room.message', 2, 0, '{}');",
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path, Durability::Normal).unwrap();
+        let (sql, rows, upto): (String, Vec<String>, String) = db
+            .read(|c| {
+                let sql = c.query_row(
+                    "SELECT sql FROM sqlite_master WHERE name='forward_extremities'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                let rows = c
+                    .prepare("SELECT room_id || event_id FROM forward_extremities ORDER BY 1")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let upto = c.query_row("SELECT value FROM meta WHERE key='fts_upto'", [], |r| {
+                    r.get(0)
+                })?;
+                Ok::<_, rusqlite::Error>((sql, rows, upto))
+            })
+            .unwrap();
+        assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+        assert_eq!(rows, vec!["!r:x$b", "!s:x$c"]);
+        assert_eq!(upto, "4", "what was stored before is indexed already");
     }
 
     #[test]

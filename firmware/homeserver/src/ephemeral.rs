@@ -215,6 +215,9 @@ pub async fn housekeeping(hs: Arc<Hs>, shutdown: secta_runtime::Shutdown) {
         for room in hs.typing.expire() {
             hs.notify_room(&room);
         }
+        if let Err(e) = crate::search::catch_up(&hs) {
+            tracing::warn!(error = %e, "search indexing failed");
+        }
         seconds += 1;
         if seconds % 3600 == 60 {
             if let Err(e) = prune(&hs) {

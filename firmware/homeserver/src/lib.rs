@@ -78,6 +78,7 @@ pub struct Hs {
     pub(crate) key_counts: keys::KeyCountsCache,
     pub(crate) formatted: pdu::FormattedCache,
     pub(crate) txns: txns::RecentTxns,
+    pub(crate) indexer: search::Indexer,
     /// Valid access tokens (by hash) as of an auth version (see `lookup_token`).
     tokens: Mutex<HashMap<String, (Auth, u64)>>,
     pub(crate) pusher_users: pushers::PusherUsers,
@@ -161,6 +162,7 @@ impl Hs {
             key_counts: keys::KeyCountsCache::default(),
             formatted: pdu::FormattedCache::default(),
             txns: recent_txns,
+            indexer: Default::default(),
             tokens: Mutex::new(HashMap::new()),
             pusher_users: pushers::PusherUsers::default(),
             push_wakeup: tokio::sync::Notify::new(),

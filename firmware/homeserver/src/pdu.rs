@@ -808,7 +808,7 @@ impl Hs {
         if !timeline {
             return Ok(stream);
         }
-        search::index_event(w, stream, room_id, &pdu.kind, &content)?;
+        // Search indexing follows in batches (search::catch_up).
         if is_bump(&pdu.kind) {
             w.execute(
                 "UPDATE rooms SET bump_stamp=?1 WHERE room_id=?2",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use ruma::events::TimelineEventType;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use rust_stemmers::{Algorithm, Stemmer};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -54,7 +54,83 @@ fn searchable_text(kind: &TimelineEventType, content: &Value) -> Option<String> 
     content[field].as_str().map(str::to_owned)
 }
 
-pub fn index_event(
+/// Events indexed per write: large enough that FTS5 writes one segment for
+/// many messages, small enough that other writers wait only briefly.
+const INDEX_BATCH: i64 = 1000;
+
+/// Search indexing runs behind the writes that store messages: indexing each
+/// message in its own commit wrote a new FTS5 segment (and its structure
+/// record, document sizes and content) per commit, a sixth of every commit's
+/// pages — each encrypted on the write path. `meta.fts_upto` is the stream
+/// position up to which timeline events are indexed; what lies after it is
+/// indexed in batches (every second by the housekeeping task, and before
+/// every search, so search always sees every stored message).
+#[derive(Default)]
+pub struct Indexer {
+    /// The committed stream position the last catch-up started from: no
+    /// backlog can exist while the stream has not moved past it.
+    checked: std::sync::atomic::AtomicI64,
+}
+
+/// Indexes the events stored since the last catch-up.
+pub fn catch_up(hs: &Hs) -> rusqlite::Result<()> {
+    use std::sync::atomic::Ordering;
+    // Bounded: each round indexes up to INDEX_BATCH events and a round that
+    // finds fewer ends it; the writers that arrive meanwhile are not chased.
+    for _ in 0..64 {
+        let now = hs.db.current_stream();
+        if hs.indexer.checked.load(Ordering::Acquire) >= now {
+            return Ok(());
+        }
+        let more = hs.db.write(index_backlog)?;
+        if !more {
+            hs.indexer.checked.fetch_max(now, Ordering::AcqRel);
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Indexes up to [`INDEX_BATCH`] timeline events after `meta.fts_upto` and
+/// moves it past them; whether more may remain.
+fn index_backlog(w: &mut WriteTxn<'_>) -> rusqlite::Result<bool> {
+    let upto: i64 =
+        w.tx.query_row(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE key='fts_upto'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let rows: Vec<(i64, String, String, String)> =
+        w.tx.prepare_cached(
+            "SELECT stream, room_id, type, json FROM events WHERE stream>?1 AND outlier=0
+             ORDER BY stream LIMIT ?2",
+        )?
+        .query_map(params![upto, INDEX_BATCH], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let Some(last) = rows.last().map(|r| r.0) else {
+        return Ok(false);
+    };
+    for (stream, room, kind, json) in &rows {
+        let Ok(mut pdu) = serde_json::from_str::<Value>(json) else {
+            continue;
+        };
+        let kind = TimelineEventType::from(kind.as_str());
+        index_event(w, *stream, room, &kind, &pdu["content"].take())?;
+    }
+    w.tx.execute(
+        "INSERT INTO meta(key, value) VALUES('fts_upto', ?1)
+         ON CONFLICT(key) DO UPDATE SET value=?1",
+        [last.to_string()],
+    )?;
+    Ok(rows.len() as i64 == INDEX_BATCH)
+}
+
+/// Indexes one event (again, if it already was: indexing is idempotent).
+fn index_event(
     w: &WriteTxn<'_>,
     stream: i64,
     room_id: &str,
@@ -69,7 +145,7 @@ pub fn index_event(
         return Ok(());
     }
     w.execute(
-        "INSERT INTO events_fts(rowid, stems, room_id, event_stream) VALUES(?1,?2,?3,?1)",
+        "INSERT OR REPLACE INTO events_fts(rowid, stems, room_id, event_stream) VALUES(?1,?2,?3,?1)",
         params![stream, s, room_id],
     )?;
     Ok(())
@@ -147,6 +223,8 @@ pub async fn search(
         user_id: auth.user_id.as_str(),
         device_id: Some(auth.device_id.as_str()),
     };
+    // Everything stored so far, even the last second's messages, is searchable.
+    catch_up(&hs)?;
     let out = hs.db.read(|c| -> MxResult<Value> {
         let rooms: Vec<String> =
             joined_room_ids(c, auth.user_id.as_str())?.into_iter().filter(|r| re.filter.allows_room(r)).collect();

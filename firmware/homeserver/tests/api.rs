@@ -22,6 +22,24 @@ fn new_box() -> Box_ {
     })
 }
 
+/// A box on `dir` that leaves the folder alone when dropped (to reopen it).
+fn box_at(dir: &std::path::Path) -> Box_ {
+    let hs = Hs::open(
+        HomeserverConfig {
+            server_name: "test.box".into(),
+            ..Default::default()
+        },
+        dir,
+    )
+    .unwrap();
+    let app = hs.router();
+    Box_ {
+        _dir: tempfile::tempdir().unwrap(),
+        hs,
+        app,
+    }
+}
+
 /// A password the default policy accepts.
 const PW: &str = "tulip-quarry-anvil";
 
@@ -728,6 +746,107 @@ async fn search_finds_russian_word_forms() {
     assert_eq!(v["search_categories"]["room_events"]["count"], 1);
     let (_, v) = search("телевидение").await;
     assert_eq!(v["search_categories"]["room_events"]["count"], 0);
+}
+
+async fn search_count(b: &Box_, token: &str, term: &str) -> i64 {
+    let (s, v) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/search",
+            Some(token),
+            json!({"search_categories": {"room_events": {"search_term": term}}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v["search_categories"]["room_events"]["count"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Indexing runs behind the writes: a message redacted before it was indexed
+/// is never found, one stored just before a restart is found after it.
+#[tokio::test]
+async fn search_sees_every_stored_message_across_redactions_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || box_at(dir.path());
+    let b = open();
+    let (_, token) = b.register("alice").await;
+    let room = b.room(&token).await;
+    let send = |txn: &str, body: &str| {
+        let uri = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(&room)
+        );
+        let body = json!({"msgtype": "m.text", "body": body});
+        let (b, token) = (&b, token.clone());
+        async move { b.call("PUT", &uri, Some(&token), body).await }
+    };
+    let (s, v) = send("1", "секретный пароль от склада").await;
+    assert_eq!(s, 200);
+    let secret = v["event_id"].as_str().unwrap().to_owned();
+    let (s, _) = b
+        .call(
+            "PUT",
+            &format!(
+                "/_matrix/client/v3/rooms/{}/redact/{}/r1",
+                enc(&room),
+                enc(&secret)
+            ),
+            Some(&token),
+            json!({"reason": "oops"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        search_count(&b, &token, "пароль").await,
+        0,
+        "redacted before it was indexed"
+    );
+    assert_eq!(send("2", "встреча на складе в пятницу").await.0, 200);
+    assert_eq!(search_count(&b, &token, "склад").await, 1);
+    let (_, v) = send("3", "ещё одна встреча").await;
+    let third = v["event_id"].as_str().unwrap().to_owned();
+    let (s, _) = b
+        .call(
+            "PUT",
+            &format!(
+                "/_matrix/client/v3/rooms/{}/redact/{}/r2",
+                enc(&room),
+                enc(&third)
+            ),
+            Some(&token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    for i in 0..5 {
+        assert_eq!(send(&format!("m{i}"), "радиоэфир в субботу").await.0, 200);
+    }
+    // Stored, not yet indexed: no search, no housekeeping ran.
+    b.hs.db.checkpoint();
+    drop(b);
+    let b = open();
+    let (s, v) = b
+        .call(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": PW}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        search_count(&b, &token, "субботу").await,
+        5,
+        "indexed after the restart"
+    );
+    assert_eq!(
+        search_count(&b, &token, "встреча").await,
+        1,
+        "the redacted one is gone"
+    );
+    assert_eq!(search_count(&b, &token, "пароль").await, 0);
 }
 
 #[tokio::test]
@@ -1461,19 +1580,7 @@ async fn push_rules_drive_unread_and_highlight_counts() {
 #[tokio::test]
 async fn sliding_sync_lists_rooms_invites_and_updates() {
     let dir = tempfile::tempdir().unwrap();
-    let config = HomeserverConfig {
-        server_name: "test.box".into(),
-        ..Default::default()
-    };
-    let b = {
-        let hs = Hs::open(config.clone(), dir.path()).unwrap();
-        let app = hs.router();
-        Box_ {
-            _dir: tempfile::tempdir().unwrap(),
-            hs,
-            app,
-        }
-    };
+    let b = box_at(dir.path());
     let (alice_id, alice) = b.register("alice").await;
     let (_, bob) = b.register("bob").await;
     let mut rooms = Vec::new();
@@ -1563,12 +1670,7 @@ async fn sliding_sync_lists_rooms_invites_and_updates() {
 
     // The pos survives a restart of the server.
     drop(b);
-    let hs = Hs::open(config, dir.path()).unwrap();
-    let b = Box_ {
-        _dir: tempfile::tempdir().unwrap(),
-        app: hs.router(),
-        hs,
-    };
+    let b = box_at(dir.path());
     let (s, v) = b
         .call(
             "POST",
