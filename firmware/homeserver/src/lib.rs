@@ -19,6 +19,7 @@ mod media;
 pub mod pdu;
 mod push;
 mod pushers;
+mod recent;
 mod roominfo;
 mod rooms;
 mod routes;

@@ -315,7 +315,7 @@ pub fn store_plan(
 }
 
 /// The `instr` needles that find a user in `event_push.users` and `.highlights`.
-fn needles(user: &str) -> (String, String) {
+pub(crate) fn needles(user: &str) -> (String, String) {
     (format!("\n{user}\t"), format!("\n{user}\n"))
 }
 
@@ -352,7 +352,7 @@ fn read_up_to(
 }
 
 /// Counting stops here: clients show "99+" long before.
-const COUNT_CAP: i64 = 10_000;
+pub(crate) const COUNT_CAP: i64 = 10_000;
 
 /// Unread counts already worked out, so a sync counts only what is new since
 /// the last one: a member who never sends read receipts would otherwise make
@@ -409,6 +409,8 @@ pub fn room_counts(
     let own_after = prev.map_or(0, |p| p.upto);
     let own_new = if unchanged(UserRows::Sent) {
         0
+    } else if let Some(s) = hs.db.recent.own_newest(room, user, own_after, upto) {
+        s
     } else {
         own_newest(c, room, user, own_after, upto)?
     };
@@ -416,13 +418,13 @@ pub fn room_counts(
     let from = receipt.max(own);
     let (notes, highlights) = match prev {
         Some(p) if p.receipt == receipt && p.own == own => {
-            let (n, h) = count_notifying(c, room, user, per_thread, from.max(p.upto), upto)?;
+            let (n, h) = count_notifying(hs, c, room, user, per_thread, from.max(p.upto), upto)?;
             (
                 (p.notes + n).min(COUNT_CAP),
                 (p.highlights + h).min(COUNT_CAP),
             )
         }
-        _ => count_notifying(c, room, user, per_thread, from, upto)?,
+        _ => count_notifying(hs, c, room, user, per_thread, from, upto)?,
     };
     if upto < i64::MAX {
         let mut map = hs.unread.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -448,7 +450,7 @@ pub fn room_counts(
 }
 
 /// Stream position of the user's newest event in the room within `(after, upto]`, or 0.
-fn own_newest(
+pub(crate) fn own_newest(
     c: &Connection,
     room: &str,
     user: &str,
@@ -467,6 +469,7 @@ fn own_newest(
 /// Notifying events for the user in `(after, upto]` (main timeline only when
 /// `main_only`), capped at [`COUNT_CAP`].
 fn count_notifying(
+    hs: &Hs,
     c: &Connection,
     room: &str,
     user: &str,
@@ -474,14 +477,38 @@ fn count_notifying(
     after: i64,
     upto: i64,
 ) -> rusqlite::Result<(i64, i64)> {
-    let sql = if main_only {
-        "SELECT COUNT(*), COALESCE(SUM(instr(highlights, ?5)>0),0) FROM (SELECT highlights FROM event_push
-         WHERE room_id=?2 AND stream>?3 AND stream<=?6 AND thread_id IS NULL AND instr(users, ?1)>0 LIMIT ?4)"
-    } else {
-        "SELECT COUNT(*), COALESCE(SUM(instr(highlights, ?5)>0),0) FROM (SELECT highlights FROM event_push
-         WHERE room_id=?2 AND stream>?3 AND stream<=?6 AND instr(users, ?1)>0 LIMIT ?4)"
-    };
     let (n, h) = needles(user);
+    if let Some(found) = hs
+        .db
+        .recent
+        .count_notifying(room, &n, &h, main_only, after, upto, COUNT_CAP)
+    {
+        return Ok(found);
+    }
+    count_notifying_stored(c, room, &n, &h, main_only, after, upto)
+}
+
+/// [`count_notifying`] from the database alone (`n`, `h`: the [`needles`]).
+pub(crate) fn count_notifying_stored(
+    c: &Connection,
+    room: &str,
+    n: &str,
+    h: &str,
+    main_only: bool,
+    after: i64,
+    upto: i64,
+) -> rusqlite::Result<(i64, i64)> {
+    // The room's events in the range come from `events_room_stream`, their
+    // push rows by stream position (event_push has no room index of its own).
+    let sql = if main_only {
+        "SELECT COUNT(*), COALESCE(SUM(instr(highlights, ?5)>0),0) FROM (SELECT p.highlights
+         FROM events e JOIN event_push p ON p.stream=e.stream
+         WHERE e.room_id=?2 AND e.stream>?3 AND e.stream<=?6 AND p.thread_id IS NULL AND instr(p.users, ?1)>0 LIMIT ?4)"
+    } else {
+        "SELECT COUNT(*), COALESCE(SUM(instr(highlights, ?5)>0),0) FROM (SELECT p.highlights
+         FROM events e JOIN event_push p ON p.stream=e.stream
+         WHERE e.room_id=?2 AND e.stream>?3 AND e.stream<=?6 AND instr(p.users, ?1)>0 LIMIT ?4)"
+    };
     c.prepare_cached(sql)?
         .query_row(params![n, room, after, COUNT_CAP, h, upto], |r| {
             Ok((r.get(0)?, r.get(1)?))

@@ -496,10 +496,10 @@ fn build(
             if limit == 0 {
                 (vec![], true)
             } else {
-                events_between(c, room, 0, upto, limit)?
+                events_between(hs, c, room, 0, upto, limit)?
             }
         } else {
-            events_between(c, room, after, upto, limit.max(1))?
+            events_between(hs, c, room, after, upto, limit.max(1))?
         };
         let vis = Visibility::load(c, room, user).ok();
         let events: Vec<_> = events
@@ -611,7 +611,7 @@ fn build(
     }
     for (room, sent, left_at) in &left {
         // Up to the leave and no further: what came after is not the user's to see.
-        let (events, limited) = events_between(c, room, *sent, *left_at, 10)?;
+        let (events, limited) = events_between(hs, c, room, *sent, *left_at, 10)?;
         let timeline: Vec<Value> = events
             .iter()
             .map(|e| client_event(c, e, &v, false))

@@ -178,7 +178,25 @@ fn membership_rows(
     r
 }
 
+/// The room's newest `limit` timeline events in `(after, upto]`, oldest first,
+/// and whether more were left out. `upto` must be committed (at or below
+/// [`crate::db::Db::current_stream`]); the newest rows come from memory.
 pub(crate) fn events_between(
+    hs: &Hs,
+    c: &Connection,
+    room: &str,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> rusqlite::Result<(Vec<StoredEvent>, bool)> {
+    if let Some(found) = hs.db.recent.events_between(room, after, upto, limit) {
+        return Ok(found);
+    }
+    events_between_stored(c, room, after, upto, limit)
+}
+
+/// [`events_between`] from the database alone.
+pub(crate) fn events_between_stored(
     c: &Connection,
     room: &str,
     after: i64,
@@ -381,6 +399,7 @@ fn build(
                     (vec![], true)
                 } else {
                     events_between(
+                        hs,
                         c,
                         &room,
                         if newly && !full_state {
@@ -578,7 +597,7 @@ fn build(
                 if !(newly || (since.is_none() && rf.include_leave)) {
                     continue;
                 }
-                let (events, limited) = events_between(c, &room, from, mstream, tl_limit)?;
+                let (events, limited) = events_between(hs, c, &room, from, mstream, tl_limit)?;
                 let tl_start = events.first().map_or(mstream, |e| e.stream);
                 let timeline: Vec<Value> = events
                     .iter()

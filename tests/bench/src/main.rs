@@ -182,6 +182,9 @@ struct DeliveryFigures {
     duplicates: usize,
     /// Incremental sync responses with a limited timeline in some room (events may be skipped).
     limited_timelines: usize,
+    /// Sync responses the listeners received while messages were sent: with
+    /// `count`, how many events one response carries (the server's coalescing).
+    sync_responses: usize,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -761,6 +764,7 @@ struct Shared {
     received: AtomicUsize,
     duplicates: AtomicUsize,
     limited: AtomicUsize,
+    sync_responses: AtomicUsize,
     send_lat: Mutex<Vec<f64>>,
     deliv_lat: Mutex<Vec<f64>>,
     last_progress: AtomicU64,
@@ -798,6 +802,9 @@ async fn listener(
             _ = stop.changed() => return,
         };
         let now = now_us();
+        if res.is_some() {
+            shared.sync_responses.fetch_add(1, Ordering::Relaxed);
+        }
         let Some(v) = res else {
             // Back off a little so a failing server is not hammered; still bounded by stop/deadline.
             tokio::select! {
@@ -1128,6 +1135,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
         received: AtomicUsize::new(0),
         duplicates: AtomicUsize::new(0),
         limited: AtomicUsize::new(0),
+        sync_responses: AtomicUsize::new(0),
         send_lat: Mutex::new(Vec::new()),
         deliv_lat: Mutex::new(Vec::new()),
         last_progress: AtomicU64::new(0),
@@ -1300,6 +1308,7 @@ async fn workload(ctx: Arc<Ctx>, secret: String, idle_wait: bool) {
             expected: shared.expected.load(Ordering::Relaxed),
             duplicates: shared.duplicates.load(Ordering::Relaxed),
             limited_timelines: shared.limited.load(Ordering::Relaxed),
+            sync_responses: shared.sync_responses.load(Ordering::Relaxed),
         };
     }
     ctx.progress(format!(
