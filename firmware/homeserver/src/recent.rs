@@ -21,7 +21,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
 use crate::pdu::{row_to_event, StoredEvent, EVENT_COLS};
 
@@ -273,37 +273,64 @@ impl Recent {
 type EventRow = Option<(StoredEvent, String, bool)>;
 type PushRead = Option<(String, bool, String, String)>;
 
-/// The current rows at these stream positions (`None`: no such row now).
+/// The current rows at these stream positions (sorted; `None`: no such row
+/// now), read run by run: a batch's new rows are consecutive positions, so
+/// one range query per table usually reads them all.
 fn read_rows(
     conn: &Connection,
     events: &[i64],
     push: &[i64],
 ) -> rusqlite::Result<(Vec<EventRow>, Vec<PushRead>)> {
     let mut ev_st = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLS}, sender, outlier FROM events WHERE stream=?1"
+        "SELECT {EVENT_COLS}, sender, outlier FROM events WHERE stream BETWEEN ?1 AND ?2"
     ))?;
-    let ev_rows = events
-        .iter()
-        .map(|s| {
-            ev_st
-                .query_row([s], |r| Ok((row_to_event(r)?, r.get(8)?, r.get(9)?)))
-                .optional()
-        })
-        .collect::<rusqlite::Result<_>>()?;
+    let ev_rows = by_runs(events, |lo, hi| {
+        ev_st
+            .query_map([lo, hi], |r| {
+                Ok((r.get(0)?, (row_to_event(r)?, r.get(8)?, r.get(9)?)))
+            })?
+            .collect()
+    })?;
     let mut push_st = conn.prepare_cached(
-        "SELECT room_id, thread_id IS NOT NULL, users, highlights FROM event_push WHERE stream=?1",
+        "SELECT stream, room_id, thread_id IS NOT NULL, users, highlights FROM event_push
+         WHERE stream BETWEEN ?1 AND ?2",
     )?;
-    let push_rows = push
-        .iter()
-        .map(|s| {
-            push_st
-                .query_row(params![s], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
-                .optional()
-        })
-        .collect::<rusqlite::Result<_>>()?;
+    let push_rows = by_runs(push, |lo, hi| {
+        push_st
+            .query_map(params![lo, hi], |r| {
+                Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            })?
+            .collect()
+    })?;
     Ok((ev_rows, push_rows))
+}
+
+/// Positions further apart than this start a new run (and a new query).
+const RUN_GAP: i64 = 8;
+
+/// For sorted `positions`: the row at each, fetched with `range(lo, hi)`
+/// (rows as (position, row), ascending) once per run of close positions.
+fn by_runs<T>(
+    positions: &[i64],
+    mut range: impl FnMut(i64, i64) -> rusqlite::Result<Vec<(i64, T)>>,
+) -> rusqlite::Result<Vec<Option<T>>> {
+    let mut out = Vec::with_capacity(positions.len());
+    let mut i = 0;
+    while i < positions.len() {
+        let mut j = i + 1;
+        while j < positions.len() && positions[j] - positions[j - 1] <= RUN_GAP {
+            j += 1;
+        }
+        let mut rows = range(positions[i], positions[j - 1])?
+            .into_iter()
+            .peekable();
+        for &p in &positions[i..j] {
+            while rows.next_if(|(s, _)| *s < p).is_some() {}
+            out.push(rows.next_if(|(s, _)| *s == p).map(|(_, r)| r));
+        }
+        i = j;
+    }
+    Ok(out)
 }
 
 impl Inner {
@@ -521,6 +548,35 @@ mod tests {
             db.recent.lock().floor > 0,
             "the budget never dropped a row: the test did not reach below the floor"
         );
+    }
+
+    #[test]
+    fn rows_are_read_run_by_run_and_missing_ones_are_none() {
+        let stored = [1, 3, 20, 22, 40, 55];
+        let mut queries = Vec::new();
+        let got = super::by_runs(&[1, 2, 3, 20, 21, 22, 40, 41], |lo, hi| {
+            queries.push((lo, hi));
+            Ok(stored
+                .iter()
+                .filter(|s| (lo..=hi).contains(*s))
+                .map(|s| (*s, s * 10))
+                .collect())
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Some(10),
+                None,
+                Some(30),
+                Some(200),
+                None,
+                Some(220),
+                Some(400),
+                None
+            ]
+        );
+        assert_eq!(queries, vec![(1, 3), (20, 22), (40, 41)]);
     }
 
     /// An event row (outlier one time in eight) and, mostly, its push row.
