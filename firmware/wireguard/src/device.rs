@@ -72,7 +72,9 @@ struct TxBatch {
 impl Default for TxBatch {
     fn default() -> Self {
         Self {
-            buf: vec![0u8; MAX_BATCH_BYTES + BUF],
+            // A full batch, then the largest message one TUN read can give
+            // (a packet of BUF bytes and boringtun's 32 bytes).
+            buf: vec![0u8; MAX_BATCH_BYTES + BUF + 32],
             len: 0,
             seg: 0,
             count: 0,
