@@ -50,50 +50,136 @@ const BATCH: usize = 64;
 /// Most datagrams in one `UDP_SEGMENT` send (the kernel's limit is 64).
 const MAX_SEGMENTS: usize = 64;
 
-/// Encrypted data messages to one peer, of one size (the last may be shorter),
-/// to leave in one send.
-#[derive(Default)]
+/// Most bytes of datagrams in one `UDP_SEGMENT` send.
+const MAX_BATCH_BYTES: usize = 65000;
+
+/// Encrypted data messages to one peer, of one size (the last may be
+/// shorter), to leave in one send. boringtun encrypts straight into the free
+/// tail of `buf`, so a message is never copied after encryption.
 struct TxBatch {
+    /// `len` bytes of datagrams, then room for the next one.
     buf: Vec<u8>,
+    len: usize,
     seg: usize,
     count: usize,
     last_short: bool,
     dest: Option<(SocketAddr, Arc<Peer>)>,
-    /// The peer of the current TUN read's destination (forgotten after it).
-    route: Option<(IpAddr, Arc<Peer>)>,
+    /// The peer (and its endpoint) of the last TUN read's destination, with
+    /// `Shared::generation` when it was looked up (forgotten after a wakeup).
+    route: Option<(IpAddr, Arc<Peer>, Option<SocketAddr>, u64)>,
+}
+
+impl Default for TxBatch {
+    fn default() -> Self {
+        Self {
+            // A full batch, then the largest message one TUN read can give
+            // (a packet of BUF bytes and boringtun's 32 bytes).
+            buf: vec![0u8; MAX_BATCH_BYTES + BUF + 32],
+            len: 0,
+            seg: 0,
+            count: 0,
+            last_short: false,
+            dest: None,
+            route: None,
+        }
+    }
 }
 
 impl TxBatch {
-    /// Adds a datagram; `false` when it does not fit this batch (flush first).
-    fn push(&mut self, d: &[u8], to: SocketAddr, peer: &Arc<Peer>) -> bool {
+    /// Whether a datagram of `n` bytes to `to` may join this batch.
+    fn fits(&self, n: usize, to: SocketAddr) -> bool {
         match &self.dest {
-            None => {
-                self.dest = Some((to, peer.clone()));
-                self.seg = d.len();
-            }
+            None => true,
             Some((t, _)) => {
-                if *t != to
-                    || self.last_short
-                    || d.len() > self.seg
-                    || self.count >= MAX_SEGMENTS
-                    || self.buf.len() + d.len() > 65000
-                {
-                    return false;
-                }
-                self.last_short = d.len() < self.seg;
+                *t == to
+                    && !self.last_short
+                    && n <= self.seg
+                    && self.count < MAX_SEGMENTS
+                    && self.len + n <= MAX_BATCH_BYTES
             }
         }
-        self.buf.extend_from_slice(d);
+    }
+
+    /// Takes the `n` bytes written at the tail as the batch's next datagram
+    /// (after [`TxBatch::fits`] said they may join).
+    fn commit(&mut self, n: usize, to: SocketAddr, peer: &Arc<Peer>) {
+        if self.dest.is_none() {
+            self.dest = Some((to, peer.clone()));
+            self.seg = n;
+        } else {
+            self.last_short = n < self.seg;
+        }
+        self.len += n;
         self.count += 1;
-        true
     }
 
     fn clear(&mut self) {
-        self.buf.clear();
+        self.len = 0;
         self.count = 0;
         self.seg = 0;
         self.last_short = false;
         self.dest = None;
+    }
+}
+
+/// What a worker remembers of the peer its last data messages came from.
+/// Valid while [`Shared::generation`] (bumped on every change of peers or
+/// AllowedIPs) stays the same; saves a lock and a table lookup per packet.
+#[derive(Default)]
+struct RxCache {
+    generation: u64,
+    /// Receiver index (without the session bits) and its peer.
+    peer: Option<(u32, Arc<Peer>)>,
+    /// A source address found among that peer's AllowedIPs.
+    allowed_from: Option<IpAddr>,
+    /// Bytes received from the peer, not yet added to its counter.
+    rx_pending: u64,
+    /// Where the peer's last authenticated data message came from, not yet
+    /// recorded as its endpoint.
+    endpoint_pending: Option<SocketAddr>,
+}
+
+impl RxCache {
+    /// Records what is pending on the cached peer (counter, endpoint).
+    fn settle(&mut self) {
+        if let Some((_, peer)) = &self.peer {
+            if self.rx_pending > 0 {
+                peer.rx.fetch_add(self.rx_pending, Ordering::Relaxed);
+                self.rx_pending = 0;
+            }
+            if let Some(src) = self.endpoint_pending.take() {
+                set_endpoint(peer, src);
+            }
+        }
+    }
+
+    /// The peer of a data message's receiver index.
+    fn peer(&mut self, shared: &Shared, index: u32) -> Option<Arc<Peer>> {
+        let generation = shared.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.settle();
+            *self = RxCache {
+                generation,
+                ..Default::default()
+            };
+        }
+        if let Some((i, p)) = &self.peer {
+            if *i == index {
+                return Some(p.clone());
+            }
+        }
+        self.settle();
+        let p = shared.peers.read().by_index.get(&index).cloned()?;
+        self.peer = Some((index, p.clone()));
+        self.allowed_from = None;
+        Some(p)
+    }
+}
+
+/// Records where a peer's last authenticated message came from (roaming).
+fn set_endpoint(peer: &Peer, src: SocketAddr) {
+    if *peer.endpoint.read() != Some(src) {
+        *peer.endpoint.write() = Some(src);
     }
 }
 
@@ -360,6 +446,8 @@ struct Shared {
     stop: AtomicBool,
     next_index: AtomicU32,
     drops: DropCounters,
+    /// Bumped whenever peers or AllowedIPs change (invalidates `RxCache`s).
+    generation: AtomicU64,
 }
 
 /// A running interface. Stops (and its TUN device disappears) when dropped.
@@ -490,31 +578,49 @@ impl Shared {
             .cloned()
     }
 
-    /// A packet read from the TUN device: encrypt for the peer routing its
-    /// destination. Data messages join `batch` (sent together); handshakes go at once.
-    fn from_tun(&self, sock: &UdpSocket, pkt: &[u8], out: &mut [u8], batch: &mut TxBatch) {
-        let Some(dst) = Tunn::dst_address(pkt) else {
-            return;
+    /// The peer routing `dst` and its endpoint, or `None` (counted) when no peer does.
+    fn route(&self, dst: IpAddr) -> Option<(Arc<Peer>, Option<SocketAddr>)> {
+        let found = self
+            .peers
+            .read()
+            .routes
+            .longest_match(dst)
+            .map(|(_, p)| p.clone());
+        let Some(p) = found else {
+            self.drops.no_route.fetch_add(1, Ordering::Relaxed);
+            return None;
         };
-        // Segments of one TUN read share their destination: look it up once.
-        let peer = match &batch.route {
-            Some((ip, p)) if *ip == dst => p.clone(),
-            _ => {
-                let found = self
-                    .peers
-                    .read()
-                    .routes
-                    .longest_match(dst)
-                    .map(|(_, p)| p.clone());
-                let Some(p) = found else {
-                    self.drops.no_route.fetch_add(1, Ordering::Relaxed);
-                    return;
-                };
-                batch.route = Some((dst, p.clone()));
-                p
+        let ep = *p.endpoint.read();
+        Some((p, ep))
+    }
+
+    /// A packet read from the TUN device, for `peer`: encrypted straight into
+    /// the batch (sent together); a handshake (no session yet) goes at once.
+    fn from_tun(
+        &self,
+        sock: &UdpSocket,
+        pkt: &[u8],
+        peer: &Arc<Peer>,
+        ep: Option<SocketAddr>,
+        out: &mut [u8],
+        batch: &mut TxBatch,
+    ) {
+        // A data message is the packet with a 16-byte header and a 16-byte tag.
+        let n = pkt.len() + 32;
+        let to = ep.map(|e| self.dest(e));
+        if let Some(to) = to {
+            if !batch.fits(n, to) {
+                self.flush(sock, batch);
             }
-        };
-        let len = match peer.tunn.lock().encapsulate(pkt, &mut out[PAD..]) {
+        }
+        let at = batch.len;
+        // Room for a handshake initiation too (sent instead when there is no session).
+        let room = n.max(crate::obfs::INIT_LEN);
+        let len = match peer
+            .tunn
+            .lock()
+            .encapsulate(pkt, &mut batch.buf[at..at + room])
+        {
             TunnResult::WriteToNetwork(p) => p.len(),
             TunnResult::Err(e) => {
                 tracing::trace!(iface = %self.name, error = ?e, "encapsulate failed");
@@ -522,16 +628,17 @@ impl Shared {
             }
             _ => return,
         };
-        let Some(ep) = *peer.endpoint.read() else {
+        let (Some(ep), Some(to)) = (ep, to) else {
             return;
         };
-        if out[PAD] == crate::obfs::DATA as u8 && len >= crate::obfs::DATA_MIN_LEN {
-            let (start, n, _) = self.obfs.wrap(out, PAD, len);
-            if !batch.push(&out[start..start + n], self.dest(ep), &peer) {
-                self.flush(sock, batch);
-                batch.push(&out[start..start + n], self.dest(ep), &peer);
+        let data = batch.buf[at..at + 4] == (crate::obfs::DATA).to_le_bytes();
+        if data && len == n {
+            if self.obfs.is_on() {
+                self.obfs.wrap(&mut batch.buf, at, len);
             }
+            batch.commit(len, to, peer);
         } else {
+            out[PAD..PAD + len].copy_from_slice(&batch.buf[at..at + len]);
             self.flush(sock, batch);
             let n = self.send(sock, out, len, ep);
             peer.tx.fetch_add(n as u64, Ordering::Relaxed);
@@ -544,8 +651,9 @@ impl Shared {
         let Some((to, peer)) = batch.dest.take() else {
             return;
         };
+        let datagrams = &batch.buf[..batch.len];
         let sent = if batch.count > 1 && self.udp_gso.load(Ordering::Relaxed) {
-            match send_segments(sock, &batch.buf, batch.seg, to) {
+            match send_segments(sock, datagrams, batch.seg, to) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::debug!(iface = %self.name, error = %e, "UDP segmentation offload refused; sending one by one");
@@ -557,25 +665,38 @@ impl Shared {
             false
         };
         if !sent {
-            for d in batch.buf.chunks(batch.seg) {
+            for d in datagrams.chunks(batch.seg) {
                 if let Err(e) = sock.send_to(d, to) {
                     tracing::debug!(iface = %self.name, error = %e, "UDP send failed");
                 }
             }
         }
-        peer.tx.fetch_add(batch.buf.len() as u64, Ordering::Relaxed);
+        peer.tx.fetch_add(batch.len as u64, Ordering::Relaxed);
         batch.clear();
     }
 
-    /// A datagram from the network.
+    /// Whether `from` is among `peer`'s AllowedIPs (cryptokey routing).
+    fn allowed(&self, peer: &Arc<Peer>, from: IpAddr) -> bool {
+        self.peers
+            .read()
+            .routes
+            .longest_match(from)
+            .is_some_and(|(_, p)| Arc::ptr_eq(p, peer))
+    }
+
+    /// A datagram from the network. Data messages find their peer through
+    /// the worker's `cache`; their counters and endpoint are recorded when
+    /// the cache settles (after each receive).
+    #[allow(clippy::too_many_arguments)]
     fn from_udp(
         &self,
         sock: &UdpSocket,
-        tun_fd: i32,
         buf: &mut [u8],
         src: SocketAddr,
         out: &mut [u8],
         rx: &mut Coalescer,
+        cache: &mut RxCache,
+        write: &mut impl FnMut(&[u8]),
     ) {
         let (start, len) = if self.obfs.is_on() {
             match self.obfs.unwrap(buf) {
@@ -590,38 +711,45 @@ impl Shared {
         };
         let datagram = &buf[start..start + len];
         let wire_len = buf.len() as u64;
-        let limiter = self.limiter.read().clone();
-        let peer = match limiter.verify_packet(Some(src.ip()), datagram, &mut out[PAD..]) {
-            Ok(Packet::HandshakeInit(p)) => {
-                let half = {
-                    let id = self.identity.read();
-                    parse_handshake_anon(&id.secret, &id.public, &p)
-                };
-                let Ok(half) = half else {
-                    self.drops.invalid.fetch_add(1, Ordering::Relaxed);
-                    return;
-                };
-                let key = PublicKey(half.peer_static_public);
-                let found = self.peers.read().by_key.get(&key).cloned();
-                if found.is_none() {
-                    self.drops.unknown_peer.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(iface = %self.name, peer = %key.short(), from = %src, "handshake from an unknown key dropped");
+        let is_data = datagram.len() >= crate::obfs::DATA_MIN_LEN
+            && datagram[..4] == (crate::obfs::DATA).to_le_bytes();
+        let peer = if is_data {
+            let index = u32::from_le_bytes(datagram[4..8].try_into().expect("4 bytes")) >> 8;
+            cache.peer(self, index)
+        } else {
+            let limiter = self.limiter.read().clone();
+            match limiter.verify_packet(Some(src.ip()), datagram, &mut out[PAD..]) {
+                Ok(Packet::HandshakeInit(p)) => {
+                    let half = {
+                        let id = self.identity.read();
+                        parse_handshake_anon(&id.secret, &id.public, &p)
+                    };
+                    let Ok(half) = half else {
+                        self.drops.invalid.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    let key = PublicKey(half.peer_static_public);
+                    let found = self.peers.read().by_key.get(&key).cloned();
+                    if found.is_none() {
+                        self.drops.unknown_peer.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(iface = %self.name, peer = %key.short(), from = %src, "handshake from an unknown key dropped");
+                        return;
+                    }
+                    found
+                }
+                Ok(Packet::HandshakeResponse(p)) => self.peer_by_index(p.receiver_idx),
+                Ok(Packet::PacketCookieReply(p)) => self.peer_by_index(p.receiver_idx),
+                Ok(Packet::PacketData(p)) => self.peer_by_index(p.receiver_idx),
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let n = cookie.len();
+                    self.drops.cookies_sent.fetch_add(1, Ordering::Relaxed);
+                    self.send(sock, out, n, src);
                     return;
                 }
-                found
-            }
-            Ok(Packet::HandshakeResponse(p)) => self.peer_by_index(p.receiver_idx),
-            Ok(Packet::PacketCookieReply(p)) => self.peer_by_index(p.receiver_idx),
-            Ok(Packet::PacketData(p)) => self.peer_by_index(p.receiver_idx),
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                let n = cookie.len();
-                self.drops.cookies_sent.fetch_add(1, Ordering::Relaxed);
-                self.send(sock, out, n, src);
-                return;
-            }
-            Err(_) => {
-                self.drops.invalid.fetch_add(1, Ordering::Relaxed);
-                return;
+                Err(_) => {
+                    self.drops.invalid.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             }
         };
         let Some(peer) = peer else {
@@ -666,32 +794,33 @@ impl Shared {
         drop(tunn);
         if let Some((ptr, len, from)) = deliver {
             let off = ptr - out.as_ptr() as usize;
-            self.to_tun(&peer, tun_fd, &out[off..off + len], from, rx);
-        }
-        if authenticated {
-            peer.rx.fetch_add(wire_len, Ordering::Relaxed);
-            let mut ep = peer.endpoint.write();
-            if *ep != Some(src) {
-                *ep = Some(src);
+            // Hands the packet to the TUN device (through the receive
+            // coalescer) if its source is one of the peer's AllowedIPs.
+            let allowed = if is_data && cache.allowed_from == Some(from) {
+                true
+            } else {
+                let ok = self.allowed(&peer, from);
+                if ok && is_data {
+                    cache.allowed_from = Some(from);
+                }
+                ok
+            };
+            if allowed {
+                rx.push(&out[off..off + len], write);
+            } else {
+                self.drops.bad_source.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(iface = %self.name, %from, "packet from outside the peer's AllowedIPs dropped");
             }
         }
-    }
-
-    /// Hands a decrypted packet to the TUN device (through the receive
-    /// coalescer), if its source is one of the peer's AllowedIPs.
-    fn to_tun(&self, peer: &Arc<Peer>, tun_fd: i32, pkt: &[u8], from: IpAddr, rx: &mut Coalescer) {
-        let allowed = self
-            .peers
-            .read()
-            .routes
-            .longest_match(from)
-            .is_some_and(|(_, p)| Arc::ptr_eq(p, peer));
-        if !allowed {
-            self.drops.bad_source.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(iface = %self.name, %from, "packet from outside the peer's AllowedIPs dropped");
-            return;
+        if authenticated {
+            if is_data {
+                cache.rx_pending += wire_len;
+                cache.endpoint_pending = Some(src);
+            } else {
+                peer.rx.fetch_add(wire_len, Ordering::Relaxed);
+                set_endpoint(&peer, src);
+            }
         }
-        rx.push(pkt, &mut |b| tun_write(&self.name, tun_fd, b));
     }
 
     fn worker(self: Arc<Self>, i: usize) {
@@ -701,9 +830,10 @@ impl Shared {
         let gro = enable_udp_gro(sock);
         let mut inbuf = vec![0u8; BUF + VNET_HDR_LEN];
         let mut out = vec![0u8; PAD + BUF];
-        let mut scratch = Vec::with_capacity(BUF);
         let mut batch = TxBatch::default();
         let mut rx = Coalescer::default();
+        let mut cache = RxCache::default();
+        let mut write = |b: &[u8]| tun_write(&self.name, tun_fd, b);
         while !self.stop.load(Ordering::Relaxed) {
             let [tun_ready, udp_ready] = tun::poll_readable([tun_fd, sock_fd], 200);
             if tun_ready {
@@ -712,10 +842,24 @@ impl Shared {
                         Ok(Some(n)) if n > VNET_HDR_LEN => {
                             let hdr = VnetHdr::parse(&inbuf[..VNET_HDR_LEN]);
                             let pkt = &mut inbuf[VNET_HDR_LEN..n];
-                            gso::segments(&hdr, pkt, &mut scratch, |seg| {
-                                self.from_tun(sock, seg, &mut out, &mut batch)
+                            // Segments of one TUN read share their destination.
+                            let Some(dst) = Tunn::dst_address(pkt) else {
+                                continue;
+                            };
+                            let generation = self.generation.load(Ordering::Acquire);
+                            let route = match &batch.route {
+                                Some((ip, p, ep, g)) if *ip == dst && *g == generation => {
+                                    Some((p.clone(), *ep))
+                                }
+                                _ => self.route(dst),
+                            };
+                            let Some((peer, ep)) = route else {
+                                continue;
+                            };
+                            batch.route = Some((dst, peer.clone(), ep, generation));
+                            gso::segments(&hdr, pkt, |seg| {
+                                self.from_tun(sock, seg, &peer, ep, &mut out, &mut batch)
                             });
-                            batch.route = None;
                         }
                         Ok(Some(_)) => continue,
                         Ok(None) => break,
@@ -726,6 +870,7 @@ impl Shared {
                         }
                     }
                 }
+                batch.route = None;
                 self.flush(sock, &mut batch);
             }
             if udp_ready {
@@ -739,14 +884,16 @@ impl Shared {
                                 let end = (at + seg).min(n);
                                 self.from_udp(
                                     sock,
-                                    tun_fd,
                                     &mut inbuf[at..end],
                                     src,
                                     &mut out,
                                     &mut rx,
+                                    &mut cache,
+                                    &mut write,
                                 );
                                 at = end;
                             }
+                            cache.settle();
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -757,7 +904,7 @@ impl Shared {
                         }
                     }
                 }
-                rx.flush(&mut |b| tun_write(&self.name, tun_fd, b));
+                rx.flush(&mut write);
             }
         }
     }
@@ -837,6 +984,7 @@ impl Device {
             stop: AtomicBool::new(false),
             next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),
             drops: DropCounters::default(),
+            generation: AtomicU64::new(0),
         });
         let dev = Arc::new(Device {
             shared: shared.clone(),
@@ -973,6 +1121,7 @@ impl Device {
             }
         }
         peers.rebuild_routes();
+        self.shared.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -992,12 +1141,15 @@ impl Device {
         };
         peers.by_index.remove(&p.index);
         peers.rebuild_routes();
+        self.shared.generation.fetch_add(1, Ordering::Release);
         true
     }
 
     /// Removes every peer.
     pub fn clear_peers(&self) {
-        *self.shared.peers.write() = Peers::default();
+        let mut peers = self.shared.peers.write();
+        *peers = Peers::default();
+        self.shared.generation.fetch_add(1, Ordering::Release);
     }
 
     pub fn peer_keys(&self) -> Vec<PublicKey> {

@@ -142,11 +142,18 @@ fn floods_unknown_keys_and_garbage_leave_real_peers_working() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(handshaken(&peer), "the real peer could not handshake");
-    let on_box = dev.peers();
-    let real_on_box = on_box
-        .iter()
-        .find(|p| p.public_key == real.public())
-        .unwrap();
+    // The box (the responder) counts the handshake once the initiator's first
+    // data message (its keepalive) arrives, a moment after the initiator does.
+    let real_on_box = || {
+        dev.peers()
+            .into_iter()
+            .find(|p| p.public_key == real.public())
+            .unwrap()
+    };
+    while real_on_box().last_handshake.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let real_on_box = real_on_box();
     assert!(real_on_box.last_handshake.is_some());
     assert!(real_on_box.endpoint.is_some());
 }
