@@ -409,10 +409,8 @@ pub fn room_counts(
     let own_after = prev.map_or(0, |p| p.upto);
     let own_new = if unchanged(UserRows::Sent) {
         0
-    } else if let Some(s) = hs.db.recent.own_newest(room, user, own_after, upto) {
-        s
     } else {
-        own_newest(c, room, user, own_after, upto)?
+        own_newest(hs, c, room, user, own_after, upto)?
     };
     let own = own_new.max(prev.map_or(0, |p| p.own));
     let from = receipt.max(own);
@@ -450,7 +448,22 @@ pub fn room_counts(
 }
 
 /// Stream position of the user's newest event in the room within `(after, upto]`, or 0.
-pub(crate) fn own_newest(
+fn own_newest(
+    hs: &Hs,
+    c: &Connection,
+    room: &str,
+    user: &str,
+    after: i64,
+    upto: i64,
+) -> rusqlite::Result<i64> {
+    if let Some(s) = hs.db.recent.own_newest(room, user, after, upto) {
+        return Ok(s);
+    }
+    own_newest_stored(c, room, user, after, upto)
+}
+
+/// [`own_newest`] from the database alone.
+pub(crate) fn own_newest_stored(
     c: &Connection,
     room: &str,
     user: &str,

@@ -100,12 +100,7 @@ impl Recent {
     /// An empty copy, complete above `stream` (the newest position at open).
     pub fn new(stream: i64, budget: usize) -> Self {
         Self {
-            inner: Mutex::new(Inner {
-                floor: stream,
-                bytes: 0,
-                rooms: HashMap::new(),
-                order: BTreeMap::new(),
-            }),
+            inner: Mutex::new(Inner::empty(stream)),
             touched: Arc::default(),
             budget: budget.into(),
         }
@@ -165,12 +160,7 @@ impl Recent {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reading back the newest rows failed; starting over");
-                *inner = Inner {
-                    floor: stream,
-                    bytes: 0,
-                    rooms: HashMap::new(),
-                    order: BTreeMap::new(),
-                };
+                *inner = Inner::empty(stream);
             }
         }
     }
@@ -334,52 +324,64 @@ fn by_runs<T>(
 }
 
 impl Inner {
-    fn room(&mut self, room: &str) -> (Arc<str>, &mut RoomTail) {
-        let key = match self.rooms.get_key_value(room) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(room),
-        };
-        (key.clone(), self.rooms.entry(key).or_default())
+    fn empty(floor: i64) -> Self {
+        Self {
+            floor,
+            bytes: 0,
+            rooms: HashMap::new(),
+            order: BTreeMap::new(),
+        }
     }
 
     fn put_event(&mut self, stream: i64, row: EventRow) {
-        let Some((event, sender, outlier)) = row else {
-            // Gone (a deleted row, or one whose insert was rolled back).
-            let room = self.order.get(&stream).cloned();
-            if let Some(old) = room.and_then(|r| self.rooms.get_mut(&r)?.events.remove(&stream)) {
-                self.bytes -= event_size(&old);
-            }
-            return;
-        };
-        let cached = Cached {
-            event,
-            sender,
-            outlier,
-        };
-        let size = event_size(&cached);
-        let (key, tail) = self.room(&cached.event.room_id.clone());
-        let old = tail.events.insert(stream, cached).map(|o| event_size(&o));
-        self.bytes = self.bytes + size - old.unwrap_or(0);
-        self.order.insert(stream, key);
+        let row = row.map(|(event, sender, outlier)| {
+            let room = event.room_id.clone();
+            let cached = Cached {
+                event,
+                sender,
+                outlier,
+            };
+            (room, cached)
+        });
+        self.put(stream, row, |t| &mut t.events, event_size);
     }
 
     fn put_push(&mut self, stream: i64, row: PushRead) {
-        let Some((room, in_thread, users, highlights)) = row else {
+        let row = row.map(|(room, in_thread, users, highlights)| {
+            let p = PushRow {
+                in_thread,
+                users,
+                highlights,
+            };
+            (room, p)
+        });
+        self.put(stream, row, |t| &mut t.push, push_size);
+    }
+
+    /// Sets (or, for `None`: a deleted row, or one whose insert was rolled
+    /// back, removes) the row at `stream` in one of the rooms' maps.
+    fn put<T>(
+        &mut self,
+        stream: i64,
+        row: Option<(String, T)>,
+        map: fn(&mut RoomTail) -> &mut BTreeMap<i64, T>,
+        size: fn(&T) -> usize,
+    ) {
+        let Some((room, value)) = row else {
             let room = self.order.get(&stream).cloned();
-            if let Some(old) = room.and_then(|r| self.rooms.get_mut(&r)?.push.remove(&stream)) {
-                self.bytes -= push_size(&old);
+            if let Some(old) = room.and_then(|r| map(self.rooms.get_mut(&r)?).remove(&stream)) {
+                self.bytes -= size(&old);
             }
             return;
         };
-        let p = PushRow {
-            in_thread,
-            users,
-            highlights,
+        let key = match self.rooms.get_key_value(room.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(room),
         };
-        let size = push_size(&p);
-        let (key, tail) = self.room(&room);
-        let old = tail.push.insert(stream, p).map(|o| push_size(&o));
-        self.bytes = self.bytes + size - old.unwrap_or(0);
+        let added = size(&value);
+        let tail = self.rooms.entry(key.clone()).or_default();
+        let old = map(tail).insert(stream, value).map(|o| size(&o));
+        self.bytes = self.bytes + added - old.unwrap_or(0);
         self.order.insert(stream, key);
     }
 
@@ -411,7 +413,7 @@ mod tests {
     use crate::{
         config::Durability,
         db::Db,
-        push::{count_notifying_stored, needles, own_newest, COUNT_CAP},
+        push::{count_notifying_stored, needles, own_newest_stored, COUNT_CAP},
         sync::events_between_stored,
     };
 
@@ -535,7 +537,9 @@ mod tests {
                     );
                 }
                 if let Some(mem) = db.recent.own_newest(room, user, after, upto) {
-                    let stored = db.read(|c| own_newest(c, room, user, after, upto)).unwrap();
+                    let stored = db
+                        .read(|c| own_newest_stored(c, room, user, after, upto))
+                        .unwrap();
                     assert_eq!(mem, stored, "round {round}: newest of {user} in {room}");
                 }
             }

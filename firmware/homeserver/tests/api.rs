@@ -131,6 +131,32 @@ impl Box_ {
         v["room_id"].as_str().unwrap().to_owned()
     }
 
+    async fn login(&self, user: &str) -> (u16, Value) {
+        self.call(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": PW}),
+        )
+        .await
+    }
+
+    async fn redact(
+        &self,
+        token: &str,
+        room: &str,
+        event: &str,
+        txn: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let uri = format!(
+            "/_matrix/client/v3/rooms/{}/redact/{}/{txn}",
+            enc(room),
+            enc(event)
+        );
+        self.call("PUT", &uri, Some(token), body).await
+    }
+
     async fn event_count(&self, token: &str, room: &str) -> usize {
         let (s, v) = self
             .call(
@@ -281,14 +307,7 @@ async fn a_used_token_stops_working_when_its_device_or_user_goes() {
         }
     };
     let (user, first) = b.register("alice").await;
-    let login = || {
-        b.call(
-            "POST",
-            "/_matrix/client/v3/login",
-            None,
-            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": PW}),
-        )
-    };
+    let login = || b.login(&user);
     let (s, v) = login().await;
     assert_eq!(s, 200, "{v}");
     let second = v["access_token"].as_str().unwrap().to_owned();
@@ -785,16 +804,7 @@ async fn search_sees_every_stored_message_across_redactions_and_restarts() {
     assert_eq!(s, 200);
     let secret = v["event_id"].as_str().unwrap().to_owned();
     let (s, _) = b
-        .call(
-            "PUT",
-            &format!(
-                "/_matrix/client/v3/rooms/{}/redact/{}/r1",
-                enc(&room),
-                enc(&secret)
-            ),
-            Some(&token),
-            json!({"reason": "oops"}),
-        )
+        .redact(&token, &room, &secret, "r1", json!({"reason": "oops"}))
         .await;
     assert_eq!(s, 200);
     assert_eq!(
@@ -806,18 +816,7 @@ async fn search_sees_every_stored_message_across_redactions_and_restarts() {
     assert_eq!(search_count(&b, &token, "склад").await, 1);
     let (_, v) = send("3", "ещё одна встреча").await;
     let third = v["event_id"].as_str().unwrap().to_owned();
-    let (s, _) = b
-        .call(
-            "PUT",
-            &format!(
-                "/_matrix/client/v3/rooms/{}/redact/{}/r2",
-                enc(&room),
-                enc(&third)
-            ),
-            Some(&token),
-            json!({}),
-        )
-        .await;
+    let (s, _) = b.redact(&token, &room, &third, "r2", json!({})).await;
     assert_eq!(s, 200);
     for i in 0..5 {
         assert_eq!(send(&format!("m{i}"), "радиоэфир в субботу").await.0, 200);
@@ -826,14 +825,7 @@ async fn search_sees_every_stored_message_across_redactions_and_restarts() {
     b.hs.db.checkpoint();
     drop(b);
     let b = open();
-    let (s, v) = b
-        .call(
-            "POST",
-            "/_matrix/client/v3/login",
-            None,
-            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": PW}),
-        )
-        .await;
+    let (s, v) = b.login("alice").await;
     assert_eq!(s, 200, "{v}");
     let token = v["access_token"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -2864,13 +2856,8 @@ async fn synced_events_are_per_viewer_and_redactions_show() {
     assert!(seen_by_bob["unsigned"]["transaction_id"].is_null());
     assert_eq!(seen_by_alice["unsigned"]["transaction_id"], "t1");
     assert!(seen_by_bob["unsigned"]["age"].is_u64());
-    let redact = format!(
-        "/_matrix/client/v3/rooms/{}/redact/{}/r1",
-        enc(&room),
-        enc(&event_id)
-    );
     let (s, v) = b
-        .call("PUT", &redact, Some(&alice), json!({"reason": "oops"}))
+        .redact(&alice, &room, &event_id, "r1", json!({"reason": "oops"}))
         .await;
     assert_eq!(s, 200, "{v}");
     let redaction_id = v["event_id"].as_str().unwrap().to_owned();

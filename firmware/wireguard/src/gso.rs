@@ -65,11 +65,7 @@ fn sum16(data: &[u8], sum: u64) -> u64 {
     for w in &mut words {
         acc += u32::from_ne_bytes(w.try_into().expect("4")) as u64;
     }
-    let mut folded = acc;
-    while folded > 0xffff {
-        folded = (folded & 0xffff) + (folded >> 16);
-    }
-    let mut folded = folded as u16;
+    let mut folded = fold16(acc);
     if cfg!(target_endian = "little") {
         folded = folded.swap_bytes();
     }
@@ -84,11 +80,17 @@ fn sum16(data: &[u8], sum: u64) -> u64 {
     sum
 }
 
-fn fold(mut sum: u64) -> u16 {
+/// A sum folded to 16 bits (end-around carries added back).
+fn fold16(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// The checksum of a sum: folded, then complemented.
+fn fold(sum: u64) -> u16 {
+    !fold16(sum)
 }
 
 /// The TCP/UDP pseudo-header sum for an IPv4 or IPv6 packet.
