@@ -44,14 +44,18 @@ pub fn stems(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The content field whose text is indexed, for the kinds of event that are.
+fn searchable_field(kind: &TimelineEventType) -> Option<&'static str> {
+    match kind {
+        TimelineEventType::RoomMessage => Some("body"),
+        TimelineEventType::RoomName => Some("name"),
+        TimelineEventType::RoomTopic => Some("topic"),
+        _ => None,
+    }
+}
+
 fn searchable_text(kind: &TimelineEventType, content: &Value) -> Option<String> {
-    let field = match kind {
-        TimelineEventType::RoomMessage => "body",
-        TimelineEventType::RoomName => "name",
-        TimelineEventType::RoomTopic => "topic",
-        _ => return None,
-    };
-    content[field].as_str().map(str::to_owned)
+    content[searchable_field(kind)?].as_str().map(str::to_owned)
 }
 
 /// Events indexed per write: large enough that FTS5 writes one segment for
@@ -115,10 +119,14 @@ fn index_backlog(w: &mut WriteTxn<'_>) -> rusqlite::Result<bool> {
         return Ok(false);
     };
     for (stream, room, kind, json) in &rows {
+        let kind = TimelineEventType::from(kind.as_str());
+        // Only the kinds with searchable text are worth parsing.
+        if searchable_field(&kind).is_none() {
+            continue;
+        }
         let Ok(mut pdu) = serde_json::from_str::<Value>(json) else {
             continue;
         };
-        let kind = TimelineEventType::from(kind.as_str());
         index_event(w, *stream, room, &kind, &pdu["content"].take())?;
     }
     w.tx.execute(
